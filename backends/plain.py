@@ -1,0 +1,75 @@
+"""Plain PyTorch: fp32, or autocast bf16/fp16 (fp16 with a dynamic GradScaler), on CPU or one GPU."""
+
+from __future__ import annotations
+
+import contextlib
+from contextlib import AbstractContextManager
+
+import torch
+
+from backends.base import Backend
+from r2gen.config import DEVICES, PRECISIONS
+from r2gen.errors import BackendError
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """Validate --device against this machine."""
+    if device not in DEVICES:
+        raise BackendError(f"--device: unknown {device!r}; choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendError("--device cuda: no CUDA GPU is visible on this machine (use --device cpu)")
+    return torch.device(device)
+
+
+class PlainBackend(Backend):
+    name = "plain"
+
+    def __init__(self, device: str = "cpu", precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise BackendError(f"--precision: unknown {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        self.device = resolve_device(device)
+        if precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise BackendError(f"--precision bf16: {torch.cuda.get_device_name()} does not support bfloat16; "
+                               "use --precision fp16")
+        self.precision = precision
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+
+    def prepare(self, model, optimizer):
+        model.to(self.device)
+        # Optimizer state created before the move would sit on the wrong device; none exists yet.
+        return model, optimizer
+
+    def autocast(self) -> AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
+
+    def backward_and_step(self, loss, model, optimizer, clip_value, step=True) -> bool:
+        if self.scaler is None:
+            loss.backward()
+            if not step:
+                return True
+            torch.nn.utils.clip_grad_value_(model.parameters(), clip_value)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return True
+        self.scaler.scale(loss).backward()
+        if not step:
+            return True
+        # Clip the true gradients, not the scaled ones.
+        self.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_value_(model.parameters(), clip_value)
+        scale = self.scaler.get_scale()
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return self.scaler.get_scale() >= scale  # the scale only drops when the step was skipped
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,212 @@
+"""`r2gen-launch`: thin Typer commands. They parse, call and print; decisions live elsewhere."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from r2gen.errors import ConfigError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train R2Gen (radiology report generation) as fast as the hardware allows.")
+data_app = typer.Typer(no_args_is_help=True, help="Data sets: the embedded synthetic set.")
+app.add_typer(data_app, name="data")
+
+out = Console()
+err = Console(stderr=True)
+
+# -- options shared by the training commands (one definition each) -----------------------------------
+Preset = Annotated[str, typer.Option(help="Hyper-parameter preset: iu_xray, mimic_cxr (the paper's) or tiny (CPU smoke runs).")]
+Epochs = Annotated[Optional[int], typer.Option(help="Epochs [default: the preset's].")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Studies per optimizer step [default: the preset's].")]
+ImageSize = Annotated[Optional[int], typer.Option(help="Training image side in px [default: the preset's, 224 for R2Gen].")]
+Dataset = Annotated[Optional[str], typer.Option(help="Annotation format: iu_xray (two views) or mimic_cxr (one view) [default: the preset's].")]
+AnnPath = Annotated[Optional[Path], typer.Option(help="R2Gen annotation.json. Without it, the embedded synthetic set is used (generated once into the cache).")]
+ImageDir = Annotated[Optional[Path], typer.Option(help="Folder the annotation's image paths are relative to [default: images/ beside the annotation].")]
+Studies = Annotated[Optional[int], typer.Option(help="Studies in the embedded synthetic set, when no --ann-path is given [default: 400].")]
+Backbone = Annotated[Optional[str], typer.Option(help="Visual extractor: resnet18, resnet34, resnet50 or resnet101 (R2Gen's) [default: the preset's].")]
+VisualWeights = Annotated[Optional[Path], typer.Option(help="torchvision ResNet state_dict to start the visual extractor from [default: torchvision's cached ImageNet weights if present, else random].")]
+ValEvery = Annotated[Optional[str], typer.Option(help="Evaluate val and test every N epochs, or 'last' for only after the final epoch [default: the preset's].")]
+EarlyStop = Annotated[Optional[int], typer.Option(help="Stop after this many epochs without val BLEU_4 improvement [default: 50].")]
+BeamSize = Annotated[Optional[int], typer.Option(help="Beam size for generation; 1 is greedy with trigram blocking [default: 3].")]
+LrVe = Annotated[Optional[float], typer.Option(help="Visual extractor learning rate [default: the preset's, 5e-5].")]
+LrEd = Annotated[Optional[float], typer.Option(help="Encoder-decoder learning rate [default: the preset's, 1e-4].")]
+Seed = Annotated[Optional[int], typer.Option(help="Random seed [default: the preset's].")]
+NumWorkers = Annotated[Optional[int], typer.Option(help="Data-loader worker processes [default: 2].")]
+MaxSteps = Annotated[Optional[int], typer.Option(help="Cut each epoch after this many steps (0 = whole epoch) [default: 0].")]
+LogEvery = Annotated[Optional[int], typer.Option(help="Optimizer steps between metrics.jsonl records [default: 10].")]
+RunDir = Annotated[Path, typer.Option(help="Parent folder of run directories.")]
+Name = Annotated[Optional[str], typer.Option(help="Run name, the run directory inside --run-dir [default: <preset>-<backend>-<time>].")]
+
+
+def _fail(exc: UsageError) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def _parse_val_every(value: Optional[str]) -> Optional[int]:
+    if value is None:
+        return None
+    if value == "last":
+        return 0
+    try:
+        n = int(value)
+    except ValueError:
+        raise ConfigError(f"--val-every: expected a number of epochs or 'last', got {value!r}") from None
+    if n < 1:
+        raise ConfigError(f"--val-every: must be at least 1 (or 'last'), got {n}")
+    return n
+
+
+def _run_training(backend_name: str, device: str, precision: str, preset_name: str, overrides: dict,
+                  ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
+                  run_dir: Path, name: Optional[str]) -> None:
+    from backends.plain import PlainBackend
+    from r2gen.config import preset
+    from r2gen.data.datasets import load_annotation
+    from r2gen.data.synth import default_dataset
+    from r2gen.train import prepare, train
+
+    cfg = preset(preset_name).replace(**{k: v for k, v in overrides.items() if v is not None})
+    backend = PlainBackend(device, precision)
+    target = run_dir / (name or f"{cfg.preset}-{backend_name}-{datetime.now():%Y%m%d-%H%M%S}")
+    if target.exists() and any(target.iterdir()):
+        raise ConfigError(f"--run-dir/--name: {target} already holds a run; choose another --name")
+    if ann_path is None:
+        if image_dir is not None:
+            raise ConfigError("--image-dir needs --ann-path (the embedded set has its own images)")
+        err.print(f"No --ann-path: using the embedded synthetic set ({cfg.studies} studies).")
+        ann_path = default_dataset(studies=cfg.studies)
+    annotation = load_annotation(ann_path, image_dir, cfg.model.dataset, progress=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prep = prepare(cfg, backend, annotation, visual_weights)
+    for w in caught:
+        err.print(f"[yellow]warning:[/] {w.message}", highlight=False)
+    n = {s: len(v) for s, v in annotation.splits.items()}
+    err.print(f"{backend.describe()} | {cfg.preset} preset, {cfg.model.backbone} | "
+              f"{n['train']}/{n['val']}/{n['test']} train/val/test studies from {annotation.path} | "
+              f"vocabulary {len(prep.tokenizer)} | {sum(p.numel() for p in prep.model.parameters()):,} parameters | "
+              f"run dir {target}", highlight=False)
+    result = train(prep, target, err)
+    _print_result(result)
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _print_result(result) -> None:
+    from r2gen.metrics import METRIC_KEYS
+
+    table = Table(title=f"R2Gen scores after {result.epochs_run} epochs ({result.steps} steps); "
+                        f"best val epoch {result.best_epoch}")
+    table.add_column("split")
+    for key in METRIC_KEYS:
+        table.add_column(key, justify="right")
+    for label, scores in (("val", result.val), ("test", result.test),
+                          ("test, constant-report baseline", result.baseline_test)):
+        table.add_row(label, *(_fmt(scores.get(k)) for k in METRIC_KEYS))
+    out.print(table)
+    speed = f"train {result.samples_per_s:.1f} samples/s"
+    if result.peak_memory_gib is not None:
+        speed += f", peak GPU memory {result.peak_memory_gib:.2f} GiB allocated"
+    out.print(f"{speed}; run directory: {result.run_dir}", highlight=False)
+
+
+@app.command()
+def plain(
+    preset: Preset = "iu_xray",
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda [default: cuda when a GPU is visible, else cpu].")] = None,
+    precision: Annotated[str, typer.Option(help="fp32, or autocast bf16 / fp16 (fp16 with loss scaling).")] = "fp32",
+    epochs: Epochs = None, batch_size: BatchSize = None, image_size: ImageSize = None, dataset: Dataset = None,
+    ann_path: AnnPath = None, image_dir: ImageDir = None, studies: Studies = None, backbone: Backbone = None,
+    visual_weights: VisualWeights = None, val_every: ValEvery = None, early_stop: EarlyStop = None,
+    beam_size: BeamSize = None, lr_ve: LrVe = None, lr_ed: LrEd = None, seed: Seed = None,
+    num_workers: NumWorkers = None, max_steps_per_epoch: MaxSteps = None, log_every: LogEvery = None,
+    run_dir: RunDir = Path("runs"), name: Name = None,
+) -> None:
+    """Train and evaluate R2Gen with plain PyTorch on one device."""
+    import torch
+
+    try:
+        overrides = dict(epochs=epochs, batch_size=batch_size, image_size=image_size, dataset=dataset,
+                         studies=studies, backbone=backbone, val_every=_parse_val_every(val_every),
+                         early_stop=early_stop, beam_size=beam_size, lr_ve=lr_ve, lr_ed=lr_ed, seed=seed,
+                         num_workers=num_workers, max_steps_per_epoch=max_steps_per_epoch, log_every=log_every)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        _run_training("plain", device, precision, preset, overrides, ann_path, image_dir, visual_weights,
+                      run_dir, name)
+    except UsageError as exc:
+        _fail(exc)
+
+
+@app.command()
+def auto(
+    epochs: Epochs = None, batch_size: BatchSize = None, ann_path: AnnPath = None, image_dir: ImageDir = None,
+    studies: Studies = None, visual_weights: VisualWeights = None, val_every: ValEvery = None,
+    seed: Seed = None, num_workers: NumWorkers = None, run_dir: RunDir = Path("runs"), name: Name = None,
+) -> None:
+    """Pick the best device, precision and a preset that fits it, then train and evaluate.
+
+    On a GPU: the iu_xray preset (full ResNet-101 model) in bf16 where supported, else fp16.
+    On a CPU-only machine: the tiny preset in fp32, which finishes in minutes.
+    """
+    import torch
+
+    try:
+        if torch.cuda.is_available():
+            device, preset = "cuda", "iu_xray"
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            device, preset, precision = "cpu", "tiny", "fp32"
+        err.print(f"auto: {device}, {precision}, {preset} preset", highlight=False)
+        overrides = dict(epochs=epochs, batch_size=batch_size, studies=studies,
+                         val_every=_parse_val_every(val_every), seed=seed, num_workers=num_workers)
+        _run_training("plain", device, precision, preset, overrides, ann_path, image_dir, visual_weights,
+                      run_dir, name)
+    except UsageError as exc:
+        _fail(exc)
+
+
+@data_app.command()
+def synth(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to create (must not exist or be empty).")],
+    studies: Annotated[int, typer.Option(help="Number of studies (two views each); split ~70/10/20.")] = 400,
+    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives byte-identical files.")] = 0,
+    image_size: Annotated[int, typer.Option(help="Image side in px.")] = 256,
+) -> None:
+    """Write the deterministic synthetic IU-X-Ray-format set (annotation.json + PNG images)."""
+    from r2gen.data.synth import synthesize
+
+    try:
+        if studies < 10:
+            raise ConfigError(f"--studies: at least 10 studies are needed, got {studies}")
+        if image_size < 32:
+            raise ConfigError(f"--image-size: must be at least 32 px, got {image_size}")
+        try:
+            path = synthesize(out_dir, studies=studies, seed=seed, image_size=image_size, progress=True)
+        except FileExistsError:
+            raise ConfigError(f"--out: {out_dir} exists and is not empty") from None
+    except UsageError as exc:
+        _fail(exc)
+    out.print(f"wrote {studies} studies: {path}", highlight=False)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

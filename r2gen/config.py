@@ -1,0 +1,102 @@
+"""Training configuration and presets: the one place where defaults live.
+
+`iu_xray` and `mimic_cxr` carry the published R2Gen hyper-parameters (train_iu_xray.sh,
+train_mimic_cxr.sh and main_train.py's defaults); `tiny` is a small model for CPU smoke runs and
+the Quickstart, sized to learn the embedded synthetic set in a few minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from r2gen.errors import ConfigError
+from r2gen.model.r2gen import ModelConfig
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything the shared loop needs to reproduce a run (written to the run dir as config.json)."""
+
+    preset: str
+    model: ModelConfig
+    threshold: int = 3                 # min train count for a word to enter the vocabulary
+    image_size: int = 224              # px, square, after the transforms
+    batch_size: int = 16               # studies per optimizer step
+    epochs: int = 100
+    lr_ve: float = 5e-5                # visual extractor learning rate
+    lr_ed: float = 1e-4                # encoder-decoder learning rate
+    weight_decay: float = 5e-5
+    amsgrad: bool = True
+    step_size: int = 50                # StepLR period, epochs
+    gamma: float = 0.1                 # StepLR factor
+    clip_value: float = 0.1            # clip_grad_value_
+    early_stop: int = 50               # epochs without val BLEU_4 improvement before stopping
+    val_every: int = 1                 # epochs between evaluations; 0 = only after the last epoch
+    beam_size: int = 3
+    block_trigrams: bool = True
+    seed: int = 9223
+    num_workers: int = 2
+    max_steps_per_epoch: int = 0       # 0 = whole epoch; otherwise cut epochs short (smoke runs)
+    log_every: int = 10                # optimizer steps between metrics.jsonl records
+    studies: int = 400                 # size of the embedded synthetic set when no ann_path is given
+
+    def __post_init__(self) -> None:
+        positive = ("threshold", "image_size", "batch_size", "epochs", "step_size", "beam_size", "log_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
+        for name in ("lr_ve", "lr_ed", "gamma", "clip_value"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
+        for name in ("weight_decay", "early_stop", "val_every", "num_workers", "max_steps_per_epoch"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')}: must not be negative, got {getattr(self, name)}")
+        if self.image_size < 32:
+            raise ConfigError(f"--image-size: must be at least 32 px, got {self.image_size}")
+        if self.studies < 10:
+            raise ConfigError(f"--studies: the synthetic set needs at least 10 studies, got {self.studies}")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A copy with changes; keys of ModelConfig go to the model."""
+        model_keys = {f.name for f in fields(ModelConfig)}
+        model_changes = {k: changes.pop(k) for k in list(changes) if k in model_keys}
+        try:
+            model = dataclasses.replace(self.model, **model_changes) if model_changes else self.model
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        return dataclasses.replace(self, model=model, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        data = dict(data)
+        return cls(model=ModelConfig(**data.pop("model")), **data)
+
+
+PRESETS: dict[str, TrainConfig] = {
+    "iu_xray": TrainConfig(preset="iu_xray", model=ModelConfig(dataset="iu_xray", max_seq_length=60),
+                           threshold=3, epochs=100, step_size=50, gamma=0.1, seed=9223),
+    "mimic_cxr": TrainConfig(preset="mimic_cxr", model=ModelConfig(dataset="mimic_cxr", max_seq_length=100),
+                             threshold=10, epochs=30, step_size=1, gamma=0.8, seed=456789),
+    "tiny": TrainConfig(
+        preset="tiny",
+        model=ModelConfig(dataset="iu_xray", backbone="resnet18", d_model=128, d_ff=128, num_heads=4,
+                          num_layers=1, rm_num_slots=3, rm_num_heads=4, rm_d_model=128, max_seq_length=60),
+        threshold=3, image_size=64, batch_size=16, epochs=20, lr_ve=5e-4, lr_ed=1e-3, step_size=15,
+        gamma=0.1, val_every=0, seed=9223, early_stop=50),
+}
+"""Named starting points; command-line options override single fields."""
+
+
+def preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"--preset: unknown {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+

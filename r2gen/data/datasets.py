@@ -1,0 +1,174 @@
+"""R2Gen's annotation.json format, its up-front validation, the transforms and the data sets.
+
+annotation.json: {"train": [...], "val": [...], "test": [...]}, each entry
+{"id", "report", "image_path": [relative paths], "split"}; image paths are relative to the image
+directory (default: `images/` beside the annotation file). IU X-Ray studies use two views,
+MIMIC-CXR studies one. Everything is checked once, before any training, so a bad file fails in
+seconds with one line naming the file and the study.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from r2gen.data.tokenizer import Tokenizer
+from r2gen.errors import DataError
+from r2gen.model.r2gen import DATASETS
+
+SPLITS = ("train", "val", "test")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Study:
+    id: str
+    report: str
+    images: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class Annotation:
+    path: Path
+    image_dir: Path
+    dataset: str
+    splits: dict[str, list[Study]]
+
+
+def _read_json(path: Path) -> object:
+    if not path.is_file():
+        raise DataError(f"annotation file {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+
+
+def _parse_study(path: Path, split: str, index: int, entry: object, image_dir: Path, views: int) -> Study:
+    where = f"{path}: {split}[{index}]"
+    if not isinstance(entry, dict):
+        raise DataError(f"{where}: expected an object with id, report and image_path")
+    if "id" not in entry:
+        raise DataError(f"{where}: missing field 'id'")
+    study_id = entry["id"]
+    if not isinstance(study_id, (str, int)) or isinstance(study_id, bool):
+        raise DataError(f"{where}: field 'id' must be a string")
+    where = f"{path}: study {str(study_id)!r} ({split}[{index}])"
+    for field in ("report", "image_path"):
+        if field not in entry:
+            raise DataError(f"{where}: missing field {field!r}")
+    report, image_paths = entry["report"], entry["image_path"]
+    if not isinstance(report, str):
+        raise DataError(f"{where}: field 'report' must be a string")
+    if not isinstance(image_paths, list) or not all(isinstance(p, str) and p for p in image_paths):
+        raise DataError(f"{where}: field 'image_path' must be a list of relative paths")
+    if len(image_paths) < views:
+        raise DataError(f"{where}: field 'image_path' has {len(image_paths)} image(s), "
+                        f"this data set needs {views} per study")
+    return Study(str(study_id), report, tuple(image_dir / p for p in image_paths[:views]))
+
+
+def check_image(image: Path, study: Study, ann_path: Path) -> None:
+    """Raise DataError unless the file exists and decodes as an image."""
+    if not image.is_file():
+        raise DataError(f"{ann_path}: study {study.id!r}: image {image} does not exist")
+    try:
+        with Image.open(image) as im:
+            im.verify()
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
+        raise DataError(f"{ann_path}: study {study.id!r}: cannot read image {image} ({type(err).__name__})") from None
+
+
+def load_annotation(ann_path: Path | str, image_dir: Path | str | None = None, dataset: str = "iu_xray",
+                    check_images: bool = True, progress: bool = False) -> Annotation:
+    """Parse and validate an annotation file and (optionally) every image it names."""
+    path = Path(ann_path)
+    if dataset not in DATASETS:
+        raise DataError(f"--dataset: unknown {dataset!r}; choose one of {', '.join(DATASETS)}")
+    root = Path(image_dir) if image_dir is not None else path.parent / "images"
+    if not root.is_dir():
+        raise DataError(f"image directory {root} does not exist (set --image-dir)")
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected an object with 'train', 'val' and 'test' lists")
+    splits: dict[str, list[Study]] = {}
+    for split in SPLITS:
+        if split not in data:
+            raise DataError(f"{path}: missing split {split!r}")
+        entries = data[split]
+        if not isinstance(entries, list):
+            raise DataError(f"{path}: split {split!r} must be a list of studies")
+        if not entries:
+            raise DataError(f"{path}: split {split!r} is empty")
+        splits[split] = [_parse_study(path, split, i, e, root, DATASETS[dataset]) for i, e in enumerate(entries)]
+    if check_images:
+        _check_all_images(path, splits, progress)
+    return Annotation(path, root, dataset, splits)
+
+
+def _check_all_images(path: Path, splits: dict[str, list[Study]], progress: bool) -> None:
+    pairs = [(image, study) for studies in splits.values() for study in studies for image in study.images]
+    if not progress:
+        for image, study in pairs:
+            check_image(image, study, path)
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"checking {len(pairs)} images", total=len(pairs))
+        for image, study in pairs:
+            check_image(image, study, path)
+            bar.advance(task)
+
+
+def build_transform(image_size: int, train: bool) -> transforms.Compose:
+    """R2Gen's transforms scaled to image_size (224 gives exactly Resize 256 / RandomCrop 224)."""
+    normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if train:
+        return transforms.Compose([transforms.Resize(round(image_size * 256 / 224)),
+                                   transforms.RandomCrop(image_size),
+                                   transforms.RandomHorizontalFlip(), *normalize])
+    return transforms.Compose([transforms.Resize((image_size, image_size)), *normalize])
+
+
+class ReportDataset(Dataset):
+    """(study id, images (views, 3, H, W), token ids, mask) per study, as R2Gen's data sets."""
+
+    def __init__(self, studies: Sequence[Study], tokenizer: Tokenizer, max_seq_length: int,
+                 transform: transforms.Compose):
+        self.studies = list(studies)
+        self.transform = transform
+        self.ids = [tokenizer.encode(s.report)[:max_seq_length] for s in self.studies]
+
+    def __len__(self) -> int:
+        return len(self.studies)
+
+    def __getitem__(self, index: int) -> tuple[str, torch.Tensor, list[int]]:
+        study = self.studies[index]
+        views = []
+        for image in study.images:
+            with Image.open(image) as im:
+                views.append(self.transform(im.convert("RGB")))
+        return study.id, torch.stack(views, 0), self.ids[index]
+
+
+def collate(batch: Sequence[tuple[str, torch.Tensor, list[int]]]) -> dict:
+    """Stack images; pad ids with 0 to the longest in the batch; mask marks real tokens."""
+    ids, images, seqs = zip(*batch)
+    width = max(len(s) for s in seqs)
+    targets = torch.zeros(len(seqs), width, dtype=torch.long)
+    masks = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        targets[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+        masks[i, :len(seq)] = 1
+    return {"ids": list(ids), "images": torch.stack(images, 0), "targets": targets, "masks": masks}

@@ -1,0 +1,126 @@
+"""Report generation: greedy decoding and beam search, as R2Gen's AttModel/CaptionModel do them.
+
+The published defaults are beam search with beam 3 (`--sample_method beam_search --beam_size 3`)
+and `--block_trigrams 1`. In the published code trigram blocking lives in the greedy path
+(`_sample`) only; its beam search never blocks trigrams. Both behaviours are kept here, so with the
+defaults (beam 3) no trigram is blocked, exactly as in the original. These functions are the
+reference that any faster generator must reproduce token for token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from r2gen.model.r2gen import R2GenModel
+
+TRIGRAM_PENALTY = -0.693 * 2.0
+"""Log-prob added per earlier occurrence of a trigram (ln(1/2) * alpha, alpha = 2, as published)."""
+
+
+def generate(model: R2GenModel, images: torch.Tensor, beam_size: int = 3,
+             block_trigrams: bool = True) -> torch.Tensor:
+    """Token ids (B, max_seq_length), 0-padded after the end token. Runs under no_grad."""
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+    with torch.no_grad():
+        if beam_size > 1:
+            return beam_search(model, images, beam_size)
+        return greedy(model, images, block_trigrams=block_trigrams)
+
+
+def _repeat_rows(n: int, x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) -> (B*n, ...), each row repeated n times in place (R2Gen's utils.repeat_tensors)."""
+    return x.unsqueeze(1).expand(-1, n, *x.shape[1:]).reshape(x.shape[0] * n, *x.shape[1:])
+
+
+def _trigram_penalty(seq: torch.Tensor, t: int, trigrams: list[dict[tuple[int, int], list[int]]],
+                     vocab: int) -> torch.Tensor:
+    """Record the trigram completed at t-1 and penalise repeating any earlier trigram at step t."""
+    rows = seq[:, t - 3:t].tolist()
+    mask = torch.zeros(len(rows), vocab)
+    for i, (a, b, c) in enumerate(rows):
+        trigrams[i].setdefault((a, b), []).append(c)
+        for j in trigrams[i].get((b, c), ()):
+            mask[i, j] += 1
+    return mask * TRIGRAM_PENALTY
+
+
+def greedy(model: R2GenModel, images: torch.Tensor, block_trigrams: bool = True) -> torch.Tensor:
+    """R2Gen's `_sample` with sample_method greedy: argmax each step, stop when all ended."""
+    memory, src_mask = model.prepare_generation(images)
+    batch, max_len, eos = images.size(0), model.max_seq_length, model.eos_idx
+    seq = torch.full((batch, max_len), model.pad_idx, dtype=torch.long, device=memory.device)
+    ys = torch.full((batch, 1), model.bos_idx, dtype=torch.long, device=memory.device)
+    trigrams: list[dict[tuple[int, int], list[int]]] = [{} for _ in range(batch)]
+    unfinished = torch.ones(batch, dtype=torch.bool, device=memory.device)
+    for t in range(max_len):
+        logprobs = model.step_logprobs(ys, memory, src_mask)
+        if block_trigrams and t >= 3:
+            logprobs = logprobs + _trigram_penalty(seq, t, trigrams, logprobs.size(1)).to(logprobs)
+        _, it = torch.max(logprobs, 1)
+        if t == 0:
+            unfinished = it != eos
+        else:
+            it[~unfinished] = model.pad_idx
+            unfinished = unfinished & (it != eos)
+        seq[:, t] = it
+        ys = torch.cat([ys, it.unsqueeze(1)], dim=1)
+        if not unfinished.any():
+            break
+    return seq
+
+
+def beam_search(model: R2GenModel, images: torch.Tensor, beam_size: int = 3) -> torch.Tensor:
+    """R2Gen's `_sample_beam` + `beam_search` (one group, no length penalty), batched over studies.
+
+    Ended beams stay in the beam with their score lowered by 1000, as published; the finished
+    hypotheses are ranked by their summed log-probability and the best one is returned.
+    """
+    memory, src_mask = model.prepare_generation(images)
+    batch, max_len, eos = images.size(0), model.max_seq_length, model.eos_idx
+    device = memory.device
+    ys = torch.full((batch, 1), model.bos_idx, dtype=torch.long, device=device)
+    logprobs = model.step_logprobs(ys, memory, src_mask)
+    memory, src_mask = _repeat_rows(beam_size, memory), _repeat_rows(beam_size, src_mask)
+    vocab = logprobs.size(-1)
+    if beam_size > vocab:
+        raise ValueError(f"beam_size {beam_size} exceeds the vocabulary size {vocab}")
+
+    beam_seq = torch.zeros(batch, beam_size, 0, dtype=torch.long, device=device)
+    beam_sum = torch.zeros(batch, beam_size, device=device)
+    done: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
+    offsets = torch.arange(batch, device=device).unsqueeze(-1)
+    for t in range(max_len):
+        lp = logprobs.reshape(batch, -1, vocab)
+        sums = beam_sum[:, :1] if t == 0 else beam_sum
+        candidates = (sums.unsqueeze(-1) + lp).reshape(batch, -1)
+        _, ix = torch.sort(candidates, -1, True)
+        ix = ix[:, :beam_size]
+        beam_ix, selected = ix // vocab, ix % vocab
+        state_ix = (beam_ix + offsets * lp.size(1)).reshape(-1)
+        if t > 0:
+            beam_seq = beam_seq.gather(1, beam_ix.unsqueeze(-1).expand_as(beam_seq))
+        beam_seq = torch.cat([beam_seq, selected.unsqueeze(-1)], -1)
+        beam_sum = sums.gather(1, beam_ix) + lp.reshape(batch, -1).gather(1, ix)
+        ys = ys[state_ix]
+
+        is_end = beam_seq[:, :, t] == eos
+        if t == max_len - 1:
+            is_end.fill_(True)
+        if is_end.any():
+            for b, v in is_end.nonzero().tolist():
+                done[b].append((beam_sum[b, v].item(), beam_seq[b, v].tolist()))
+            beam_sum = torch.where(is_end, beam_sum - 1000, beam_sum)
+        if t == max_len - 1:
+            break
+        it = beam_seq[:, :, t].reshape(-1)
+        ys = torch.cat([ys, it.unsqueeze(1)], dim=1)
+        # The published loop applies log_softmax again to the step's log-probabilities.
+        logprobs = F.log_softmax(model.step_logprobs(ys, memory, src_mask), dim=-1)
+
+    seq = torch.full((batch, max_len), model.pad_idx, dtype=torch.long, device=device)
+    for b in range(batch):
+        best = sorted(done[b], key=lambda hyp: -hyp[0])[0][1]
+        seq[b, :len(best)] = torch.tensor(best, dtype=torch.long, device=device)
+    return seq

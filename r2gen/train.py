@@ -1,0 +1,258 @@
+"""The one shared R2Gen training loop: epochs, steps, evaluation, early stopping, checkpoints, metrics.
+
+Read it top to bottom: `prepare` validates everything and builds the pieces (nothing is written);
+`train` creates the run directory and runs the epochs through a backend adapter, which owns
+devices, precision and the optimizer step. Faithful to R2Gen's trainer: Adam (amsgrad) with two
+parameter groups, StepLR per epoch, masked NLL on teacher-forced reports, clip_grad_value 0.1,
+beam-search evaluation on val and test, val BLEU_4 monitored for the best checkpoint and early stop.
+
+Run directory: config.json, tokenizer.json, metrics.jsonl, reports/{val,test}_epochNNN.json,
+checkpoints/{latest,best}.pt.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader
+
+from backends.base import Backend
+from r2gen.checkpoint import save_checkpoint, write_json
+from r2gen.config import TrainConfig
+from r2gen.data.datasets import Annotation, ReportDataset, build_transform, collate
+from r2gen.data.tokenizer import Tokenizer
+from r2gen.metrics import compute_scores
+from r2gen.model.r2gen import R2GenModel, masked_nll
+from r2gen.model.sampling import generate
+from r2gen.model.visual_extractor import init_visual_weights
+
+MONITOR = "BLEU_4"
+
+
+@dataclass
+class Prepared:
+    """Everything validated and built, before anything is written."""
+
+    cfg: TrainConfig
+    backend: Backend
+    annotation: Annotation
+    tokenizer: Tokenizer
+    model: R2GenModel
+    weights_source: str
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    epochs_run: int
+    steps: int
+    best_epoch: int
+    val: dict[str, float | None] = field(default_factory=dict)
+    test: dict[str, float | None] = field(default_factory=dict)
+    baseline_test: dict[str, float | None] = field(default_factory=dict)
+    samples_per_s: float = 0.0
+    peak_memory_gib: float | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def prepare(cfg: TrainConfig, backend: Backend, annotation: Annotation, visual_weights: Path | None) -> Prepared:
+    """Build tokenizer and model and load weights; raises UsageError subclasses on bad input."""
+    seed_everything(cfg.seed)
+    tokenizer = Tokenizer.from_reports(annotation.dataset, (s.report for s in annotation.splits["train"]),
+                                       cfg.threshold)
+    model = R2GenModel(cfg.model, len(tokenizer))
+    weights_source = init_visual_weights(model.visual_extractor, visual_weights)
+    return Prepared(cfg, backend, annotation, tokenizer, model, weights_source)
+
+
+def build_optimizer(model: R2GenModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    ve_params = list(model.visual_extractor.parameters())
+    ve_ids = {id(p) for p in ve_params}
+    ed_params = [p for p in model.parameters() if id(p) not in ve_ids]
+    return torch.optim.Adam([{"params": ve_params, "lr": cfg.lr_ve}, {"params": ed_params, "lr": cfg.lr_ed}],
+                            weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
+
+
+def _loader(prep: Prepared, split: str, train: bool) -> DataLoader:
+    cfg = prep.cfg
+    dataset = ReportDataset(prep.annotation.splits[split], prep.tokenizer, cfg.model.max_seq_length,
+                            build_transform(cfg.image_size, train))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=train, num_workers=cfg.num_workers,
+                      collate_fn=collate, pin_memory=prep.backend.device.type == "cuda",
+                      persistent_workers=cfg.num_workers > 0, generator=generator)
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl; one JSON object per line with stable keys."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def evaluate(model: R2GenModel, loader: DataLoader, backend: Backend, tokenizer: Tokenizer,
+             cfg: TrainConfig) -> tuple[dict[str, float | None], list[dict], float]:
+    """Generate a report for every study; returns metrics, per-study records and samples/s."""
+    model.eval()
+    records: list[dict] = []
+    start = time.perf_counter()
+    for batch in loader:
+        images = batch["images"].to(backend.device, non_blocking=True)
+        with backend.autocast():
+            seq = generate(model, images, beam_size=cfg.beam_size, block_trigrams=cfg.block_trigrams)
+        generated = tokenizer.decode_batch(seq.cpu().tolist())
+        truths = tokenizer.decode_batch(batch["targets"][:, 1:].tolist())
+        records += [{"id": i, "ground_truth": g, "generated": r} for i, g, r in zip(batch["ids"], truths, generated)]
+    speed = len(records) / max(time.perf_counter() - start, 1e-9)
+    model.train()
+    scores = compute_scores([r["ground_truth"] for r in records], [r["generated"] for r in records])
+    return scores, records, speed
+
+
+def constant_report_baseline(prep: Prepared) -> dict[str, float | None]:
+    """Scores on test of always answering the most frequent train report (the bar to clear)."""
+    max_len = prep.cfg.model.max_seq_length
+    as_truth = [prep.tokenizer.decode(prep.tokenizer.encode(s.report)[:max_len][1:])
+                for s in prep.annotation.splits["train"]]
+    counts = Counter(as_truth)
+    constant = min(counts, key=lambda r: (-counts[r], r))
+    truths = [prep.tokenizer.decode(prep.tokenizer.encode(s.report)[:max_len][1:])
+              for s in prep.annotation.splits["test"]]
+    return compute_scores(truths, [constant] * len(truths))
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), console=console, transient=False)
+
+
+def train(prep: Prepared, run_dir: Path, console: Console | None = None) -> RunResult:
+    """Run the epochs; writes the run directory; returns the final scores."""
+    console = console or Console(stderr=True)
+    cfg, backend, tokenizer = prep.cfg, prep.backend, prep.tokenizer
+    seed_everything(cfg.seed)
+    model, optimizer = backend.prepare(prep.model, build_optimizer(prep.model, cfg))
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma)
+    loaders = {split: _loader(prep, split, train=split == "train") for split in ("train", "val", "test")}
+
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / "reports").mkdir(exist_ok=True)
+    write_json(run_dir / "config.json", {"train": cfg.to_dict(), "backend": backend.describe(),
+                                         "annotation": str(prep.annotation.path),
+                                         "image_dir": str(prep.annotation.image_dir),
+                                         "visual_weights": prep.weights_source})
+    (run_dir / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    if backend.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(backend.device)
+
+    steps_per_epoch = len(loaders["train"])
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    result = RunResult(run_dir=run_dir, epochs_run=0, steps=0, best_epoch=0)
+    best_score = -float("inf")
+    train_samples, train_time = 0, 0.0
+    model.train()
+    with _progress(console) as progress:
+        task = progress.add_task("train", total=cfg.epochs * steps_per_epoch, info="")
+        for epoch in range(1, cfg.epochs + 1):
+            epoch_loss, epoch_start, skipped = 0.0, time.perf_counter(), 0
+            window_samples, window_start = 0, time.perf_counter()
+            for i, batch in enumerate(loaders["train"]):
+                if i >= steps_per_epoch:
+                    break
+                images = batch["images"].to(backend.device, non_blocking=True)
+                targets = batch["targets"].to(backend.device, non_blocking=True)
+                masks = batch["masks"].to(backend.device, non_blocking=True)
+                with backend.autocast():
+                    logprobs = model(images, targets)
+                loss = masked_nll(logprobs.float(), targets, masks)
+                stepped = backend.backward_and_step(loss, model, optimizer, cfg.clip_value)
+                skipped += not stepped
+                loss_value = loss.item()
+                epoch_loss += loss_value
+                result.steps += 1
+                window_samples += images.size(0)
+                train_samples += images.size(0)
+                progress.update(task, advance=1,
+                                info=f"epoch {epoch}/{cfg.epochs} loss {loss_value:.3f}")
+                if result.steps % cfg.log_every == 0:
+                    now = time.perf_counter()
+                    log.write({"step": result.steps, "epoch": epoch, "train/loss": loss_value,
+                               "lr/visual_extractor": optimizer.param_groups[0]["lr"],
+                               "lr/encoder_decoder": optimizer.param_groups[1]["lr"],
+                               "perf/samples_per_s": window_samples / max(now - window_start, 1e-9)})
+                    window_samples, window_start = 0, now
+            epoch_time = time.perf_counter() - epoch_start
+            train_time += epoch_time
+            scheduler.step()
+            result.epochs_run = epoch
+            log.write({"step": result.steps, "epoch": epoch, "train/loss_epoch": epoch_loss / max(steps_per_epoch, 1),
+                       "train/skipped_steps": skipped, "time/epoch_s": epoch_time})
+
+            last = epoch == cfg.epochs
+            if (cfg.val_every and epoch % cfg.val_every == 0) or last:
+                progress.update(task, info=f"epoch {epoch}/{cfg.epochs} evaluating val and test")
+                record: dict = {"step": result.steps, "epoch": epoch}
+                for split in ("val", "test"):
+                    scores, reports, speed = evaluate(model, loaders[split], backend, tokenizer, cfg)
+                    write_json(run_dir / "reports" / f"{split}_epoch{epoch:03d}.json", reports)
+                    record.update({f"{split}/{k}": v for k, v in scores.items()})
+                    record[f"perf/{split}_generate_samples_per_s"] = speed
+                    getattr(result, split).clear()
+                    getattr(result, split).update(scores)
+                log.write(record)
+                score = record[f"val/{MONITOR}"]
+                improved = score is not None and score > best_score
+                if improved:
+                    best_score, result.best_epoch = score, epoch
+                state = _state(backend, model, optimizer, scheduler, cfg, tokenizer, epoch, result.steps, best_score)
+                save_checkpoint(state, run_dir / "checkpoints" / "latest.pt")
+                if improved:
+                    save_checkpoint(state, run_dir / "checkpoints" / "best.pt")
+                if epoch - result.best_epoch > cfg.early_stop:
+                    console.print(f"early stop: val {MONITOR} did not improve for {epoch - result.best_epoch} epochs")
+                    break
+            else:
+                save_checkpoint(_state(backend, model, optimizer, scheduler, cfg, tokenizer, epoch, result.steps,
+                                       best_score), run_dir / "checkpoints" / "latest.pt")
+        if result.epochs_run < cfg.epochs:
+            progress.update(task, total=result.steps)
+
+    result.samples_per_s = train_samples / max(train_time, 1e-9)
+    if backend.device.type == "cuda":
+        result.peak_memory_gib = torch.cuda.max_memory_allocated(backend.device) / 2**30
+    result.baseline_test = constant_report_baseline(prep)
+    log.write({"step": result.steps, "epoch": result.epochs_run,
+               **{f"baseline_test/{k}": v for k, v in result.baseline_test.items()},
+               "perf/train_samples_per_s": result.samples_per_s,
+               **({"memory/peak_allocated_gib": result.peak_memory_gib} if result.peak_memory_gib else {})})
+    return result
+
+
+def _state(backend: Backend, model, optimizer, scheduler, cfg: TrainConfig, tokenizer: Tokenizer,
+           epoch: int, step: int, best_score: float) -> dict:
+    return {"model": backend.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "backend": backend.state_dict(), "config": cfg.to_dict(),
+            "tokenizer": tokenizer.to_json(), "epoch": epoch, "step": step, "best_score": best_score,
+            "monitor": f"val/{MONITOR}"}
+
