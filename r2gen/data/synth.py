@@ -7,7 +7,8 @@ publishing the whole set (``annotation.json`` + ``images/``) atomically on disk.
 
 The point of the set is to give R2Gen something learnable to train on when no real
 data is at hand: the reports are a deterministic function of a few discrete
-findings (plus a choice among 2 phrasings per sentence), and every finding is drawn
+findings (plus a choice among 2 phrasings per sentence, the first one preferred for
+the sentences of normal studies, like a house style), and every finding is drawn
 large and bright enough to survive R2Gen's train transform (resize to 64-256 px,
 random crop of ~87 %, horizontal flip). Reports never say "left"/"right" because
 the flip augmentation would make such words contradict the image; findings that
@@ -27,7 +28,7 @@ import json
 import os
 import shutil
 import struct
-import tempfile
+import secrets
 import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -44,14 +45,17 @@ __all__ = [
     "render_lateral",
     "synthesize",
     "default_dataset",
+    "plan_studies",
+    "cache_root",
+    "report_vocabulary",
     "DATASET_VERSION",
     "MIN_STUDIES",
 ]
 
 # Bump when the rendering or the reports change, so stale caches are not reused.
 DATASET_VERSION = 1
-# Below this, the 70/10/20 split cannot give every split at least one study
-# *and* keep train the largest.
+# With fewer studies the 70/10/20 split degenerates (val/test of a single study
+# and a train split too small to hold every report word).
 MIN_STUDIES = 10
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)  # train / val / test, as IU X-Ray's 2069/296/590
 
@@ -112,6 +116,11 @@ def sample_findings(rng: np.random.Generator) -> Findings:
 
 # Two phrasings per sentence: enough variety to look like free text, few enough
 # that every word is frequent (R2Gen drops words seen < 3 times in train).
+# The sentences of normal studies, which appear in most reports, use the first
+# phrasing as a "house style" with probability HOUSE_STYLE, as radiologists
+# reuse templates: the phrasing noise a model cannot predict from the image then
+# stays small, so BLEU has room to rise well above a constant report.
+HOUSE_STYLE = 0.75
 _HEART = {
     "normal": ("The heart is normal in size.", "Heart size is normal."),
     "enlarged": ("The heart is enlarged.", "There is cardiomegaly."),
@@ -138,22 +147,29 @@ _DEVICE = {
 }
 
 
-def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
-    return options[int(rng.integers(len(options)))]
+def _pick(rng: np.random.Generator, options: tuple[str, ...], first: float | None = None) -> str:
+    """options[0] with probability ``first`` (default: uniform), else one of the others."""
+    first = 1.0 / len(options) if first is None else first
+    u = rng.random()
+    if u < first or len(options) == 1:
+        return options[0]
+    return options[1 + min(int((u - first) / (1.0 - first) * (len(options) - 1)), len(options) - 2)]
 
 
 def write_report(findings: Findings, rng: np.random.Generator) -> str:
     """IU-X-Ray-style report; sentence order fixed: heart, mediastinum, lungs, pleura, device."""
     f = findings
-    out = [_pick(rng, _HEART[f.heart]), _pick(rng, _MEDIASTINUM)]
+    house = HOUSE_STYLE
+    out = [_pick(rng, _HEART[f.heart], house if f.heart == "normal" else None),
+           _pick(rng, _MEDIASTINUM, house)]
     if f.opacity != "none":
         out.append(_pick(rng, _OPACITY).format(zone=f.opacity))
     elif f.effusion == "none":
-        out.append(_pick(rng, _LUNGS_CLEAR))
+        out.append(_pick(rng, _LUNGS_CLEAR, house))
     else:
         out.append(_pick(rng, _NO_OPACITY))
     if f.effusion == "none" and f.pneumothorax == "absent":
-        out.append(_pick(rng, _PLEURA_NORMAL))
+        out.append(_pick(rng, _PLEURA_NORMAL, house))
     else:
         if f.effusion == "none":
             out.append(_pick(rng, _NO_EFFUSION))
@@ -277,7 +293,7 @@ def _finish(img: np.ndarray, fr: _Frame, rng: np.random.Generator) -> np.ndarray
     # Uneven exposure (anode heel effect): a smooth gradient, built from 1-D pieces.
     gu, gv, cv = rng.uniform(-0.03, 0.03, 3)
     img += gv * (fr.v - 0.5) + cv * (fr.v - 0.5) ** 2
-    img += gu * (fr.u - 0.0)
+    img += gu * fr.u
     # Quantum noise; uniform rather than Gaussian because it is 3x cheaper to draw
     # and looks the same at this amplitude.
     sigma = rng.uniform(0.01, 0.02) * np.sqrt(12.0)
@@ -361,10 +377,22 @@ def _lung_outline(w: _Frame, c: float, top: float, half_w: float, px: float) -> 
         * _ramp(w.v - top, 1.5 * px)
 
 
+def _streams(rng: np.random.Generator) -> tuple[np.random.Generator, ...]:
+    """Split a view's randomness into anatomy, lesion and film streams.
+
+    Anatomy (positioning, lung and heart geometry, textures) and film (exposure,
+    noise) draw the same numbers whatever the findings are, so two renders with
+    the same rng that differ in one finding differ only in that finding's pixels:
+    a counterfactual pair, which is what makes the set learnable and testable.
+    """
+    return tuple(np.random.default_rng(int(s)) for s in rng.integers(0, 2**63 - 1, size=3))
+
+
 def render_frontal(findings: Findings, rng: np.random.Generator, size: int = 256) -> np.ndarray:
     """PA view, (size, size) uint8. Image right = patient left (the heart apex side)."""
     f = findings
-    fr = _frame(rng, size)
+    anat, lesion, film = _streams(rng)
+    fr = _frame(anat, size)
     px = fr.px
     img = np.full((size, size), 0.03, np.float32)
 
@@ -374,20 +402,20 @@ def render_frontal(findings: Findings, rng: np.random.Generator, size: int = 256
 
     # Lungs: outline cut below by a diaphragm dome per side, highest mid-lung and
     # lowest at the lateral costophrenic angle (patient's right a little higher).
-    top = 0.13 + rng.uniform(-0.01, 0.01)
-    lung_w = 0.16 + rng.uniform(-0.008, 0.008)
-    markings = 0.028 * _smooth_noise(rng, size, 14)  # vascular markings
+    top = 0.13 + anat.uniform(-0.01, 0.01)
+    lung_w = 0.16 + anat.uniform(-0.008, 0.008)
+    markings = 0.028 * _smooth_noise(anat, size, 14)  # vascular markings
     lungs: list[_Lung] = []
     for side in (-1, 1):
-        c = side * (0.20 + rng.uniform(-0.005, 0.005))
+        c = side * (0.20 + anat.uniform(-0.005, 0.005))
         w = fr.crop(c - 1.2 * lung_w, c + 1.2 * lung_w, top - 0.02, 0.9)
         shape = _lung_outline(w, c, top, lung_w, px)
-        dome = 0.71 + (0.02 if side < 0 else 0.0) + rng.uniform(-0.015, 0.015) \
+        dome = 0.71 + (0.02 if side < 0 else 0.0) + anat.uniform(-0.015, 0.015) \
             + 0.075 * ((w.u - c) / lung_w) ** 2
         lung = shape * _ramp(dome - w.v, 2.0 * px) * _ramp(0.84 - w.v, 1.5 * px)
         floor = _ramp(dome + 0.05 - w.v, 3.0 * px) * _ramp(0.86 - w.v, 1.5 * px)
         hilum = 0.10 * _gaussian(w, side * 0.095, 0.455, 0.05)
-        _paint(img, w, 0.12 + rng.uniform(-0.02, 0.02) + markings[w.sl] + hilum, lung)
+        _paint(img, w, 0.12 + anat.uniform(-0.02, 0.02) + markings[w.sl] + hilum, lung)
         lungs.append(_Lung(side, c, w, shape, lung, floor))
 
     # Pleural effusion, bilateral: fluid fills the base of each hemithorax up to a
@@ -395,16 +423,17 @@ def render_frontal(findings: Findings, rng: np.random.Generator, size: int = 256
     if f.effusion != "none":
         level, climb = (0.75, 0.11) if f.effusion == "small" else (0.53, 0.14)
         for L in lungs:
-            across = np.clip((L.side * (L.w.u - L.c) + lung_w) / (2 * lung_w), 0.0, 1.0)  # medial 0 .. 1
-            depth = L.w.v - (level + rng.uniform(-0.012, 0.012) - climb * across ** 2)
+            # 0 at the medial edge of the lung, 1 at the chest wall.
+            across = np.clip((L.side * (L.w.u - L.c) + lung_w) / (2 * lung_w), 0.0, 1.0)
+            depth = L.w.v - (level + lesion.uniform(-0.012, 0.012) - climb * across ** 2)
             fluid = L.shape * L.floor * _ramp(depth, 0.02)
             _paint(img, L.w, 0.46 + 0.2 * np.clip(depth, 0.0, 0.3), fluid)
 
     # Pneumothorax: the lung collapses towards its hilum leaving a black, markings-free
     # rim of pleural air at the apex and lateral wall, edged by the visceral pleural line.
     if f.pneumothorax == "present":
-        L = lungs[int(rng.integers(2))]
-        k = rng.uniform(0.62, 0.70)
+        L = lungs[int(lesion.integers(2))]
+        k = lesion.uniform(0.56, 0.64)
         hu, hv = L.c - L.side * 0.06, 0.56
         # The collapsed lung is the outline shrunk by k about (hu, hv): evaluate the
         # outline at each pixel's pre-image under that shrink.
@@ -425,10 +454,11 @@ def render_frontal(findings: Findings, rng: np.random.Generator, size: int = 256
 
     # Heart: cardiac silhouette bulging to the patient's left (image right) plus the
     # right-atrial border. Enlarged = ~1.5x wider (cardiothoracic ratio ~0.65 vs ~0.45).
+    tu, tv = anat.random(2)  # drawn either way, so only the size class changes the anatomy
     if f.heart == "enlarged":
-        hr_u, hr_v, hc_u, hc_v = rng.uniform(0.235, 0.255), rng.uniform(0.15, 0.165), 0.065, 0.62
+        hr_u, hr_v, hc_u, hc_v = 0.235 + 0.02 * tu, 0.15 + 0.015 * tv, 0.065, 0.62
     else:
-        hr_u, hr_v, hc_u, hc_v = rng.uniform(0.155, 0.170), rng.uniform(0.115, 0.125), 0.05, 0.645
+        hr_u, hr_v, hc_u, hc_v = 0.155 + 0.015 * tu, 0.115 + 0.01 * tv, 0.05, 0.645
     w = fr.crop(hc_u - 1.05 * hr_u, hc_u + 1.05 * hr_u, hc_v - 1.05 * hr_v, hc_v + 1.2 * hr_v)
     heart = np.maximum(
         _ellipse(w, hc_u + 0.2 * hr_u, hc_v + 0.1 * hr_v, 0.8 * hr_u, hr_v),
@@ -439,17 +469,17 @@ def render_frontal(findings: Findings, rng: np.random.Generator, size: int = 256
     # reported. Added after the heart because attenuations add up: a retrocardiac
     # consolidation brightens the heart shadow instead of hiding behind it.
     if f.opacity != "none":
-        L = lungs[int(rng.integers(2))]
-        cu = L.c + L.side * rng.uniform(0.0, 0.04)
-        cv = rng.uniform(0.25, 0.34) if f.opacity == "upper" else rng.uniform(0.56, 0.64)
-        blob = _blob(L.w, rng, cu, cv, rng.uniform(0.08, 0.095))
-        _add(img, L.w, rng.uniform(0.32, 0.38) * blob * L.shape)
+        L = lungs[int(lesion.integers(2))]
+        cu = L.c + L.side * lesion.uniform(0.0, 0.04)
+        cv = lesion.uniform(0.25, 0.34) if f.opacity == "upper" else lesion.uniform(0.56, 0.64)
+        blob = _blob(L.w, lesion, cu, cv, lesion.uniform(0.08, 0.095))
+        _add(img, L.w, lesion.uniform(0.32, 0.38) * blob * L.shape)
 
     # Bones: posterior ribs as curved bands, cos(a + b) = cos a cos b - sin a sin b
     # so the 2-D cosine is two outer products of 1-D ones.
     w = fr.crop(-0.42, 0.42, 0.1, 0.83)
     au = np.abs(w.u)
-    freq = 2 * np.pi * rng.uniform(9.5, 11.0)
+    freq = 2 * np.pi * anat.uniform(9.5, 11.0)
     a, b = freq * w.v, freq * (0.25 * au - 1.4 * au ** 2)
     cos = np.cos(a) * np.cos(b) - np.sin(a) * np.sin(b)
     ribs = _ramp(cos - 0.35, 0.5) * (_ramp(0.40 - au, 0.04) * _ramp(au - 0.05, 0.02)) \
@@ -462,21 +492,23 @@ def render_frontal(findings: Findings, rng: np.random.Generator, size: int = 256
     _add(img, w, 0.16 * clavicles)
 
     if f.device == "pacemaker":
-        s = 1 if rng.random() < 0.5 else -1
-        gen = (s * rng.uniform(0.24, 0.29), rng.uniform(0.17, 0.21))
+        s = 1 if lesion.random() < 0.5 else -1
+        gen = (s * lesion.uniform(0.24, 0.29), lesion.uniform(0.17, 0.21))
         ends = [(hc_u + 0.25 * hr_u, hc_v + 0.5 * hr_v), (hc_u - 0.45 * hr_u, hc_v - 0.2 * hr_v)]
-        layer = _pacemaker(fr, rng, gen, ends[: int(rng.integers(1, 3))], (0.10, 0.065))
+        layer = _pacemaker(fr, lesion, gen, ends[: int(lesion.integers(1, 3))], (0.10, 0.065))
         np.maximum(img, 0.97 * layer, out=img)
     elif f.device == "sternotomy":
-        layer = _sternotomy(fr, rng, 0.0, rng.uniform(0.24, 0.28), rng.uniform(0.56, 0.62), 0.034, 0.017)
+        v0, v1 = lesion.uniform(0.24, 0.28), lesion.uniform(0.56, 0.62)
+        layer = _sternotomy(fr, lesion, 0.0, v0, v1, 0.034, 0.017)
         np.maximum(img, 0.97 * layer, out=img)
-    return _finish(img, fr, rng)
+    return _finish(img, fr, film)
 
 
 def render_lateral(findings: Findings, rng: np.random.Generator, size: int = 256) -> np.ndarray:
     """Lateral view, (size, size) uint8. The patient faces image left (anterior = -u)."""
     f = findings
-    fr = _frame(rng, size)
+    anat, lesion, film = _streams(rng)
+    fr = _frame(anat, size)
     px = fr.px
     img = np.full((size, size), 0.03, np.float32)
 
@@ -485,30 +517,33 @@ def render_lateral(findings: Findings, rng: np.random.Generator, size: int = 256
 
     # One lung field (both lungs superimposed); the diaphragm is lower posteriorly,
     # so the posterior costophrenic sulcus is the deepest point.
-    lc, lw, top = 0.03, 0.285 + rng.uniform(-0.01, 0.01), 0.12 + rng.uniform(-0.01, 0.01)
+    lc, lw, top = 0.03, 0.285 + anat.uniform(-0.01, 0.01), 0.12 + anat.uniform(-0.01, 0.01)
     w = fr.crop(lc - 1.15 * lw, lc + 1.15 * lw, top - 0.02, 0.92)
     t = np.clip((w.v - top) / 0.6, 0.0, 1.0)
-    shape = _ramp(lw * np.sqrt(t) * (1.12 - 0.18 * t) - np.abs(w.u - lc), 1.5 * px) * _ramp(w.v - top, 1.5 * px)
-    dome = 0.70 + rng.uniform(-0.015, 0.015) + 0.08 * ((w.u - lc + 0.04) / lw) ** 2 + 0.05 * w.u
+    shape = _ramp(lw * np.sqrt(t) * (1.12 - 0.18 * t) - np.abs(w.u - lc), 1.5 * px) \
+        * _ramp(w.v - top, 1.5 * px)
+    dome = 0.70 + anat.uniform(-0.015, 0.015) + 0.08 * ((w.u - lc + 0.04) / lw) ** 2 + 0.05 * w.u
     lung = shape * _ramp(dome - w.v, 2 * px) * _ramp(0.86 - w.v, 1.5 * px)
-    markings = 0.025 * _smooth_noise(rng, size, 14)[w.sl] + 0.09 * _gaussian(w, 0.03, 0.45, 0.06)
-    _paint(img, w, 0.15 + rng.uniform(-0.02, 0.02) + markings, lung)
+    markings = 0.025 * _smooth_noise(anat, size, 14)[w.sl] + 0.09 * _gaussian(w, 0.03, 0.45, 0.06)
+    _paint(img, w, 0.15 + anat.uniform(-0.02, 0.02) + markings, lung)
 
     if f.effusion != "none":
-        level, climb = (0.76, 0.12) if f.effusion == "small" else (0.53, 0.15)
+        level, climb = (0.74, 0.13) if f.effusion == "small" else (0.53, 0.15)
         post = np.clip((w.u - lc + lw) / (2 * lw), 0.0, 1.0)  # 0 anterior .. 1 posterior
-        depth = w.v - (level + 0.03 + rng.uniform(-0.012, 0.012) - climb * post ** 2)
-        fluid = shape * _ramp(0.88 - w.v, 1.5 * px) * _ramp(dome + 0.05 - w.v, 3.0 * px) * _ramp(depth, 0.02)
+        depth = w.v - (level + 0.03 + lesion.uniform(-0.012, 0.012) - climb * post ** 2)
+        floor = _ramp(0.88 - w.v, 1.5 * px) * _ramp(dome + 0.05 - w.v, 3.0 * px)
+        fluid = shape * floor * _ramp(depth, 0.02)
         _paint(img, w, 0.48 + 0.2 * np.clip(depth, 0.0, 0.3), fluid)
 
     if f.opacity != "none":
-        cu = rng.uniform(-0.02, 0.14)
-        cv = rng.uniform(0.25, 0.33) if f.opacity == "upper" else rng.uniform(0.56, 0.63)
-        _add(img, w, rng.uniform(0.28, 0.34) * _blob(w, rng, cu, cv, rng.uniform(0.08, 0.095)) * shape)
+        cu = lesion.uniform(-0.02, 0.14)
+        cv = lesion.uniform(0.25, 0.33) if f.opacity == "upper" else lesion.uniform(0.56, 0.63)
+        blob = _blob(w, lesion, cu, cv, lesion.uniform(0.08, 0.095))
+        _add(img, w, lesion.uniform(0.28, 0.34) * blob * shape)
 
     if f.pneumothorax == "present":
         # Apical lucency above the collapsed lung's apex, with its pleural line.
-        apex = top + rng.uniform(0.10, 0.13) + 0.25 * (w.u - lc) ** 2
+        apex = top + lesion.uniform(0.13, 0.16) + 0.25 * (w.u - lc) ** 2
         _paint(img, w, 0.04, lung * _ramp(apex - w.v, 2 * px))
         _add(img, w, 0.12 * lung * _ramp(0.012 - np.abs(w.v - apex), 2 * px))
 
@@ -525,23 +560,25 @@ def render_lateral(findings: Findings, rng: np.random.Generator, size: int = 256
     _add(img, w, 0.18 * sternum)
 
     # Heart: anterior and low; an enlarged one also grows back towards the spine.
+    tu, tv = anat.random(2)
     if f.heart == "enlarged":
-        hr_u, hr_v, hc_u, hc_v = rng.uniform(0.195, 0.21), rng.uniform(0.16, 0.175), -0.07, 0.61
+        hr_u, hr_v, hc_u, hc_v = 0.195 + 0.015 * tu, 0.16 + 0.015 * tv, -0.07, 0.61
     else:
-        hr_u, hr_v, hc_u, hc_v = rng.uniform(0.135, 0.145), rng.uniform(0.125, 0.135), -0.13, 0.64
+        hr_u, hr_v, hc_u, hc_v = 0.135 + 0.01 * tu, 0.125 + 0.01 * tv, -0.13, 0.64
     w = fr.crop(hc_u - 1.1 * hr_u, hc_u + 1.1 * hr_u, hc_v - 1.1 * hr_v, hc_v + 1.1 * hr_v)
     _paint(img, w, np.maximum(img[w.sl], 0.50), _ellipse(w, hc_u, hc_v, hr_u, hr_v))
 
     if f.device == "pacemaker":
-        gen = (rng.uniform(-0.31, -0.27), rng.uniform(0.17, 0.21))
+        gen = (lesion.uniform(-0.31, -0.27), lesion.uniform(0.17, 0.21))
         ends = [(hc_u - 0.3 * hr_u, hc_v + 0.6 * hr_v), (hc_u + 0.1 * hr_u, hc_v - 0.3 * hr_v)]
-        layer = _pacemaker(fr, rng, gen, ends[: int(rng.integers(1, 3))], (0.035, 0.08))
+        layer = _pacemaker(fr, lesion, gen, ends[: int(lesion.integers(1, 3))], (0.035, 0.08))
         np.maximum(img, 0.97 * layer, out=img)
     elif f.device == "sternotomy":
         # Wires seen edge-on along the sternum: short bright loops.
-        layer = _sternotomy(fr, rng, -0.315, rng.uniform(0.24, 0.28), rng.uniform(0.56, 0.6), 0.012, 0.016)
+        v0, v1 = lesion.uniform(0.24, 0.28), lesion.uniform(0.56, 0.6)
+        layer = _sternotomy(fr, lesion, -0.315, v0, v1, 0.016, 0.022)
         np.maximum(img, 0.97 * layer, out=img)
-    return _finish(img, fr, rng)
+    return _finish(img, fr, film)
 
 
 # --------------------------------------------------------------------------- writing
@@ -552,8 +589,9 @@ def _split_of(studies: int, seed: int) -> list[str]:
     n_val = max(1, round(studies * SPLIT_FRACTIONS[1]))
     n_test = max(1, round(studies * SPLIT_FRACTIONS[2]))
     labels = np.array(["train"] * (studies - n_val - n_test) + ["val"] * n_val + ["test"] * n_test)
-    # Separate stream from the per-study ones ([seed, i, k] has three words).
-    return labels[np.random.default_rng([seed, 0x5B117]).permutation(studies)].tolist()
+    # Its own stream: SeedSequence pads keys with zeros to 4 words, so a nonzero 4th
+    # word keeps it apart from every per-study [seed, i, k] stream.
+    return labels[np.random.default_rng([seed, 0, 0, 0x5B117]).permutation(studies)].tolist()
 
 
 def _png_bytes(img: np.ndarray) -> bytes:
@@ -578,34 +616,48 @@ def _png_bytes(img: np.ndarray) -> bytes:
             + chunk(b"IDAT", zlib.compress(up.tobytes(), 1)) + chunk(b"IEND", b""))
 
 
-def _write_set(root: Path, studies: int, seed: int, image_size: int, progress: bool) -> None:
+def plan_studies(studies: int, seed: int) -> list[dict]:
+    """The annotation entries of the set, in study order, without rendering anything.
+
+    Each entry is {"id", "report", "image_path", "split", "findings"}; it depends on
+    (studies, seed) only, never on the image size.
+    """
     width = max(5, len(str(studies - 1)))
     splits = _split_of(studies, seed)
-    annotation: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
-    (root / "images").mkdir(parents=True)
+    plan = []
+    for i in range(studies):
+        sid = f"synth_{i:0{width}d}"
+        rng = np.random.default_rng([seed, i, 0])
+        findings = sample_findings(rng)
+        plan.append({
+            "id": sid,
+            "report": write_report(findings, rng),
+            "image_path": [f"{sid}/0.png", f"{sid}/1.png"],
+            "split": splits[i],
+            "findings": findings.as_dict(),
+        })
+    return plan
 
+
+def _write_set(root: Path, studies: int, seed: int, image_size: int, progress: bool) -> None:
+    plan = plan_studies(studies, seed)
+    (root / "images").mkdir(parents=True)
     indices: Iterable[int] = range(studies)
     if progress:
         from rich.progress import track  # only needed for the interactive bar
 
         indices = track(indices, description="Synthesizing chest X-rays", total=studies)
     for i in indices:
-        sid = f"synth_{i:0{width}d}"
-        text_rng = np.random.default_rng([seed, i, 0])
-        findings = sample_findings(text_rng)
-        report = write_report(findings, text_rng)
+        entry = plan[i]
+        findings = Findings(**entry["findings"])
         pix_rng = np.random.default_rng([seed, i, 1])
-        study_dir = root / "images" / sid
-        study_dir.mkdir()
+        (root / "images" / entry["id"]).mkdir()
         for view, render in enumerate((render_frontal, render_lateral)):
-            (study_dir / f"{view}.png").write_bytes(_png_bytes(render(findings, pix_rng, image_size)))
-        annotation[splits[i]].append({
-            "id": sid,
-            "report": report,
-            "image_path": [f"{sid}/0.png", f"{sid}/1.png"],
-            "split": splits[i],
-            "findings": findings.as_dict(),
-        })
+            png = _png_bytes(render(findings, pix_rng, image_size))
+            (root / "images" / entry["image_path"][view]).write_bytes(png)
+    annotation: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
+    for entry in plan:
+        annotation[entry["split"]].append(entry)
     (root / "annotation.json").write_text(json.dumps(annotation, indent=1) + "\n", encoding="utf-8")
 
 
@@ -624,8 +676,11 @@ def _publish(tmp: Path, final: Path) -> bool:
 def _generate_atomically(final: Path, studies: int, seed: int, image_size: int, progress: bool) -> bool:
     final.parent.mkdir(parents=True, exist_ok=True)
     # A hidden sibling on the same file system, so the final rename is atomic and a
-    # half-written set is never visible under the real name.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    # half-written set is never visible under the real name. os.mkdir rather than
+    # tempfile.mkdtemp, whose 0700 mode would survive the rename; the pid + random
+    # suffix keeps racing processes apart.
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
     try:
         _write_set(tmp, studies, seed, image_size, progress)
         return _publish(tmp, final)
@@ -634,7 +689,9 @@ def _generate_atomically(final: Path, studies: int, seed: int, image_size: int, 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_args(studies: int, image_size: int) -> None:
+def _check_args(studies: int, seed: int, image_size: int) -> None:
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
     if studies < MIN_STUDIES:
         raise ValueError(f"studies must be >= {MIN_STUDIES} (every split needs a study), got {studies}")
     if image_size < 32:
@@ -648,7 +705,7 @@ def synthesize(out_dir: Path | str, studies: int = 400, seed: int = 0, image_siz
     ``out_dir`` must not exist or be empty; the set appears there atomically.
     Raises FileExistsError if out_dir is non-empty, ValueError for bad arguments.
     """
-    _check_args(studies, image_size)
+    _check_args(studies, seed, image_size)
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} already exists and is not empty")
@@ -672,9 +729,11 @@ def default_dataset(studies: int = 400, seed: int = 0, cache_dir: Path | None = 
     and renames it into place; a process that loses the race discards its copy.
     """
     image_size = 256
-    _check_args(studies, image_size)
+    _check_args(studies, seed, image_size)
     final = cache_root(cache_dir) / f"synth-v{DATASET_VERSION}-n{studies}-s{seed}-i{image_size}"
     ann = final / "annotation.json"
     if not ann.is_file():
         _generate_atomically(final, studies, seed, image_size, progress=False)
+        if not ann.is_file():  # lost the race to something that is not a data set
+            raise FileExistsError(f"{final} exists but holds no annotation.json; remove it and retry")
     return ann
