@@ -191,6 +191,8 @@ def synth(
             raise ConfigError(f"--studies: at least 10 studies are needed, got {studies}")
         if image_size < 32:
             raise ConfigError(f"--image-size: must be at least 32 px, got {image_size}")
+        if seed < 0:
+            raise ConfigError(f"--seed: must not be negative, got {seed}")
         try:
             path = synthesize(out_dir, studies=studies, seed=seed, image_size=image_size, progress=True)
         except FileExistsError:

@@ -167,7 +167,7 @@ def collate(batch: Sequence[tuple[str, torch.Tensor, list[int]]]) -> dict:
     ids, images, seqs = zip(*batch)
     width = max(len(s) for s in seqs)
     targets = torch.zeros(len(seqs), width, dtype=torch.long)
-    masks = torch.zeros(len(seqs), width, dtype=torch.long)
+    masks = torch.zeros(len(seqs), width, dtype=torch.float32)  # FloatTensor, as R2Gen's collate_fn
     for i, seq in enumerate(seqs):
         targets[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
         masks[i, :len(seq)] = 1

@@ -1,0 +1,122 @@
+"""Host-side thresholds: one table of documented defaults, overridable from a YAML file, and the
+pure rules that turn host facts into data-loader settings, each with the reason a user reads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from launcher.hardware import HostFacts
+from r2gen.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Defaults for the host rules; every field can be set in a YAML file (--thresholds FILE)."""
+
+    ram_per_worker_gib: float = 1.5        # host RAM one loader worker needs (decoded images, prefetch)
+    cpus_reserved: int = 1                 # CPUs left for the training process itself, per GPU process
+    max_workers: int = 16                  # beyond this, more workers rarely help one GPU
+    pin_min_free_gib: float = 8.0          # pinned (page-locked) buffers only with this much RAM available
+    cache_max_share_pct: float = 25.0      # cache decoded images when they fit in this share of available RAM
+    low_memory_available_pct: float = 15.0 # below this share of RAM available: low-memory mode
+    low_memory_swap_gib: float = 1.0       # swap in use above this: low-memory mode
+    prefetch_factor: int = 2               # batches each worker prepares ahead
+    target_util_pct: float = 85.0          # share of a GPU's memory the probe plans to use
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"thresholds: {f.name} must be a non-negative number, got {value!r}")
+        if not 0 < self.target_util_pct <= 100:
+            raise ConfigError(f"thresholds: target_util_pct must be in (0, 100], got {self.target_util_pct}")
+        if self.prefetch_factor < 1 or self.max_workers < 1:
+            raise ConfigError("thresholds: prefetch_factor and max_workers must be at least 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_thresholds(path: Path | None) -> Thresholds:
+    """Defaults, with the fields a YAML mapping sets replaced. Unknown keys are errors."""
+    if path is None:
+        return Thresholds()
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"--thresholds: {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--thresholds: {path} is not valid YAML ({type(err).__name__})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--thresholds: {path} must hold a mapping of threshold names to numbers")
+    known = {f.name for f in fields(Thresholds)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"--thresholds: {path}: unknown field {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    try:
+        return replace(Thresholds(), **data)
+    except ConfigError as err:
+        raise ConfigError(f"--thresholds: {path}: {str(err).removeprefix('thresholds: ')}") from None
+
+
+@dataclass(frozen=True)
+class LoaderPlan:
+    num_workers: int
+    pin_memory: bool
+    persistent_workers: bool
+    prefetch_factor: int | None
+    cache_images: bool
+    low_memory: bool
+    reasons: dict[str, str]
+
+
+def plan_loader(host: HostFacts, t: Thresholds, dataset_decoded_gib: float, processes_per_host: int = 1,
+                uses_gpu: bool = True) -> LoaderPlan:
+    """num_workers, pinning, worker persistence, prefetch and image cache for one training process."""
+    reasons: dict[str, str] = {}
+    avail_pct = 100.0 * host.ram_available_gib / max(host.ram_total_gib, 1e-9)
+    low = avail_pct < t.low_memory_available_pct or host.swap_used_gib > t.low_memory_swap_gib
+    if low:
+        why = (f"{host.swap_used_gib:.1f} GiB swap in use" if host.swap_used_gib > t.low_memory_swap_gib
+               else f"only {avail_pct:.0f}% of RAM available")
+        reasons["low_memory"] = f"on: {why} (thresholds {t.low_memory_available_pct:.0f}% / {t.low_memory_swap_gib} GiB swap)"
+    else:
+        reasons["low_memory"] = f"off: {avail_pct:.0f}% of RAM available, {host.swap_used_gib:.1f} GiB swap in use"
+
+    cpus_each = max(host.usable_cpus // max(processes_per_host, 1) - t.cpus_reserved, 0)
+    ram_each = host.ram_available_gib / max(processes_per_host, 1)
+    by_ram = int(ram_each // t.ram_per_worker_gib)
+    workers = min(cpus_each, by_ram, t.max_workers)
+    if low:
+        workers = min(workers, 1)
+    limit = min((("CPUs", cpus_each), ("RAM", by_ram), ("cap", t.max_workers)), key=lambda kv: kv[1])[0]
+    reasons["num_workers"] = (f"{workers}: {host.usable_cpus} usable CPUs / {processes_per_host} process(es) minus "
+                              f"{t.cpus_reserved} reserved = {cpus_each}; {ram_each:.1f} GiB RAM / "
+                              f"{t.ram_per_worker_gib} GiB per worker = {by_ram}; cap {t.max_workers}"
+                              + ("; low-memory mode allows 1" if low else f"; limited by {limit}"))
+
+    pin = uses_gpu and not low and host.ram_available_gib >= t.pin_min_free_gib
+    reasons["pin_memory"] = ("off: no GPU" if not uses_gpu else
+                             "off: low-memory mode" if low else
+                             f"{'on' if pin else 'off'}: {host.ram_available_gib:.1f} GiB available "
+                             f"({'>=' if pin else '<'} {t.pin_min_free_gib} GiB)")
+
+    cache_cap = ram_each * t.cache_max_share_pct / 100.0
+    cache = not low and dataset_decoded_gib <= cache_cap
+    reasons["cache_images"] = ("off: low-memory mode" if low else
+                               f"{'on' if cache else 'off'}: decoded images {dataset_decoded_gib:.2f} GiB "
+                               f"{'<=' if cache else '>'} {t.cache_max_share_pct:.0f}% of {ram_each:.1f} GiB")
+    prefetch = t.prefetch_factor if workers > 0 else None
+    reasons["persistent_workers"] = "on: workers survive between epochs" if workers else "off: no workers"
+    return LoaderPlan(workers, pin, workers > 0, prefetch, cache, low, reasons)
+
+
+def decoded_size_gib(studies: int, views: int, image_size: int, channels: int = 3) -> float:
+    """Bytes of the cached, decoded, resized uint8 images of a data set."""
+    side = math.ceil(image_size * 256 / 224)  # the cache holds images before the random crop
+    return studies * views * channels * side * side / 2**30

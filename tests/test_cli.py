@@ -1,0 +1,116 @@
+"""The r2gen-launch CLI: complete --help, one-line errors with exit code 2, and the Quickstart path
+(`auto` on the embedded set) end to end on a CPU."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import click
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from launcher.cli import app
+
+runner = CliRunner()
+COMMANDS = [["plain"], ["auto"], ["data", "synth"]]
+
+
+def _options(path: list[str]) -> list[str]:
+    group = typer.main.get_command(app)
+    command = group
+    for name in path:
+        command = command.commands[name]  # type: ignore[attr-defined]
+    return [opt for p in command.params if isinstance(p, click.Option) for opt in p.opts]
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
+def test_help_lists_every_option_with_a_description(path: list[str]) -> None:
+    result = runner.invoke(app, [*path, "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    for opt in _options(path):
+        assert opt in text, opt
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]  # type: ignore[attr-defined]
+    assert all(p.help for p in command.params if isinstance(p, click.Option) and p.name != "help")
+    assert command.help
+
+
+def test_top_level_help_lists_commands() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in ("plain", "auto", "data"):
+        assert name in result.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["plain", "--preset", "nope"], "--preset"),
+    (["plain", "--device", "tpu"], "--device"),
+    (["plain", "--device", "cpu", "--precision", "fp8"], "--precision"),
+    (["plain", "--device", "cpu", "--val-every", "0"], "--val-every"),
+    (["plain", "--device", "cpu", "--val-every", "often"], "--val-every"),
+    (["plain", "--device", "cpu", "--epochs", "0"], "--epochs"),
+    (["plain", "--device", "cpu", "--backbone", "vgg"], "backbone"),
+    (["plain", "--device", "cpu", "--preset", "tiny", "--image-dir", "x"], "--image-dir"),
+    (["plain", "--device", "cpu", "--preset", "tiny", "--visual-weights", "/nonexistent.pth"], "--visual-weights"),
+    (["auto", "--studies", "3"], "--studies"),
+    (["data", "synth", "--out", "OUT", "--seed", "-1"], "--seed"),
+    (["data", "synth", "--out", "OUT", "--studies", "5"], "--studies"),
+])
+def test_bad_flags_are_one_line_exit_2_and_write_nothing(tmp_path: Path, args: list[str], needle: str) -> None:
+    args = [a.replace("OUT", str(tmp_path / "out")) for a in args]
+    if args[0] != "data":
+        args += ["--run-dir", str(tmp_path / "runs")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip() and not line.startswith(("auto:", "No --ann"))]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.output
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "out").exists()
+
+
+def test_unknown_option_is_exit_2() -> None:
+    assert runner.invoke(app, ["plain", "--no-such-flag"]).exit_code == 2
+
+
+def test_synth_refuses_a_non_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "keep.txt").write_text("mine")
+    result = runner.invoke(app, ["data", "synth", "--out", str(tmp_path), "--studies", "10"])
+    assert result.exit_code == 2 and "--out" in result.output
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+def test_synth_writes_a_loadable_set(tmp_path: Path) -> None:
+    from r2gen.data.datasets import load_annotation
+
+    result = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "s"), "--studies", "12", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    ann = load_annotation(tmp_path / "s" / "annotation.json")
+    assert sum(len(v) for v in ann.splits.values()) == 12
+
+
+def test_run_dir_that_holds_a_run_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    (tmp_path / "runs" / "taken" / "metrics.jsonl").write_text("{}\n")
+    result = runner.invoke(app, ["plain", "--device", "cpu", "--preset", "tiny", "--run-dir", str(tmp_path / "runs"),
+                                 "--name", "taken"])
+    assert result.exit_code == 2 and "already holds a run" in result.output
+
+
+def test_auto_on_the_embedded_set_prints_scores_and_baseline(tmp_path: Path) -> None:
+    """The Quickstart command, shrunk: embedded set from the (isolated) cache, tiny preset on CPU."""
+    result = runner.invoke(app, ["auto", "--studies", "20", "--epochs", "1", "--run-dir", str(tmp_path),
+                                 "--name", "quick"], terminal_width=250)
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "auto: cpu, fp32, tiny preset" in text
+    for key in ("BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr"):
+        assert key in text
+    for row in ("val", "test", "constant-", "baseline"):  # rich may wrap the baseline row's label
+        assert row in text
+    config = json.loads((tmp_path / "quick" / "config.json").read_text())
+    assert config["train"]["preset"] == "tiny" and config["train"]["epochs"] == 1
+    assert config["train"]["studies"] == 20 and "synth-v1-n20" in config["annotation"]

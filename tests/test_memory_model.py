@@ -1,0 +1,104 @@
+"""Probe maths against a fake GPU whose memory use is known exactly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from launcher.memory_model import (StepResult, accumulation_steps, confirm_largest, fit_memory,
+                                   memory_budget_gib, scale_lr)
+
+
+class FakeGpu:
+    """Peak = fixed + per_sample x batch + a bump above `knee` the affine fit cannot see."""
+
+    def __init__(self, fixed: float, per_sample: float, budget: float, knee: int | None = None, bump: float = 0.0):
+        self.fixed, self.per_sample, self.budget, self.knee, self.bump = fixed, per_sample, budget, knee, bump
+        self.calls: list[int] = []
+
+    def peak(self, batch: int) -> float:
+        extra = self.bump if self.knee is not None and batch > self.knee else 0.0
+        return self.fixed + self.per_sample * batch + extra
+
+    def step(self, batch: int) -> StepResult:
+        self.calls.append(batch)
+        peak = self.peak(batch)
+        return StepResult(True, peak) if peak <= self.budget else StepResult(False, None)
+
+    def truth(self) -> int:
+        return max(b for b in range(0, 10_000) if b == 0 or self.peak(b) <= self.budget)
+
+
+def test_fit_recovers_an_affine_model_exactly() -> None:
+    gpu = FakeGpu(fixed=3.1, per_sample=0.27, budget=60)
+    fit = fit_memory([(b, gpu.peak(b)) for b in (2, 4, 8)])
+    assert fit.fixed_gib == pytest.approx(3.1) and fit.per_sample_gib == pytest.approx(0.27)
+    assert fit.max_batch(60) == gpu.truth() == math.floor((60 - 3.1) / 0.27)
+
+
+def test_fit_needs_two_sizes_and_never_has_zero_slope() -> None:
+    with pytest.raises(ValueError):
+        fit_memory([(4, 1.0), (4, 1.1)])
+    fit = fit_memory([(1, 2.0), (2, 2.0)])
+    assert fit.per_sample_gib > 0 and fit.max_batch(3.0) > 1000
+
+
+def test_max_batch_is_zero_when_nothing_fits() -> None:
+    fit = fit_memory([(1, 5.0), (2, 6.0)])
+    assert fit.max_batch(4.5) == 0 and fit.max_batch(5.0) == 1
+
+
+@pytest.mark.parametrize("total,others,pct,cap,expected", [
+    (80, 0, 85, None, 68.0), (80, 10, 85, None, 58.0), (80, 0, 85, 8, 8.0), (8, 1, 85, 16, 5.8), (8, 9, 85, None, 0.0)])
+def test_budget(total: float, others: float, pct: float, cap: float | None, expected: float) -> None:
+    assert memory_budget_gib(total, others, pct, cap) == pytest.approx(expected)
+
+
+def test_confirm_accepts_a_correct_prediction_with_one_step() -> None:
+    gpu = FakeGpu(fixed=2, per_sample=0.5, budget=20)
+    result = confirm_largest(gpu.step, predicted=36, known_good=8)
+    assert result.micro_batch == 36 == gpu.truth() and gpu.calls == [36]
+
+
+@pytest.mark.parametrize("bump", [0.5, 3.0, 15.0])
+def test_confirm_steps_down_to_the_true_largest_when_the_fit_overshoots(bump: float) -> None:
+    gpu = FakeGpu(fixed=2, per_sample=0.5, budget=20, knee=16, bump=bump)
+    fit = fit_memory([(b, gpu.peak(b)) for b in (2, 4, 8)])  # blind to the bump above 16
+    result = confirm_largest(gpu.step, fit.max_batch(20), known_good=8)
+    assert result.micro_batch == gpu.truth()
+    assert all(not r.fits for b, r in result.tried if b > result.micro_batch)
+    assert len(gpu.calls) <= 1 + math.ceil(math.log2(36))
+
+
+def test_confirm_respects_a_known_failure_and_can_find_nothing() -> None:
+    gpu = FakeGpu(fixed=2, per_sample=0.5, budget=20)
+    assert confirm_largest(gpu.step, predicted=100, known_good=0, known_bad=30).micro_batch == 29
+    tiny = FakeGpu(fixed=5, per_sample=1, budget=4)
+    result = confirm_largest(tiny.step, predicted=3)
+    assert result.micro_batch == 0 and [b for b, _ in result.tried] == [3, 1]
+
+
+def test_confirm_returns_known_good_without_steps_when_prediction_is_lower() -> None:
+    gpu = FakeGpu(fixed=2, per_sample=0.5, budget=20)
+    assert confirm_largest(gpu.step, predicted=4, known_good=8) .micro_batch == 8 and gpu.calls == []
+
+
+@pytest.mark.parametrize("effective,micro,world,expected", [(16, 16, 1, 1), (16, 5, 1, 4), (16, 4, 2, 2),
+                                                            (16, 64, 1, 1), (17, 8, 1, 3), (1, 1, 8, 1)])
+def test_accumulation(effective: int, micro: int, world: int, expected: int) -> None:
+    assert accumulation_steps(effective, micro, world) == expected
+    assert micro * world * expected >= effective
+
+
+def test_accumulation_rejects_nonpositive() -> None:
+    with pytest.raises(ValueError):
+        accumulation_steps(16, 0)
+
+
+def test_lr_scaling() -> None:
+    assert scale_lr(1e-4, 16, 64, "linear") == pytest.approx(4e-4)
+    assert scale_lr(1e-4, 16, 64, "sqrt") == pytest.approx(2e-4)
+    assert scale_lr(1e-4, 16, 64, "none") == 1e-4
+    with pytest.raises(ValueError, match="lr scaling"):
+        scale_lr(1e-4, 16, 64, "cubic")

@@ -1,0 +1,136 @@
+"""The shared loop on the tiny preset: loss falls, the run directory is complete, checkpoints are
+atomic, and the plain backend's precisions run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from backends.plain import PlainBackend
+from r2gen.checkpoint import load_checkpoint, save_checkpoint
+from r2gen.config import PRESETS, TrainConfig, preset
+from r2gen.data.datasets import load_annotation
+from r2gen.errors import BackendError, ConfigError
+from r2gen.metrics import METRIC_KEYS
+from r2gen.train import build_optimizer, prepare, train
+
+
+def _quiet() -> Console:
+    return Console(file=open("/dev/null", "w"))  # noqa: SIM115 - closed with the process
+
+
+def _cfg(**changes) -> TrainConfig:
+    base = dict(image_size=32, batch_size=7, num_workers=0, log_every=1, val_every=0, beam_size=2)
+    return preset("tiny").replace(**{**base, **changes})
+
+
+def test_tiny_loss_falls_and_run_dir_is_complete(small_set: Path, tmp_path: Path) -> None:
+    ann = load_annotation(small_set)
+    prep = prepare(_cfg(epochs=6), PlainBackend("cpu"), ann, None)
+    result = train(prep, tmp_path / "run", _quiet())
+    run = tmp_path / "run"
+
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epoch_loss = [r["train/loss_epoch"] for r in records if "train/loss_epoch" in r]
+    assert len(epoch_loss) == 6
+    assert epoch_loss[-1] < 0.6 * epoch_loss[0], epoch_loss
+
+    assert result.epochs_run == 6 and result.steps == 6 * 3
+    assert set(result.val) == set(result.test) == set(result.baseline_test) == set(METRIC_KEYS)
+    final = next(r for r in records if "test/BLEU_4" in r)
+    assert final["epoch"] == 6 and final["val/BLEU_4"] == result.val["BLEU_4"]
+    assert any("baseline_test/BLEU_4" in r for r in records)
+
+    config = json.loads((run / "config.json").read_text())
+    assert TrainConfig.from_dict(config["train"]) == prep.cfg
+    for split, n in (("val", 3), ("test", 6)):
+        reports = json.loads((run / "reports" / f"{split}_epoch006.json").read_text())
+        assert len(reports) == n and {"id", "ground_truth", "generated"} <= set(reports[0])
+    latest = load_checkpoint(run / "checkpoints" / "latest.pt")
+    assert latest["epoch"] == 6 and latest["step"] == 18
+    assert (run / "checkpoints" / "best.pt").is_file()
+    model = type(prep.model)(prep.cfg.model, len(prep.tokenizer))
+    model.load_state_dict(latest["model"])  # the checkpoint restores the same architecture
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_val_every_evaluates_on_schedule(small_set: Path, tmp_path: Path) -> None:
+    prep = prepare(_cfg(epochs=3, val_every=2, beam_size=1), PlainBackend("cpu"), load_annotation(small_set), None)
+    train(prep, tmp_path / "run", _quiet())
+    evaluated = sorted(p.name for p in (tmp_path / "run" / "reports").glob("val_*"))
+    assert evaluated == ["val_epoch002.json", "val_epoch003.json"]  # every 2nd epoch and the last
+
+
+def test_optimizer_matches_r2gen(small_set: Path) -> None:
+    cfg = preset("iu_xray")
+    assert (cfg.lr_ve, cfg.lr_ed, cfg.weight_decay, cfg.amsgrad) == (5e-5, 1e-4, 5e-5, True)
+    assert (cfg.step_size, cfg.gamma, cfg.epochs, cfg.clip_value) == (50, 0.1, 100, 0.1)
+    mimic = preset("mimic_cxr")
+    assert (mimic.step_size, mimic.gamma, mimic.epochs, mimic.threshold, mimic.model.max_seq_length) == (1, 0.8, 30, 10, 100)
+    prep = prepare(_cfg(), PlainBackend("cpu"), load_annotation(small_set), None)
+    opt = build_optimizer(prep.model, prep.cfg)
+    ve, ed = opt.param_groups
+    assert sum(p.numel() for p in ve["params"]) == sum(p.numel() for p in prep.model.visual_extractor.parameters())
+    assert sum(p.numel() for g in (ve, ed) for p in g["params"]) == sum(p.numel() for p in prep.model.parameters())
+    assert ve["amsgrad"] and ve["weight_decay"] == prep.cfg.weight_decay
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_plain_mixed_precision_steps_on_cpu(small_set: Path, tmp_path: Path, precision: str) -> None:
+    prep = prepare(_cfg(epochs=1, max_steps_per_epoch=2, beam_size=1), PlainBackend("cpu", precision),
+                   load_annotation(small_set), None)
+    before = {k: v.clone() for k, v in prep.model.state_dict().items() if v.is_floating_point()}
+    result = train(prep, tmp_path / "run", _quiet())
+    assert result.steps == 2
+    after = prep.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+
+
+def test_plain_backend_refuses_bad_settings() -> None:
+    with pytest.raises(BackendError, match="--precision"):
+        PlainBackend("cpu", "fp8")
+    with pytest.raises(BackendError, match="--device"):
+        PlainBackend("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="--device cuda"):
+            PlainBackend("cuda")
+
+
+@pytest.mark.parametrize("changes,flag", [({"epochs": 0}, "--epochs"), ({"batch_size": -1}, "--batch-size"),
+                                          ({"lr_ed": 0.0}, "--lr-ed"), ({"image_size": 16}, "--image-size"),
+                                          ({"backbone": "vgg16"}, "backbone")])
+def test_config_errors_name_the_flag(changes: dict, flag: str) -> None:
+    with pytest.raises(ConfigError, match=flag):
+        _cfg(**changes)
+
+
+def test_presets_round_trip() -> None:
+    for cfg in PRESETS.values():
+        assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_checkpoint_write_is_atomic(tmp_path: Path) -> None:
+    path = tmp_path / "ck" / "latest.pt"
+    save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint({"epoch": 2, "bad": Unpicklable()}, path)
+    assert load_checkpoint(path)["epoch"] == 1  # the old file survives a failed write
+    assert [p.name for p in path.parent.iterdir()] == ["latest.pt"]  # no temporary left behind
+
+
+@pytest.mark.gpu
+def test_plain_trains_on_cuda_bf16(small_set: Path, tmp_path: Path) -> None:
+    prep = prepare(_cfg(epochs=2, image_size=64), PlainBackend("cuda", "bf16"), load_annotation(small_set), None)
+    result = train(prep, tmp_path / "run", _quiet())
+    assert result.steps == 6 and result.peak_memory_gib and result.peak_memory_gib > 0
+    assert result.test["BLEU_4"] is not None
