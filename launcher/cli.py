@@ -107,12 +107,12 @@ def _print_result(result) -> None:
     from r2gen.metrics import METRIC_KEYS
 
     table = Table(title=f"R2Gen scores after {result.epochs_run} epochs ({result.steps} steps); "
-                        f"best val epoch {result.best_epoch}")
+                        f"best val epoch {result.best_epoch}",
+                  caption="baseline: test scores of always answering the most frequent train report")
     table.add_column("split")
     for key in METRIC_KEYS:
         table.add_column(key, justify="right")
-    for label, scores in (("val", result.val), ("test", result.test),
-                          ("test, constant-report baseline", result.baseline_test)):
+    for label, scores in (("val", result.val), ("test", result.test), ("baseline", result.baseline_test)):
         table.add_row(label, *(_fmt(scores.get(k)) for k in METRIC_KEYS))
     out.print(table)
     speed = f"train {result.samples_per_s:.1f} samples/s"
