@@ -27,8 +27,7 @@ from backends.plain import PlainBackend  # noqa: E402
 from r2gen.config import preset  # noqa: E402
 from r2gen.data.datasets import load_annotation  # noqa: E402
 from r2gen.data.synth import default_dataset  # noqa: E402
-from r2gen.model.r2gen import masked_nll  # noqa: E402
-from r2gen.train import _loader, build_optimizer, prepare  # noqa: E402
+from r2gen.train import _loader, build_optimizer, prepare, train_step  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -59,15 +58,8 @@ def measure(preset_name: str, device: str, precision: str, batch_size: int, step
                 start, samples, wait = time.perf_counter(), 0, 0.0
                 fetched = start
             wait += time.perf_counter() - fetched
-            images = batch["images"].to(backend.device, non_blocking=True)
-            targets = batch["targets"].to(backend.device, non_blocking=True)
-            masks = batch["masks"].to(backend.device, non_blocking=True)
-            with backend.autocast():
-                logprobs = model(images, targets)
-            loss = masked_nll(logprobs.float(), targets, masks)
-            backend.backward_and_step(loss, model, optimizer, cfg.clip_value)
-            loss.item()  # the loop reads the loss every step too
-            samples += images.size(0) if done >= warmup else 0
+            train_step(model, optimizer, backend, batch, cfg.clip_value)  # the loop's own step
+            samples += len(batch["ids"]) if done >= warmup else 0
             done += 1
             if done >= warmup + steps:
                 break

@@ -139,6 +139,19 @@ def constant_report_baseline(prep: Prepared) -> dict[str, float | None]:
     return compute_scores(truths, [constant] * len(truths))
 
 
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, backend: Backend, batch: dict,
+               clip_value: float) -> tuple[float, bool]:
+    """One teacher-forced optimizer step on a collated batch; returns (loss, whether the step was taken)."""
+    images = batch["images"].to(backend.device, non_blocking=True)
+    targets = batch["targets"].to(backend.device, non_blocking=True)
+    masks = batch["masks"].to(backend.device, non_blocking=True)
+    with backend.autocast():
+        logprobs = model(images, targets)
+    loss = masked_nll(logprobs.float(), targets, masks)
+    stepped = backend.backward_and_step(loss, model, optimizer, clip_value)
+    return loss.item(), stepped
+
+
 def _progress(console: Console) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
@@ -180,19 +193,12 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None) -> RunR
             for i, batch in enumerate(loaders["train"]):
                 if i >= steps_per_epoch:
                     break
-                images = batch["images"].to(backend.device, non_blocking=True)
-                targets = batch["targets"].to(backend.device, non_blocking=True)
-                masks = batch["masks"].to(backend.device, non_blocking=True)
-                with backend.autocast():
-                    logprobs = model(images, targets)
-                loss = masked_nll(logprobs.float(), targets, masks)
-                stepped = backend.backward_and_step(loss, model, optimizer, cfg.clip_value)
+                loss_value, stepped = train_step(model, optimizer, backend, batch, cfg.clip_value)
                 skipped += not stepped
-                loss_value = loss.item()
                 epoch_loss += loss_value
                 result.steps += 1
-                window_samples += images.size(0)
-                train_samples += images.size(0)
+                window_samples += len(batch["ids"])
+                train_samples += len(batch["ids"])
                 progress.update(task, advance=1,
                                 info=f"epoch {epoch}/{cfg.epochs} loss {loss_value:.3f}")
                 if result.steps % cfg.log_every == 0:
