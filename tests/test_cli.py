@@ -101,16 +101,21 @@ def test_run_dir_that_holds_a_run_is_refused(tmp_path: Path) -> None:
 
 
 def test_auto_on_the_embedded_set_prints_scores_and_baseline(tmp_path: Path) -> None:
-    """The Quickstart command, shrunk: embedded set from the (isolated) cache, tiny preset on CPU."""
+    """The Quickstart command, shrunk: embedded set from the (isolated) cache; tiny preset on CPU."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    choice = "cuda, bf16, iu_xray" if on_gpu and torch.cuda.is_bf16_supported() else (
+        "cuda, fp16, iu_xray" if on_gpu else "cpu, fp32, tiny")
     result = runner.invoke(app, ["auto", "--studies", "20", "--epochs", "1", "--run-dir", str(tmp_path),
                                  "--name", "quick"], terminal_width=250)
     assert result.exit_code == 0, result.output
     text = result.output
-    assert "auto: cpu, fp32, tiny preset" in text
+    assert f"auto: {choice} preset" in text
     for key in ("BLEU_1", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr"):
         assert key in text
     for row in ("val", "test", "baseline", "most frequent train report"):
         assert row in " ".join(text.split())
     config = json.loads((tmp_path / "quick" / "config.json").read_text())
-    assert config["train"]["preset"] == "tiny" and config["train"]["epochs"] == 1
+    assert config["train"]["preset"] == choice.split(", ")[-1] and config["train"]["epochs"] == 1
     assert config["train"]["studies"] == 20 and "synth-v1-n20" in config["annotation"]
