@@ -26,7 +26,8 @@ class TrainConfig:
     model: ModelConfig
     threshold: int = 3                 # min train count for a word to enter the vocabulary
     image_size: int = 224              # px, square, after the transforms
-    batch_size: int = 16               # studies per optimizer step
+    batch_size: int = 16               # studies per optimizer step on one process (the accumulation window)
+    micro_batch: int = 0               # studies per forward/backward; 0 = batch_size (no accumulation)
     epochs: int = 100
     lr_ve: float = 5e-5                # visual extractor learning rate
     lr_ed: float = 1e-4                # encoder-decoder learning rate
@@ -41,6 +42,11 @@ class TrainConfig:
     block_trigrams: bool = True
     seed: int = 9223
     num_workers: int = 2
+    pin_memory: bool = True            # page-locked host batches (used on a GPU only)
+    prefetch_factor: int = 2           # batches each loader worker prepares ahead
+    cache_images: bool = False         # decode every image once into RAM before training
+    max_vram_gib: float = 0.0          # hard cap on this process's GPU memory; 0 = none
+    oom_retries: int = 3               # retries at micro-batch 1 before saving and stopping
     max_steps_per_epoch: int = 0       # 0 = whole epoch; otherwise cut epochs short (smoke runs)
     log_every: int = 10                # optimizer steps between metrics.jsonl records
     studies: int = 400                 # size of the embedded synthetic set when no ann_path is given
@@ -53,9 +59,15 @@ class TrainConfig:
         for name in ("lr_ve", "lr_ed", "gamma", "clip_value"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "early_stop", "val_every", "num_workers", "max_steps_per_epoch"):
+        for name in ("weight_decay", "early_stop", "val_every", "num_workers", "max_steps_per_epoch", "micro_batch",
+                     "max_vram_gib", "oom_retries"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must not be negative, got {getattr(self, name)}")
+        if self.micro_batch > self.batch_size:
+            raise ConfigError(f"--micro-batch: {self.micro_batch} is larger than the batch of {self.batch_size} "
+                              "studies per optimizer step")
+        if self.prefetch_factor < 1:
+            raise ConfigError(f"--prefetch-factor: must be positive, got {self.prefetch_factor}")
         if self.image_size < 32:
             raise ConfigError(f"--image-size: must be at least 32 px, got {self.image_size}")
         if self.studies < 10:

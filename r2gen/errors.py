@@ -17,3 +17,9 @@ class ConfigError(UsageError):
 
 class BackendError(UsageError):
     """The hardware or installed software cannot serve the requested backend or precision."""
+
+
+class RunFailed(Exception):
+    """The run started but could not finish (exit code 1); the message says what was saved."""
+
+    exit_code = 1

@@ -28,10 +28,11 @@ from torch.utils.data import DataLoader
 from backends.base import Backend
 from r2gen.checkpoint import save_checkpoint, write_json
 from r2gen.config import TrainConfig
+from r2gen.errors import RunFailed
 from r2gen.data.datasets import Annotation, ReportDataset, build_transform, collate
 from r2gen.data.tokenizer import Tokenizer
 from r2gen.metrics import compute_scores
-from r2gen.model.r2gen import R2GenModel, masked_nll
+from r2gen.model.r2gen import R2GenModel, masked_nll, target_tokens
 from r2gen.model.sampling import generate
 from r2gen.model.visual_extractor import init_visual_weights
 
@@ -90,11 +91,13 @@ def build_optimizer(model: R2GenModel, cfg: TrainConfig) -> torch.optim.Optimize
 def _loader(prep: Prepared, split: str, train: bool) -> DataLoader:
     cfg = prep.cfg
     dataset = ReportDataset(prep.annotation.splits[split], prep.tokenizer, cfg.model.max_seq_length,
-                            build_transform(cfg.image_size, train))
+                            build_transform(cfg.image_size, train), cache=cfg.cache_images, progress=True)
     generator = torch.Generator().manual_seed(cfg.seed)
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=train, num_workers=cfg.num_workers,
-                      collate_fn=collate, pin_memory=prep.backend.device.type == "cuda",
-                      persistent_workers=cfg.num_workers > 0, generator=generator)
+    workers = cfg.num_workers
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=train, num_workers=workers,
+                      collate_fn=collate, pin_memory=cfg.pin_memory and prep.backend.device.type == "cuda",
+                      persistent_workers=workers > 0, prefetch_factor=cfg.prefetch_factor if workers else None,
+                      generator=generator)
 
 
 class MetricsLog:
@@ -139,17 +142,95 @@ def constant_report_baseline(prep: Prepared) -> dict[str, float | None]:
     return compute_scores(truths, [constant] * len(truths))
 
 
+def split_batch(batch: dict, micro_batch: int) -> list[dict]:
+    """Chunks of at most `micro_batch` studies, each trimmed to its own longest report.
+
+    Trimming drops only trailing padding, which the causal decoder and the mask ignore, so a chunk
+    computes what the same rows compute inside the whole batch.
+    """
+    chunks = []
+    for start in range(0, len(batch["ids"]), micro_batch):
+        rows = slice(start, start + micro_batch)
+        masks = batch["masks"][rows]
+        width = int(masks.sum(1).max().item())
+        chunks.append({"ids": batch["ids"][rows], "images": batch["images"][rows],
+                       "targets": batch["targets"][rows, :width], "masks": masks[:, :width]})
+    return chunks
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, backend: Backend, batch: dict,
-               clip_value: float) -> tuple[float, bool]:
-    """One teacher-forced optimizer step on a collated batch; returns (loss, whether the step was taken)."""
-    images = batch["images"].to(backend.device, non_blocking=True)
-    targets = batch["targets"].to(backend.device, non_blocking=True)
-    masks = batch["masks"].to(backend.device, non_blocking=True)
-    with backend.autocast():
-        logprobs = model(images, targets)
-    loss = masked_nll(logprobs.float(), targets, masks)
-    stepped = backend.backward_and_step(loss, model, optimizer, clip_value)
-    return loss.item(), stepped
+               clip_value: float, micro_batch: int | None = None) -> tuple[float, bool]:
+    """One teacher-forced optimizer step on a collated batch, in micro-batches of `micro_batch`.
+
+    The batch is one accumulation window: each micro-batch's loss is divided by the window's token
+    count, so gradients equal one step on the whole batch (R2Gen's per-token mean), also for the
+    uneven last window of an epoch. Returns (per-token loss, whether the optimizer stepped).
+    """
+    chunks = split_batch(batch, micro_batch or len(batch["ids"]))
+    tokens = target_tokens(batch["masks"]).to(backend.device)
+    total = torch.zeros((), device=backend.device)
+    stepped = True
+    for i, chunk in enumerate(chunks):
+        images = chunk["images"].to(backend.device, non_blocking=True)
+        targets = chunk["targets"].to(backend.device, non_blocking=True)
+        masks = chunk["masks"].to(backend.device, non_blocking=True)
+        with backend.autocast():
+            logprobs = model(images, targets)
+        loss = masked_nll(logprobs.float(), targets, masks, tokens)
+        total += loss.detach()
+        stepped = backend.backward_and_step(loss, model, optimizer, clip_value, step=i == len(chunks) - 1)
+    return total.item(), stepped
+
+
+class OutOfMemoryAtOne(RuntimeError):
+    """Even a micro-batch of one study does not fit, after every retry."""
+
+
+@dataclass
+class OomRecovery:
+    """Runs optimizer steps; on out-of-memory, frees everything, halves the micro-batch (doubling the
+    accumulation, so the effective batch stays) and redoes the same samples.
+
+    At a micro-batch of 1 it waits and retries `retries` times (another process may free memory),
+    then raises OutOfMemoryAtOne for the loop to save and stop.
+    """
+
+    micro_batch: int
+    retries: int = 3
+    wait_s: float = 5.0
+    recoveries: int = 0
+    events: list[dict] = field(default_factory=list)
+
+    def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, backend: Backend, batch: dict,
+             clip_value: float) -> tuple[float, bool]:
+        failures_at_one = 0
+        while True:
+            try:
+                return train_step(model, optimizer, backend, batch, clip_value, self.micro_batch)
+            except torch.OutOfMemoryError as err:
+                message = str(err).splitlines()[0] if str(err) else "out of memory"
+            # Outside the except block: the traceback no longer pins the step's tensors.
+            release_memory(optimizer, backend)
+            if self.micro_batch == 1:
+                failures_at_one += 1
+                if failures_at_one > self.retries:
+                    raise OutOfMemoryAtOne(f"out of memory at micro-batch 1 after {self.retries} retries: {message}")
+                time.sleep(self.wait_s)
+                continue
+            before, self.micro_batch = self.micro_batch, self.micro_batch // 2
+            self.recoveries += 1
+            self.events.append({"oom/micro_batch_from": before, "oom/micro_batch_to": self.micro_batch,
+                                "oom/message": message})
+
+
+def release_memory(optimizer: torch.optim.Optimizer, backend: Backend) -> None:
+    """Drop partial gradients and cached blocks after an out-of-memory error."""
+    import gc
+
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    if backend.device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _progress(console: Console) -> Progress:
@@ -158,8 +239,8 @@ def _progress(console: Console) -> Progress:
                     TimeRemainingColumn(), console=console, transient=False)
 
 
-def train(prep: Prepared, run_dir: Path, console: Console | None = None) -> RunResult:
-    """Run the epochs; writes the run directory; returns the final scores."""
+def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_json: str | None = None) -> RunResult:
+    """Run the epochs; writes the run directory (with the launcher's plan.json); returns the final scores."""
     console = console or Console(stderr=True)
     cfg, backend, tokenizer = prep.cfg, prep.backend, prep.tokenizer
     seed_everything(cfg.seed)
@@ -174,6 +255,8 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None) -> RunR
                                          "image_dir": str(prep.annotation.image_dir),
                                          "visual_weights": prep.weights_source})
     (run_dir / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
+    if plan_json is not None:
+        (run_dir / "plan.json").write_text(plan_json, encoding="utf-8")
     log = MetricsLog(run_dir / "metrics.jsonl")
     if backend.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(backend.device)
@@ -184,21 +267,37 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None) -> RunR
     result = RunResult(run_dir=run_dir, epochs_run=0, steps=0, best_epoch=0)
     best_score = -float("inf")
     train_samples, train_time = 0, 0.0
+    oom = OomRecovery(cfg.micro_batch or cfg.batch_size, retries=cfg.oom_retries)
     model.train()
     with _progress(console) as progress:
         task = progress.add_task("train", total=cfg.epochs * steps_per_epoch, info="")
         for epoch in range(1, cfg.epochs + 1):
-            epoch_loss, epoch_start, skipped = 0.0, time.perf_counter(), 0
+            epoch_loss, epoch_start, skipped, epoch_samples = 0.0, time.perf_counter(), 0, 0
             window_samples, window_start = 0, time.perf_counter()
             for i, batch in enumerate(loaders["train"]):
                 if i >= steps_per_epoch:
                     break
-                loss_value, stepped = train_step(model, optimizer, backend, batch, cfg.clip_value)
+                try:
+                    loss_value, stepped = oom.step(model, optimizer, backend, batch, cfg.clip_value)
+                except OutOfMemoryAtOne as exc:
+                    # The failed window never stepped: the weights are those after the last good step.
+                    path = run_dir / "checkpoints" / "latest.pt"
+                    save_checkpoint(_state(backend, model, optimizer, scheduler, cfg, tokenizer, epoch - 1,
+                                           result.steps, best_score), path)
+                    log.write({"step": result.steps, "epoch": epoch, "oom/gave_up": True})
+                    raise RunFailed(f"{exc}; saved the last good state to {path}. Free GPU memory (or set "
+                                    "--max-vram lower) and start again") from None
+                for event in oom.events:
+                    log.write({"step": result.steps, "epoch": epoch, **event})
+                    console.print(f"[yellow]out of memory:[/] micro-batch {event['oom/micro_batch_from']} -> "
+                                  f"{event['oom/micro_batch_to']}, same samples redone", highlight=False)
+                oom.events.clear()
                 skipped += not stepped
                 epoch_loss += loss_value
                 result.steps += 1
                 window_samples += len(batch["ids"])
                 train_samples += len(batch["ids"])
+                epoch_samples += len(batch["ids"])
                 progress.update(task, advance=1,
                                 info=f"epoch {epoch}/{cfg.epochs} loss {loss_value:.3f}")
                 if result.steps % cfg.log_every == 0:
@@ -213,7 +312,8 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None) -> RunR
             scheduler.step()
             result.epochs_run = epoch
             log.write({"step": result.steps, "epoch": epoch, "train/loss_epoch": epoch_loss / max(steps_per_epoch, 1),
-                       "train/skipped_steps": skipped, "time/epoch_s": epoch_time})
+                       "train/skipped_steps": skipped, "train/samples": epoch_samples, "time/epoch_s": epoch_time,
+                       "train/micro_batch": oom.micro_batch, "oom/recoveries": oom.recoveries})
 
             last = epoch == cfg.epochs
             if (cfg.val_every and epoch % cfg.val_every == 0) or last:

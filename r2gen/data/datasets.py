@@ -10,10 +10,12 @@ seconds with one line naming the file and the study.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -142,13 +144,48 @@ def build_transform(image_size: int, train: bool) -> transforms.Compose:
 
 
 class ReportDataset(Dataset):
-    """(study id, images (views, 3, H, W), token ids, mask) per study, as R2Gen's data sets."""
+    """(study id, images (views, 3, H, W), token ids, mask) per study, as R2Gen's data sets.
+
+    cache=True decodes every image once, up front, through the transform's first step (a
+    deterministic Resize), and keeps it in RAM as uint8 (one channel for grayscale files); items are
+    then identical to the uncached ones, without decoding a PNG/JPEG per sample.
+    """
 
     def __init__(self, studies: Sequence[Study], tokenizer: Tokenizer, max_seq_length: int,
-                 transform: transforms.Compose):
+                 transform: transforms.Compose, cache: bool = False, progress: bool = False):
         self.studies = list(studies)
         self.transform = transform
         self.ids = [tokenizer.encode(s.report)[:max_seq_length] for s in self.studies]
+        self.cached: list[list[np.ndarray]] | None = None
+        if cache:
+            self.cached = self._decode_all(progress)
+
+    def _decode_all(self, progress: bool) -> list[list[np.ndarray]]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        resize = self.transform.transforms[0]
+
+        def decode(study: Study) -> list[np.ndarray]:
+            views = []
+            for image in study.images:
+                with Image.open(image) as im:
+                    im = im.convert("L" if im.mode in ("L", "I;16", "I") else "RGB")
+                    views.append(np.asarray(resize(im)))
+            return views
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            results = pool.map(decode, self.studies)
+            if not progress:
+                return list(results)
+            from rich.progress import Progress
+
+            with Progress(transient=True) as bar:
+                task = bar.add_task(f"caching {len(self.studies)} studies' images in RAM", total=len(self.studies))
+                out = []
+                for views in results:
+                    out.append(views)
+                    bar.advance(task)
+                return out
 
     def __len__(self) -> int:
         return len(self.studies)
@@ -156,9 +193,14 @@ class ReportDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[str, torch.Tensor, list[int]]:
         study = self.studies[index]
         views = []
-        for image in study.images:
-            with Image.open(image) as im:
-                views.append(self.transform(im.convert("RGB")))
+        if self.cached is not None:
+            rest = transforms.Compose(self.transform.transforms[1:])
+            for pixels in self.cached[index]:
+                views.append(rest(Image.fromarray(pixels).convert("RGB")))
+        else:
+            for image in study.images:
+                with Image.open(image) as im:
+                    views.append(self.transform(im.convert("RGB")))
         return study.id, torch.stack(views, 0), self.ids[index]
 
 

@@ -136,12 +136,20 @@ class R2GenModel(nn.Module):
         return F.log_softmax(self.encoder_decoder.logit(out[:, -1]), dim=-1)
 
 
-def masked_nll(logprobs: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def masked_nll(logprobs: torch.Tensor, targets: torch.Tensor, masks: torch.Tensor,
+               tokens: torch.Tensor | float | None = None) -> torch.Tensor:
     """R2Gen's LanguageModelCriterion on teacher-forced outputs: mean NLL over unmasked tokens.
 
-    logprobs (B, T-1, V) predicts targets[:, 1:] where masks[:, 1:] is set.
+    logprobs (B, T-1, V) predicts targets[:, 1:] where masks[:, 1:] is set. `tokens` replaces the
+    denominator: a micro-batch of an accumulation window divides by the window's token count, so
+    the window's summed loss is the per-token mean over the whole window, as one big batch.
     """
     target = targets[:, 1:1 + logprobs.size(1)]
     mask = masks[:, 1:1 + logprobs.size(1)].to(logprobs.dtype)
     nll = -logprobs.gather(2, target.long().unsqueeze(2)).squeeze(2) * mask
-    return nll.sum() / mask.sum()
+    return nll.sum() / (mask.sum() if tokens is None else tokens)
+
+
+def target_tokens(masks: torch.Tensor) -> torch.Tensor:
+    """Number of predicted tokens in a batch: the denominator of masked_nll."""
+    return masks[:, 1:].sum()
