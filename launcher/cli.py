@@ -25,7 +25,15 @@ err = Console(stderr=True)
 # -- options shared by the training commands (one definition each) -----------------------------------
 Preset = Annotated[str, typer.Option(help="Hyper-parameter preset: iu_xray, mimic_cxr (the paper's) or tiny (CPU smoke runs).")]
 Epochs = Annotated[Optional[int], typer.Option(help="Epochs [default: the preset's].")]
-BatchSize = Annotated[Optional[int], typer.Option(help="Studies per optimizer step [default: the preset's].")]
+BatchSize = Annotated[Optional[int], typer.Option(help="Micro-batch: studies per forward/backward on one process. Given, the probe only verifies it with one real step [default: probed on a GPU; the effective batch on CPU].")]
+EffectiveBatch = Annotated[Optional[int], typer.Option(help="Studies per optimizer step, all processes together; accumulation = ceil(N / (micro-batch x processes)) [default: the preset's, 16 for R2Gen].")]
+BatchPolicy = Annotated[Optional[str], typer.Option(help="faithful: keep the effective batch (and the learning rates); throughput: grow it to the largest micro-batch that fits and scale the learning rates [default: faithful; auto: throughput].")]
+LrScaling = Annotated[str, typer.Option(help="How learning rates follow a changed effective batch: linear, sqrt (suits Adam) or none.")]
+TargetUtil = Annotated[Optional[float], typer.Option(help="Share of the GPU's memory the plan may fill, % [default: 85, or the --thresholds file's].")]
+MaxVram = Annotated[Optional[float], typer.Option(help="Hard cap on this run's GPU memory, GiB: for shared GPUs, or to reproduce a smaller card. The probe and training both respect it.")]
+Probe = Annotated[bool, typer.Option("--probe/--no-probe", help="Measure GPU memory with real steps before training (skipped on CPU).")]
+DryRun = Annotated[bool, typer.Option(help="Print the plan, engine config and launch command, then stop (nothing is written).")]
+ThresholdsFile = Annotated[Optional[Path], typer.Option("--thresholds", help="YAML file overriding the host/VRAM thresholds (see README).")]
 ImageSize = Annotated[Optional[int], typer.Option(help="Training image side in px [default: the preset's, 224 for R2Gen].")]
 Dataset = Annotated[Optional[str], typer.Option(help="Annotation format: iu_xray (two views) or mimic_cxr (one view) [default: the preset's].")]
 AnnPath = Annotated[Optional[Path], typer.Option(help="R2Gen annotation.json. Without it, the embedded synthetic set is used (generated once into the cache).")]
@@ -39,7 +47,7 @@ BeamSize = Annotated[Optional[int], typer.Option(help="Beam size for generation;
 LrVe = Annotated[Optional[float], typer.Option(help="Visual extractor learning rate [default: the preset's, 5e-5].")]
 LrEd = Annotated[Optional[float], typer.Option(help="Encoder-decoder learning rate [default: the preset's, 1e-4].")]
 Seed = Annotated[Optional[int], typer.Option(help="Random seed [default: the preset's].")]
-NumWorkers = Annotated[Optional[int], typer.Option(help="Data-loader worker processes [default: 2].")]
+NumWorkers = Annotated[Optional[int], typer.Option(help="Data-loader worker processes [default: from usable CPUs and available RAM].")]
 MaxSteps = Annotated[Optional[int], typer.Option(help="Cut each epoch after this many steps (0 = whole epoch) [default: 0].")]
 LogEvery = Annotated[Optional[int], typer.Option(help="Optimizer steps between metrics.jsonl records [default: 10].")]
 RunDir = Annotated[Path, typer.Option(help="Parent folder of run directories.")]
@@ -65,20 +73,28 @@ def _parse_val_every(value: Optional[str]) -> Optional[int]:
     return n
 
 
-def _run_training(backend_name: str, device: str, precision: str, preset_name: str, overrides: dict,
-                  ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
-                  run_dir: Path, name: Optional[str]) -> None:
+def _prepare_run(backend_name: str, device: str, precision: str, preset_name: str, overrides: dict,
+                 options, ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
+                 thresholds_path: Optional[Path], run_dir: Optional[Path] = None, name: Optional[str] = None):
+    """Validate everything, probe, plan. Writes nothing. Returns (prepared run, plan, run directory)."""
     from backends.plain import PlainBackend
+    from launcher.hardware import detect
+    from launcher.plan import gpu_budget, make_plan
+    from launcher.thresholds import load_thresholds
     from r2gen.config import preset
     from r2gen.data.datasets import load_annotation
     from r2gen.data.synth import default_dataset
-    from r2gen.train import prepare, train
+    from r2gen.train import prepare
 
+    thresholds = load_thresholds(thresholds_path)
     cfg = preset(preset_name).replace(**{k: v for k, v in overrides.items() if v is not None})
     backend = PlainBackend(device, precision)
-    target = run_dir / (name or f"{cfg.preset}-{backend_name}-{datetime.now():%Y%m%d-%H%M%S}")
-    if target.exists() and any(target.iterdir()):
-        raise ConfigError(f"--run-dir/--name: {target} already holds a run; choose another --name")
+    effective = options.effective_for(cfg)
+    target = None
+    if run_dir is not None:
+        target = run_dir / (name or f"{cfg.preset}-{backend_name}-{datetime.now():%Y%m%d-%H%M%S}")
+        if target.exists() and any(target.iterdir()):
+            raise ConfigError(f"--run-dir/--name: {target} already holds a run; choose another --name")
     if ann_path is None:
         if image_dir is not None:
             raise ConfigError("--image-dir needs --ann-path (the embedded set has its own images)")
@@ -93,9 +109,50 @@ def _run_training(backend_name: str, device: str, precision: str, preset_name: s
     n = {s: len(v) for s, v in annotation.splits.items()}
     err.print(f"{backend.describe()} | {cfg.preset} preset, {cfg.model.backbone} | "
               f"{n['train']}/{n['val']}/{n['test']} train/val/test studies from {annotation.path} | "
-              f"vocabulary {len(prep.tokenizer)} | {sum(p.numel() for p in prep.model.parameters()):,} parameters | "
-              f"run dir {target}", highlight=False)
-    result = train(prep, target, err)
+              f"vocabulary {len(prep.tokenizer)} | {sum(p.numel() for p in prep.model.parameters()):,} parameters"
+              + (f" | run dir {target}" if target else ""), highlight=False)
+
+    facts = detect()
+    max_micro = n["train"] if options.batch_policy == "throughput" else min(effective, n["train"])
+    probe = None
+    if backend.device.type == "cuda" and options.probe:
+        from launcher.probe import ProbeRequest, probe_in_subprocess
+
+        budget, _ = gpu_budget(facts, options, thresholds)
+        request = ProbeRequest(cfg, len(prep.tokenizer), precision, budget, max_micro,
+                               verify=options.batch_size or 0, others_gib=facts.gpus[0].used_by_others_gib)
+        with err.status("probing GPU memory with real training steps..."):
+            probe = probe_in_subprocess(request).to_dict()
+    plan = make_plan(backend_name, device, precision, cfg, facts, thresholds, options, sum(n.values()),
+                     max_micro, probe)
+    return prep, plan, target
+
+
+def _print_plan(plan) -> None:
+    table = Table(title="plan", title_justify="left")
+    for column in ("decision", "value", "reason"):
+        table.add_column(column, overflow="fold")
+    for row in plan.rows():
+        table.add_row(*row)
+    err.print(table)
+
+
+def _run_training(backend_name: str, device: str, precision: str, preset_name: str, overrides: dict, options,
+                  ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
+                  thresholds_path: Optional[Path], run_dir: Path, name: Optional[str], dry_run: bool) -> None:
+    from launcher.plan import apply_plan
+    from r2gen.train import train
+
+    prep, plan, target = _prepare_run(backend_name, device, precision, preset_name, overrides, options, ann_path,
+                                      image_dir, visual_weights, thresholds_path, run_dir, name)
+    _print_plan(plan)
+    if dry_run:
+        out.print("engine config: none (plain PyTorch needs none)\n"
+                  f"launch: this process, one {plan.device} device; run directory {target} (not created)",
+                  highlight=False)
+        return
+    prep.cfg = apply_plan(prep.cfg, plan)
+    result = train(prep, target, err, plan.to_json())
     _print_result(result)
 
 
@@ -121,59 +178,132 @@ def _print_result(result) -> None:
     out.print(f"{speed}; run directory: {result.run_dir}", highlight=False)
 
 
+Device = Annotated[Optional[str], typer.Option(help="cpu or cuda [default: cuda when a GPU is visible, else cpu].")]
+Precision = Annotated[str, typer.Option(help="fp32, or autocast bf16 / fp16 (fp16 with loss scaling).")]
+
+
+def _options(batch_size, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling, num_workers,
+             default_policy: str):
+    from launcher.plan import PlanOptions
+
+    return PlanOptions(batch_size=batch_size, probe=probe, target_util_pct=target_util, max_vram_gib=max_vram,
+                       effective_batch=effective_batch, batch_policy=batch_policy or default_policy,
+                       lr_scaling=lr_scaling, num_workers=num_workers)
+
+
+def _guarded(run) -> None:
+    """Exit 2 for bad input, 1 (with what was saved) for a run that failed while running."""
+    from r2gen.errors import RunFailed
+
+    try:
+        run()
+    except UsageError as exc:
+        _fail(exc)
+    except RunFailed as exc:
+        err.print(f"[bold red]failed:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
 @app.command()
 def plain(
-    preset: Preset = "iu_xray",
-    device: Annotated[Optional[str], typer.Option(help="cpu or cuda [default: cuda when a GPU is visible, else cpu].")] = None,
-    precision: Annotated[str, typer.Option(help="fp32, or autocast bf16 / fp16 (fp16 with loss scaling).")] = "fp32",
-    epochs: Epochs = None, batch_size: BatchSize = None, image_size: ImageSize = None, dataset: Dataset = None,
+    preset: Preset = "iu_xray", device: Device = None, precision: Precision = "fp32",
+    epochs: Epochs = None, batch_size: BatchSize = None, effective_batch: EffectiveBatch = None,
+    batch_policy: BatchPolicy = None, lr_scaling: LrScaling = "sqrt", target_util: TargetUtil = None,
+    max_vram: MaxVram = None, probe: Probe = True, image_size: ImageSize = None, dataset: Dataset = None,
     ann_path: AnnPath = None, image_dir: ImageDir = None, studies: Studies = None, backbone: Backbone = None,
     visual_weights: VisualWeights = None, val_every: ValEvery = None, early_stop: EarlyStop = None,
     beam_size: BeamSize = None, lr_ve: LrVe = None, lr_ed: LrEd = None, seed: Seed = None,
     num_workers: NumWorkers = None, max_steps_per_epoch: MaxSteps = None, log_every: LogEvery = None,
-    run_dir: RunDir = Path("runs"), name: Name = None,
+    thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"), name: Name = None, dry_run: DryRun = False,
 ) -> None:
-    """Train and evaluate R2Gen with plain PyTorch on one device."""
+    """Train and evaluate R2Gen with plain PyTorch on one device, from a probed plan."""
     import torch
 
-    try:
-        overrides = dict(epochs=epochs, batch_size=batch_size, image_size=image_size, dataset=dataset,
+    def run() -> None:
+        options = _options(batch_size, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling,
+                           num_workers, "faithful")
+        overrides = dict(epochs=epochs, image_size=image_size, dataset=dataset,
                          studies=studies, backbone=backbone, val_every=_parse_val_every(val_every),
                          early_stop=early_stop, beam_size=beam_size, lr_ve=lr_ve, lr_ed=lr_ed, seed=seed,
-                         num_workers=num_workers, max_steps_per_epoch=max_steps_per_epoch, log_every=log_every)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        _run_training("plain", device, precision, preset, overrides, ann_path, image_dir, visual_weights,
-                      run_dir, name)
-    except UsageError as exc:
-        _fail(exc)
+                         max_steps_per_epoch=max_steps_per_epoch, log_every=log_every)
+        chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        _run_training("plain", chosen, precision, preset, overrides, options, ann_path, image_dir, visual_weights,
+                      thresholds, run_dir, name, dry_run)
+
+    _guarded(run)
 
 
 @app.command()
 def auto(
-    epochs: Epochs = None, batch_size: BatchSize = None, ann_path: AnnPath = None, image_dir: ImageDir = None,
+    epochs: Epochs = None, batch_size: BatchSize = None, effective_batch: EffectiveBatch = None,
+    batch_policy: BatchPolicy = None, lr_scaling: LrScaling = "sqrt", target_util: TargetUtil = None,
+    max_vram: MaxVram = None, probe: Probe = True, ann_path: AnnPath = None, image_dir: ImageDir = None,
     studies: Studies = None, visual_weights: VisualWeights = None, val_every: ValEvery = None,
-    seed: Seed = None, num_workers: NumWorkers = None, run_dir: RunDir = Path("runs"), name: Name = None,
+    seed: Seed = None, num_workers: NumWorkers = None, thresholds: ThresholdsFile = None,
+    run_dir: RunDir = Path("runs"), name: Name = None, dry_run: DryRun = False,
 ) -> None:
-    """Pick the best device, precision and a preset that fits it, then train and evaluate.
+    """Pick the best device, precision and a preset that fits it, plan, then train and evaluate.
 
-    On a GPU: the iu_xray preset (full ResNet-101 model) in bf16 where supported, else fp16.
-    On a CPU-only machine: the tiny preset in fp32, which finishes in minutes.
+    On a GPU: the iu_xray preset (full ResNet-101 model) in bf16 where supported, else fp16, with the
+    throughput batch policy (the largest micro-batch the probe finds). On a CPU-only machine: the
+    tiny preset in fp32, which finishes in minutes.
     """
     import torch
 
-    try:
+    def run() -> None:
+        options = _options(batch_size, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling,
+                           num_workers, "throughput")
         if torch.cuda.is_available():
             device, preset = "cuda", "iu_xray"
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
             device, preset, precision = "cpu", "tiny", "fp32"
         err.print(f"auto: {device}, {precision}, {preset} preset", highlight=False)
-        overrides = dict(epochs=epochs, batch_size=batch_size, studies=studies,
-                         val_every=_parse_val_every(val_every), seed=seed, num_workers=num_workers)
-        _run_training("plain", device, precision, preset, overrides, ann_path, image_dir, visual_weights,
-                      run_dir, name)
-    except UsageError as exc:
-        _fail(exc)
+        overrides = dict(epochs=epochs, studies=studies, val_every=_parse_val_every(val_every), seed=seed)
+        _run_training("auto", device, precision, preset, overrides, options, ann_path, image_dir, visual_weights,
+                      thresholds, run_dir, name, dry_run)
+
+    _guarded(run)
+
+
+@app.command("probe")
+def probe_command(
+    preset: Preset = "iu_xray", device: Device = None, precision: Precision = "fp32",
+    batch_size: BatchSize = None, effective_batch: EffectiveBatch = None, batch_policy: BatchPolicy = None,
+    lr_scaling: LrScaling = "sqrt", target_util: TargetUtil = None, max_vram: MaxVram = None,
+    image_size: ImageSize = None, dataset: Dataset = None, ann_path: AnnPath = None, image_dir: ImageDir = None,
+    studies: Studies = None, backbone: Backbone = None, num_workers: NumWorkers = None,
+    thresholds: ThresholdsFile = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan (with the probe's measurements) to this file.")] = None,
+) -> None:
+    """Measure GPU memory with real training steps and print the plan a training command would use.
+
+    Real steps (forward, backward, optimizer step) in the chosen precision on reports of maximum
+    length at a few micro-batch sizes; a line fitted through their peaks predicts the largest
+    micro-batch under the budget, and a real step confirms it (bisecting down on out-of-memory).
+    """
+    import torch
+
+    def run() -> None:
+        options = _options(batch_size, True, target_util, max_vram, effective_batch, batch_policy, lr_scaling,
+                           num_workers, "throughput")
+        overrides = dict(image_size=image_size, dataset=dataset, studies=studies, backbone=backbone)
+        chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        _, plan, _ = _prepare_run("plain", chosen, precision, preset, overrides, options, ann_path, image_dir,
+                                  None, thresholds)
+        if plan.probe:
+            table = Table(title=f"probe: {plan.probe['gpu']}, budget {plan.probe['budget_gib']:.1f} GiB "
+                                f"(context {plan.probe['overhead_gib']:.2f} GiB)", title_justify="left")
+            for column in ("micro-batch", "fits", "peak GiB"):
+                table.add_column(column, justify="right")
+            for micro, fits, peak in plan.probe["tried"]:
+                table.add_row(str(micro), "yes" if fits else "no", "-" if peak is None else f"{peak:.2f}")
+            err.print(table)
+        _print_plan(plan)
+        if json_out is not None:
+            json_out.write_text(plan.to_json(), encoding="utf-8")
+
+    _guarded(run)
 
 
 @data_app.command()

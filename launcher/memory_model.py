@@ -97,6 +97,56 @@ def confirm_largest(step: Callable[[int], StepResult], predicted: int, known_goo
     return SearchResult(lo, tuple(tried))
 
 
+PROBE_POINTS = (4, 8, 16)
+"""Micro-batch sizes measured for the fit: large enough that activations dominate allocator rounding,
+small enough to fit an 8 GB card in fp32 with the full model."""
+
+
+@dataclass(frozen=True)
+class ProbeSearch:
+    points: tuple[tuple[int, float], ...]   # (micro-batch, peak GiB) of the fitted steps
+    fit: MemoryFit | None                   # None when fewer than two sizes fitted
+    predicted: int                          # the fit's largest micro-batch under the budget (capped)
+    micro_batch: int                        # confirmed by a real step; 0 when nothing fits
+    tried: tuple[tuple[int, StepResult], ...]
+
+
+def search_micro_batch(step: Callable[[int], StepResult], budget_gib: float, max_micro: int,
+                       points: Sequence[int] = PROBE_POINTS) -> ProbeSearch:
+    """Measure a few sizes, fit, predict the largest micro-batch under the budget, confirm it.
+
+    `step(b)` runs one real training step at micro-batch b and reports its peak; the first call
+    (at 1) also warms up (optimizer state, kernels). Sizes above `max_micro` are never tried.
+    """
+    tried: list[tuple[int, StepResult]] = []
+
+    def run(b: int) -> StepResult:
+        result = step(b)
+        tried.append((b, result))
+        return result
+
+    if not run(1).fits:
+        return ProbeSearch((), None, 0, 0, tuple(tried))
+    measured: list[tuple[int, float]] = []
+    known_bad = None
+    for b in sorted({min(p, max_micro) for p in points if p >= 1}):
+        result = run(b)
+        if not result.fits:
+            known_bad = b
+            break
+        measured.append((b, result.peak_gib))  # type: ignore[arg-type]
+    known_good = max((b for b, _ in measured), default=1)
+    fit = fit_memory(measured) if len({b for b, _ in measured}) >= 2 else None
+    if fit is not None:
+        predicted = min(fit.max_batch(budget_gib), max_micro)
+    else:  # one size fitted: bisect between it and the first failure (or the cap)
+        predicted = known_bad - 1 if known_bad else max_micro
+    if known_bad is None and known_good >= max_micro:
+        return ProbeSearch(tuple(measured), fit, max_micro, max_micro, tuple(tried))
+    search = confirm_largest(run, predicted, known_good=known_good, known_bad=known_bad)
+    return ProbeSearch(tuple(measured), fit, predicted, max(search.micro_batch, known_good), tuple(tried))
+
+
 def accumulation_steps(effective_batch: int, micro_batch: int, world_size: int = 1) -> int:
     """Micro-batches per optimizer step so that micro x world x accumulation >= effective batch."""
     if min(effective_batch, micro_batch, world_size) < 1:

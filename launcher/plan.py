@@ -7,10 +7,14 @@ plan.json in the run directory, and read back by --keep-training.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
-from launcher.memory_model import accumulation_steps, scale_lr
-from launcher.thresholds import LoaderPlan
+from launcher.hardware import Facts
+from launcher.memory_model import LR_SCALING, accumulation_steps, memory_budget_gib, scale_lr
+from launcher.thresholds import LoaderPlan, Thresholds, decoded_size_gib, plan_loader
+from r2gen.config import TrainConfig
+from r2gen.errors import BackendError, ConfigError
 
 BATCH_POLICIES = ("faithful", "throughput")
 
@@ -71,6 +75,43 @@ def plan_batch(largest_micro: int, world_size: int, policy: str, effective_batch
 
 
 @dataclass(frozen=True)
+class PlanOptions:
+    """The planning flags of every training command, validated on construction."""
+
+    batch_size: int | None = None         # --batch-size: micro-batch chosen by the user, verified not searched
+    probe: bool = True                    # --no-probe turns it off (the micro-batch is then not verified)
+    target_util_pct: float | None = None  # --target-util [default: thresholds' target_util_pct]
+    max_vram_gib: float | None = None     # --max-vram: hard cap on this run's GPU memory
+    effective_batch: int | None = None    # --effective-batch [default: the preset's batch]
+    batch_policy: str = "faithful"        # --batch-policy
+    lr_scaling: str = "sqrt"              # --lr-scaling
+    num_workers: int | None = None        # --num-workers overrides the host rule
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--batch-size", self.batch_size), ("--effective-batch", self.effective_batch)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag}: must be at least 1, got {value}")
+        if self.target_util_pct is not None and not 0 < self.target_util_pct <= 100:
+            raise ConfigError(f"--target-util: must be a percentage in (0, 100], got {self.target_util_pct}")
+        if self.max_vram_gib is not None and not self.max_vram_gib > 0:
+            raise ConfigError(f"--max-vram: must be a positive number of GiB, got {self.max_vram_gib}")
+        if self.batch_policy not in BATCH_POLICIES:
+            raise ConfigError(f"--batch-policy: unknown {self.batch_policy!r}; choose one of {', '.join(BATCH_POLICIES)}")
+        if self.lr_scaling not in LR_SCALING:
+            raise ConfigError(f"--lr-scaling: unknown {self.lr_scaling!r}; choose one of {', '.join(LR_SCALING)}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise ConfigError(f"--num-workers: must not be negative, got {self.num_workers}")
+
+    def effective_for(self, cfg: TrainConfig) -> int:
+        """The effective batch for this preset; checks --batch-size against it."""
+        effective = self.effective_batch or cfg.batch_size
+        if self.batch_size and self.batch_size > effective and self.batch_policy == "faithful":
+            raise ConfigError(f"--batch-size {self.batch_size} is larger than the effective batch {effective} "
+                              "under --batch-policy faithful (raise --effective-batch or use throughput)")
+        return effective
+
+
+@dataclass(frozen=True)
 class Plan:
     backend: str
     device: str
@@ -79,7 +120,9 @@ class Plan:
     loader: LoaderPlan
     memory_budget_gib: float | None   # None on CPU
     predicted_peak_gib: float | None
-    reasons: dict[str, str]           # backend, precision, device
+    reasons: dict[str, str]           # backend, device, precision, probe
+    max_vram_gib: float | None = None
+    probe: dict[str, Any] | None = None   # the probe's measurements (launcher.probe.ProbeResult)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -87,6 +130,8 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         data = json.loads(text)
+        if data.get("probe"):
+            data["probe"] = _tuples(data["probe"])
         return cls(**{**data, "batch": BatchPlan(**data["batch"]), "loader": LoaderPlan(**data["loader"])})
 
     def rows(self) -> list[tuple[str, str, str]]:
@@ -100,6 +145,105 @@ class Plan:
         rows += [(k, str(getattr(lo, k)), lo.reasons.get(k, ""))
                  for k in ("num_workers", "pin_memory", "persistent_workers", "cache_images", "low_memory")]
         if self.memory_budget_gib is not None:
+            peak = f"{self.predicted_peak_gib:.1f} GiB" if self.predicted_peak_gib is not None else "unknown"
             rows.append(("memory budget GiB", f"{self.memory_budget_gib:.1f}",
-                         f"predicted peak {self.predicted_peak_gib:.1f} GiB" if self.predicted_peak_gib else ""))
+                         f"{self.reasons.get('memory', '')}; peak at the micro-batch {peak}"))
+        if "probe" in self.reasons:
+            rows.append(("probe", "on" if self.probe else "off", self.reasons["probe"]))
         return rows
+
+
+def _tuples(value: Any) -> Any:
+    """JSON lists back to the tuples the probe wrote (so a plan read back compares equal)."""
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    return value
+
+
+def gpu_budget(facts: Facts, options: PlanOptions, thresholds: Thresholds, device_index: int = 0
+               ) -> tuple[float, str]:
+    """GiB this run may hold on its GPU, and why: target share of the card, --max-vram, minus others."""
+    gpu = facts.gpus[device_index]
+    target = options.target_util_pct if options.target_util_pct is not None else thresholds.target_util_pct
+    budget = memory_budget_gib(gpu.total_gib, gpu.used_by_others_gib, target, options.max_vram_gib)
+    why = f"{target:g}% of {gpu.total_gib:.1f} GiB ({gpu.name})"
+    if options.max_vram_gib is not None and options.max_vram_gib < gpu.total_gib * target / 100:
+        why = f"--max-vram {options.max_vram_gib:g} GiB"
+    if gpu.used_by_others_gib > 0.05:
+        why += f" minus {gpu.used_by_others_gib:.1f} GiB held by other processes"
+    return budget, why
+
+
+def make_plan(backend: str, device: str, precision: str, cfg: TrainConfig, facts: Facts, thresholds: Thresholds,
+              options: PlanOptions, studies: int, max_micro: int, probe: dict[str, Any] | None = None,
+              world_size: int = 1) -> Plan:
+    """Every decision of a run from plain values: hardware facts, thresholds, flags, probe results.
+
+    `studies` sizes the image cache (all splits); `max_micro` is the train split size (no use
+    probing beyond it). `probe` is ProbeResult.to_dict() when the probe ran (or verified
+    --batch-size), None otherwise.
+    """
+    effective = options.effective_for(cfg)
+    reasons = {"backend": f"{backend}: {'as asked' if backend != 'auto' else 'chosen'}",
+               "device": f"{device}: " + (facts.gpus[0].name if device == "cuda" and facts.gpus else facts.gpu_note),
+               "precision": f"{precision}: as asked"}
+    budget = None
+    predicted_peak = None
+    if device == "cuda":
+        if not facts.gpus:
+            raise BackendError("--device cuda: no CUDA GPU is visible on this machine")
+        budget, reasons["memory"] = gpu_budget(facts, options, thresholds)
+    if probe is not None:
+        largest = probe["micro_batch"]
+        if largest < 1:
+            what = f"--batch-size {options.batch_size}" if options.batch_size else "a micro-batch of 1"
+            raise BackendError(f"{what} does not fit the memory budget of {budget:.1f} GiB "
+                               f"({reasons.get('memory', '')}); use --max-vram/--target-util or a smaller model")
+        predicted_peak = probe.get("peak_gib")
+        how = (f"verified --batch-size {options.batch_size} with one real step" if options.batch_size
+               else f"{len(probe['tried'])} real steps in {probe['seconds']:.0f} s; fit "
+                    f"{probe['fixed_gib']:.2f} GiB + {probe['per_sample_gib']:.3f} GiB/study predicted "
+                    f"{probe['predicted']}, confirmed {largest}" if probe.get("per_sample_gib") is not None
+               else f"{len(probe['tried'])} real steps in {probe['seconds']:.0f} s, confirmed {largest}")
+        reasons["probe"] = how
+    elif device == "cuda":
+        largest = options.batch_size or -(-effective // world_size)
+        reasons["probe"] = "--no-probe: micro-batch not measured" + (
+            "" if options.batch_size else f" (one process's share of the effective batch {effective})")
+    else:
+        largest = options.batch_size or -(-effective // world_size)
+        reasons["probe"] = "no GPU: nothing to measure"
+    batch = plan_batch(largest, world_size, options.batch_policy, effective, options.lr_scaling, cfg.lr_ve, cfg.lr_ed)
+    if options.batch_size:
+        batch = replace(batch, reasons={**batch.reasons, "micro_batch": f"{batch.micro_batch}: --batch-size"})
+    elif probe is None:
+        batch = replace(batch, reasons={**batch.reasons, "micro_batch": f"{batch.micro_batch}: one process's share "
+                                        f"of the effective batch {effective} ({reasons['probe']})"})
+    if predicted_peak is not None and probe and probe.get("per_sample_gib") is not None \
+            and batch.micro_batch != probe["micro_batch"]:
+        predicted_peak = probe["fixed_gib"] + probe["per_sample_gib"] * batch.micro_batch
+
+    from r2gen.model.r2gen import DATASETS
+
+    decoded = decoded_size_gib(studies, DATASETS[cfg.model.dataset], cfg.image_size)
+    loader = plan_loader(facts.host, thresholds, decoded, processes_per_host=world_size, uses_gpu=device == "cuda")
+    if options.num_workers is not None:
+        workers = options.num_workers
+        loader = replace(loader, num_workers=workers, persistent_workers=workers > 0,
+                         prefetch_factor=loader.prefetch_factor or thresholds.prefetch_factor if workers else None,
+                         reasons={**loader.reasons, "num_workers": f"{workers}: --num-workers",
+                                  "persistent_workers": "on: workers survive between epochs" if workers
+                                  else "off: no workers"})
+    return Plan(backend, device, precision, batch, loader, budget, predicted_peak, reasons,
+                max_vram_gib=options.max_vram_gib, probe=probe)
+
+
+def apply_plan(cfg: TrainConfig, plan: Plan) -> TrainConfig:
+    """The loop's configuration with the plan's batch, learning rates and loader settings."""
+    b, lo = plan.batch, plan.loader
+    return cfg.replace(batch_size=b.micro_batch * b.accumulation, micro_batch=b.micro_batch, lr_ve=b.lr_ve,
+                       lr_ed=b.lr_ed, num_workers=lo.num_workers, pin_memory=lo.pin_memory,
+                       prefetch_factor=lo.prefetch_factor or cfg.prefetch_factor, cache_images=lo.cache_images,
+                       max_vram_gib=plan.max_vram_gib or 0.0)

@@ -16,7 +16,9 @@ import json
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,7 @@ from r2gen.model.sampling import generate
 from r2gen.model.visual_extractor import init_visual_weights
 
 MONITOR = "BLEU_4"
+T = TypeVar("T")
 
 
 @dataclass
@@ -117,15 +120,26 @@ def evaluate(model: R2GenModel, loader: DataLoader, backend: Backend, tokenizer:
     model.eval()
     records: list[dict] = []
     start = time.perf_counter()
+    guard = OomRecovery(loader.batch_size or 1, retries=cfg.oom_retries)
+
+    def generate_in_chunks(images: torch.Tensor, micro: int) -> list[list[int]]:
+        out: list[list[int]] = []
+        for start in range(0, images.size(0), micro):
+            chunk = images[start:start + micro].to(backend.device, non_blocking=True)
+            with backend.autocast():
+                out += generate(model, chunk, beam_size=cfg.beam_size, block_trigrams=cfg.block_trigrams).cpu().tolist()
+        return out
+
     for batch in loader:
-        images = batch["images"].to(backend.device, non_blocking=True)
-        with backend.autocast():
-            seq = generate(model, images, beam_size=cfg.beam_size, block_trigrams=cfg.block_trigrams)
-        generated = tokenizer.decode_batch(seq.cpu().tolist())
+        with torch.no_grad():
+            seqs = guard.run(lambda micro: generate_in_chunks(batch["images"], micro), lambda: release_memory(backend))
+        generated = tokenizer.decode_batch(seqs)
         truths = tokenizer.decode_batch(batch["targets"][:, 1:].tolist())
         records += [{"id": i, "ground_truth": g, "generated": r} for i, g, r in zip(batch["ids"], truths, generated)]
     speed = len(records) / max(time.perf_counter() - start, 1e-9)
     model.train()
+    if backend.device.type == "cuda":
+        torch.cuda.empty_cache()  # generation's blocks have other shapes than training's: give them back
     scores = compute_scores([r["ground_truth"] for r in records], [r["generated"] for r in records])
     return scores, records, speed
 
@@ -203,14 +217,19 @@ class OomRecovery:
 
     def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, backend: Backend, batch: dict,
              clip_value: float) -> tuple[float, bool]:
+        return self.run(lambda micro: train_step(model, optimizer, backend, batch, clip_value, micro),
+                        lambda: release_memory(backend, optimizer))
+
+    def run(self, work: Callable[[int], T], release: Callable[[], None]) -> T:
+        """work(micro_batch), retried with half the micro-batch after each out-of-memory error."""
         failures_at_one = 0
         while True:
             try:
-                return train_step(model, optimizer, backend, batch, clip_value, self.micro_batch)
+                return work(self.micro_batch)
             except torch.OutOfMemoryError as err:
                 message = str(err).splitlines()[0] if str(err) else "out of memory"
             # Outside the except block: the traceback no longer pins the step's tensors.
-            release_memory(optimizer, backend)
+            release()
             if self.micro_batch == 1:
                 failures_at_one += 1
                 if failures_at_one > self.retries:
@@ -223,11 +242,27 @@ class OomRecovery:
                                 "oom/message": message})
 
 
-def release_memory(optimizer: torch.optim.Optimizer, backend: Backend) -> None:
+CUDA_CONTEXT_GIB = 0.5
+"""GPU memory a process holds outside torch's allocator (CUDA context, library handles), about."""
+
+
+def cap_gpu_memory(device: torch.device, max_vram_gib: float) -> None:
+    """--max-vram: the allocator raises out-of-memory beyond the cap minus the context's share, as a
+    card of that size would (0 = no cap)."""
+    if not max_vram_gib:
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(max((max_vram_gib - CUDA_CONTEXT_GIB) * 2**30 / total, 0.01), 1.0),
+                                               index)
+
+
+def release_memory(backend: Backend, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Drop partial gradients and cached blocks after an out-of-memory error."""
     import gc
 
-    optimizer.zero_grad(set_to_none=True)
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
     gc.collect()
     if backend.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -259,6 +294,7 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
         (run_dir / "plan.json").write_text(plan_json, encoding="utf-8")
     log = MetricsLog(run_dir / "metrics.jsonl")
     if backend.device.type == "cuda":
+        cap_gpu_memory(backend.device, cfg.max_vram_gib)
         torch.cuda.reset_peak_memory_stats(backend.device)
 
     steps_per_epoch = len(loaders["train"])

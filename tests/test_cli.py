@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from launcher.cli import app
 
 runner = CliRunner()
-COMMANDS = [["plain"], ["auto"], ["data", "synth"]]
+COMMANDS = [["plain"], ["auto"], ["probe"], ["data", "synth"]]
 
 
 def _options(path: list[str]) -> list[str]:
@@ -58,12 +58,22 @@ def test_top_level_help_lists_commands() -> None:
     (["plain", "--device", "cpu", "--preset", "tiny", "--image-dir", "x"], "--image-dir"),
     (["plain", "--device", "cpu", "--preset", "tiny", "--visual-weights", "/nonexistent.pth"], "--visual-weights"),
     (["auto", "--studies", "3"], "--studies"),
+    (["plain", "--device", "cpu", "--preset", "tiny", "--batch-size", "0"], "--batch-size"),
+    (["plain", "--device", "cpu", "--preset", "tiny", "--batch-size", "32"], "--batch-size 32 is larger"),
+    (["plain", "--device", "cpu", "--preset", "tiny", "--effective-batch", "-2"], "--effective-batch"),
+    (["plain", "--device", "cpu", "--preset", "tiny", "--target-util", "150"], "--target-util"),
+    (["plain", "--device", "cpu", "--preset", "tiny", "--max-vram", "0"], "--max-vram"),
+    (["plain", "--device", "cpu", "--preset", "tiny", "--batch-policy", "greedy"], "--batch-policy"),
+    (["auto", "--lr-scaling", "cubic"], "--lr-scaling"),
+    (["auto", "--num-workers", "-1"], "--num-workers"),
+    (["auto", "--thresholds", "/nonexistent.yaml"], "--thresholds"),
+    (["probe", "--device", "cpu", "--preset", "tiny", "--max-vram", "-4"], "--max-vram"),
     (["data", "synth", "--out", "OUT", "--seed", "-1"], "--seed"),
     (["data", "synth", "--out", "OUT", "--studies", "5"], "--studies"),
 ])
 def test_bad_flags_are_one_line_exit_2_and_write_nothing(tmp_path: Path, args: list[str], needle: str) -> None:
     args = [a.replace("OUT", str(tmp_path / "out")) for a in args]
-    if args[0] != "data":
+    if args[0] not in ("data", "probe"):
         args += ["--run-dir", str(tmp_path / "runs")]
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
@@ -118,4 +128,39 @@ def test_auto_on_the_embedded_set_prints_scores_and_baseline(tmp_path: Path) -> 
         assert row in " ".join(text.split())
     config = json.loads((tmp_path / "quick" / "config.json").read_text())
     assert config["train"]["preset"] == choice.split(", ")[-1] and config["train"]["epochs"] == 1
+    from launcher.plan import Plan
+
+    plan = Plan.from_json((tmp_path / "quick" / "plan.json").read_text())
+    assert config["train"]["micro_batch"] == plan.batch.micro_batch
+    assert config["train"]["batch_size"] == plan.batch.micro_batch * plan.batch.accumulation
     assert config["train"]["studies"] == 20 and "synth-v1-n20" in config["annotation"]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a CPU-only machine")
+def test_cuda_on_a_cpu_machine_is_refused(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["plain", "--device", "cuda", "--run-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "--device cuda" in result.output and not (tmp_path / "runs").exists()
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["plain", "--device", "cpu", "--preset", "tiny", "--studies", "20",
+                                 "--effective-batch", "12", "--batch-size", "5", "--run-dir", str(tmp_path / "runs"),
+                                 "--dry-run"], terminal_width=250)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for needle in ("micro_batch │ 5 │ 5: --batch-size", "accumulation │ 3", "effective_batch │ 15",
+                   "engine config: none", "(not created)"):
+        assert needle in text, needle
+    assert not (tmp_path / "runs").exists()
+
+
+def test_probe_command_on_cpu_prints_the_plan_and_writes_json(tmp_path: Path) -> None:
+    from launcher.plan import Plan
+
+    out = tmp_path / "plan.json"
+    result = runner.invoke(app, ["probe", "--device", "cpu", "--preset", "tiny", "--studies", "20",
+                                 "--json", str(out)], terminal_width=250)
+    assert result.exit_code == 0, result.output
+    plan = Plan.from_json(out.read_text())
+    assert plan.device == "cpu" and plan.probe is None and plan.batch.micro_batch == 8
+    assert "no GPU: nothing to measure" in " ".join(result.output.split())

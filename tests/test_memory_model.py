@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from launcher.memory_model import (StepResult, accumulation_steps, confirm_largest, fit_memory,
+from launcher.memory_model import (StepResult, accumulation_steps, confirm_largest, fit_memory, search_micro_batch,
                                    memory_budget_gib, scale_lr)
 
 
@@ -102,3 +102,31 @@ def test_lr_scaling() -> None:
     assert scale_lr(1e-4, 16, 64, "none") == 1e-4
     with pytest.raises(ValueError, match="lr scaling"):
         scale_lr(1e-4, 16, 64, "cubic")
+
+
+@pytest.mark.parametrize("gpu,max_micro", [
+    (FakeGpu(fixed=3.1, per_sample=0.27, budget=68), 10_000),            # affine: the fit is exact
+    (FakeGpu(fixed=3.1, per_sample=0.27, budget=68, knee=100, bump=4), 10_000),  # the fit overshoots
+    (FakeGpu(fixed=5.0, per_sample=0.2, budget=6.2), 10_000),            # 8 does not fit: one point
+    (FakeGpu(fixed=1.0, per_sample=0.5, budget=2.4), 10_000),            # only 1 and 2 fit
+    (FakeGpu(fixed=3.1, per_sample=0.27, budget=68), 50),                # capped by the data set
+    (FakeGpu(fixed=3.1, per_sample=0.27, budget=68), 6),                 # cap below the probe points
+])
+def test_search_finds_the_true_largest_within_the_cap(gpu: FakeGpu, max_micro: int) -> None:
+    result = search_micro_batch(gpu.step, gpu.budget, max_micro)
+    assert result.micro_batch == min(gpu.truth(), max_micro)
+    assert max(gpu.calls) <= max_micro and gpu.calls[0] == 1
+    assert gpu.peak(result.micro_batch) <= gpu.budget
+
+
+def test_search_costs_few_steps_when_the_fit_is_right() -> None:
+    gpu = FakeGpu(fixed=3.1, per_sample=0.27, budget=68)
+    result = search_micro_batch(gpu.step, 68, 10_000)
+    assert gpu.calls == [1, 4, 8, 16, gpu.truth()] and result.predicted == gpu.truth()
+    assert result.fit is not None and result.fit.per_sample_gib == pytest.approx(0.27)
+
+
+def test_search_reports_nothing_fits() -> None:
+    gpu = FakeGpu(fixed=7.0, per_sample=1.0, budget=6.0)
+    result = search_micro_batch(gpu.step, 6.0, 100)
+    assert result.micro_batch == 0 and gpu.calls == [1]

@@ -42,3 +42,87 @@ def test_plan_round_trips_through_json_and_has_a_reason_per_row() -> None:
                 {"backend": "plain: one GPU", "device": "cuda: 1 GPU visible", "precision": "bf16: supported"})
     assert Plan.from_json(plan.to_json()) == plan
     assert all(reason for _, _, reason in plan.rows())
+
+
+# -- make_plan: facts, flags and probe results in, every decision out -----------------------------------
+from launcher.hardware import Facts, GpuFacts  # noqa: E402
+from launcher.plan import PlanOptions, apply_plan, make_plan  # noqa: E402
+from r2gen.config import preset  # noqa: E402
+from r2gen.errors import BackendError, ConfigError  # noqa: E402
+
+H100 = GpuFacts(0, "NVIDIA H100 80GB HBM3", (9, 0), 79.2, 78.6, 0.0)
+SERVER = HostFacts(128, 120, 0, 0, 16)
+
+
+def _probe(micro: int, fixed: float = 2.0, per_sample: float = 0.25) -> dict:
+    return {"gpu": "NVIDIA H100 80GB HBM3", "budget_gib": 67.3, "overhead_gib": 0.5,
+            "points": ((4, fixed + 4 * per_sample), (8, fixed + 8 * per_sample)), "fixed_gib": fixed,
+            "per_sample_gib": per_sample, "predicted": micro, "micro_batch": micro,
+            "peak_gib": fixed + per_sample * micro if micro else None,
+            "tried": ((1, True, 2.2), (4, True, 3.0), (8, True, 4.0), (micro, micro > 0, None)), "seconds": 21.0}
+
+
+def test_throughput_plan_on_an_h100_from_the_probe() -> None:
+    cfg = preset("iu_xray")
+    facts = Facts((H100,), SERVER, "1 GPU(s) via NVML")
+    plan = make_plan("auto", "cuda", "bf16", cfg, facts, Thresholds(), PlanOptions(batch_policy="throughput"),
+                     studies=3955, max_micro=2069, probe=_probe(256))
+    assert (plan.batch.micro_batch, plan.batch.accumulation, plan.batch.effective_batch) == (256, 1, 256)
+    assert plan.batch.lr_ed == pytest.approx(1e-4 * 4)  # sqrt(256 / 16)
+    assert plan.memory_budget_gib == pytest.approx(79.2 * 0.85)
+    assert plan.predicted_peak_gib == pytest.approx(2.0 + 0.25 * 256)
+    assert "confirmed 256" in plan.reasons["probe"] and "85% of 79.2 GiB" in plan.reasons["memory"]
+    assert plan.loader.pin_memory and plan.loader.num_workers == 15
+    assert Plan.from_json(plan.to_json()) == plan
+    cfg2 = apply_plan(cfg, plan)
+    assert (cfg2.batch_size, cfg2.micro_batch, cfg2.num_workers, cfg2.lr_ed) == (256, 256, 15, plan.batch.lr_ed)
+
+
+def test_faithful_plan_on_a_laptop_accumulates() -> None:
+    laptop = GpuFacts(0, "RTX 4060 Laptop", (8, 9), 8.0, 7.4, 0.3)
+    facts = Facts((laptop,), HostFacts(16, 6, 2, 0, 8), "1 GPU(s) via NVML")
+    plan = make_plan("plain", "cuda", "fp32", preset("iu_xray"), facts, Thresholds(), PlanOptions(),
+                     studies=3955, max_micro=16, probe=_probe(6))
+    assert (plan.batch.micro_batch, plan.batch.accumulation, plan.batch.effective_batch) == (6, 3, 18)
+    assert plan.memory_budget_gib == pytest.approx(8 * 0.85 - 0.3)
+    assert "held by other processes" in plan.reasons["memory"]
+    assert not plan.loader.pin_memory  # 6 GiB available < 8 GiB threshold
+
+
+def test_max_vram_caps_the_budget_and_says_so() -> None:
+    facts = Facts((H100,), SERVER, "")
+    plan = make_plan("plain", "cuda", "bf16", preset("iu_xray"), facts, Thresholds(),
+                     PlanOptions(max_vram_gib=8, target_util_pct=90), studies=400, max_micro=16, probe=_probe(16))
+    assert plan.memory_budget_gib == 8 and plan.reasons["memory"].startswith("--max-vram 8")
+    assert apply_plan(preset("iu_xray"), plan).max_vram_gib == 8
+
+
+def test_nothing_fits_and_unverified_batches() -> None:
+    facts = Facts((H100,), SERVER, "")
+    with pytest.raises(BackendError, match="a micro-batch of 1 does not fit"):
+        make_plan("plain", "cuda", "fp32", preset("iu_xray"), facts, Thresholds(), PlanOptions(), 400, 16, _probe(0))
+    with pytest.raises(BackendError, match="--batch-size 64 does not fit"):
+        make_plan("plain", "cuda", "fp32", preset("iu_xray"), facts, Thresholds(),
+                  PlanOptions(batch_size=64, batch_policy="throughput"), 400, 280, _probe(0))
+    plan = make_plan("plain", "cuda", "fp32", preset("iu_xray"), facts, Thresholds(), PlanOptions(probe=False),
+                     400, 16, None)
+    assert plan.batch.micro_batch == 16 and "--no-probe" in plan.reasons["probe"]
+    with pytest.raises(BackendError, match="--device cuda"):
+        make_plan("plain", "cuda", "fp32", preset("iu_xray"), Facts((), SERVER, "CPU only"), Thresholds(),
+                  PlanOptions(), 400, 16, None)
+
+
+@pytest.mark.parametrize("kwargs,flag", [({"batch_size": 0}, "--batch-size"), ({"effective_batch": 0}, "--effective-batch"),
+                                         ({"target_util_pct": 0}, "--target-util"), ({"max_vram_gib": -1}, "--max-vram"),
+                                         ({"batch_policy": "x"}, "--batch-policy"), ({"lr_scaling": "x"}, "--lr-scaling"),
+                                         ({"num_workers": -1}, "--num-workers")])
+def test_plan_options_are_validated(kwargs: dict, flag: str) -> None:
+    with pytest.raises(ConfigError, match=flag):
+        PlanOptions(**kwargs)
+
+
+def test_num_workers_flag_overrides_the_host_rule() -> None:
+    plan = make_plan("plain", "cpu", "fp32", preset("tiny"), Facts((), SERVER, "CPU only"), Thresholds(),
+                     PlanOptions(num_workers=0), 400, 8, None)
+    assert plan.loader.num_workers == 0 and not plan.loader.persistent_workers and plan.loader.prefetch_factor is None
+    assert plan.loader.reasons["num_workers"] == "0: --num-workers"

@@ -1,0 +1,180 @@
+"""The memory probe: real training steps on the GPU, in the run's backend and precision, on inputs
+of maximum report length, to find the largest micro-batch under the memory budget.
+
+The only planning code that touches CUDA. `probe_in_subprocess` runs it in a fresh, spawned
+process, so that every byte it allocated (and its CUDA context) is gone when training starts;
+`run_probe` is the body, which also cleans up after itself when called in-process (GPU tests).
+The search itself is pure (launcher.memory_model.search_micro_batch).
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+from launcher.memory_model import GIB, ProbeSearch, StepResult, search_micro_batch
+from r2gen.config import TrainConfig
+
+CONTEXT_GIB_MIN, CONTEXT_GIB_MAX = 0.25, 2.0
+"""Bounds on the measured GPU memory outside torch's allocator (CUDA context, cuBLAS/cuDNN handles):
+the measurement subtracts the other processes' share, which may have changed since it was read."""
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    cfg: TrainConfig
+    vocab_size: int
+    precision: str
+    budget_gib: float             # all the GPU memory this run may hold (target share or --max-vram, minus others)
+    max_micro: int                # never try more studies than this (the train split; the faithful share)
+    verify: int = 0               # --batch-size: check only this micro-batch
+    others_gib: float = 0.0       # memory other processes held when the plan was made
+    device_index: int = 0
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    gpu: str
+    budget_gib: float
+    overhead_gib: float           # outside torch's allocator; the allocator gets budget - overhead
+    points: tuple[tuple[int, float], ...]
+    fixed_gib: float | None
+    per_sample_gib: float | None
+    predicted: int
+    micro_batch: int              # confirmed by a real step; 0: not even one study fits
+    peak_gib: float | None        # peak reserved at micro_batch, plus overhead
+    tried: tuple[tuple[int, bool, float | None], ...]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def synthetic_batch(cfg: TrainConfig, vocab_size: int, size: int) -> dict:
+    """The most expensive batch the loop can see: every report at max_seq_length tokens."""
+    import torch
+
+    from r2gen.model.r2gen import DATASETS
+
+    g = torch.Generator().manual_seed(size)
+    views = DATASETS[cfg.model.dataset]
+    length = cfg.model.max_seq_length
+    targets = torch.randint(1, vocab_size, (size, length), generator=g)
+    targets[:, 0] = targets[:, -1] = 0  # bos and eos are id 0, as the tokenizer writes them
+    return {"ids": [str(i) for i in range(size)],
+            "images": torch.randn(size, views, 3, cfg.image_size, cfg.image_size, generator=g),
+            "targets": targets, "masks": torch.ones(size, length)}
+
+
+def _say(message: str) -> None:
+    print(f"probe: {message}", file=sys.stderr, flush=True)
+
+
+class ProbeSession:
+    """A throwaway model and optimizer on the GPU, capped at the budget; `step(b)` is one real
+    training step at micro-batch b. Use as a context manager: leaving it frees everything."""
+
+    def __init__(self, request: ProbeRequest):
+        import torch
+
+        from backends.plain import PlainBackend
+        from r2gen.model.r2gen import R2GenModel
+        from r2gen.train import build_optimizer
+
+        self.request = request
+        self.device = torch.device("cuda", request.device_index)
+        torch.cuda.set_device(self.device)
+        self.backend = PlainBackend("cuda", request.precision)
+        model = R2GenModel(request.cfg.model, request.vocab_size)
+        self.model, self.optimizer = self.backend.prepare(model, build_optimizer(model, request.cfg))
+        self.model.train()
+        # Our memory outside the allocator (context, library handles): what the device holds beyond
+        # torch's reservation and the other processes' share.
+        free, self.total = torch.cuda.mem_get_info(self.device)
+        held_gib = (self.total - free) / GIB - torch.cuda.memory_reserved(self.device) / GIB - request.others_gib
+        self.overhead_gib = min(max(held_gib, CONTEXT_GIB_MIN), CONTEXT_GIB_MAX)
+        self.allocator_gib = request.budget_gib - self.overhead_gib
+        self.name = torch.cuda.get_device_name(self.device)
+        if self.allocator_gib > 0:
+            torch.cuda.set_per_process_memory_fraction(min(self.allocator_gib * GIB / self.total, 1.0), self.device)
+
+    def __enter__(self) -> "ProbeSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        del self.model, self.optimizer
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(1.0, self.device)
+
+    def step(self, micro: int) -> StepResult:
+        import torch
+
+        from r2gen.train import release_memory, train_step
+
+        batch = synthetic_batch(self.request.cfg, self.request.vocab_size, micro)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            train_step(self.model, self.optimizer, self.backend, batch, self.request.cfg.clip_value, micro)
+            torch.cuda.synchronize(self.device)
+            ok = True
+        except torch.OutOfMemoryError:
+            ok = False
+        del batch
+        if not ok:  # outside the except block, so the traceback no longer holds the step's tensors
+            release_memory(self.backend, self.optimizer)
+            _say(f"micro-batch {micro}: out of memory")
+            return StepResult(False, None)
+        peak = torch.cuda.max_memory_reserved(self.device) / GIB
+        _say(f"micro-batch {micro}: peak {peak + self.overhead_gib:.2f} GiB")
+        return StepResult(peak <= self.allocator_gib, peak)
+
+
+def run_probe(request: ProbeRequest) -> ProbeResult:
+    """Real steps at a few micro-batch sizes (or at --batch-size only); frees everything after."""
+    start = time.perf_counter()
+    with ProbeSession(request) as session:
+        _say(f"{session.name}: budget {request.budget_gib:.1f} GiB ({session.allocator_gib:.1f} GiB for tensors), "
+             f"{request.precision}, {request.cfg.preset} preset")
+        if session.allocator_gib <= 0:
+            search = None
+        elif request.verify:
+            session.step(1)  # warm-up: optimizer state and kernels, as the search's first step
+            result = session.step(request.verify)
+            search = ProbeSearch((), None, request.verify, request.verify if result.fits else 0,
+                                 ((request.verify, result),))
+        else:
+            search = search_micro_batch(session.step, session.allocator_gib, request.max_micro)
+        return _finish(request, session.name, session.overhead_gib, search, start)
+
+
+def _finish(request: ProbeRequest, name: str, overhead_gib: float, search: ProbeSearch | None,
+            start: float) -> ProbeResult:
+    if search is None:
+        search = ProbeSearch((), None, 0, 0, ())
+    peaks = {b: r.peak_gib for b, r in search.tried if r.fits}
+    peak = peaks.get(search.micro_batch)
+    return ProbeResult(
+        gpu=name, budget_gib=request.budget_gib, overhead_gib=overhead_gib,
+        points=tuple((b, p + overhead_gib) for b, p in search.points),
+        fixed_gib=search.fit.fixed_gib + overhead_gib if search.fit else None,
+        per_sample_gib=search.fit.per_sample_gib if search.fit else None,
+        predicted=search.predicted, micro_batch=search.micro_batch,
+        peak_gib=peak + overhead_gib if peak is not None else None,
+        tried=tuple((b, r.fits, r.peak_gib + overhead_gib if r.peak_gib is not None else None)
+                    for b, r in search.tried),
+        seconds=time.perf_counter() - start)
+
+
+def probe_in_subprocess(request: ProbeRequest) -> ProbeResult:
+    """run_probe in a spawned process: the training process never sees the probe's allocations."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(run_probe, request).result()

@@ -1,0 +1,78 @@
+"""The real memory probe and out-of-memory recovery on a GPU (marked gpu: skipped on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backends.plain import PlainBackend
+from launcher.memory_model import GIB
+from launcher.probe import ProbeRequest, probe_in_subprocess, run_probe, synthetic_batch
+from r2gen.config import preset
+from r2gen.model.r2gen import R2GenModel
+from r2gen.train import OomRecovery, build_optimizer, cap_gpu_memory
+
+pytestmark = pytest.mark.gpu
+VOCAB = 760  # IU X-Ray's vocabulary size with R2Gen's threshold of 3
+
+
+def _request(budget_gib: float, max_micro: int = 64, verify: int = 0, precision: str = "bf16") -> ProbeRequest:
+    return ProbeRequest(preset("iu_xray"), VOCAB, precision, budget_gib, max_micro, verify=verify)
+
+
+def test_probe_finds_a_micro_batch_that_trains_and_cleans_up() -> None:
+    before = torch.cuda.memory_allocated()
+    result = run_probe(_request(budget_gib=10))
+    # Nothing of the probe is left behind (the model alone is 0.3 GiB); cuBLAS keeps its workspaces.
+    assert torch.cuda.memory_allocated() - before <= 128 * 2**20
+    assert 1 <= result.micro_batch <= 64 and result.peak_gib is not None and result.peak_gib <= 10
+    assert result.fixed_gib is not None and result.per_sample_gib > 0 and result.seconds < 120
+    assert [b for b, *_ in result.tried][:4] == [1, 4, 8, 16]
+
+    # Training at the probed micro-batch under the same cap does not run out of memory.
+    cap_gpu_memory(torch.device("cuda"), 10)
+    try:
+        backend = PlainBackend("cuda", "bf16")
+        model = R2GenModel(preset("iu_xray").model, VOCAB)
+        model, optimizer = backend.prepare(model, build_optimizer(model, preset("iu_xray")))
+        guard = OomRecovery(result.micro_batch, retries=0, wait_s=0)
+        for _ in range(3):
+            guard.step(model, optimizer, backend, synthetic_batch(preset("iu_xray"), VOCAB, result.micro_batch), 0.1)
+        assert guard.recoveries == 0
+    finally:
+        del model, optimizer
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+
+
+def test_verify_mode_and_a_budget_too_small() -> None:
+    ok = run_probe(_request(budget_gib=10, verify=4))
+    assert ok.micro_batch == 4 and [b for b, *_ in ok.tried] == [4]
+    too_big = run_probe(_request(budget_gib=6, verify=512))
+    assert too_big.micro_batch == 0
+    nothing = run_probe(_request(budget_gib=0.3))
+    assert nothing.micro_batch == 0
+
+
+def test_probe_in_a_subprocess_leaves_this_process_untouched() -> None:
+    before = torch.cuda.memory_reserved()
+    result = probe_in_subprocess(_request(budget_gib=8, max_micro=16))
+    assert result.micro_batch >= 1 and torch.cuda.memory_reserved() == before
+
+
+def test_real_out_of_memory_is_recovered_with_a_smaller_micro_batch() -> None:
+    cfg = preset("iu_xray")
+    cap_gpu_memory(torch.device("cuda"), 5)
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        backend = PlainBackend("cuda", "fp32")
+        model = R2GenModel(cfg.model, VOCAB)
+        model, optimizer = backend.prepare(model, build_optimizer(model, cfg))
+        guard = OomRecovery(64, retries=0, wait_s=0)
+        loss, stepped = guard.step(model, optimizer, backend, synthetic_batch(cfg, VOCAB, 64), cfg.clip_value)
+        assert stepped and loss > 0 and guard.recoveries >= 1 and guard.micro_batch < 64
+        assert torch.cuda.max_memory_reserved() <= 5 * GIB
+    finally:
+        del model, optimizer
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
