@@ -189,3 +189,24 @@ def test_image_cache_gives_identical_items(small_set: Path, train_split: bool) -
         b = cached[i]
         assert a[0] == b[0] and a[2] == b[2]
         assert torch.equal(a[1], b[1])
+
+
+def test_generation_recovers_from_oom_with_identical_reports(small_set: Path) -> None:
+    from r2gen.train import _loader, evaluate
+
+    ann = load_annotation(small_set)
+    prep = prepare(_cfg(beam_size=2), PlainBackend("cpu"), ann, None)
+    loader = _loader(prep, "test", train=False)
+    _, reference, _ = evaluate(prep.model, loader, prep.backend, prep.tokenizer, prep.cfg)
+    encode = prep.model.prepare_generation
+    sizes: list[int] = []
+
+    def limited(images):
+        sizes.append(images.size(0))
+        if images.size(0) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return encode(images)
+
+    prep.model.prepare_generation = limited
+    _, records, _ = evaluate(prep.model, loader, prep.backend, prep.tokenizer, prep.cfg)
+    assert records == reference and sizes == [6, 3] + [1] * 6  # 6 fails, 3 fails, then one study at a time
