@@ -89,7 +89,7 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
     thresholds = load_thresholds(thresholds_path)
     cfg = preset(preset_name).replace(**{k: v for k, v in overrides.items() if v is not None})
     backend = PlainBackend(device, precision)
-    effective = options.effective_for(cfg)
+    options.effective_for(cfg)  # --batch-size against the effective batch, before any work
     target = None
     if run_dir is not None:
         target = run_dir / (name or f"{cfg.preset}-{backend_name}-{datetime.now():%Y%m%d-%H%M%S}")
@@ -113,18 +113,16 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
               + (f" | run dir {target}" if target else ""), highlight=False)
 
     facts = detect()
-    max_micro = n["train"] if options.batch_policy == "throughput" else min(effective, n["train"])
     probe = None
     if backend.device.type == "cuda" and options.probe:
         from launcher.probe import ProbeRequest, probe_in_subprocess
 
         budget, _ = gpu_budget(facts, options, thresholds)
-        request = ProbeRequest(cfg, len(prep.tokenizer), precision, budget, max_micro,
+        request = ProbeRequest(cfg, len(prep.tokenizer), precision, budget, options.probe_cap(cfg, n["train"]),
                                verify=options.batch_size or 0, others_gib=facts.gpus[0].used_by_others_gib)
         with err.status("probing GPU memory with real training steps..."):
             probe = probe_in_subprocess(request).to_dict()
-    plan = make_plan(backend_name, device, precision, cfg, facts, thresholds, options, sum(n.values()),
-                     max_micro, probe)
+    plan = make_plan(backend_name, device, precision, cfg, facts, thresholds, options, sum(n.values()), probe)
     return prep, plan, target
 
 

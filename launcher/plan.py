@@ -102,6 +102,13 @@ class PlanOptions:
         if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"--num-workers: must not be negative, got {self.num_workers}")
 
+    def probe_cap(self, cfg: TrainConfig, train_studies: int, world_size: int = 1) -> int:
+        """The largest micro-batch worth probing: the train split (throughput), or one process's share of
+        the effective batch (faithful)."""
+        if self.batch_policy == "throughput":
+            return train_studies
+        return min(-(-self.effective_for(cfg) // world_size), train_studies)
+
     def effective_for(self, cfg: TrainConfig) -> int:
         """The effective batch for this preset; checks --batch-size against it."""
         effective = self.effective_batch or cfg.batch_size
@@ -177,12 +184,11 @@ def gpu_budget(facts: Facts, options: PlanOptions, thresholds: Thresholds, devic
 
 
 def make_plan(backend: str, device: str, precision: str, cfg: TrainConfig, facts: Facts, thresholds: Thresholds,
-              options: PlanOptions, studies: int, max_micro: int, probe: dict[str, Any] | None = None,
+              options: PlanOptions, studies: int, probe: dict[str, Any] | None = None,
               world_size: int = 1) -> Plan:
     """Every decision of a run from plain values: hardware facts, thresholds, flags, probe results.
 
-    `studies` sizes the image cache (all splits); `max_micro` is the train split size (no use
-    probing beyond it). `probe` is ProbeResult.to_dict() when the probe ran (or verified
+    `studies` sizes the image cache (all splits). `probe` is ProbeResult.to_dict() when the probe ran (or verified
     --batch-size), None otherwise.
     """
     effective = options.effective_for(cfg)

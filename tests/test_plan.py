@@ -66,7 +66,7 @@ def test_throughput_plan_on_an_h100_from_the_probe() -> None:
     cfg = preset("iu_xray")
     facts = Facts((H100,), SERVER, "1 GPU(s) via NVML")
     plan = make_plan("auto", "cuda", "bf16", cfg, facts, Thresholds(), PlanOptions(batch_policy="throughput"),
-                     studies=3955, max_micro=2069, probe=_probe(256))
+                     studies=3955, probe=_probe(256))
     assert (plan.batch.micro_batch, plan.batch.accumulation, plan.batch.effective_batch) == (256, 1, 256)
     assert plan.batch.lr_ed == pytest.approx(1e-4 * 4)  # sqrt(256 / 16)
     assert plan.memory_budget_gib == pytest.approx(79.2 * 0.85)
@@ -82,7 +82,7 @@ def test_faithful_plan_on_a_laptop_accumulates() -> None:
     laptop = GpuFacts(0, "RTX 4060 Laptop", (8, 9), 8.0, 7.4, 0.3)
     facts = Facts((laptop,), HostFacts(16, 6, 2, 0, 8), "1 GPU(s) via NVML")
     plan = make_plan("plain", "cuda", "fp32", preset("iu_xray"), facts, Thresholds(), PlanOptions(),
-                     studies=3955, max_micro=16, probe=_probe(6))
+                     studies=3955, probe=_probe(6))
     assert (plan.batch.micro_batch, plan.batch.accumulation, plan.batch.effective_batch) == (6, 3, 18)
     assert plan.memory_budget_gib == pytest.approx(8 * 0.85 - 0.3)
     assert "held by other processes" in plan.reasons["memory"]
@@ -92,7 +92,7 @@ def test_faithful_plan_on_a_laptop_accumulates() -> None:
 def test_max_vram_caps_the_budget_and_says_so() -> None:
     facts = Facts((H100,), SERVER, "")
     plan = make_plan("plain", "cuda", "bf16", preset("iu_xray"), facts, Thresholds(),
-                     PlanOptions(max_vram_gib=8, target_util_pct=90), studies=400, max_micro=16, probe=_probe(16))
+                     PlanOptions(max_vram_gib=8, target_util_pct=90), studies=400, probe=_probe(16))
     assert plan.memory_budget_gib == 8 and plan.reasons["memory"].startswith("--max-vram 8")
     assert apply_plan(preset("iu_xray"), plan).max_vram_gib == 8
 
@@ -100,16 +100,16 @@ def test_max_vram_caps_the_budget_and_says_so() -> None:
 def test_nothing_fits_and_unverified_batches() -> None:
     facts = Facts((H100,), SERVER, "")
     with pytest.raises(BackendError, match="a micro-batch of 1 does not fit"):
-        make_plan("plain", "cuda", "fp32", preset("iu_xray"), facts, Thresholds(), PlanOptions(), 400, 16, _probe(0))
+        make_plan("plain", "cuda", "fp32", preset("iu_xray"), facts, Thresholds(), PlanOptions(), 400, _probe(0))
     with pytest.raises(BackendError, match="--batch-size 64 does not fit"):
         make_plan("plain", "cuda", "fp32", preset("iu_xray"), facts, Thresholds(),
-                  PlanOptions(batch_size=64, batch_policy="throughput"), 400, 280, _probe(0))
+                  PlanOptions(batch_size=64, batch_policy="throughput"), 400, _probe(0))
     plan = make_plan("plain", "cuda", "fp32", preset("iu_xray"), facts, Thresholds(), PlanOptions(probe=False),
-                     400, 16, None)
+                     400, None)
     assert plan.batch.micro_batch == 16 and "--no-probe" in plan.reasons["probe"]
     with pytest.raises(BackendError, match="--device cuda"):
         make_plan("plain", "cuda", "fp32", preset("iu_xray"), Facts((), SERVER, "CPU only"), Thresholds(),
-                  PlanOptions(), 400, 16, None)
+                  PlanOptions(), 400, None)
 
 
 @pytest.mark.parametrize("kwargs,flag", [({"batch_size": 0}, "--batch-size"), ({"effective_batch": 0}, "--effective-batch"),
@@ -123,6 +123,13 @@ def test_plan_options_are_validated(kwargs: dict, flag: str) -> None:
 
 def test_num_workers_flag_overrides_the_host_rule() -> None:
     plan = make_plan("plain", "cpu", "fp32", preset("tiny"), Facts((), SERVER, "CPU only"), Thresholds(),
-                     PlanOptions(num_workers=0), 400, 8, None)
+                     PlanOptions(num_workers=0), 400, None)
     assert plan.loader.num_workers == 0 and not plan.loader.persistent_workers and plan.loader.prefetch_factor is None
     assert plan.loader.reasons["num_workers"] == "0: --num-workers"
+
+
+def test_probe_cap_follows_the_policy() -> None:
+    cfg = preset("iu_xray")
+    assert PlanOptions(batch_policy="throughput").probe_cap(cfg, 2069) == 2069
+    assert PlanOptions().probe_cap(cfg, 2069) == 16 and PlanOptions().probe_cap(cfg, 10) == 10
+    assert PlanOptions(effective_batch=64).probe_cap(cfg, 2069, world_size=4) == 16

@@ -1,0 +1,134 @@
+"""Engine configs generated from the Plan: DeepSpeed JSON and Accelerate YAML, as plain dicts.
+
+Pure: the values follow from the plan (train_batch_size = micro x accumulation x world size, the
+precision, the loader's pinning) and from the engine options; `write_*` put them at
+`ds_configs/<run>.json` and `accelerate_configs/<run>.yaml`, atomically. Each dict is what the
+engine's own loader accepts (tested against DeepSpeed's DeepSpeedConfig and accelerate's
+load_config_from_file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.plan import Plan
+from r2gen.errors import BackendError, ConfigError
+
+ZERO_STAGES = (1, 2)
+OFFLOADS = ("cpu", "none")
+
+
+@dataclass(frozen=True)
+class DeepSpeedOptions:
+    """`r2gen-launch deepspeed` engine options."""
+
+    zero: int = 2            # ZeRO stage: 1 (optimizer states) or 2 (+ gradients) partitioned
+    offload: str = "cpu"     # optimizer states and step on the CPU (DeepSpeedCPUAdam), or none
+
+    def __post_init__(self) -> None:
+        if self.zero == 3:
+            raise BackendError("--zero 3: not supported: R2Gen's 78M parameters fit on any GPU this launcher "
+                               "targets, and stage 3's parameter partitioning only slows it; use --zero 2")
+        if self.zero not in ZERO_STAGES:
+            raise ConfigError(f"--zero: unknown stage {self.zero}; choose 1 or 2")
+        if self.offload not in OFFLOADS:
+            raise ConfigError(f"--offload: unknown {self.offload!r}; choose one of {', '.join(OFFLOADS)}")
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Processes of a run: GPUs per node and nodes (multi-node options passed to the launchers)."""
+
+    gpus_per_node: int = 1
+    nodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    def __post_init__(self) -> None:
+        if self.gpus_per_node < 1:
+            raise ConfigError(f"--gpus: must be at least 1, got {self.gpus_per_node}")
+        if self.nodes < 1:
+            raise ConfigError(f"--nodes: must be at least 1, got {self.nodes}")
+        if not 0 <= self.node_rank < self.nodes:
+            raise ConfigError(f"--node-rank: must be in 0..{self.nodes - 1}, got {self.node_rank}")
+        if not 1 <= self.master_port <= 65535:
+            raise ConfigError(f"--master-port: must be a TCP port (1-65535), got {self.master_port}")
+        if not self.master_addr:
+            raise ConfigError("--master-addr: must not be empty")
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+
+def deepspeed_config(plan: Plan, options: DeepSpeedOptions) -> dict:
+    """DeepSpeed's JSON for the plan. Optimizer and clipping are left to the adapter: R2Gen clips
+    gradient values (clip_grad_value_), which DeepSpeed's norm-based `gradient_clipping` is not."""
+    b = plan.batch
+    if plan.precision not in ("bf16", "fp16"):
+        raise BackendError(f"--precision {plan.precision}: DeepSpeed runs bf16 or fp16 here; use plain for fp32")
+    zero: dict = {"stage": options.zero, "contiguous_gradients": True, "overlap_comm": True,
+                  "reduce_scatter": True, "reduce_bucket_size": 200_000_000, "allgather_bucket_size": 200_000_000}
+    if options.offload == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": plan.loader.pin_memory}
+    config = {
+        "train_batch_size": b.micro_batch * b.accumulation * b.world_size,
+        "train_micro_batch_size_per_gpu": b.micro_batch,
+        "gradient_accumulation_steps": b.accumulation,
+        "gradient_clipping": 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": plan.precision == "bf16"},
+        "fp16": {"enabled": plan.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return config
+
+
+def accelerate_config(plan: Plan, topology: Topology) -> dict:
+    """The YAML mapping `accelerate launch --config_file` reads (the keys `accelerate config` writes)."""
+    multi = topology.world_size > 1
+    return {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "MULTI_GPU" if multi else "NO",
+        "mixed_precision": {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[plan.precision],
+        "use_cpu": plan.device == "cpu",
+        "num_processes": topology.world_size,
+        "num_machines": topology.nodes,
+        "machine_rank": topology.node_rank,
+        "main_process_ip": topology.master_addr if topology.nodes > 1 else None,
+        "main_process_port": topology.master_port if multi else None,
+        "gpu_ids": "all",
+        "rdzv_backend": "static",
+        "same_network": True,
+        "main_training_function": "main",
+        "downcast_bf16": "no",
+        "debug": False,
+    }
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return path
+
+
+def write_deepspeed_config(config: dict, folder: Path, run_name: str) -> Path:
+    return _atomic_write(folder / f"{run_name}.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_accelerate_config(config: dict, folder: Path, run_name: str) -> Path:
+    import yaml
+
+    header = f"# generated by r2gen-launch for run {run_name}; edit the plan, not this file\n"
+    return _atomic_write(folder / f"{run_name}.yaml", header + yaml.safe_dump(config, sort_keys=True))
