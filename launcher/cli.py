@@ -77,7 +77,7 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
                  options, ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
                  thresholds_path: Optional[Path], run_dir: Optional[Path] = None, name: Optional[str] = None):
     """Validate everything, probe, plan. Writes nothing. Returns (prepared run, plan, run directory)."""
-    from backends.plain import PlainBackend
+    from backends.registry import build_backend
     from launcher.hardware import detect
     from launcher.plan import gpu_budget, make_plan
     from launcher.thresholds import load_thresholds
@@ -88,7 +88,7 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
 
     thresholds = load_thresholds(thresholds_path)
     cfg = preset(preset_name).replace(**{k: v for k, v in overrides.items() if v is not None})
-    backend = PlainBackend(device, precision)
+    backend = build_backend(backend_name if backend_name != "auto" else "plain", device, precision)
     options.effective_for(cfg)  # --batch-size against the effective batch, before any work
     target = None
     if run_dir is not None:
@@ -119,6 +119,7 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
 
         budget, _ = gpu_budget(facts, options, thresholds)
         request = ProbeRequest(cfg, len(prep.tokenizer), precision, budget, options.probe_cap(cfg, n["train"]),
+                               backend=backend.name,
                                verify=options.batch_size or 0, others_gib=facts.gpus[0].used_by_others_gib)
         with err.status("probing GPU memory with real training steps..."):
             probe = probe_in_subprocess(request).to_dict()
@@ -177,7 +178,7 @@ def _print_result(result) -> None:
 
 
 Device = Annotated[Optional[str], typer.Option(help="cpu or cuda [default: cuda when a GPU is visible, else cpu].")]
-Precision = Annotated[str, typer.Option(help="fp32, or autocast bf16 / fp16 (fp16 with loss scaling).")]
+Precision = Annotated[Optional[str], typer.Option(help="fp32, or autocast bf16 / fp16 (fp16 with loss scaling) [default: plain fp32; accelerate bf16 on a GPU (fp16 where unsupported), fp32 on a CPU].")]
 
 
 def _options(batch_size, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling, num_workers,
@@ -202,33 +203,54 @@ def _guarded(run) -> None:
         raise typer.Exit(exc.exit_code) from None
 
 
-@app.command()
-def plain(
-    preset: Preset = "iu_xray", device: Device = None, precision: Precision = "fp32",
-    epochs: Epochs = None, batch_size: BatchSize = None, effective_batch: EffectiveBatch = None,
-    batch_policy: BatchPolicy = None, lr_scaling: LrScaling = "sqrt", target_util: TargetUtil = None,
-    max_vram: MaxVram = None, probe: Probe = True, image_size: ImageSize = None, dataset: Dataset = None,
-    ann_path: AnnPath = None, image_dir: ImageDir = None, studies: Studies = None, backbone: Backbone = None,
-    visual_weights: VisualWeights = None, val_every: ValEvery = None, early_stop: EarlyStop = None,
-    beam_size: BeamSize = None, lr_ve: LrVe = None, lr_ed: LrEd = None, seed: Seed = None,
-    num_workers: NumWorkers = None, max_steps_per_epoch: MaxSteps = None, log_every: LogEvery = None,
-    thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"), name: Name = None, dry_run: DryRun = False,
-) -> None:
-    """Train and evaluate R2Gen with plain PyTorch on one device, from a probed plan."""
+def _training_command(backend_name: str, summary: str):
+    """One signature for every engine's training command (its help page is the signature)."""
+
+    def command(
+        preset: Preset = "iu_xray", device: Device = None, precision: Precision = None,
+        epochs: Epochs = None, batch_size: BatchSize = None, effective_batch: EffectiveBatch = None,
+        batch_policy: BatchPolicy = None, lr_scaling: LrScaling = "sqrt", target_util: TargetUtil = None,
+        max_vram: MaxVram = None, probe: Probe = True, image_size: ImageSize = None, dataset: Dataset = None,
+        ann_path: AnnPath = None, image_dir: ImageDir = None, studies: Studies = None, backbone: Backbone = None,
+        visual_weights: VisualWeights = None, val_every: ValEvery = None, early_stop: EarlyStop = None,
+        beam_size: BeamSize = None, lr_ve: LrVe = None, lr_ed: LrEd = None, seed: Seed = None,
+        num_workers: NumWorkers = None, max_steps_per_epoch: MaxSteps = None, log_every: LogEvery = None,
+        thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"), name: Name = None,
+        dry_run: DryRun = False,
+    ) -> None:
+        import torch
+
+        def run() -> None:
+            options = _options(batch_size, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling,
+                               num_workers, "faithful")
+            overrides = dict(epochs=epochs, image_size=image_size, dataset=dataset,
+                             studies=studies, backbone=backbone, val_every=_parse_val_every(val_every),
+                             early_stop=early_stop, beam_size=beam_size, lr_ve=lr_ve, lr_ed=lr_ed, seed=seed,
+                             max_steps_per_epoch=max_steps_per_epoch, log_every=log_every)
+            chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            _run_training(backend_name, chosen, precision or _default_precision(backend_name, chosen), preset,
+                          overrides, options, ann_path, image_dir, visual_weights, thresholds, run_dir, name, dry_run)
+
+        _guarded(run)
+
+    command.__doc__ = summary
+    return command
+
+
+def _default_precision(backend_name: str, device: str) -> str:
+    """plain: fp32, as R2Gen; accelerate: mixed precision (bf16 where supported, else fp16) on a GPU."""
     import torch
 
-    def run() -> None:
-        options = _options(batch_size, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling,
-                           num_workers, "faithful")
-        overrides = dict(epochs=epochs, image_size=image_size, dataset=dataset,
-                         studies=studies, backbone=backbone, val_every=_parse_val_every(val_every),
-                         early_stop=early_stop, beam_size=beam_size, lr_ve=lr_ve, lr_ed=lr_ed, seed=seed,
-                         max_steps_per_epoch=max_steps_per_epoch, log_every=log_every)
-        chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        _run_training("plain", chosen, precision, preset, overrides, options, ann_path, image_dir, visual_weights,
-                      thresholds, run_dir, name, dry_run)
+    if backend_name == "plain" or device == "cpu":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
-    _guarded(run)
+
+app.command("plain")(_training_command(
+    "plain", "Train and evaluate R2Gen with plain PyTorch on one device, from a probed plan (default fp32)."))
+app.command("accelerate")(_training_command(
+    "accelerate", "Train and evaluate R2Gen through Hugging Face Accelerate (mixed precision; default bf16 on a "
+                  "GPU, fp32 on a CPU), from a probed plan."))
 
 
 @app.command()
@@ -267,6 +289,7 @@ def auto(
 @app.command("probe")
 def probe_command(
     preset: Preset = "iu_xray", device: Device = None, precision: Precision = "fp32",
+    backend: Annotated[str, typer.Option(help="Adapter the run will train with: plain or accelerate.")] = "plain",
     batch_size: BatchSize = None, effective_batch: EffectiveBatch = None, batch_policy: BatchPolicy = None,
     lr_scaling: LrScaling = "sqrt", target_util: TargetUtil = None, max_vram: MaxVram = None,
     image_size: ImageSize = None, dataset: Dataset = None, ann_path: AnnPath = None, image_dir: ImageDir = None,
@@ -287,8 +310,8 @@ def probe_command(
                            num_workers, "throughput")
         overrides = dict(image_size=image_size, dataset=dataset, studies=studies, backbone=backbone)
         chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        _, plan, _ = _prepare_run("plain", chosen, precision, preset, overrides, options, ann_path, image_dir,
-                                  None, thresholds)
+        _, plan, _ = _prepare_run(backend, chosen, precision or "fp32", preset, overrides, options, ann_path,
+                                  image_dir, None, thresholds)
         if plan.probe:
             table = Table(title=f"probe: {plan.probe['gpu']}, budget {plan.probe['budget_gib']:.1f} GiB "
                                 f"(context {plan.probe['overhead_gib']:.2f} GiB)", title_justify="left")

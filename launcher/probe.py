@@ -29,6 +29,7 @@ class ProbeRequest:
     precision: str
     budget_gib: float             # all the GPU memory this run may hold (target share or --max-vram, minus others)
     max_micro: int                # never try more studies than this (the train split; the faithful share)
+    backend: str = "plain"        # the adapter the run trains with
     verify: int = 0               # --batch-size: check only this micro-batch
     others_gib: float = 0.0       # memory other processes held when the plan was made
     device_index: int = 0
@@ -79,14 +80,14 @@ class ProbeSession:
     def __init__(self, request: ProbeRequest):
         import torch
 
-        from backends.plain import PlainBackend
+        from backends.registry import build_backend
         from r2gen.model.r2gen import R2GenModel
         from r2gen.train import build_optimizer
 
         self.request = request
         self.device = torch.device("cuda", request.device_index)
         torch.cuda.set_device(self.device)
-        self.backend = PlainBackend("cuda", request.precision)
+        self.backend = build_backend(request.backend, "cuda", request.precision)
         model = R2GenModel(request.cfg.model, request.vocab_size)
         self.model, self.optimizer = self.backend.prepare(model, build_optimizer(model, request.cfg))
         self.model.train()

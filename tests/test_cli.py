@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from launcher.cli import app
 
 runner = CliRunner()
-COMMANDS = [["plain"], ["auto"], ["probe"], ["data", "synth"]]
+COMMANDS = [["plain"], ["accelerate"], ["auto"], ["probe"], ["data", "synth"]]
 
 
 def _options(path: list[str]) -> list[str]:
@@ -58,6 +58,8 @@ def test_top_level_help_lists_commands() -> None:
     (["plain", "--device", "cpu", "--preset", "tiny", "--image-dir", "x"], "--image-dir"),
     (["plain", "--device", "cpu", "--preset", "tiny", "--visual-weights", "/nonexistent.pth"], "--visual-weights"),
     (["auto", "--studies", "3"], "--studies"),
+    (["accelerate", "--device", "cpu", "--precision", "fp16"], "--precision fp16"),
+    (["probe", "--device", "cpu", "--backend", "deepspeedy"], "--backend"),
     (["plain", "--device", "cpu", "--preset", "tiny", "--batch-size", "0"], "--batch-size"),
     (["plain", "--device", "cpu", "--preset", "tiny", "--batch-size", "32"], "--batch-size 32 is larger"),
     (["plain", "--device", "cpu", "--preset", "tiny", "--effective-batch", "-2"], "--effective-batch"),

@@ -1,0 +1,75 @@
+"""Hugging Face Accelerate: Accelerator with mixed precision no/fp16/bf16, on CPU or GPU.
+
+Accumulation stays in the shared loop (one loader batch is one window, split into micro-batches
+whose losses are divided by the window's token count): Accelerate's own `gradient_accumulation_steps`
+divides every micro-batch loss by the number of micro-batches, which is per-call, not per-token,
+normalization. Non-final micro-batches run under `accelerator.no_sync`, so several processes
+all-reduce once per window, as Accelerate's accumulation does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextlib import AbstractContextManager
+
+import torch
+
+from backends.base import Backend
+from backends.plain import resolve_device
+from r2gen.config import PRECISIONS
+from r2gen.errors import BackendError
+
+_MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+class AccelerateBackend(Backend):
+    name = "accelerate"
+
+    def __init__(self, device: str = "cuda", precision: str = "bf16"):
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
+
+        if precision not in PRECISIONS:
+            raise BackendError(f"--precision: unknown {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        resolved = resolve_device(device)
+        if precision == "fp16" and resolved.type == "cpu":
+            raise BackendError("--precision fp16: Accelerate runs fp16 on GPUs only; use bf16 or fp32 on a CPU")
+        if precision == "bf16" and resolved.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise BackendError(f"--precision bf16: {torch.cuda.get_device_name()} does not support bfloat16; "
+                               "use --precision fp16")
+        # One Accelerator per process; a previous one (tests, notebooks) would impose its precision.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        self.accelerator = Accelerator(mixed_precision=_MIXED[precision], cpu=resolved.type == "cpu")
+        self.device = self.accelerator.device
+        self.precision = precision
+        self.world_size = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+
+    def prepare(self, model, optimizer):
+        return self.accelerator.prepare(model, optimizer)
+
+    def autocast(self) -> AbstractContextManager:
+        return self.accelerator.autocast() if self.precision != "fp32" else contextlib.nullcontext()
+
+    def backward_and_step(self, loss, model, optimizer, clip_value, step=True) -> bool:
+        sync = contextlib.nullcontext() if step else self.accelerator.no_sync(model)
+        with sync:
+            self.accelerator.backward(loss)
+        if not step:
+            return True
+        self.accelerator.clip_grad_value_(model.parameters(), clip_value)  # unscales fp16 gradients first
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return not self.accelerator.optimizer_step_was_skipped
+
+    def unwrap(self, model):
+        return self.accelerator.unwrap_model(model)
+
+    def state_dict(self) -> dict:
+        scaler = self.accelerator.scaler
+        return {"scaler": scaler.state_dict()} if scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.accelerator.scaler is not None and "scaler" in state:
+            self.accelerator.scaler.load_state_dict(state["scaler"])

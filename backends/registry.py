@@ -1,0 +1,21 @@
+"""Backend names to adapters: the one place the CLI, the probe and the worker build a backend."""
+
+from __future__ import annotations
+
+from backends.base import Backend
+from r2gen.errors import BackendError
+
+BACKENDS = ("plain", "accelerate")
+
+
+def build_backend(name: str, device: str, precision: str) -> Backend:
+    """A validated adapter; raises BackendError (exit 2) for requests this machine cannot serve."""
+    if name == "plain":
+        from backends.plain import PlainBackend
+
+        return PlainBackend(device, precision)
+    if name == "accelerate":
+        from backends.accelerate import AccelerateBackend
+
+        return AccelerateBackend(device, precision)
+    raise BackendError(f"--backend: unknown {name!r}; choose one of {', '.join(BACKENDS)}")
