@@ -69,7 +69,8 @@ def plan_batch(largest_micro: int, world_size: int, policy: str, effective_batch
     reasons["effective_batch"] = f"{effective}: {micro} x {world_size} process(es) (preset: {effective_batch})"
     new_ve = scale_lr(lr_ve, effective_batch, effective, lr_scaling)
     new_ed = scale_lr(lr_ed, effective_batch, effective, lr_scaling)
-    reasons["lr"] = (f"scaled {lr_scaling} by {effective}/{effective_batch}: visual extractor {lr_ve:g} -> "
+    reasons["lr"] = ("unchanged: the effective batch is the preset's" if effective == effective_batch else
+                     f"scaled {lr_scaling} by {effective}/{effective_batch}: visual extractor {lr_ve:g} -> "
                      f"{new_ve:.3g}, encoder-decoder {lr_ed:g} -> {new_ed:.3g}")
     return BatchPlan(micro, accumulation, world_size, effective, new_ve, new_ed, reasons)
 
