@@ -18,8 +18,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader
 from backends.base import Backend
 from r2gen.checkpoint import save_checkpoint, write_json
 from r2gen.config import TrainConfig
-from r2gen.errors import RunFailed
 from r2gen.data.datasets import Annotation, ReportDataset, build_transform, collate
 from r2gen.data.tokenizer import Tokenizer
+from r2gen.errors import RunFailed
 from r2gen.metrics import compute_scores
 from r2gen.model.r2gen import R2GenModel, masked_nll, target_tokens
 from r2gen.model.sampling import generate
@@ -124,8 +124,8 @@ def evaluate(model: R2GenModel, loader: DataLoader, backend: Backend, tokenizer:
 
     def generate_in_chunks(images: torch.Tensor, micro: int) -> list[list[int]]:
         out: list[list[int]] = []
-        for start in range(0, images.size(0), micro):
-            chunk = images[start:start + micro].to(backend.device, non_blocking=True)
+        for first in range(0, images.size(0), micro):
+            chunk = images[first:first + micro].to(backend.device, non_blocking=True)
             with backend.autocast():
                 out += generate(model, chunk, beam_size=cfg.beam_size, block_trigrams=cfg.block_trigrams).cpu().tolist()
         return out
@@ -202,8 +202,9 @@ class OutOfMemoryAtOne(RuntimeError):
 
 @dataclass
 class OomRecovery:
-    """Runs optimizer steps; on out-of-memory, frees everything, halves the micro-batch (doubling the
-    accumulation, so the effective batch stays) and redoes the same samples.
+    """Runs work in micro-batches (optimizer steps, generation); on out-of-memory, frees everything,
+    halves the micro-batch (for a step: doubling the accumulation, so the effective batch stays) and
+    redoes the same samples.
 
     At a micro-batch of 1 it waits and retries `retries` times (another process may free memory),
     then raises OutOfMemoryAtOne for the loop to save and stop.
