@@ -51,5 +51,21 @@ class Backend(ABC):
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    # -- several processes (DDP); single-process defaults ----------------------------------------------
+    def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of `value` over all processes."""
+        return value
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        """Rank 0's flag on every process (e.g. early stopping, decided where evaluation runs)."""
+        return flag
+
+    def barrier(self) -> None:
+        pass
+
+    def train_sampler(self, dataset, seed: int):
+        """A sampler giving this process its share of a shuffled epoch, or None (one process)."""
+        return None
+
     def describe(self) -> str:
         return f"{self.name} on {self.device} ({self.precision})"

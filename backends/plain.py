@@ -23,13 +23,32 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def init_distributed(device_type: str) -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment; joins the process group when the
+    world is larger than one (NCCL on GPUs, gloo on CPUs)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not torch.distributed.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(local)
+        torch.distributed.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return rank, world, local
+
+
 class PlainBackend(Backend):
+    """Plain PyTorch; under torchrun (WORLD_SIZE > 1) DistributedDataParallel, one process per GPU."""
+
     name = "plain"
 
     def __init__(self, device: str = "cpu", precision: str = "fp32"):
         if precision not in PRECISIONS:
             raise BackendError(f"--precision: unknown {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.device = resolve_device(device)
+        self.rank, self.world_size, local = init_distributed(self.device.type)
+        if self.world_size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", local)
         if precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise BackendError(f"--precision bf16: {torch.cuda.get_device_name()} does not support bfloat16; "
                                "use --precision fp16")
@@ -39,7 +58,40 @@ class PlainBackend(Backend):
     def prepare(self, model, optimizer):
         model.to(self.device)
         # Optimizer state created before the move would sit on the wrong device; none exists yet.
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                            else None)
         return model, optimizer
+
+    def unwrap(self, model):
+        return getattr(model, "module", model)
+
+    def all_reduce_sum(self, value):
+        if self.world_size == 1:
+            return value
+        total = value.detach().clone().to(self.device)
+        torch.distributed.all_reduce(total)
+        return total
+
+    def broadcast_flag(self, flag):
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([int(flag)], device=self.device)
+        torch.distributed.broadcast(value, src=0)
+        return bool(value.item())
+
+    def barrier(self):
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def train_sampler(self, dataset, seed):
+        if self.world_size == 1:
+            return None
+        from torch.utils.data.distributed import DistributedSampler
+
+        return DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed)
 
     def autocast(self) -> AbstractContextManager:
         if self.precision == "fp32":
@@ -47,6 +99,12 @@ class PlainBackend(Backend):
         return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
 
     def backward_and_step(self, loss, model, optimizer, clip_value, step=True) -> bool:
+        if not step and self.world_size > 1:
+            with model.no_sync():  # all-reduce once per accumulation window
+                return self._backward_and_step(loss, model, optimizer, clip_value, step)
+        return self._backward_and_step(loss, model, optimizer, clip_value, step)
+
+    def _backward_and_step(self, loss, model, optimizer, clip_value, step) -> bool:
         if self.scaler is None:
             loss.backward()
             if not step:

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from r2gen.errors import ConfigError, UsageError
+from r2gen.errors import BackendError, ConfigError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train R2Gen (radiology report generation) as fast as the hardware allows.")
@@ -32,6 +32,7 @@ LrScaling = Annotated[str, typer.Option(help="How learning rates follow a change
 TargetUtil = Annotated[Optional[float], typer.Option(help="Share of the GPU's memory the plan may fill, % [default: 85, or the --thresholds file's].")]
 MaxVram = Annotated[Optional[float], typer.Option(help="Hard cap on this run's GPU memory, GiB: for shared GPUs, or to reproduce a smaller card. The probe and training both respect it.")]
 Probe = Annotated[bool, typer.Option("--probe/--no-probe", help="Measure GPU memory with real steps before training (skipped on CPU).")]
+Gpus = Annotated[int, typer.Option(help="Processes, one per GPU, started by torchrun (plain: DistributedDataParallel). On a CPU-only machine, that many gloo processes.")]
 DryRun = Annotated[bool, typer.Option(help="Print the plan, engine config and launch command, then stop (nothing is written).")]
 ThresholdsFile = Annotated[Optional[Path], typer.Option("--thresholds", help="YAML file overriding the host/VRAM thresholds (see README).")]
 ImageSize = Annotated[Optional[int], typer.Option(help="Training image side in px [default: the preset's, 224 for R2Gen].")]
@@ -75,7 +76,8 @@ def _parse_val_every(value: Optional[str]) -> Optional[int]:
 
 def _prepare_run(backend_name: str, device: str, precision: str, preset_name: str, overrides: dict,
                  options, ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
-                 thresholds_path: Optional[Path], run_dir: Optional[Path] = None, name: Optional[str] = None):
+                 thresholds_path: Optional[Path], run_dir: Optional[Path] = None, name: Optional[str] = None,
+                 world_size: int = 1):
     """Validate everything, probe, plan. Writes nothing. Returns (prepared run, plan, run directory)."""
     from backends.registry import build_backend
     from launcher.hardware import detect
@@ -87,6 +89,16 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
     from r2gen.train import prepare
 
     thresholds = load_thresholds(thresholds_path)
+    if world_size < 1:
+        raise ConfigError(f"--gpus: must be at least 1, got {world_size}")
+    if world_size > 1 and backend_name != "plain":
+        raise BackendError(f"--gpus {world_size}: several processes run with the plain backend (torchrun DDP) in "
+                           f"this version, not {backend_name}")
+    if world_size > 1 and device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < world_size:
+            raise BackendError(f"--gpus {world_size}: only {torch.cuda.device_count()} GPU(s) visible")
     cfg = preset(preset_name).replace(**{k: v for k, v in overrides.items() if v is not None})
     backend = build_backend(backend_name if backend_name != "auto" else "plain", device, precision)
     options.effective_for(cfg)  # --batch-size against the effective batch, before any work
@@ -118,12 +130,13 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
         from launcher.probe import ProbeRequest, probe_in_subprocess
 
         budget, _ = gpu_budget(facts, options, thresholds)
-        request = ProbeRequest(cfg, len(prep.tokenizer), precision, budget, options.probe_cap(cfg, n["train"]),
+        request = ProbeRequest(cfg, len(prep.tokenizer), precision, budget, options.probe_cap(cfg, n["train"], world_size),
                                backend=backend.name,
                                verify=options.batch_size or 0, others_gib=facts.gpus[0].used_by_others_gib)
         with err.status("probing GPU memory with real training steps..."):
             probe = probe_in_subprocess(request).to_dict()
-    plan = make_plan(backend_name, device, precision, cfg, facts, thresholds, options, sum(n.values()), probe)
+    plan = make_plan(backend_name, device, precision, cfg, facts, thresholds, options, sum(n.values()), probe,
+                     world_size=world_size)
     return prep, plan, target
 
 
@@ -138,13 +151,17 @@ def _print_plan(plan) -> None:
 
 def _run_training(backend_name: str, device: str, precision: str, preset_name: str, overrides: dict, options,
                   ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
-                  thresholds_path: Optional[Path], run_dir: Path, name: Optional[str], dry_run: bool) -> None:
+                  thresholds_path: Optional[Path], run_dir: Path, name: Optional[str], dry_run: bool,
+                  gpus: int = 1) -> None:
     from launcher.plan import apply_plan
     from r2gen.train import train
 
     prep, plan, target = _prepare_run(backend_name, device, precision, preset_name, overrides, options, ann_path,
-                                      image_dir, visual_weights, thresholds_path, run_dir, name)
+                                      image_dir, visual_weights, thresholds_path, run_dir, name, world_size=gpus)
     _print_plan(plan)
+    if gpus > 1:
+        _launch_processes(prep, plan, target, visual_weights, gpus, dry_run)
+        return
     if dry_run:
         out.print("engine config: none (plain PyTorch needs none)\n"
                   f"launch: this process, one {plan.device} device; run directory {target} (not created)",
@@ -153,6 +170,39 @@ def _run_training(backend_name: str, device: str, precision: str, preset_name: s
     prep.cfg = apply_plan(prep.cfg, plan)
     result = train(prep, target, err, plan.to_json())
     _print_result(result)
+
+
+def _launch_processes(prep, plan, target: Path, visual_weights: Optional[Path], gpus: int, dry_run: bool) -> None:
+    """Write launch.json into the run directory and start one worker per process with torchrun."""
+    import json
+    import os
+
+    from launcher.engine_config import Topology
+    from launcher.plan import apply_plan
+    from launcher.spawn import launch_command, run_command
+
+    launch = target / "launch.json"
+    command = launch_command("plain", Topology(gpus_per_node=gpus), ["--launch", str(launch)])
+    if dry_run:
+        out.print(f"engine config: none (DistributedDataParallel)\nlaunch: {' '.join(command)}\n"
+                  f"run directory {target} (not created)", highlight=False)
+        return
+    spec = {"backend": plan.backend if plan.backend != "auto" else "plain", "device": plan.device,
+            "precision": plan.precision, "config": apply_plan(prep.cfg, plan).to_dict(),
+            "annotation": str(prep.annotation.path), "image_dir": str(prep.annotation.image_dir),
+            "visual_weights": str(visual_weights) if visual_weights else None, "run_dir": str(target),
+            "plan": plan.to_json()}
+    target.mkdir(parents=True, exist_ok=True)
+    launch.write_text(json.dumps(spec, indent=2), encoding="utf-8")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    err.print(f"launch: {' '.join(command)}", highlight=False, soft_wrap=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    code = run_command(command, env=env)
+    if code:
+        err.print(f"[bold red]failed:[/] the {gpus} training processes exited with code {code}", highlight=False)
+        raise typer.Exit(code)
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -215,7 +265,7 @@ def _training_command(backend_name: str, summary: str):
         visual_weights: VisualWeights = None, val_every: ValEvery = None, early_stop: EarlyStop = None,
         beam_size: BeamSize = None, lr_ve: LrVe = None, lr_ed: LrEd = None, seed: Seed = None,
         num_workers: NumWorkers = None, max_steps_per_epoch: MaxSteps = None, log_every: LogEvery = None,
-        thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"), name: Name = None,
+        gpus: Gpus = 1, thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"), name: Name = None,
         dry_run: DryRun = False,
     ) -> None:
         import torch
@@ -229,7 +279,8 @@ def _training_command(backend_name: str, summary: str):
                              max_steps_per_epoch=max_steps_per_epoch, log_every=log_every)
             chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
             _run_training(backend_name, chosen, precision or _default_precision(backend_name, chosen), preset,
-                          overrides, options, ann_path, image_dir, visual_weights, thresholds, run_dir, name, dry_run)
+                          overrides, options, ann_path, image_dir, visual_weights, thresholds, run_dir, name, dry_run,
+                          gpus)
 
         _guarded(run)
 

@@ -20,7 +20,13 @@ from launcher.engine_config import Topology
 from r2gen.errors import ConfigError
 
 WORKER_MODULE = "launcher.worker"
-"""The module every launcher starts once per process: it runs the shared loop from the run dir."""
+"""The module every launcher starts once per process: it runs the shared loop from launch.json."""
+
+# The launchers' own entry points, run by this interpreter (as `torchrun`, `accelerate launch` and
+# `deepspeed` do), so that a venv that is not on PATH still finds them.
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
+ACCELERATE_LAUNCH = (sys.executable, "-m", "accelerate.commands.launch")
+DEEPSPEED = (sys.executable, "-m", "deepspeed.launcher.runner")
 
 
 def launch_command(backend: str, topology: Topology, worker_args: Sequence[str], engine_config: Path | None = None,
@@ -28,17 +34,17 @@ def launch_command(backend: str, topology: Topology, worker_args: Sequence[str],
     """The command line that starts `topology.world_size` processes of the worker."""
     t = topology
     if backend == "plain":
-        return ["torchrun", f"--nproc_per_node={t.gpus_per_node}", f"--nnodes={t.nodes}", f"--node_rank={t.node_rank}",
+        return [*TORCHRUN, f"--nproc_per_node={t.gpus_per_node}", f"--nnodes={t.nodes}", f"--node_rank={t.node_rank}",
                 f"--master_addr={t.master_addr}", f"--master_port={t.master_port}", "-m", WORKER_MODULE,
                 *worker_args]
     if backend == "accelerate":
         if engine_config is None:
             raise ConfigError("accelerate launch needs the generated accelerate_configs/<run>.yaml")
-        return ["accelerate", "launch", "--config_file", str(engine_config), "-m", WORKER_MODULE, *worker_args]
+        return [*ACCELERATE_LAUNCH, "--config_file", str(engine_config), "-m", WORKER_MODULE, *worker_args]
     if backend == "deepspeed":
         if engine_config is None:
             raise ConfigError("the deepspeed launcher needs the generated ds_configs/<run>.json")
-        command = ["deepspeed"]
+        command = [*DEEPSPEED]
         if hostfile is not None:
             if not hostfile.is_file():
                 raise ConfigError(f"--hostfile: {hostfile} does not exist")
@@ -53,11 +59,15 @@ def launch_command(backend: str, topology: Topology, worker_args: Sequence[str],
     raise ConfigError(f"--backend: no launcher for {backend!r}")
 
 
-def run_command(command: Sequence[str], env: dict[str, str] | None = None) -> int:
+def run_command(command: Sequence[str], env: dict[str, str] | None = None, grace_s: float = 10.0) -> int:
     """Run a launcher; its output streams through; Ctrl-C/SIGTERM stop every process it started.
 
-    Returns the launcher's exit code (130 after Ctrl-C, 143 after SIGTERM, as shells report them).
+    The signal is passed on to the launcher's process group; processes still running `grace_s`
+    later get SIGTERM, and SIGKILL after as long again (a child may ignore SIGINT, e.g. under
+    nohup). Returns the launcher's exit code (130 after Ctrl-C, 143 after SIGTERM, as shells do).
     """
+    import time
+
     child = subprocess.Popen(list(command), env=env, start_new_session=True, stdout=sys.stdout.fileno(),
                              stderr=sys.stderr.fileno())
     received: list[int] = []
@@ -68,11 +78,22 @@ def run_command(command: Sequence[str], env: dict[str, str] | None = None) -> in
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        try:
-            code = child.wait()
-        except BaseException:
-            _signal_group(child.pid, signal.SIGTERM)
-            raise
+        escalation = [signal.SIGTERM, signal.SIGKILL]
+        since = None
+        while True:
+            try:
+                code = child.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                if not received:
+                    continue
+                since = since or time.monotonic()
+                if escalation and time.monotonic() - since > grace_s:
+                    _signal_group(child.pid, escalation.pop(0))
+                    since = time.monotonic()
+            except BaseException:
+                _signal_group(child.pid, signal.SIGKILL)
+                raise
         if received:
             # The launcher may have exited while workers still shut down: make sure none is left.
             _signal_group(child.pid, signal.SIGKILL)

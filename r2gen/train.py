@@ -97,7 +97,9 @@ def _loader(prep: Prepared, split: str, train: bool) -> DataLoader:
                             build_transform(cfg.image_size, train), cache=cfg.cache_images, progress=True)
     generator = torch.Generator().manual_seed(cfg.seed)
     workers = cfg.num_workers
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=train, num_workers=workers,
+    sampler = prep.backend.train_sampler(dataset, cfg.seed) if train else None
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      num_workers=workers,
                       collate_fn=collate, pin_memory=cfg.pin_memory and prep.backend.device.type == "cuda",
                       persistent_workers=workers > 0, prefetch_factor=cfg.prefetch_factor if workers else None,
                       generator=generator)
@@ -106,10 +108,12 @@ def _loader(prep: Prepared, split: str, train: bool) -> DataLoader:
 class MetricsLog:
     """Append-only metrics.jsonl; one JSON object per line with stable keys."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path | None):
+        self.path = path  # None: a process other than rank 0, which writes nothing
 
     def write(self, record: dict) -> None:
+        if self.path is None:
+            return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
@@ -181,7 +185,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, backend
     uneven last window of an epoch. Returns (per-token loss, whether the optimizer stepped).
     """
     chunks = split_batch(batch, micro_batch or len(batch["ids"]))
-    tokens = target_tokens(batch["masks"]).to(backend.device)
+    # DDP averages gradients over processes: divide by the mean token count per process, so the
+    # update is the per-token mean over every process's window.
+    tokens = backend.all_reduce_sum(target_tokens(batch["masks"]).to(backend.device)) / backend.world_size
     total = torch.zeros((), device=backend.device)
     stepped = True
     for i, chunk in enumerate(chunks):
@@ -277,23 +283,31 @@ def _progress(console: Console) -> Progress:
 
 def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_json: str | None = None) -> RunResult:
     """Run the epochs; writes the run directory (with the launcher's plan.json); returns the final scores."""
-    console = console or Console(stderr=True)
     cfg, backend, tokenizer = prep.cfg, prep.backend, prep.tokenizer
+    main = backend.is_main  # only rank 0 writes, evaluates and shows progress
+    console = (console or Console(stderr=True)) if main else Console(quiet=True)
     seed_everything(cfg.seed)
     model, optimizer = backend.prepare(prep.model, build_optimizer(prep.model, cfg))
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma)
     loaders = {split: _loader(prep, split, train=split == "train") for split in ("train", "val", "test")}
 
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (run_dir / "reports").mkdir(exist_ok=True)
-    write_json(run_dir / "config.json", {"train": cfg.to_dict(), "backend": backend.describe(),
-                                         "annotation": str(prep.annotation.path),
-                                         "image_dir": str(prep.annotation.image_dir),
-                                         "visual_weights": prep.weights_source})
-    (run_dir / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
-    if plan_json is not None:
-        (run_dir / "plan.json").write_text(plan_json, encoding="utf-8")
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    if main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "reports").mkdir(exist_ok=True)
+        write_json(run_dir / "config.json", {"train": cfg.to_dict(), "backend": backend.describe(),
+                                             "annotation": str(prep.annotation.path),
+                                             "image_dir": str(prep.annotation.image_dir),
+                                             "visual_weights": prep.weights_source})
+        (run_dir / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
+        if plan_json is not None:
+            (run_dir / "plan.json").write_text(plan_json, encoding="utf-8")
+    log = MetricsLog(run_dir / "metrics.jsonl" if main else None)
+
+    def save(epoch_done: int, *paths: Path) -> None:
+        if main:
+            state = _state(backend, model, optimizer, scheduler, cfg, tokenizer, epoch_done, result.steps, best_score)
+            for path in paths:
+                save_checkpoint(state, path)
     if backend.device.type == "cuda":
         cap_gpu_memory(backend.device, cfg.max_vram_gib)
         torch.cuda.reset_peak_memory_stats(backend.device)
@@ -310,6 +324,8 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
         task = progress.add_task("train", total=cfg.epochs * steps_per_epoch, info="")
         for epoch in range(1, cfg.epochs + 1):
             epoch_loss, epoch_start, skipped, epoch_samples = 0.0, time.perf_counter(), 0, 0
+            if isinstance(getattr(loaders["train"], "sampler", None), torch.utils.data.DistributedSampler):
+                loaders["train"].sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every process
             window_samples, window_start = 0, time.perf_counter()
             for i, batch in enumerate(loaders["train"]):
                 if i >= steps_per_epoch:
@@ -319,8 +335,7 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
                 except OutOfMemoryAtOne as exc:
                     # The failed window never stepped: the weights are those after the last good step.
                     path = run_dir / "checkpoints" / "latest.pt"
-                    save_checkpoint(_state(backend, model, optimizer, scheduler, cfg, tokenizer, epoch - 1,
-                                           result.steps, best_score), path)
+                    save(epoch - 1, path)
                     log.write({"step": result.steps, "epoch": epoch, "oom/gave_up": True})
                     raise RunFailed(f"{exc}; saved the last good state to {path}. Free GPU memory (or set "
                                     "--max-vram lower) and start again") from None
@@ -346,6 +361,7 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
                     window_samples, window_start = 0, now
             epoch_time = time.perf_counter() - epoch_start
             train_time += epoch_time
+            epoch_samples = int(backend.all_reduce_sum(torch.tensor(float(epoch_samples))).item())
             scheduler.step()
             result.epochs_run = epoch
             log.write({"step": result.steps, "epoch": epoch, "train/loss_epoch": epoch_loss / max(steps_per_epoch, 1),
@@ -353,11 +369,14 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
                        "train/micro_batch": oom.micro_batch, "oom/recoveries": oom.recoveries})
 
             last = epoch == cfg.epochs
-            if (cfg.val_every and epoch % cfg.val_every == 0) or last:
+            stop = False
+            if not main:
+                pass  # rank 0 evaluates and saves; the others wait at the barrier below
+            elif (cfg.val_every and epoch % cfg.val_every == 0) or last:
                 progress.update(task, info=f"epoch {epoch}/{cfg.epochs} evaluating val and test")
                 record: dict = {"step": result.steps, "epoch": epoch}
                 for split in ("val", "test"):
-                    scores, reports, speed = evaluate(model, loaders[split], backend, tokenizer, cfg)
+                    scores, reports, speed = evaluate(backend.unwrap(model), loaders[split], backend, tokenizer, cfg)
                     write_json(run_dir / "reports" / f"{split}_epoch{epoch:03d}.json", reports)
                     record.update({f"{split}/{k}": v for k, v in scores.items()})
                     record[f"perf/{split}_generate_samples_per_s"] = speed
@@ -368,22 +387,25 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
                 improved = score is not None and score > best_score
                 if improved:
                     best_score, result.best_epoch = score, epoch
-                state = _state(backend, model, optimizer, scheduler, cfg, tokenizer, epoch, result.steps, best_score)
-                save_checkpoint(state, run_dir / "checkpoints" / "latest.pt")
-                if improved:
-                    save_checkpoint(state, run_dir / "checkpoints" / "best.pt")
+                checkpoints = run_dir / "checkpoints"
+                save(epoch, checkpoints / "latest.pt", *([checkpoints / "best.pt"] if improved else []))
                 if epoch - result.best_epoch > cfg.early_stop:
                     console.print(f"early stop: val {MONITOR} did not improve for {epoch - result.best_epoch} epochs")
-                    break
+                    stop = True
             else:
-                save_checkpoint(_state(backend, model, optimizer, scheduler, cfg, tokenizer, epoch, result.steps,
-                                       best_score), run_dir / "checkpoints" / "latest.pt")
+                save(epoch, run_dir / "checkpoints" / "latest.pt")
+            if backend.broadcast_flag(stop):
+                break
+            backend.barrier()
         if result.epochs_run < cfg.epochs:
             progress.update(task, total=result.steps)
 
+    train_samples = int(backend.all_reduce_sum(torch.tensor(float(train_samples))).item())
     result.samples_per_s = train_samples / max(train_time, 1e-9)
     if backend.device.type == "cuda":
         result.peak_memory_gib = torch.cuda.max_memory_allocated(backend.device) / 2**30
+    if not main:
+        return result
     result.baseline_test = constant_report_baseline(prep)
     log.write({"step": result.steps, "epoch": result.epochs_run,
                **{f"baseline_test/{k}": v for k, v in result.baseline_test.items()},

@@ -1,0 +1,53 @@
+"""One training process of a multi-process run, started by torchrun (or another launcher).
+
+    python -m launcher.worker --launch runs/<name>/launch.json
+
+launch.json is written by `r2gen-launch` after it validated the input and made the plan: the
+resolved configuration, backend, device, precision, data paths and the plan. Every process
+rebuilds tokenizer and model from it (same seed, same weights), joins the process group through
+its backend and enters the one shared loop; rank 0 writes the run directory and prints the scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--launch", type=Path, required=True, help="launch.json written by r2gen-launch")
+    args = parser.parse_args(argv)
+
+    from backends.registry import build_backend
+    from r2gen.config import TrainConfig
+    from r2gen.data.datasets import load_annotation
+    from r2gen.errors import RunFailed
+    from r2gen.train import prepare, train
+
+    spec = json.loads(args.launch.read_text(encoding="utf-8"))
+    backend = build_backend(spec["backend"], spec["device"], spec["precision"])
+    cfg = TrainConfig.from_dict(spec["config"])
+    # The launcher checked every image already; each process only parses the annotation.
+    annotation = load_annotation(spec["annotation"], spec["image_dir"], cfg.model.dataset, check_images=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the launcher printed them once
+        weights = Path(spec["visual_weights"]) if spec["visual_weights"] else None
+        prep = prepare(cfg, backend, annotation, weights)
+    try:
+        result = train(prep, Path(spec["run_dir"]), plan_json=spec["plan"])
+    except RunFailed as exc:
+        print(f"failed: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if backend.is_main:
+        from launcher.cli import _print_result
+
+        _print_result(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
