@@ -130,8 +130,8 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
         from launcher.probe import ProbeRequest, probe_in_subprocess
 
         budget, _ = gpu_budget(facts, options, thresholds)
-        request = ProbeRequest(cfg, len(prep.tokenizer), precision, budget, options.probe_cap(cfg, n["train"], world_size),
-                               backend=backend.name,
+        request = ProbeRequest(cfg, len(prep.tokenizer), precision, budget,
+                               options.probe_cap(cfg, n["train"], world_size), backend=backend.name,
                                verify=options.batch_size or 0, others_gib=facts.gpus[0].used_by_others_gib)
         with err.status("probing GPU memory with real training steps..."):
             probe = probe_in_subprocess(request).to_dict()
@@ -176,13 +176,18 @@ def _launch_processes(prep, plan, target: Path, visual_weights: Optional[Path], 
     """Write launch.json into the run directory and start one worker per process with torchrun."""
     import json
     import os
+    import socket
 
     from launcher.engine_config import Topology
     from launcher.plan import apply_plan
     from launcher.spawn import launch_command, run_command
 
     launch = target / "launch.json"
-    command = launch_command("plain", Topology(gpus_per_node=gpus), ["--launch", str(launch)])
+    # A free port, so that two runs on one host do not meet at torchrun's default 29500.
+    with socket.socket() as probe_port:
+        probe_port.bind(("127.0.0.1", 0))
+        port = probe_port.getsockname()[1]
+    command = launch_command("plain", Topology(gpus_per_node=gpus, master_port=port), ["--launch", str(launch)])
     if dry_run:
         out.print(f"engine config: none (DistributedDataParallel)\nlaunch: {' '.join(command)}\n"
                   f"run directory {target} (not created)", highlight=False)
