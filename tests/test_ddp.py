@@ -17,7 +17,7 @@ from backends.plain import PlainBackend
 from launcher.probe import synthetic_batch
 from r2gen.config import preset
 from r2gen.model.r2gen import R2GenModel
-from r2gen.train import build_optimizer, train_step
+from r2gen.train import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
