@@ -84,3 +84,27 @@ def test_accelerate_loads_the_generated_yaml(tmp_path: Path, precision: str, gpu
 def test_topology_is_validated(kwargs: dict, flag: str) -> None:
     with pytest.raises(ConfigError, match=flag):
         Topology(**kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(__import__("launcher.engine_config", fromlist=["EXAMPLES"]).EXAMPLES))
+def test_checked_in_examples_are_current_and_load(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The examples in the repository are exactly what the generator writes, and the engines load them."""
+    from launcher.engine_config import example_text, examples_readme
+
+    root = Path(__file__).resolve().parents[1]
+    assert (root / name).read_text() == example_text(name), "regenerate: python -m launcher.engine_config"
+    assert (root / "ds_configs" / "README.md").read_text() == examples_readme()
+    if name.endswith(".json"):
+        import json
+
+        import deepspeed.runtime.config as ds_config
+
+        data = json.loads((root / name).read_text())
+        world = data["train_batch_size"] // (data["train_micro_batch_size_per_gpu"] * data["gradient_accumulation_steps"])
+        monkeypatch.setattr(ds_config.dist, "get_rank", lambda *a, **k: 0)
+        monkeypatch.setattr(ds_config.dist, "get_world_size", lambda *a, **k: world)
+        ds_config.DeepSpeedConfig(str(root / name))
+    else:
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        load_config_from_file(str(root / name))
