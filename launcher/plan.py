@@ -193,9 +193,14 @@ def make_plan(backend: str, device: str, precision: str, cfg: TrainConfig, facts
     --batch-size), None otherwise.
     """
     effective = options.effective_for(cfg)
-    reasons = {"backend": f"{backend}: {'as asked' if backend != 'auto' else 'chosen'}",
+    reasons = {"backend": f"{backend}: as asked",
                "device": f"{device}: " + (facts.gpus[0].name if device == "cuda" and facts.gpus else facts.gpu_note),
                "precision": f"{precision}: as asked"}
+    if backend == "auto":
+        backend = "plain"
+        reasons["backend"] = "plain: auto's engine in this version (its choice among Accelerate, DeepSpeed and FP8 comes later)"
+        reasons["precision"] = f"{precision}: " + ("bf16 where the GPU supports it, else fp16" if device == "cuda"
+                                                  else "fp32 on a CPU")
     budget = None
     predicted_peak = None
     if device == "cuda":

@@ -68,6 +68,7 @@ def test_throughput_plan_on_an_h100_from_the_probe() -> None:
     plan = make_plan("auto", "cuda", "bf16", cfg, facts, Thresholds(), PlanOptions(batch_policy="throughput"),
                      studies=3955, probe=_probe(256))
     assert (plan.batch.micro_batch, plan.batch.accumulation, plan.batch.effective_batch) == (256, 1, 256)
+    assert plan.backend == "plain" and "auto's engine" in plan.reasons["backend"]
     assert plan.batch.lr_ed == pytest.approx(1e-4 * 4)  # sqrt(256 / 16)
     assert plan.memory_budget_gib == pytest.approx(79.2 * 0.85)
     assert plan.predicted_peak_gib == pytest.approx(2.0 + 0.25 * 256)
