@@ -64,10 +64,10 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must not be negative, got {getattr(self, name)}")
         if self.micro_batch > self.batch_size:
-            raise ConfigError(f"--micro-batch: {self.micro_batch} is larger than the batch of {self.batch_size} "
-                              "studies per optimizer step")
+            raise ConfigError(f"--batch-size: the micro-batch {self.micro_batch} is larger than the {self.batch_size} "
+                              "studies per optimizer step (--effective-batch)")
         if self.prefetch_factor < 1:
-            raise ConfigError(f"--prefetch-factor: must be positive, got {self.prefetch_factor}")
+            raise ConfigError(f"thresholds: prefetch_factor must be positive, got {self.prefetch_factor}")
         if self.image_size < 32:
             raise ConfigError(f"--image-size: must be at least 32 px, got {self.image_size}")
         if self.studies < 10:

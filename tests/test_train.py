@@ -134,3 +134,8 @@ def test_plain_trains_on_cuda_bf16(small_set: Path, tmp_path: Path) -> None:
     result = train(prep, tmp_path / "run", _quiet())
     assert result.steps == 6 and result.peak_memory_gib and result.peak_memory_gib > 0
     assert result.test["BLEU_4"] is not None
+
+
+def test_micro_batch_larger_than_the_window_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--batch-size: the micro-batch 9 is larger than the 8"):
+        preset("tiny").replace(micro_batch=9)
