@@ -12,14 +12,13 @@ from __future__ import annotations
 import contextlib
 from contextlib import AbstractContextManager
 
-import torch
 
 from backends.base import Backend
-from backends.plain import resolve_device
-from r2gen.config import PRECISIONS
+from backends.plain import check_precision, resolve_device
 from r2gen.errors import BackendError
 
-_MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+"""Our precision names -> Accelerate's mixed_precision (Accelerator argument and config YAML)."""
 
 
 class AccelerateBackend(Backend):
@@ -29,18 +28,14 @@ class AccelerateBackend(Backend):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState, GradientState
 
-        if precision not in PRECISIONS:
-            raise BackendError(f"--precision: unknown {precision!r}; choose one of {', '.join(PRECISIONS)}")
         resolved = resolve_device(device)
+        check_precision(precision, resolved)
         if precision == "fp16" and resolved.type == "cpu":
             raise BackendError("--precision fp16: Accelerate runs fp16 on GPUs only; use bf16 or fp32 on a CPU")
-        if precision == "bf16" and resolved.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise BackendError(f"--precision bf16: {torch.cuda.get_device_name()} does not support bfloat16; "
-                               "use --precision fp16")
         # One Accelerator per process; a previous one (tests, notebooks) would impose its precision.
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-        self.accelerator = Accelerator(mixed_precision=_MIXED[precision], cpu=resolved.type == "cpu")
+        self.accelerator = Accelerator(mixed_precision=MIXED_PRECISION[precision], cpu=resolved.type == "cpu")
         self.device = self.accelerator.device
         self.precision = precision
         self.world_size = self.accelerator.num_processes

@@ -23,6 +23,15 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    """Validate --precision against the device (every adapter's autocast precisions)."""
+    if precision not in PRECISIONS:
+        raise BackendError(f"--precision: unknown {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise BackendError(f"--precision bf16: {torch.cuda.get_device_name()} does not support bfloat16; "
+                           "use --precision fp16")
+
+
 def init_distributed(device_type: str) -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment; joins the process group when the
     world is larger than one (NCCL on GPUs, gloo on CPUs)."""
@@ -43,15 +52,11 @@ class PlainBackend(Backend):
     name = "plain"
 
     def __init__(self, device: str = "cpu", precision: str = "fp32"):
-        if precision not in PRECISIONS:
-            raise BackendError(f"--precision: unknown {precision!r}; choose one of {', '.join(PRECISIONS)}")
         self.device = resolve_device(device)
+        check_precision(precision, self.device)
         self.rank, self.world_size, local = init_distributed(self.device.type)
         if self.world_size > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", local)
-        if precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise BackendError(f"--precision bf16: {torch.cuda.get_device_name()} does not support bfloat16; "
-                               "use --precision fp16")
         self.precision = precision
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
 

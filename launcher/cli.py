@@ -174,31 +174,25 @@ def _run_training(backend_name: str, device: str, precision: str, preset_name: s
 
 def _launch_processes(prep, plan, target: Path, visual_weights: Optional[Path], gpus: int, dry_run: bool) -> None:
     """Write launch.json into the run directory and start one worker per process with torchrun."""
-    import json
     import os
-    import socket
 
     from launcher.engine_config import Topology
     from launcher.plan import apply_plan
-    from launcher.spawn import launch_command, run_command
+    from launcher.spawn import free_port, launch_command, run_command
+    from r2gen.checkpoint import write_json
 
     launch = target / "launch.json"
-    # A free port, so that two runs on one host do not meet at torchrun's default 29500.
-    with socket.socket() as probe_port:
-        probe_port.bind(("127.0.0.1", 0))
-        port = probe_port.getsockname()[1]
-    command = launch_command("plain", Topology(gpus_per_node=gpus, master_port=port), ["--launch", str(launch)])
+    command = launch_command("plain", Topology(gpus_per_node=gpus, master_port=free_port()), ["--launch", str(launch)])
     if dry_run:
         out.print(f"engine config: none (DistributedDataParallel)\nlaunch: {' '.join(command)}\n"
                   f"run directory {target} (not created)", highlight=False)
         return
-    spec = {"backend": plan.backend if plan.backend != "auto" else "plain", "device": plan.device,
+    spec = {"backend": plan.backend, "device": plan.device,
             "precision": plan.precision, "config": apply_plan(prep.cfg, plan).to_dict(),
             "annotation": str(prep.annotation.path), "image_dir": str(prep.annotation.image_dir),
             "visual_weights": str(visual_weights) if visual_weights else None, "run_dir": str(target),
             "plan": plan.to_json()}
-    target.mkdir(parents=True, exist_ok=True)
-    launch.write_text(json.dumps(spec, indent=2), encoding="utf-8")
+    write_json(launch, spec)
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     err.print(f"launch: {' '.join(command)}", highlight=False, soft_wrap=True)

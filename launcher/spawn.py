@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -27,6 +28,13 @@ WORKER_MODULE = "launcher.worker"
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
 ACCELERATE_LAUNCH = (sys.executable, "-m", "accelerate.commands.launch")
 DEEPSPEED = (sys.executable, "-m", "deepspeed.launcher.runner")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a single host's rendezvous (not torchrun's fixed 29500)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launch_command(backend: str, topology: Topology, worker_args: Sequence[str], engine_config: Path | None = None,

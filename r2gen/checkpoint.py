@@ -34,5 +34,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
+def write_text(path: Path, text: str) -> None:
+    """UTF-8 text, written atomically."""
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
 def write_json(path: Path, data: Any) -> None:
-    _atomic_write(path, lambda f: f.write((json.dumps(data, indent=2, sort_keys=True) + "\n").encode()))
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from backends.base import Backend
-from r2gen.checkpoint import save_checkpoint, write_json
+from r2gen.checkpoint import save_checkpoint, write_json, write_text
 from r2gen.config import TrainConfig
 from r2gen.data.datasets import Annotation, ReportDataset, build_transform, collate
 from r2gen.data.tokenizer import Tokenizer
@@ -289,7 +289,9 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
     seed_everything(cfg.seed)
     model, optimizer = backend.prepare(prep.model, build_optimizer(prep.model, cfg))
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma)
-    loaders = {split: _loader(prep, split, train=split == "train") for split in ("train", "val", "test")}
+    # Only rank 0 evaluates: the other processes neither build nor cache the val and test sets.
+    loaders = {split: _loader(prep, split, train=split == "train")
+               for split in (("train", "val", "test") if main else ("train",))}
 
     if main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -300,7 +302,7 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
                                              "visual_weights": prep.weights_source})
         (run_dir / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
         if plan_json is not None:
-            (run_dir / "plan.json").write_text(plan_json, encoding="utf-8")
+            write_text(run_dir / "plan.json", plan_json)
     log = MetricsLog(run_dir / "metrics.jsonl" if main else None)
 
     def save(epoch_done: int, *paths: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,17 +14,12 @@ import torch.multiprocessing as mp
 
 from backends.plain import PlainBackend
 from launcher.probe import synthetic_batch
+from launcher.spawn import free_port
 from r2gen.config import preset
 from r2gen.model.r2gen import R2GenModel
 from r2gen.train import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _window() -> dict:
@@ -60,7 +54,7 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 def test_ddp_step_equals_the_single_process_window(tmp_path: Path) -> None:
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_rank, args=(_free_port(), out), nprocs=2, join=True)
+    mp.spawn(_rank, args=(free_port(), out), nprocs=2, join=True)
     backend = PlainBackend("cpu", "fp32")
     model, optimizer = _model_and_optimizer(backend)
     train_step(model, optimizer, backend, _window(), clip_value=1e9, micro_batch=7)
