@@ -41,8 +41,8 @@ class AccelerateBackend(Backend):
         self.world_size = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
 
-    def prepare(self, model, optimizer):
-        return self.accelerator.prepare(model, optimizer)
+    def prepare(self, model, make_optimizer):
+        return self.accelerator.prepare(model, make_optimizer(model))
 
     def autocast(self) -> AbstractContextManager:
         return self.accelerator.autocast() if self.precision != "fp32" else contextlib.nullcontext()

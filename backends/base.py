@@ -7,9 +7,14 @@ The loop never asks which backend it runs on: it calls `prepare`, `autocast`, `b
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import torch
+
+OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
+"""Builds the run's optimizer for a model (r2gen.train.optimizer_factory): adapters that swap
+modules (FP8) or optimizers (DeepSpeed offload) call it at the right moment."""
 
 
 class Backend(ABC):
@@ -24,9 +29,10 @@ class Backend(ABC):
         return self.rank == 0
 
     @abstractmethod
-    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    def prepare(self, model: torch.nn.Module, make_optimizer: OptimizerFactory
                 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        """Move/wrap model and optimizer for this engine; returns the objects the loop must use."""
+        """Move/convert/wrap the model, build its optimizer; returns the objects the loop must use
+        (the optimizer's param_groups drive the LR scheduler and the logged learning rates)."""
 
     @abstractmethod
     def autocast(self) -> AbstractContextManager:
@@ -51,21 +57,34 @@ class Backend(ABC):
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    # -- several processes (DDP); single-process defaults ----------------------------------------------
+    # -- several processes: torch.distributed, joined by the adapter; no-ops for one process ------------
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
         """The sum of `value` over all processes."""
-        return value
+        if self.world_size == 1:
+            return value
+        total = value.detach().clone().to(self.device)
+        torch.distributed.all_reduce(total)
+        return total
 
     def broadcast_flag(self, flag: bool) -> bool:
         """Rank 0's flag on every process (e.g. early stopping, decided where evaluation runs)."""
-        return flag
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([int(flag)], device=self.device)
+        torch.distributed.broadcast(value, src=0)
+        return bool(value.item())
 
     def barrier(self) -> None:
-        pass
+        if self.world_size > 1:
+            torch.distributed.barrier()
 
     def train_sampler(self, dataset, seed: int):
         """A sampler giving this process its share of a shuffled epoch, or None (one process)."""
-        return None
+        if self.world_size == 1:
+            return None
+        from torch.utils.data.distributed import DistributedSampler
+
+        return DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed)
 
     def describe(self) -> str:
         return f"{self.name} on {self.device} ({self.precision})"

@@ -60,9 +60,9 @@ class PlainBackend(Backend):
         self.precision = precision
         self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
 
-    def prepare(self, model, optimizer):
+    def prepare(self, model, make_optimizer):
         model.to(self.device)
-        # Optimizer state created before the move would sit on the wrong device; none exists yet.
+        optimizer = make_optimizer(model)  # after the move: its state lives beside the parameters
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -72,31 +72,6 @@ class PlainBackend(Backend):
 
     def unwrap(self, model):
         return getattr(model, "module", model)
-
-    def all_reduce_sum(self, value):
-        if self.world_size == 1:
-            return value
-        total = value.detach().clone().to(self.device)
-        torch.distributed.all_reduce(total)
-        return total
-
-    def broadcast_flag(self, flag):
-        if self.world_size == 1:
-            return flag
-        value = torch.tensor([int(flag)], device=self.device)
-        torch.distributed.broadcast(value, src=0)
-        return bool(value.item())
-
-    def barrier(self):
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-    def train_sampler(self, dataset, seed):
-        if self.world_size == 1:
-            return None
-        from torch.utils.data.distributed import DistributedSampler
-
-        return DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed)
 
     def autocast(self) -> AbstractContextManager:
         if self.precision == "fp32":

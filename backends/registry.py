@@ -5,7 +5,7 @@ from __future__ import annotations
 from backends.base import Backend
 from r2gen.errors import BackendError
 
-BACKENDS = ("plain", "accelerate")
+BACKENDS = ("plain", "accelerate", "deepspeed", "fp8")
 
 
 def build_backend(name: str, device: str, precision: str) -> Backend:
@@ -18,4 +18,8 @@ def build_backend(name: str, device: str, precision: str) -> Backend:
         from backends.accelerate import AccelerateBackend
 
         return AccelerateBackend(device, precision)
+    if name == "deepspeed":
+        from backends.deepspeed import DeepSpeedBackend
+
+        return DeepSpeedBackend(device, precision)
     raise BackendError(f"--backend: unknown {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -70,25 +70,33 @@ def deepspeed_config(plan: Plan, options: DeepSpeedOptions) -> dict:
     """DeepSpeed's JSON for the plan. Optimizer and clipping are left to the adapter: R2Gen clips
     gradient values (clip_grad_value_), which DeepSpeed's norm-based `gradient_clipping` is not."""
     b = plan.batch
-    if plan.precision not in ("bf16", "fp16"):
-        raise BackendError(f"--precision {plan.precision}: DeepSpeed runs bf16 or fp16 here; use plain for fp32")
+    return deepspeed_json(plan.precision, b.micro_batch, b.accumulation, b.world_size, plan.loader.pin_memory, options)
+
+
+def deepspeed_json(precision: str, micro_batch: int, accumulation: int, world_size: int, pin_memory: bool,
+                   options: DeepSpeedOptions) -> dict:
+    """The JSON from plain values (the probe's engine has no plan yet: micro-batch 1)."""
+    from backends.deepspeed import check_deepspeed_precision
+
+    check_deepspeed_precision(precision)
     zero: dict = {"stage": options.zero, "contiguous_gradients": True, "overlap_comm": True,
                   "reduce_scatter": True, "reduce_bucket_size": 200_000_000, "allgather_bucket_size": 200_000_000}
     if options.offload == "cpu":
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": plan.loader.pin_memory}
-    config = {
-        "train_batch_size": b.micro_batch * b.accumulation * b.world_size,
-        "train_micro_batch_size_per_gpu": b.micro_batch,
-        "gradient_accumulation_steps": b.accumulation,
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
+    return {
+        "train_batch_size": micro_batch * accumulation * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
         "gradient_clipping": 0.0,
         "zero_optimization": zero,
-        "bf16": {"enabled": plan.precision == "bf16"},
-        "fp16": {"enabled": plan.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        # BatchNorm needs its running statistics in the weights' dtype (the parameters become bf16/fp16).
+        "data_types": {"buffer_dtype": precision},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    return config
 
 
 def accelerate_config(plan: Plan, topology: Topology) -> dict:

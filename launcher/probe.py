@@ -82,14 +82,14 @@ class ProbeSession:
 
         from backends.registry import build_backend
         from r2gen.model.r2gen import R2GenModel
-        from r2gen.train import build_optimizer
+        from r2gen.train import optimizer_factory
 
         self.request = request
         self.device = torch.device("cuda", request.device_index)
         torch.cuda.set_device(self.device)
         self.backend = build_backend(request.backend, "cuda", request.precision)
         model = R2GenModel(request.cfg.model, request.vocab_size)
-        self.model, self.optimizer = self.backend.prepare(model, build_optimizer(model, request.cfg))
+        self.model, self.optimizer = self.backend.prepare(model, optimizer_factory(request.cfg))
         self.model.train()
         # Our memory outside the allocator (context, library handles): what the device holds beyond
         # torch's reservation and the other processes' share.

@@ -91,6 +91,11 @@ def build_optimizer(model: R2GenModel, cfg: TrainConfig) -> torch.optim.Optimize
                             weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
 
 
+def optimizer_factory(cfg: TrainConfig) -> Callable[[torch.nn.Module], torch.optim.Optimizer]:
+    """build_optimizer for this configuration, called by the backend adapter's prepare()."""
+    return lambda model: build_optimizer(model, cfg)
+
+
 def _loader(prep: Prepared, split: str, train: bool) -> DataLoader:
     cfg = prep.cfg
     dataset = ReportDataset(prep.annotation.splits[split], prep.tokenizer, cfg.model.max_seq_length,
@@ -287,7 +292,7 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
     main = backend.is_main  # only rank 0 writes, evaluates and shows progress
     console = (console or Console(stderr=True)) if main else Console(quiet=True)
     seed_everything(cfg.seed)
-    model, optimizer = backend.prepare(prep.model, build_optimizer(prep.model, cfg))
+    model, optimizer = backend.prepare(prep.model, optimizer_factory(cfg))
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma)
     # Only rank 0 evaluates: the other processes neither build nor cache the val and test sets.
     loaders = {split: _loader(prep, split, train=split == "train")

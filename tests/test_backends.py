@@ -15,7 +15,7 @@ from launcher.probe import synthetic_batch
 from r2gen.config import preset
 from r2gen.errors import BackendError
 from r2gen.model.r2gen import R2GenModel
-from r2gen.train import build_optimizer, train_step
+from r2gen.train import optimizer_factory, train_step
 
 
 def _one_window(name: str, precision: str, device: str = "cpu") -> tuple[float, torch.Tensor]:
@@ -23,7 +23,7 @@ def _one_window(name: str, precision: str, device: str = "cpu") -> tuple[float, 
     torch.manual_seed(0)
     model = R2GenModel(cfg.model, 50).eval()  # no dropout: both paths see the same function
     backend = build_backend(name, device, precision)
-    model, optimizer = backend.prepare(model, build_optimizer(model, cfg))
+    model, optimizer = backend.prepare(model, optimizer_factory(cfg))
     batch = synthetic_batch(cfg, 50, 6)
     losses = [train_step(model, optimizer, backend, batch, cfg.clip_value, micro_batch=3)[0] for _ in range(2)]
     return losses[-1], torch.cat([p.detach().float().cpu().flatten() for p in backend.unwrap(model).parameters()])

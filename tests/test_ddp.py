@@ -34,7 +34,7 @@ def _model_and_optimizer(backend: PlainBackend):
     cfg = preset("tiny").replace(image_size=64)
     torch.manual_seed(0)
     model = R2GenModel(cfg.model, 50).eval()  # no dropout, fixed BatchNorm: the same function everywhere
-    return backend.prepare(model, torch.optim.SGD(model.parameters(), lr=1.0))
+    return backend.prepare(model, lambda m: torch.optim.SGD(m.parameters(), lr=1.0))
 
 
 def _rank(rank: int, port: int, out: str) -> None:

@@ -10,7 +10,7 @@ from launcher.memory_model import GIB
 from launcher.probe import ProbeRequest, probe_in_subprocess, run_probe, synthetic_batch
 from r2gen.config import preset
 from r2gen.model.r2gen import R2GenModel
-from r2gen.train import OomRecovery, build_optimizer, cap_gpu_memory
+from r2gen.train import OomRecovery, cap_gpu_memory, optimizer_factory
 
 pytestmark = pytest.mark.gpu
 VOCAB = 760  # IU X-Ray's vocabulary size with R2Gen's threshold of 3
@@ -34,7 +34,7 @@ def test_probe_finds_a_micro_batch_that_trains_and_cleans_up() -> None:
     try:
         backend = PlainBackend("cuda", "bf16")
         model = R2GenModel(preset("iu_xray").model, VOCAB)
-        model, optimizer = backend.prepare(model, build_optimizer(model, preset("iu_xray")))
+        model, optimizer = backend.prepare(model, optimizer_factory(preset("iu_xray")))
         guard = OomRecovery(result.micro_batch, retries=0, wait_s=0)
         for _ in range(3):
             guard.step(model, optimizer, backend, synthetic_batch(preset("iu_xray"), VOCAB, result.micro_batch), 0.1)
@@ -67,7 +67,7 @@ def test_real_out_of_memory_is_recovered_with_a_smaller_micro_batch() -> None:
     try:
         backend = PlainBackend("cuda", "fp32")
         model = R2GenModel(cfg.model, VOCAB)
-        model, optimizer = backend.prepare(model, build_optimizer(model, cfg))
+        model, optimizer = backend.prepare(model, optimizer_factory(cfg))
         guard = OomRecovery(64, retries=0, wait_s=0)
         loss, stepped = guard.step(model, optimizer, backend, synthetic_batch(cfg, VOCAB, 64), cfg.clip_value)
         assert stepped and loss > 0 and guard.recoveries >= 1 and guard.micro_batch < 64

@@ -1,0 +1,120 @@
+"""The DeepSpeed adapter with the real DeepSpeed engine (ZeRO-2, gloo, one process) on CPU.
+
+bf16 weights make DeepSpeed differ from the fp32 plain path by rounding; the tests compare with
+tolerances that the known mistakes (no value clipping, DeepSpeed's extra division by the
+accumulation count) exceed many times over.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backends.deepspeed import DeepSpeedBackend
+from backends.plain import PlainBackend
+from launcher.engine_config import DeepSpeedOptions, deepspeed_json
+from launcher.probe import synthetic_batch
+from r2gen.config import preset
+from r2gen.errors import BackendError
+from r2gen.model.r2gen import R2GenModel
+from r2gen.train import optimizer_factory, train_step
+
+CFG = preset("tiny").replace(image_size=64)
+VOCAB = 50
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_process_group():
+    """The adapter's process group of one lives for this module (DeepSpeed caches its groups), then
+    goes, so later tests see a process without one."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _model() -> R2GenModel:
+    torch.manual_seed(0)
+    return R2GenModel(CFG.model, VOCAB).eval()  # no dropout: every path computes the same function
+
+
+def _deepspeed(micro: int, accumulation: int, offload: str = "none", untested_ok: bool = False) -> DeepSpeedBackend:
+    backend = DeepSpeedBackend("cpu", "bf16")
+    config = deepspeed_json("bf16", micro, accumulation, 1, False, DeepSpeedOptions(zero=2, offload=offload))
+    if untested_ok:
+        config["zero_allow_untested_optimizer"] = True  # plain SGD: updates that show the gradient itself
+    backend.configure(config)
+    return backend
+
+
+def _flat(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """The fp32 weights the optimizer steps (under ZeRO: its flat partitions)."""
+    return torch.cat([p.detach().float().flatten() for g in optimizer.param_groups for p in g["params"]])
+
+
+def test_zero2_tracks_the_plain_bf16_path() -> None:
+    batch = synthetic_batch(CFG, VOCAB, 6)
+    plain = PlainBackend("cpu", "bf16")
+    model, optimizer = plain.prepare(_model(), optimizer_factory(CFG))
+    reference = [train_step(model, optimizer, plain, batch, CFG.clip_value, 3)[0] for _ in range(4)]
+
+    ds = _deepspeed(3, 2)
+    engine, ds_optimizer = ds.prepare(_model(), optimizer_factory(CFG))
+    assert "ZeRO-2" in ds.describe() and "amsgrad" in ds.describe()
+    assert [g["lr"] for g in ds_optimizer.param_groups] == [CFG.lr_ve, CFG.lr_ed]
+    losses = []
+    for _ in range(4):
+        loss, stepped = train_step(engine, ds_optimizer, ds, batch, CFG.clip_value, 3)
+        assert stepped
+        losses.append(loss)
+    assert losses == pytest.approx(reference, rel=2e-2)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("clip", [1e-4, 0.0])
+def test_gradient_values_are_clipped_like_r2gen(clip: float) -> None:
+    ds = _deepspeed(6, 1, untested_ok=True)
+    engine, optimizer = ds.prepare(_model(), lambda m: torch.optim.SGD(m.parameters(), lr=1.0))
+    before = _flat(optimizer).clone()
+    train_step(engine, optimizer, ds, synthetic_batch(CFG, VOCAB, 6), clip, 6)
+    change = (_flat(optimizer) - before).abs()
+    if clip:
+        assert change.max().item() == pytest.approx(clip, rel=1e-3)  # SGD at lr 1 moves by the clipped gradient
+    else:
+        assert change.max().item() > 100 * 1e-4
+
+
+def test_accumulation_keeps_the_window_gradient() -> None:
+    """Two micro-batches of 3 give the update of one micro-batch of 6 (not half of it)."""
+    batch = synthetic_batch(CFG, VOCAB, 6)
+    updates = []
+    for micro, accumulation in ((6, 1), (3, 2)):
+        ds = _deepspeed(micro, accumulation, untested_ok=True)
+        engine, optimizer = ds.prepare(_model(), lambda m: torch.optim.SGD(m.parameters(), lr=1.0))
+        before = _flat(optimizer).clone()
+        train_step(engine, optimizer, ds, batch, 0.0, micro)
+        updates.append(_flat(optimizer) - before)
+    whole, split = updates
+    # bf16 rounding differs between the two orders (measured 0.6%); a second division by the
+    # accumulation count would halve the update.
+    assert (split - whole).norm() / whole.norm() < 0.02
+    assert split.norm() / whole.norm() == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.mark.slow
+def test_cpu_offload_steps_with_deepspeed_cpu_adam() -> None:
+    """The offload path JIT-builds DeepSpeedCPUAdam (about a minute, once per machine)."""
+    ds = _deepspeed(3, 2, offload="cpu")
+    engine, optimizer = ds.prepare(_model(), optimizer_factory(CFG))
+    assert type(optimizer).__name__ == "DeepSpeedCPUAdam" and "no AMSGrad" in ds.describe()
+    batch = synthetic_batch(CFG, VOCAB, 6)
+    losses = [train_step(engine, optimizer, ds, batch, CFG.clip_value, 3)[0] for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+
+
+def test_precisions_deepspeed_cannot_serve_are_refused() -> None:
+    with pytest.raises(BackendError, match="--precision fp32"):
+        DeepSpeedBackend("cpu", "fp32")
+    with pytest.raises(BackendError, match="--precision fp16"):
+        DeepSpeedBackend("cpu", "fp16")
+    with pytest.raises(BackendError, match="--zero 3"):
+        DeepSpeedOptions(zero=3)
