@@ -25,6 +25,8 @@ def resolve_device(device: str) -> torch.device:
 
 def check_precision(precision: str, device: torch.device) -> None:
     """Validate --precision against the device (every adapter's autocast precisions)."""
+    if precision == "fp8":
+        raise BackendError("--precision fp8: FP8 training runs on its own backend: r2gen-launch fp8")
     if precision not in PRECISIONS:
         raise BackendError(f"--precision: unknown {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():

@@ -8,7 +8,7 @@ from r2gen.errors import BackendError
 BACKENDS = ("plain", "accelerate", "deepspeed", "fp8")
 
 
-def build_backend(name: str, device: str, precision: str) -> Backend:
+def build_backend(name: str, device: str, precision: str, fp8_impl: str = "auto") -> Backend:
     """A validated adapter; raises BackendError (exit 2) for requests this machine cannot serve."""
     if name == "plain":
         from backends.plain import PlainBackend
@@ -22,4 +22,8 @@ def build_backend(name: str, device: str, precision: str) -> Backend:
         from backends.deepspeed import DeepSpeedBackend
 
         return DeepSpeedBackend(device, precision)
+    if name == "fp8":
+        from backends.fp8 import Fp8Backend
+
+        return Fp8Backend(device, precision, fp8_impl)
     raise BackendError(f"--backend: unknown {name!r}; choose one of {', '.join(BACKENDS)}")
