@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 from datetime import datetime
@@ -32,7 +33,12 @@ LrScaling = Annotated[str, typer.Option(help="How learning rates follow a change
 TargetUtil = Annotated[Optional[float], typer.Option(help="Share of the GPU's memory the plan may fill, % [default: 85, or the --thresholds file's].")]
 MaxVram = Annotated[Optional[float], typer.Option(help="Hard cap on this run's GPU memory, GiB: for shared GPUs, or to reproduce a smaller card. The probe and training both respect it.")]
 Probe = Annotated[bool, typer.Option("--probe/--no-probe", help="Measure GPU memory with real steps before training (skipped on CPU).")]
-Gpus = Annotated[int, typer.Option(help="Processes, one per GPU, started by torchrun (plain: DistributedDataParallel). On a CPU-only machine, that many gloo processes.")]
+Gpus = Annotated[int, typer.Option(help="Processes on this machine, one per GPU, started by the engine's launcher (plain/fp8: torchrun with DistributedDataParallel; accelerate: accelerate launch; deepspeed: the deepspeed launcher). On a CPU-only machine (plain, accelerate), that many gloo processes.")]
+Nodes = Annotated[int, typer.Option(help="Machines taking part; run the same command on each with its --node-rank.")]
+NodeRank = Annotated[int, typer.Option(help="This machine's rank among --nodes (0 hosts the rendezvous).")]
+MasterAddr = Annotated[str, typer.Option(help="Address of node 0, reachable from every node.")]
+MasterPort = Annotated[Optional[int], typer.Option(help="Rendezvous TCP port on node 0 [default: a free port on one machine, 29500 with --nodes > 1].")]
+Hostfile = Annotated[Optional[Path], typer.Option(help="deepspeed: a DeepSpeed hostfile ('host slots=N' lines); the launcher then starts every node over ssh.")]
 DryRun = Annotated[bool, typer.Option(help="Print the plan, engine config and launch command, then stop (nothing is written).")]
 ThresholdsFile = Annotated[Optional[Path], typer.Option("--thresholds", help="YAML file overriding the host/VRAM thresholds (see README).")]
 ImageSize = Annotated[Optional[int], typer.Option(help="Training image side in px [default: the preset's, 224 for R2Gen].")]
@@ -77,30 +83,35 @@ def _parse_val_every(value: Optional[str]) -> Optional[int]:
 def _prepare_run(backend_name: str, device: str, precision: str, preset_name: str, overrides: dict,
                  options, ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
                  thresholds_path: Optional[Path], run_dir: Optional[Path] = None, name: Optional[str] = None,
-                 world_size: int = 1):
-    """Validate everything, probe, plan. Writes nothing. Returns (prepared run, plan, run directory)."""
+                 world_size: int = 1, gpus_here: int = 1, engine: Optional[dict] = None):
+    """Validate everything, probe, plan. Writes nothing. Returns (prepared run, plan, run directory).
+
+    `world_size` counts every process of the run (all nodes), `gpus_here` this machine's."""
     from backends.registry import build_backend
     from launcher.hardware import detect
-    from launcher.plan import gpu_budget, make_plan
+    from launcher.engine_config import DeepSpeedOptions
+    from launcher.plan import EngineChoice, check_engine_device, gpu_budget, make_plan
     from launcher.thresholds import load_thresholds
     from r2gen.config import preset
     from r2gen.data.datasets import load_annotation
     from r2gen.data.synth import default_dataset
     from r2gen.train import prepare
 
+    engine = engine or {}
+    if backend_name == "deepspeed":
+        DeepSpeedOptions(**engine)  # --zero/--offload checked before any work
     thresholds = load_thresholds(thresholds_path)
-    if world_size < 1:
-        raise ConfigError(f"--gpus: must be at least 1, got {world_size}")
-    if world_size > 1 and backend_name != "plain":
-        raise BackendError(f"--gpus {world_size}: several processes run with the plain backend (torchrun DDP) in "
-                           f"this version, not {backend_name}")
-    if world_size > 1 and device == "cuda":
+    check_engine_device(backend_name, device, world_size)
+    if device == "cuda" and gpus_here > 1:
         import torch
 
-        if torch.cuda.device_count() < world_size:
-            raise BackendError(f"--gpus {world_size}: only {torch.cuda.device_count()} GPU(s) visible")
+        if torch.cuda.device_count() < gpus_here:
+            raise BackendError(f"--gpus {gpus_here}: only {torch.cuda.device_count()} GPU(s) visible")
     cfg = preset(preset_name).replace(**{k: v for k, v in overrides.items() if v is not None})
-    backend = build_backend(backend_name if backend_name != "auto" else "plain", device, precision)
+    auto = backend_name == "auto"
+    if auto:
+        backend_name = "plain"  # what auto measures first; _auto_engine may pick another engine
+    backend = build_backend(backend_name, device, precision, fp8_impl=engine.get("fp8_impl", "auto"))
     options.effective_for(cfg)  # --batch-size against the effective batch, before any work
     target = None
     if run_dir is not None:
@@ -132,12 +143,49 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
         budget, _ = gpu_budget(facts, options, thresholds)
         request = ProbeRequest(cfg, len(prep.tokenizer), precision, budget,
                                options.probe_cap(cfg, n["train"], world_size), backend=backend.name,
-                               verify=options.batch_size or 0, others_gib=facts.gpus[0].used_by_others_gib)
+                               verify=options.batch_size or 0, others_gib=facts.gpus[0].used_by_others_gib,
+                               engine=engine)
         with err.status("probing GPU memory with real training steps..."):
             probe = probe_in_subprocess(request).to_dict()
+    choice = None
+    if auto:
+        choice, probe = _auto_engine(request, probe, facts, thresholds) if probe else (EngineChoice(
+            "plain", precision, {}, "plain: on a CPU" if device == "cpu" else "plain: --no-probe, nothing measured"),
+            probe)
+        backend_name, precision, engine = choice.backend, choice.precision, choice.engine
+        if backend_name != backend.name:
+            prep.backend = build_backend(backend_name, device, precision, fp8_impl=engine.get("fp8_impl", "auto"))
+        err.print(f"auto: {choice.reason}", highlight=False)
     plan = make_plan(backend_name, device, precision, cfg, facts, thresholds, options, sum(n.values()), probe,
-                     world_size=world_size)
+                     world_size=world_size, engine=engine, choice=choice)
     return prep, plan, target
+
+
+def _auto_engine(request, probe: dict, facts, thresholds):
+    """auto's measurements beyond the plain probe: ZeRO-2 CPU offload when too little fits, a short
+    bf16-vs-fp8 timing where FP8 can run. Returns (EngineChoice, the probe of the chosen engine)."""
+    from dataclasses import replace
+
+    from backends.fp8 import MIN_CAPABILITY, installed
+    from launcher.plan import choose_auto_engine
+    from launcher.probe import in_subprocess, measure_speeds, probe_in_subprocess
+
+    micro = probe["micro_batch"]
+    if micro < 1:
+        return choose_auto_engine(request.precision, micro, thresholds), probe
+    if micro < thresholds.useful_micro_batch:
+        offload = replace(request, backend="deepspeed", engine={"zero": 2, "offload": "cpu"})
+        with err.status("probing DeepSpeed ZeRO-2 with CPU offload..."):
+            offload_probe = probe_in_subprocess(offload).to_dict()
+        choice = choose_auto_engine(request.precision, micro, thresholds, offload_probe["micro_batch"])
+        return choice, offload_probe if choice.backend == "deepspeed" else probe
+    speeds = None
+    if (request.precision == "bf16" and facts.gpus[0].capability >= MIN_CAPABILITY
+            and (installed("transformer_engine") or installed("torchao"))):
+        engines = (("plain", "bf16", {}), ("fp8", "fp8", {"fp8_impl": "auto"}))
+        with err.status(f"timing bf16 against fp8 at micro-batch {micro}..."):
+            speeds = in_subprocess(measure_speeds, request, engines, micro)
+    return choose_auto_engine(request.precision, micro, thresholds, speeds=speeds), probe
 
 
 def _print_plan(plan) -> None:
@@ -152,46 +200,70 @@ def _print_plan(plan) -> None:
 def _run_training(backend_name: str, device: str, precision: str, preset_name: str, overrides: dict, options,
                   ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
                   thresholds_path: Optional[Path], run_dir: Path, name: Optional[str], dry_run: bool,
-                  gpus: int = 1) -> None:
+                  topology=None, engine: Optional[dict] = None, hostfile: Optional[Path] = None) -> None:
+    from launcher.engine_config import Topology, engine_config_for
     from launcher.plan import apply_plan
     from r2gen.train import train
 
+    topology = topology or Topology()
     prep, plan, target = _prepare_run(backend_name, device, precision, preset_name, overrides, options, ann_path,
-                                      image_dir, visual_weights, thresholds_path, run_dir, name, world_size=gpus)
+                                      image_dir, visual_weights, thresholds_path, run_dir, name,
+                                      world_size=topology.world_size, gpus_here=topology.gpus_per_node,
+                                      engine=engine)
     _print_plan(plan)
-    if gpus > 1:
-        _launch_processes(prep, plan, target, visual_weights, gpus, dry_run)
+    engine_file = engine_config_for(plan, topology, target.name)
+    if topology.world_size > 1:
+        _launch_processes(prep, plan, target, visual_weights, topology, engine_file, hostfile, dry_run)
         return
     if dry_run:
-        out.print("engine config: none (plain PyTorch needs none)\n"
+        out.print(f"engine config: {_describe_config(engine_file)}\n"
                   f"launch: this process, one {plan.device} device; run directory {target} (not created)",
                   highlight=False)
         return
+    _write_engine_config(engine_file)
+    if plan.backend == "deepspeed":
+        prep.backend.configure(engine_file.config)
     prep.cfg = apply_plan(prep.cfg, plan)
     result = train(prep, target, err, plan.to_json())
     _print_result(result)
 
 
-def _launch_processes(prep, plan, target: Path, visual_weights: Optional[Path], gpus: int, dry_run: bool) -> None:
-    """Write launch.json into the run directory and start one worker per process with torchrun."""
+def _describe_config(engine) -> str:
+    if engine is None:
+        return "none (this engine needs no config file)"
+    return f"{engine.path} (not written)\n{engine.text}"
+
+
+def _write_engine_config(engine) -> None:
+    from launcher.engine_config import write_engine_config
+
+    if engine is not None:
+        err.print(f"engine config: {write_engine_config(engine)}", highlight=False)
+
+
+def _launch_processes(prep, plan, target: Path, visual_weights: Optional[Path], topology, engine_file,
+                      hostfile: Optional[Path], dry_run: bool) -> None:
+    """Write launch.json into the run directory and start one worker per process with the engine's launcher."""
     import os
 
-    from launcher.engine_config import Topology
     from launcher.plan import apply_plan
-    from launcher.spawn import free_port, launch_command, run_command
+    from launcher.spawn import launch_command, run_command
     from r2gen.checkpoint import write_json
 
     launch = target / "launch.json"
-    command = launch_command("plain", Topology(gpus_per_node=gpus, master_port=free_port()), ["--launch", str(launch)])
+    command = launch_command(plan.backend, topology, ["--launch", str(launch)],
+                             engine_config=engine_file.path if engine_file else None, hostfile=hostfile)
     if dry_run:
-        out.print(f"engine config: none (DistributedDataParallel)\nlaunch: {' '.join(command)}\n"
+        out.print(f"engine config: {_describe_config(engine_file)}\nlaunch: {' '.join(command)}\n"
                   f"run directory {target} (not created)", highlight=False)
         return
-    spec = {"backend": plan.backend, "device": plan.device,
-            "precision": plan.precision, "config": apply_plan(prep.cfg, plan).to_dict(),
+    spec = {"backend": plan.backend, "device": plan.device, "precision": plan.precision, "engine": plan.engine,
+            "engine_config": str(engine_file.path.resolve()) if engine_file else None,
+            "config": apply_plan(prep.cfg, plan).to_dict(),
             "annotation": str(prep.annotation.path), "image_dir": str(prep.annotation.image_dir),
             "visual_weights": str(visual_weights) if visual_weights else None, "run_dir": str(target),
             "plan": plan.to_json()}
+    _write_engine_config(engine_file)
     write_json(launch, spec)
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
@@ -200,7 +272,8 @@ def _launch_processes(prep, plan, target: Path, visual_weights: Optional[Path], 
     sys.stderr.flush()
     code = run_command(command, env=env)
     if code:
-        err.print(f"[bold red]failed:[/] the {gpus} training processes exited with code {code}", highlight=False)
+        err.print(f"[bold red]failed:[/] the {topology.world_size} training processes exited with code {code}",
+                  highlight=False)
         raise typer.Exit(code)
 
 
@@ -227,7 +300,7 @@ def _print_result(result) -> None:
 
 
 Device = Annotated[Optional[str], typer.Option(help="cpu or cuda [default: cuda when a GPU is visible, else cpu].")]
-Precision = Annotated[Optional[str], typer.Option(help="fp32, or autocast bf16 / fp16 (fp16 with loss scaling) [default: plain fp32; accelerate bf16 on a GPU (fp16 where unsupported), fp32 on a CPU].")]
+Precision = Annotated[Optional[str], typer.Option(help="fp32, or autocast bf16 / fp16 (fp16 with loss scaling); fp8 is its own command [default: plain fp32; accelerate and deepspeed bf16 on a GPU (fp16 where unsupported); accelerate fp32 on a CPU].")]
 
 
 def _options(batch_size, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling, num_workers,
@@ -252,8 +325,31 @@ def _guarded(run) -> None:
         raise typer.Exit(exc.exit_code) from None
 
 
+Zero = Annotated[int, typer.Option("--zero", help="ZeRO stage: 1 (optimizer states partitioned over processes) or 2 (and gradients); 3 is refused.")]
+Offload = Annotated[str, typer.Option(help="cpu: optimizer states and step on the CPU (DeepSpeedCPUAdam, without AMSGrad); none: on the GPU (Adam with AMSGrad, as R2Gen).")]
+Fp8Impl = Annotated[str, typer.Option("--fp8-impl", help="auto: Transformer Engine where installed, else torchao float8; te; torchao.")]
+
+ENGINE_OPTIONS: dict[str, list[inspect.Parameter]] = {
+    "deepspeed": [inspect.Parameter("zero", inspect.Parameter.KEYWORD_ONLY, default=2, annotation=Zero),
+                  inspect.Parameter("offload", inspect.Parameter.KEYWORD_ONLY, default="cpu", annotation=Offload)],
+    "fp8": [inspect.Parameter("fp8_impl", inspect.Parameter.KEYWORD_ONLY, default="auto", annotation=Fp8Impl)],
+}
+"""Each engine's own options, added to its command's signature (and so to its help page)."""
+
+
+def _topology(gpus: int, nodes: int, node_rank: int, master_addr: str, master_port: Optional[int]):
+    from launcher.engine_config import Topology
+    from launcher.spawn import free_port
+
+    if master_port is None:
+        master_port = free_port() if nodes == 1 else 29500
+    return Topology(gpus_per_node=gpus, nodes=nodes, node_rank=node_rank, master_addr=master_addr,
+                    master_port=master_port)
+
+
 def _training_command(backend_name: str, summary: str):
-    """One signature for every engine's training command (its help page is the signature)."""
+    """One signature for every engine's training command (its help page is the signature), plus the
+    engine's own options (ENGINE_OPTIONS)."""
 
     def command(
         preset: Preset = "iu_xray", device: Device = None, precision: Precision = None,
@@ -264,8 +360,9 @@ def _training_command(backend_name: str, summary: str):
         visual_weights: VisualWeights = None, val_every: ValEvery = None, early_stop: EarlyStop = None,
         beam_size: BeamSize = None, lr_ve: LrVe = None, lr_ed: LrEd = None, seed: Seed = None,
         num_workers: NumWorkers = None, max_steps_per_epoch: MaxSteps = None, log_every: LogEvery = None,
-        gpus: Gpus = 1, thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"), name: Name = None,
-        dry_run: DryRun = False,
+        gpus: Gpus = 1, nodes: Nodes = 1, node_rank: NodeRank = 0, master_addr: MasterAddr = "127.0.0.1",
+        master_port: MasterPort = None, thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"),
+        name: Name = None, dry_run: DryRun = False, **engine,
     ) -> None:
         import torch
 
@@ -277,30 +374,47 @@ def _training_command(backend_name: str, summary: str):
                              early_stop=early_stop, beam_size=beam_size, lr_ve=lr_ve, lr_ed=lr_ed, seed=seed,
                              max_steps_per_epoch=max_steps_per_epoch, log_every=log_every)
             chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            hostfile = engine.pop("hostfile", None)
             _run_training(backend_name, chosen, precision or _default_precision(backend_name, chosen), preset,
                           overrides, options, ann_path, image_dir, visual_weights, thresholds, run_dir, name, dry_run,
-                          gpus)
+                          _topology(gpus, nodes, node_rank, master_addr, master_port), engine, hostfile)
 
         _guarded(run)
 
+    params = [p for p in inspect.signature(command).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    extra = ENGINE_OPTIONS.get(backend_name, [])
+    if backend_name == "deepspeed":
+        extra = [*extra, inspect.Parameter("hostfile", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                           annotation=Hostfile)]
+    command.__signature__ = inspect.Signature([*params, *extra])  # type: ignore[attr-defined]
     command.__doc__ = summary
     return command
 
 
 def _default_precision(backend_name: str, device: str) -> str:
-    """plain: fp32, as R2Gen; accelerate: mixed precision (bf16 where supported, else fp16) on a GPU."""
+    """plain: fp32, as R2Gen; fp8: fp8; the others mixed precision (bf16 where supported, else fp16) on a GPU."""
     import torch
 
+    if backend_name == "fp8":
+        return "fp8"
     if backend_name == "plain" or device == "cpu":
         return "fp32"
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 app.command("plain")(_training_command(
-    "plain", "Train and evaluate R2Gen with plain PyTorch on one device, from a probed plan (default fp32)."))
+    "plain", "Train and evaluate R2Gen with plain PyTorch (default fp32), from a probed plan; --gpus N: "
+             "DistributedDataParallel under torchrun."))
 app.command("accelerate")(_training_command(
     "accelerate", "Train and evaluate R2Gen through Hugging Face Accelerate (mixed precision; default bf16 on a "
-                  "GPU, fp32 on a CPU), from a probed plan."))
+                  "GPU, fp32 on a CPU), from a probed plan; --gpus N: accelerate launch with the generated YAML."))
+app.command("deepspeed")(_training_command(
+    "deepspeed", "Train and evaluate R2Gen with DeepSpeed ZeRO (stage 2 and CPU optimizer offload by default; "
+                 "bf16, or fp16 with dynamic loss scaling), from a probed plan and the generated JSON; GPUs only."))
+app.command("fp8")(_training_command(
+    "fp8", "Train and evaluate R2Gen with FP8 Linear layers in the encoder-decoder (Transformer Engine where "
+           "installed, else torchao float8; convolutions bf16), from a probed plan; GPUs of compute capability "
+           "8.9+ only."))
 
 
 @app.command()
@@ -309,14 +423,18 @@ def auto(
     batch_policy: BatchPolicy = None, lr_scaling: LrScaling = "sqrt", target_util: TargetUtil = None,
     max_vram: MaxVram = None, probe: Probe = True, ann_path: AnnPath = None, image_dir: ImageDir = None,
     studies: Studies = None, visual_weights: VisualWeights = None, val_every: ValEvery = None,
-    seed: Seed = None, num_workers: NumWorkers = None, thresholds: ThresholdsFile = None,
-    run_dir: RunDir = Path("runs"), name: Name = None, dry_run: DryRun = False,
+    seed: Seed = None, num_workers: NumWorkers = None,
+    gpus: Annotated[Optional[int], typer.Option(help="GPUs on this machine, one process each [default: all visible].")] = None,
+    thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"), name: Name = None, dry_run: DryRun = False,
 ) -> None:
-    """Pick the best device, precision and a preset that fits it, plan, then train and evaluate.
+    """Pick device, engine, precision and a preset that fits, plan, then train and evaluate.
 
-    On a GPU: the iu_xray preset (full ResNet-101 model) in bf16 where supported, else fp16, with the
-    throughput batch policy (the largest micro-batch the probe finds). On a CPU-only machine: the
-    tiny preset in fp32, which finishes in minutes.
+    On a GPU: the iu_xray preset (full ResNet-101 model), bf16 where supported (else fp16), the
+    throughput batch policy (the largest micro-batch the probe finds), all visible GPUs. The engine
+    follows measurements: plain PyTorch; DeepSpeed ZeRO-2 with CPU offload when model and optimizer
+    states leave room for fewer than `useful_micro_batch` studies; FP8 when a short timed run shows
+    it faster than bf16 by `fp8_min_speedup_pct`. On a CPU-only machine: the tiny preset in fp32,
+    which finishes in minutes.
     """
     import torch
 
@@ -326,20 +444,23 @@ def auto(
         if torch.cuda.is_available():
             device, preset = "cuda", "iu_xray"
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            processes = gpus if gpus is not None else torch.cuda.device_count()
         else:
             device, preset, precision = "cpu", "tiny", "fp32"
-        err.print(f"auto: {device}, {precision}, {preset} preset", highlight=False)
+            processes = gpus or 1
+        err.print(f"auto: {device}, {precision}, {preset} preset, {processes} process(es)", highlight=False)
         overrides = dict(epochs=epochs, studies=studies, val_every=_parse_val_every(val_every), seed=seed)
         _run_training("auto", device, precision, preset, overrides, options, ann_path, image_dir, visual_weights,
-                      thresholds, run_dir, name, dry_run)
+                      thresholds, run_dir, name, dry_run, _topology(processes, 1, 0, "127.0.0.1", None))
 
     _guarded(run)
 
 
 @app.command("probe")
 def probe_command(
-    preset: Preset = "iu_xray", device: Device = None, precision: Precision = "fp32",
-    backend: Annotated[str, typer.Option(help="Adapter the run will train with: plain or accelerate.")] = "plain",
+    preset: Preset = "iu_xray", device: Device = None, precision: Precision = None,
+    backend: Annotated[str, typer.Option(help="Adapter the run will train with: plain, accelerate, deepspeed or fp8.")] = "plain",
+    zero: Zero = 2, offload: Offload = "cpu", fp8_impl: Fp8Impl = "auto",
     batch_size: BatchSize = None, effective_batch: EffectiveBatch = None, batch_policy: BatchPolicy = None,
     lr_scaling: LrScaling = "sqrt", target_util: TargetUtil = None, max_vram: MaxVram = None,
     image_size: ImageSize = None, dataset: Dataset = None, ann_path: AnnPath = None, image_dir: ImageDir = None,
@@ -360,8 +481,9 @@ def probe_command(
                            num_workers, "throughput")
         overrides = dict(image_size=image_size, dataset=dataset, studies=studies, backbone=backbone)
         chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        _, plan, _ = _prepare_run(backend, chosen, precision or "fp32", preset, overrides, options, ann_path,
-                                  image_dir, None, thresholds)
+        engine = {"deepspeed": {"zero": zero, "offload": offload}, "fp8": {"fp8_impl": fp8_impl}}.get(backend, {})
+        _, plan, _ = _prepare_run(backend, chosen, precision or _default_precision(backend, chosen), preset,
+                                  overrides, options, ann_path, image_dir, None, thresholds, engine=engine)
         if plan.probe:
             table = Table(title=f"probe: {plan.probe['gpu']}, budget {plan.probe['budget_gib']:.1f} GiB "
                                 f"(context {plan.probe['overhead_gib']:.2f} GiB)", title_justify="left")

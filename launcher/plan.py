@@ -7,7 +7,7 @@ plan.json in the run directory, and read back by --keep-training.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from launcher.hardware import Facts
@@ -17,6 +17,59 @@ from r2gen.config import TrainConfig
 from r2gen.errors import BackendError, ConfigError
 
 BATCH_POLICIES = ("faithful", "throughput")
+
+
+GPU_ENGINES = ("deepspeed", "fp8")
+"""Engines that serve GPUs only (DeepSpeed's offload and FP8 have nothing to offer a CPU)."""
+
+
+def check_engine_device(backend: str, device: str, processes: int = 1) -> None:
+    """Refuse what an engine cannot serve on this device: exit 2 before any work."""
+    if backend in GPU_ENGINES and device != "cuda":
+        raise BackendError(f"{backend}: needs a CUDA GPU, and this run would be on the CPU (no GPU visible, or "
+                           "--device cpu); on a CPU train with plain or accelerate")
+    if backend == "accelerate" and device != "cuda" and processes > 1:
+        # accelerate launch starts several CPU processes only through MPI; it would silently run one.
+        raise BackendError(f"--gpus {processes}: accelerate launch runs one process on a CPU (several need MPI); "
+                           "use plain --gpus N for gloo processes on a CPU")
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """auto's engine: backend, precision, engine options, and why."""
+
+    backend: str
+    precision: str
+    engine: dict[str, Any]
+    reason: str
+
+
+def choose_auto_engine(precision: str, micro: int, thresholds: Thresholds, offload_micro: int | None = None,
+                       speeds: dict[str, float | None] | None = None) -> EngineChoice:
+    """From measurements only: `micro` is the largest micro-batch of the plain engine in `precision`,
+    `offload_micro` DeepSpeed ZeRO-2 + CPU offload's (measured when `micro` was not useful), `speeds`
+    samples/s of short runs of `precision` and "fp8" at the same micro-batch (None: not measured or
+    out of memory)."""
+    useful = thresholds.useful_micro_batch
+    if micro < useful:
+        if offload_micro is not None and offload_micro > micro:
+            return EngineChoice("deepspeed", precision, {"zero": 2, "offload": "cpu"},
+                                f"deepspeed ZeRO-2 + CPU offload: with optimizer states on the GPU only {micro} "
+                                f"studies fit per micro-batch (useful: {useful}); offloading them fits {offload_micro}")
+        why = f"{micro} studies per micro-batch" + (f"; ZeRO-2 CPU offload fits no more ({offload_micro})"
+                                                   if offload_micro is not None else "")
+        return EngineChoice("plain", precision, {}, f"plain: {why}")
+    base = (speeds or {}).get(precision)
+    fp8 = (speeds or {}).get("fp8")
+    if base and fp8:
+        gain = (fp8 / base - 1) * 100
+        measured = f"measured fp8 {fp8:.0f} vs {precision} {base:.0f} samples/s ({gain:+.0f}%)"
+        if gain >= thresholds.fp8_min_speedup_pct:
+            return EngineChoice("fp8", "fp8", {"fp8_impl": "auto"}, f"fp8: {measured}")
+        return EngineChoice("plain", precision, {}, f"plain: states fit on the GPU; {measured}, under the "
+                                                    f"{thresholds.fp8_min_speedup_pct:g}% needed")
+    return EngineChoice("plain", precision, {}, "plain: model and optimizer states fit on the GPU "
+                        f"({micro} studies per micro-batch)" + ("" if speeds is None else "; fp8 did not run"))
 
 
 @dataclass(frozen=True)
@@ -131,6 +184,7 @@ class Plan:
     reasons: dict[str, str]           # backend, device, precision, probe
     max_vram_gib: float | None = None
     probe: dict[str, Any] | None = None   # the probe's measurements (launcher.probe.ProbeResult)
+    engine: dict[str, Any] = field(default_factory=dict)  # engine options: zero, offload (deepspeed); fp8_impl
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -145,6 +199,9 @@ class Plan:
     def rows(self) -> list[tuple[str, str, str]]:
         """(decision, value, reason) rows for the console table."""
         rows = [(k, str(getattr(self, k)), self.reasons.get(k, "")) for k in ("backend", "device", "precision")]
+        if self.engine:
+            rows.append(("engine options", ", ".join(f"{k} {v}" for k, v in self.engine.items()),
+                         self.reasons.get("engine", "")))
         b, lo = self.batch, self.loader
         rows += [("micro_batch", str(b.micro_batch), b.reasons["micro_batch"]),
                  ("accumulation", str(b.accumulation), b.reasons["accumulation"]),
@@ -186,21 +243,24 @@ def gpu_budget(facts: Facts, options: PlanOptions, thresholds: Thresholds, devic
 
 def make_plan(backend: str, device: str, precision: str, cfg: TrainConfig, facts: Facts, thresholds: Thresholds,
               options: PlanOptions, studies: int, probe: dict[str, Any] | None = None,
-              world_size: int = 1) -> Plan:
+              world_size: int = 1, engine: dict[str, Any] | None = None, choice: EngineChoice | None = None
+              ) -> Plan:
     """Every decision of a run from plain values: hardware facts, thresholds, flags, probe results.
 
     `studies` sizes the image cache (all splits). `probe` is ProbeResult.to_dict() when the probe ran (or verified
-    --batch-size), None otherwise.
+    --batch-size), None otherwise. `choice` is auto's engine choice (backend, precision and engine agree with it).
     """
     effective = options.effective_for(cfg)
     reasons = {"backend": f"{backend}: as asked",
                "device": f"{device}: " + (facts.gpus[0].name if device == "cuda" and facts.gpus else facts.gpu_note),
                "precision": f"{precision}: as asked"}
-    if backend == "auto":
-        backend = "plain"
-        reasons["backend"] = "plain: auto's engine in this version (its choice among Accelerate, DeepSpeed and FP8 comes later)"
-        reasons["precision"] = f"{precision}: " + ("bf16 where the GPU supports it, else fp16" if device == "cuda"
-                                                  else "fp32 on a CPU")
+    if choice is not None:
+        reasons["backend"] = f"auto: {choice.reason}"
+        reasons["precision"] = (f"{precision}: " + ("measured faster than bf16" if precision == "fp8" else
+                                "bf16 where the GPU supports it, else fp16" if device == "cuda" else "fp32 on a CPU"))
+        if engine:
+            reasons["engine"] = "auto" + (": DeepSpeedCPUAdam has no AMSGrad (R2Gen's Adam has)"
+                                          if engine.get("offload") == "cpu" else "")
     budget = None
     predicted_peak = None
     if device == "cuda":
@@ -248,8 +308,12 @@ def make_plan(backend: str, device: str, precision: str, cfg: TrainConfig, facts
                          reasons={**loader.reasons, "num_workers": f"{workers}: --num-workers",
                                   "persistent_workers": "on: workers survive between epochs" if workers
                                   else "off: no workers"})
+    engine = dict(engine or {})
+    if engine:
+        reasons.setdefault("engine", "as asked" + (": DeepSpeedCPUAdam has no AMSGrad (R2Gen's Adam has)"
+                                                   if engine.get("offload") == "cpu" else ""))
     return Plan(backend, device, precision, batch, loader, budget, predicted_peak, reasons,
-                max_vram_gib=options.max_vram_gib, probe=probe)
+                max_vram_gib=options.max_vram_gib, probe=probe, engine=engine)
 
 
 def apply_plan(cfg: TrainConfig, plan: Plan) -> TrainConfig:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import gc
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from launcher.memory_model import GIB, ProbeSearch, StepResult, search_micro_batch
 from r2gen.config import TrainConfig
@@ -33,6 +34,7 @@ class ProbeRequest:
     verify: int = 0               # --batch-size: check only this micro-batch
     others_gib: float = 0.0       # memory other processes held when the plan was made
     device_index: int = 0
+    engine: dict[str, Any] = field(default_factory=dict)  # the plan's engine options (zero, offload, fp8_impl)
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,13 @@ class ProbeSession:
         self.request = request
         self.device = torch.device("cuda", request.device_index)
         torch.cuda.set_device(self.device)
-        self.backend = build_backend(request.backend, "cuda", request.precision)
+        self.backend = build_backend(request.backend, "cuda", request.precision,
+                                     fp8_impl=request.engine.get("fp8_impl", "auto"))
+        if request.backend == "deepspeed":
+            from launcher.engine_config import DeepSpeedOptions, deepspeed_json
+
+            options = DeepSpeedOptions(zero=request.engine["zero"], offload=request.engine["offload"])
+            self.backend.configure(deepspeed_json(request.precision, 1, 1, 1, False, options))  # batch sizes: ours
         model = R2GenModel(request.cfg.model, request.vocab_size)
         self.model, self.optimizer = self.backend.prepare(model, optimizer_factory(request.cfg))
         self.model.train()
@@ -136,6 +144,48 @@ class ProbeSession:
         return StepResult(peak <= self.allocator_gib, peak)
 
 
+    def samples_per_s(self, micro: int, steps: int = 3, warmup: int = 2) -> float | None:
+        """Training speed at `micro` on a batch already on the GPU (the model step alone); None when
+        it does not fit."""
+        import torch
+
+        from r2gen.train import release_memory, train_step
+
+        batch = {k: v.to(self.device) if torch.is_tensor(v) else v
+                 for k, v in synthetic_batch(self.request.cfg, self.request.vocab_size, micro).items()}
+        clip = self.request.cfg.clip_value
+        try:
+            for _ in range(warmup):
+                train_step(self.model, self.optimizer, self.backend, batch, clip, micro)
+            torch.cuda.synchronize(self.device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                train_step(self.model, self.optimizer, self.backend, batch, clip, micro)
+            torch.cuda.synchronize(self.device)
+            speed = micro * steps / (time.perf_counter() - start)
+        except torch.OutOfMemoryError:
+            speed = None
+        del batch
+        if speed is None:
+            release_memory(self.backend, self.optimizer)
+        _say(f"{self.request.backend} {self.request.precision} at micro-batch {micro}: "
+             + (f"{speed:.1f} samples/s" if speed else "out of memory"))
+        return speed
+
+
+def measure_speeds(request: ProbeRequest, engines: tuple[tuple[str, str, dict], ...], micro: int
+                   ) -> dict[str, float | None]:
+    """A short timed run of each (backend, precision, engine options) at the same micro-batch, keyed by
+    precision: what auto compares before it picks FP8."""
+    from dataclasses import replace
+
+    speeds: dict[str, float | None] = {}
+    for backend, precision, engine in engines:
+        with ProbeSession(replace(request, backend=backend, precision=precision, engine=engine)) as session:
+            speeds[precision] = session.samples_per_s(micro)
+    return speeds
+
+
 def run_probe(request: ProbeRequest) -> ProbeResult:
     """Real steps at a few micro-batch sizes (or at --batch-size only); frees everything after."""
     start = time.perf_counter()
@@ -172,10 +222,14 @@ def _finish(request: ProbeRequest, name: str, overhead_gib: float, search: Probe
         seconds=time.perf_counter() - start)
 
 
-def probe_in_subprocess(request: ProbeRequest) -> ProbeResult:
-    """run_probe in a spawned process: the training process never sees the probe's allocations."""
+def in_subprocess(function, *args):
+    """function(*args) in a spawned process: the training process never sees the probe's allocations."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(run_probe, request).result()
+        return pool.submit(function, *args).result()
+
+
+def probe_in_subprocess(request: ProbeRequest) -> ProbeResult:
+    return in_subprocess(run_probe, request)

@@ -41,7 +41,7 @@ def launch_command(backend: str, topology: Topology, worker_args: Sequence[str],
                    hostfile: Path | None = None) -> list[str]:
     """The command line that starts `topology.world_size` processes of the worker."""
     t = topology
-    if backend == "plain":
+    if backend in ("plain", "fp8"):
         return [*TORCHRUN, f"--nproc_per_node={t.gpus_per_node}", f"--nnodes={t.nodes}", f"--node_rank={t.node_rank}",
                 f"--master_addr={t.master_addr}", f"--master_port={t.master_port}", "-m", WORKER_MODULE,
                 *worker_args]
@@ -60,8 +60,9 @@ def launch_command(backend: str, topology: Topology, worker_args: Sequence[str],
         elif t.nodes > 1:
             # Without a hostfile every node is started by hand with its rank (no ssh from the launcher).
             command += ["--no_ssh", f"--node_rank={t.node_rank}"]
+        # The worker reads LOCAL_RANK from its environment, as under torchrun: no --local_rank argument.
         command += [f"--num_nodes={t.nodes}", f"--num_gpus={t.gpus_per_node}", f"--master_addr={t.master_addr}",
-                    f"--master_port={t.master_port}", "--module", WORKER_MODULE, *worker_args,
+                    f"--master_port={t.master_port}", "--no_local_rank", "--module", WORKER_MODULE, *worker_args,
                     "--deepspeed_config", str(engine_config)]
         return command
     raise ConfigError(f"--backend: no launcher for {backend!r}")

@@ -25,6 +25,8 @@ class Thresholds:
     low_memory_swap_gib: float = 1.0       # swap in use above this: low-memory mode
     prefetch_factor: int = 2               # batches each worker prepares ahead
     target_util_pct: float = 85.0          # share of a GPU's memory the probe plans to use
+    useful_micro_batch: int = 8            # auto: below this many studies per micro-batch, try ZeRO-2 CPU offload
+    fp8_min_speedup_pct: float = 5.0       # auto: FP8 only when measured at least this much faster than bf16
 
     def __post_init__(self) -> None:
         for f in fields(self):

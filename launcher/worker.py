@@ -3,7 +3,8 @@
     python -m launcher.worker --launch runs/<name>/launch.json
 
 launch.json is written by `r2gen-launch` after it validated the input and made the plan: the
-resolved configuration, backend, device, precision, data paths and the plan. Every process
+resolved configuration, backend, device, precision, engine options and config file, data paths and
+the plan. Every process
 rebuilds tokenizer and model from it (same seed, same weights), joins the process group through
 its backend and enters the one shared loop; rank 0 writes the run directory and prints the scores.
 """
@@ -20,6 +21,8 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--launch", type=Path, required=True, help="launch.json written by r2gen-launch")
+    parser.add_argument("--deepspeed_config", type=Path, help="the deepspeed launcher's engine JSON "
+                        "[default: launch.json's engine_config]")
     args = parser.parse_args(argv)
 
     from backends.registry import build_backend
@@ -29,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     from r2gen.train import prepare, train
 
     spec = json.loads(args.launch.read_text(encoding="utf-8"))
-    backend = build_backend(spec["backend"], spec["device"], spec["precision"])
+    backend = build_backend(spec["backend"], spec["device"], spec["precision"],
+                            fp8_impl=spec["engine"].get("fp8_impl", "auto"))
+    if spec["backend"] == "deepspeed":
+        backend.configure(json.loads((args.deepspeed_config or Path(spec["engine_config"])).read_text("utf-8")))
     cfg = TrainConfig.from_dict(spec["config"])
     # The launcher checked every image already; each process only parses the annotation.
     annotation = load_annotation(spec["annotation"], spec["image_dir"], cfg.model.dataset, check_images=False)

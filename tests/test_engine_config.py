@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher.engine_config import (DeepSpeedOptions, Topology, accelerate_config, deepspeed_config,
-                                    write_accelerate_config, write_deepspeed_config)
+from dataclasses import replace
+
+from launcher.engine_config import (DeepSpeedOptions, Topology, deepspeed_config,
+                                    engine_config_for, write_engine_config)
 from launcher.hardware import HostFacts
 from launcher.plan import Plan, plan_batch
 from launcher.thresholds import Thresholds, plan_loader
@@ -31,9 +33,10 @@ def test_deepspeed_accepts_the_generated_json(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(ds_config.dist, "get_rank", lambda *a, **k: 0)
     monkeypatch.setattr(ds_config.dist, "get_world_size", lambda *a, **k: world)
 
-    plan = _plan(precision, largest=6, world=world)
-    config = deepspeed_config(plan, DeepSpeedOptions(zero=zero, offload=offload))
-    path = write_deepspeed_config(config, tmp_path / "ds_configs", "run1")
+    plan = replace(_plan(precision, largest=6, world=world), engine={"zero": zero, "offload": offload})
+    engine = engine_config_for(plan, Topology(gpus_per_node=world), "run1", root=tmp_path)
+    path = write_engine_config(engine)
+    assert path == tmp_path / "ds_configs" / "run1.json"
     parsed = DeepSpeedConfig(str(path))
     b = plan.batch
     assert parsed.train_batch_size == b.micro_batch * b.accumulation * world == b.effective_batch
@@ -65,7 +68,10 @@ def test_accelerate_loads_the_generated_yaml(tmp_path: Path, precision: str, gpu
 
     topology = Topology(gpus_per_node=gpus, nodes=nodes, node_rank=nodes - 1, master_addr="10.0.0.1",
                         master_port=29512)
-    path = write_accelerate_config(accelerate_config(_plan(precision), topology), tmp_path / "accelerate_configs", "r")
+    plan = replace(_plan(precision), backend="accelerate")
+    path = write_engine_config(engine_config_for(plan, topology, "r", root=tmp_path))
+    assert path == tmp_path / "accelerate_configs" / "r.yaml"
+    assert engine_config_for(replace(plan, backend="plain"), topology, "r") is None
     loaded = load_config_from_file(str(path))
     assert str(loaded.mixed_precision.value if hasattr(loaded.mixed_precision, "value") else loaded.mixed_precision) \
         == {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]

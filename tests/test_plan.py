@@ -46,7 +46,7 @@ def test_plan_round_trips_through_json_and_has_a_reason_per_row() -> None:
 
 # -- make_plan: facts, flags and probe results in, every decision out -----------------------------------
 from launcher.hardware import Facts, GpuFacts  # noqa: E402
-from launcher.plan import PlanOptions, apply_plan, make_plan  # noqa: E402
+from launcher.plan import PlanOptions, apply_plan, check_engine_device, choose_auto_engine, make_plan  # noqa: E402
 from r2gen.config import preset  # noqa: E402
 from r2gen.errors import BackendError, ConfigError  # noqa: E402
 
@@ -65,10 +65,13 @@ def _probe(micro: int, fixed: float = 2.0, per_sample: float = 0.25) -> dict:
 def test_throughput_plan_on_an_h100_from_the_probe() -> None:
     cfg = preset("iu_xray")
     facts = Facts((H100,), SERVER, "1 GPU(s) via NVML")
-    plan = make_plan("auto", "cuda", "bf16", cfg, facts, Thresholds(), PlanOptions(batch_policy="throughput"),
-                     studies=3955, probe=_probe(256))
+    choice = choose_auto_engine("bf16", 256, Thresholds(), speeds={"bf16": 400.0, "fp8": 390.0})
+    plan = make_plan(choice.backend, "cuda", choice.precision, cfg, facts, Thresholds(),
+                     PlanOptions(batch_policy="throughput"), studies=3955, probe=_probe(256), engine=choice.engine,
+                     choice=choice)
     assert (plan.batch.micro_batch, plan.batch.accumulation, plan.batch.effective_batch) == (256, 1, 256)
-    assert plan.backend == "plain" and "auto's engine" in plan.reasons["backend"]
+    assert plan.backend == "plain" and plan.reasons["backend"].startswith("auto: plain")
+    assert "fp8 390 vs bf16 400 samples/s (-3%)" in plan.reasons["backend"]
     assert plan.batch.lr_ed == pytest.approx(1e-4 * 4)  # sqrt(256 / 16)
     assert plan.memory_budget_gib == pytest.approx(79.2 * 0.85)
     assert plan.predicted_peak_gib == pytest.approx(2.0 + 0.25 * 256)
@@ -134,3 +137,38 @@ def test_probe_cap_follows_the_policy() -> None:
     assert PlanOptions(batch_policy="throughput").probe_cap(cfg, 2069) == 2069
     assert PlanOptions().probe_cap(cfg, 2069) == 16 and PlanOptions().probe_cap(cfg, 10) == 10
     assert PlanOptions(effective_batch=64).probe_cap(cfg, 2069, world_size=4) == 16
+
+
+@pytest.mark.parametrize("micro,offload,speeds,expected", [
+    (256, None, {"bf16": 400.0, "fp8": 440.0}, ("fp8", "fp8", {"fp8_impl": "auto"})),    # +10%: measured faster
+    (256, None, {"bf16": 400.0, "fp8": 410.0}, ("plain", "bf16", {})),                    # +2.5%: not enough
+    (256, None, {"bf16": 400.0, "fp8": None}, ("plain", "bf16", {})),                     # fp8 ran out of memory
+    (256, None, None, ("plain", "bf16", {})),                                             # FP8 not possible here
+    (3, 24, None, ("deepspeed", "bf16", {"zero": 2, "offload": "cpu"})),                  # states do not fit
+    (3, 3, None, ("plain", "bf16", {})),                                                  # offload fits no more
+])
+def test_auto_engine_follows_measurements(micro, offload, speeds, expected) -> None:
+    choice = choose_auto_engine("bf16", micro, Thresholds(), offload_micro=offload, speeds=speeds)
+    assert (choice.backend, choice.precision, choice.engine) == expected
+    assert choice.reason.startswith(expected[0])
+
+
+def test_auto_thresholds_come_from_the_table() -> None:
+    strict = Thresholds(fp8_min_speedup_pct=20, useful_micro_batch=2)
+    assert choose_auto_engine("bf16", 256, strict, speeds={"bf16": 400.0, "fp8": 440.0}).backend == "plain"
+    assert choose_auto_engine("bf16", 3, strict, offload_micro=24).backend == "plain"
+
+
+@pytest.mark.parametrize("backend", ["deepspeed", "fp8"])
+def test_gpu_engines_are_refused_on_a_cpu(backend: str) -> None:
+    with pytest.raises(BackendError, match=f"{backend}: needs a CUDA GPU"):
+        check_engine_device(backend, "cpu")
+    check_engine_device(backend, "cuda")
+    check_engine_device("accelerate", "cpu")
+
+
+def test_several_accelerate_processes_on_a_cpu_are_refused() -> None:
+    with pytest.raises(BackendError, match="--gpus 2: accelerate launch runs one process on a CPU"):
+        check_engine_device("accelerate", "cpu", 2)
+    check_engine_device("accelerate", "cuda", 2)
+    check_engine_device("plain", "cpu", 2)

@@ -50,7 +50,7 @@ def test_deepspeed_command(tmp_path: Path) -> None:
     assert tuple(command[:3]) == DEEPSPEED
     args = parse_args(command[3:])
     assert (args.num_nodes, args.num_gpus, args.node_rank, args.no_ssh) == (2, 4, 1, True)
-    assert (args.master_addr, args.master_port, args.module) == ("10.1.2.3", 29611, True)
+    assert (args.master_addr, args.master_port, args.module, args.no_local_rank) == ("10.1.2.3", 29611, True, True)
     assert args.user_script == WORKER_MODULE
     assert args.user_args == ["--run-dir", "runs/x", "--deepspeed_config", str(config)]
 
