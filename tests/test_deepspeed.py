@@ -1,4 +1,5 @@
-"""The DeepSpeed adapter with the real DeepSpeed engine (ZeRO-2, gloo, one process) on CPU.
+"""The DeepSpeed adapter with the real DeepSpeed engine (ZeRO-2, one process): on the CPU with gloo
+(CI), on the GPU with NCCL where there is one (DeepSpeed then runs on its CUDA accelerator).
 
 bf16 weights make DeepSpeed differ from the fp32 plain path by rounding; the tests compare with
 tolerances that the known mistakes (no value clipping, DeepSpeed's extra division by the
@@ -21,6 +22,7 @@ from r2gen.train import optimizer_factory, train_step
 
 CFG = preset("tiny").replace(image_size=64)
 VOCAB = 50
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,7 +40,7 @@ def _model() -> R2GenModel:
 
 
 def _deepspeed(micro: int, accumulation: int, offload: str = "none", untested_ok: bool = False) -> DeepSpeedBackend:
-    backend = DeepSpeedBackend("cpu", "bf16")
+    backend = DeepSpeedBackend(DEVICE, "bf16")
     config = deepspeed_json("bf16", micro, accumulation, 1, False, DeepSpeedOptions(zero=2, offload=offload))
     if untested_ok:
         config["zero_allow_untested_optimizer"] = True  # plain SGD: updates that show the gradient itself
@@ -53,7 +55,7 @@ def _flat(optimizer: torch.optim.Optimizer) -> torch.Tensor:
 
 def test_zero2_tracks_the_plain_bf16_path() -> None:
     batch = synthetic_batch(CFG, VOCAB, 6)
-    plain = PlainBackend("cpu", "bf16")
+    plain = PlainBackend(DEVICE, "bf16")
     model, optimizer = plain.prepare(_model(), optimizer_factory(CFG))
     reference = [train_step(model, optimizer, plain, batch, CFG.clip_value, 3)[0] for _ in range(4)]
 
@@ -113,8 +115,9 @@ def test_cpu_offload_steps_with_deepspeed_cpu_adam() -> None:
 
 def test_precisions_deepspeed_cannot_serve_are_refused() -> None:
     with pytest.raises(BackendError, match="--precision fp32"):
-        DeepSpeedBackend("cpu", "fp32")
-    with pytest.raises(BackendError, match="--precision fp16"):
-        DeepSpeedBackend("cpu", "fp16")
+        DeepSpeedBackend(DEVICE, "fp32")
+    if DEVICE == "cpu":
+        with pytest.raises(BackendError, match="--precision fp16"):
+            DeepSpeedBackend("cpu", "fp16")
     with pytest.raises(BackendError, match="--zero 3"):
         DeepSpeedOptions(zero=3)

@@ -1,0 +1,129 @@
+"""Every backend trains the same model on the same data: samples/s, peak memory and the loss curve.
+
+    python bench/backends.py --steps 200 --json backends.json
+
+Each engine (default: plain bf16, accelerate fp16 and bf16, deepspeed ZeRO-2 with CPU offload in
+bf16, fp8) runs in its own spawned process (no engine state or memory carries over): the iu_xray
+preset (ResNet-101 R2Gen) on the embedded set, R2Gen's batch of 16, the real data loader, the
+shared loop's step, `--steps` optimizer steps (epochs repeat as needed). Speed is timed after
+`--warmup` steps; loss is reported as the mean of the first and of the last 10 steps, with a check
+that every loss is finite and that it fell. Engines this machine cannot run are listed with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launcher.probe import in_subprocess  # noqa: E402
+
+DEFAULT_ENGINES = "plain:bf16,accelerate:fp16,accelerate:bf16,deepspeed:bf16,fp8:fp8"
+
+
+def run_engine(backend_name: str, precision: str, steps: int, warmup: int, batch_size: int, num_workers: int,
+               studies: int) -> dict:
+    """One engine's run (in a fresh process)."""
+    from backends.registry import build_backend
+    from launcher.engine_config import DeepSpeedOptions, deepspeed_json
+    from r2gen.config import preset
+    from r2gen.data.datasets import load_annotation
+    from r2gen.data.synth import default_dataset
+    from r2gen.errors import UsageError
+    from r2gen.train import _loader, optimizer_factory, prepare, train_step
+
+    row = {"engine": backend_name, "precision": precision, "steps": steps, "batch_size": batch_size}
+    cfg = preset("iu_xray").replace(batch_size=batch_size, num_workers=num_workers, pin_memory=True,
+                                    studies=studies, cache_images=True)
+    try:
+        backend = build_backend(backend_name, "cuda", precision)
+    except (UsageError, ImportError) as exc:
+        return {**row, "skipped": str(exc)}
+    if backend_name == "deepspeed":
+        backend.configure(deepspeed_json(precision, batch_size, 1, 1, True, DeepSpeedOptions(zero=2, offload="cpu")))
+    annotation = load_annotation(default_dataset(studies=studies), None, cfg.model.dataset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prep = prepare(cfg, backend, annotation, None)
+    model, optimizer = backend.prepare(prep.model, optimizer_factory(cfg))
+    model.train()
+    loader = _loader(prep, "train", train=True)
+    losses, skipped, wait, samples, start = [], 0, 0.0, 0, 0.0
+    torch.cuda.reset_peak_memory_stats(backend.device)
+    while len(losses) < steps:
+        fetched = time.perf_counter()
+        for batch in loader:
+            if len(losses) == warmup:
+                torch.cuda.synchronize(backend.device)
+                start, samples, wait, fetched = time.perf_counter(), 0, 0.0, time.perf_counter()
+            wait += time.perf_counter() - fetched
+            loss, stepped = train_step(model, optimizer, backend, batch, cfg.clip_value)
+            losses.append(loss)
+            skipped += not stepped
+            samples += len(batch["ids"])
+            if len(losses) == steps:
+                break
+            fetched = time.perf_counter()
+    torch.cuda.synchronize(backend.device)
+    elapsed = time.perf_counter() - start
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    return {**row, "describe": backend.describe(), "samples_per_s": samples / elapsed,
+            "ms_per_step": 1000 * elapsed / (steps - warmup), "data_wait_pct": 100 * wait / elapsed,
+            "peak_allocated_gib": torch.cuda.max_memory_allocated(backend.device) / 2**30,
+            "loss_first10": first, "loss_last10": last, "finite": all(math.isfinite(x) for x in losses),
+            "falling": last < first, "skipped_steps": skipped, "losses": losses,
+            "gpu": torch.cuda.get_device_name(backend.device), "torch": torch.__version__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--engines", default=DEFAULT_ENGINES, help="comma-separated backend:precision pairs")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per engine")
+    parser.add_argument("--warmup", type=int, default=10, help="steps before the clock starts")
+    parser.add_argument("--batch-size", type=int, default=16, help="studies per step (R2Gen's 16)")
+    parser.add_argument("--num-workers", type=int, default=6)
+    parser.add_argument("--studies", type=int, default=400, help="size of the embedded set")
+    parser.add_argument("--json", type=Path, help="also write the rows (with every step's loss) here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/backends.py: needs a CUDA GPU")
+    if args.steps <= args.warmup + 10:
+        sys.exit("--steps: must exceed --warmup + 10")
+
+    rows = []
+    for spec in args.engines.split(","):
+        name, _, precision = spec.partition(":")
+        print(f"== {name} {precision}", flush=True)
+        rows.append(in_subprocess(run_engine, name, precision, args.steps, args.warmup, args.batch_size,
+                                  args.num_workers, args.studies))
+    gpu = next((r["gpu"] for r in rows if "gpu" in r), torch.cuda.get_device_name())
+    table = Table(title=f"backends: iu_xray preset (ResNet-101), batch {args.batch_size}, {args.steps} steps, "
+                        f"{gpu}, torch {torch.__version__}")
+    for col in ("engine", "precision", "samples/s", "ms/step", "data wait %", "peak alloc GiB",
+                "loss first 10 -> last 10", "finite, falling", "skipped steps"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        if "skipped" in r:
+            table.add_row(r["engine"], r["precision"], f"skipped: {r['skipped']}", *[""] * 6)
+            continue
+        table.add_row(r["engine"], r["precision"], f"{r['samples_per_s']:.1f}", f"{r['ms_per_step']:.0f}",
+                      f"{r['data_wait_pct']:.0f}", f"{r['peak_allocated_gib']:.2f}",
+                      f"{r['loss_first10']:.3f} -> {r['loss_last10']:.3f}",
+                      f"{'yes' if r['finite'] else 'NO'}, {'yes' if r['falling'] else 'NO'}", str(r["skipped_steps"]))
+    Console(width=200).print(table)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
