@@ -10,6 +10,8 @@ The engine's JSON comes from the plan (launcher.engine_config.deepspeed_config) 
   divide the losses again by its accumulation count.
 - BatchNorm: the JSON asks for buffers in the weights' dtype (`data_types.buffer_dtype`), as the
   parameters are cast to bf16/fp16 and batch_norm needs its running statistics in the same dtype.
+- autocast: DeepSpeed disables an outer torch.autocast inside its forward; the JSON's `torch_autocast`
+  section keeps it on there, so the forward computes as under the other engines.
 With offload the optimizer is DeepSpeedCPUAdam, which has no AMSGrad: the one deviation from
 R2Gen's Adam(amsgrad=True), stated by `describe()`; `--offload none` keeps torch's Adam(amsgrad).
 """

@@ -94,6 +94,9 @@ def deepspeed_json(precision: str, micro_batch: int, accumulation: int, world_si
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
         # BatchNorm needs its running statistics in the weights' dtype (the parameters become bf16/fp16).
         "data_types": {"buffer_dtype": precision},
+        # Autocast inside the engine too (DeepSpeed turns an outer one off): tensors the model creates in fp32
+        # (the relational memory's first state) meet bf16/fp16 weights, and norms and softmax run in fp32.
+        "torch_autocast": {"enabled": True, "dtype": precision},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
