@@ -19,6 +19,7 @@ R2Gen's Adam(amsgrad=True), stated by `describe()`; `--offload none` keeps torch
 from __future__ import annotations
 
 import os
+import types
 from contextlib import AbstractContextManager
 
 import torch
@@ -92,18 +93,19 @@ class DeepSpeedBackend(Backend):
                                          lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"],
                                          adamw_mode=False)  # Adam's L2 weight decay, as torch.optim.Adam
         # Clamp on the instance, not in a subclass: DeepSpeed accepts only the optimizer classes it knows.
+        # A bound method, as LR schedulers expect of optimizer.step (they wrap its __func__).
         unclipped, backend = optimizer.step, self
 
         @torch.no_grad()
-        def step_with_value_clipping(*args, **kwargs):
+        def step_with_value_clipping(opt, *args, **kwargs):
             if backend.clip_value:
-                for group in optimizer.param_groups:
+                for group in opt.param_groups:
                     for p in group["params"]:
                         if p.grad is not None:
                             p.grad.clamp_(-backend.clip_value, backend.clip_value)
             return unclipped(*args, **kwargs)
 
-        optimizer.step = step_with_value_clipping
+        optimizer.step = types.MethodType(step_with_value_clipping, optimizer)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         # The client optimizer, whose param_groups (now ZeRO's flat fp32 partitions) the engine steps:
         # the LR scheduler and the logged learning rates act on it.
