@@ -103,9 +103,15 @@ def main() -> None:
     rows = []
     for spec in args.engines.split(","):
         name, _, precision = spec.partition(":")
-        print(f"== {name} {precision}", flush=True)
-        rows.append(in_subprocess(run_engine, name, precision, args.steps, args.warmup, args.batch_size,
-                                  args.num_workers, args.studies))
+        began = time.perf_counter()
+        row = in_subprocess(run_engine, name, precision, args.steps, args.warmup, args.batch_size,
+                            args.num_workers, args.studies)
+        row["wall_s"] = time.perf_counter() - began
+        rows.append(row)
+        # A line per engine as it finishes (the table comes at the end), and the JSON so far.
+        print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
     gpu = next((r["gpu"] for r in rows if "gpu" in r), torch.cuda.get_device_name())
     table = Table(title=f"backends: iu_xray preset (ResNet-101), batch {args.batch_size}, {args.steps} steps, "
                         f"{gpu}, torch {torch.__version__}")
@@ -121,8 +127,6 @@ def main() -> None:
                       f"{r['loss_first10']:.3f} -> {r['loss_last10']:.3f}",
                       f"{'yes' if r['finite'] else 'NO'}, {'yes' if r['falling'] else 'NO'}", str(r["skipped_steps"]))
     Console(width=200).print(table)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
