@@ -23,6 +23,9 @@ class Backend(ABC):
     precision: str
     world_size: int = 1
     rank: int = 0
+    can_redo_step: bool = True
+    """After an out-of-memory error, dropping the gradients (optimizer.zero_grad) undoes the failed
+    step's partial work, so the loop may redo it in smaller micro-batches."""
 
     @property
     def is_main(self) -> bool:

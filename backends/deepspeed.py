@@ -40,6 +40,10 @@ def check_deepspeed_precision(precision: str) -> None:
 
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
+    # ZeRO reduces and accumulates each micro-batch's gradients into engine-internal partitions
+    # (and, offloaded, CPU buffers) that no public call discards: an out-of-memory error stops the
+    # run with a checkpoint instead of redoing the step on top of half a window (tested).
+    can_redo_step = False
 
     def __init__(self, device: str = "cuda", precision: str = "bf16"):
         check_deepspeed_precision(precision)

@@ -208,7 +208,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, backend
 
 
 class OutOfMemoryAtOne(RuntimeError):
-    """Even a micro-batch of one study does not fit, after every retry."""
+    """Even a micro-batch of one study does not fit, after every retry (or the engine cannot redo a step)."""
 
 
 @dataclass
@@ -229,6 +229,14 @@ class OomRecovery:
 
     def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, backend: Backend, batch: dict,
              clip_value: float) -> tuple[float, bool]:
+        if not backend.can_redo_step:
+            try:
+                return train_step(model, optimizer, backend, batch, clip_value, self.micro_batch)
+            except torch.OutOfMemoryError as err:
+                raise OutOfMemoryAtOne(f"out of memory at micro-batch {self.micro_batch} under {backend.name}, which "
+                                       "keeps a failed step's partial gradients inside its engine, so the step cannot "
+                                       f"be redone smaller ({str(err).splitlines()[0] if str(err) else 'no message'})"
+                                       ) from None
         return self.run(lambda micro: train_step(model, optimizer, backend, batch, clip_value, micro),
                         lambda: release_memory(backend, optimizer))
 

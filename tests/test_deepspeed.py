@@ -124,3 +124,25 @@ def test_precisions_deepspeed_cannot_serve_are_refused() -> None:
             DeepSpeedBackend("cpu", "fp16")
     with pytest.raises(BackendError, match="--zero 3"):
         DeepSpeedOptions(zero=3)
+
+
+def test_out_of_memory_stops_instead_of_redoing_on_top_of_partial_gradients() -> None:
+    """ZeRO keeps the window's partial gradients inside the engine: redoing the step smaller would
+    count the first micro-batch twice (measured: the update off by 70%), so the loop stops cleanly."""
+    from r2gen.train import OomRecovery, OutOfMemoryAtOne
+
+    ds = _deepspeed(3, 2, untested_ok=True)
+    engine, optimizer = ds.prepare(_model(), lambda m: torch.optim.SGD(m.parameters(), lr=1.0))
+    forward, calls = engine.module.forward, []
+
+    def failing_forward(images, targets):
+        calls.append(len(images))
+        if len(calls) == 2:  # the second micro-batch, after the first one's backward
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return forward(images, targets)
+
+    engine.module.forward = failing_forward
+    before = _flat(optimizer).clone()
+    with pytest.raises(OutOfMemoryAtOne, match="under deepspeed.*cannot be redone smaller"):
+        OomRecovery(3, wait_s=0).step(engine, optimizer, ds, synthetic_batch(CFG, VOCAB, 6), 0.0)
+    assert torch.equal(_flat(optimizer), before)  # nothing was applied
