@@ -96,8 +96,9 @@ class ProbeSession:
 
             options = DeepSpeedOptions(zero=request.engine["zero"], offload=request.engine["offload"])
             self.backend.configure(deepspeed_json(request.precision, 1, 1, 1, False, options))  # batch sizes: ours
-        model = R2GenModel(request.cfg.model, request.vocab_size)
-        self.model, self.optimizer = self.backend.prepare(model, optimizer_factory(request.cfg))
+        self._build = lambda: self.backend.prepare(R2GenModel(request.cfg.model, request.vocab_size),
+                                                   optimizer_factory(request.cfg))
+        self.model, self.optimizer = self._build()
         self.model.train()
         # Our memory outside the allocator (context, library handles): what the device holds beyond
         # torch's reservation and the other processes' share.
@@ -137,6 +138,11 @@ class ProbeSession:
         del batch
         if not ok:  # outside the except block, so the traceback no longer holds the step's tensors
             release_memory(self.backend, self.optimizer)
+            if not self.backend.can_redo_step:  # the engine keeps the failed step's state: start a fresh one
+                del self.model, self.optimizer
+                release_memory(self.backend)
+                self.model, self.optimizer = self._build()
+                self.model.train()
             _say(f"micro-batch {micro}: out of memory")
             return StepResult(False, None)
         peak = torch.cuda.max_memory_reserved(self.device) / GIB

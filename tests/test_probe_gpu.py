@@ -76,3 +76,20 @@ def test_real_out_of_memory_is_recovered_with_a_smaller_micro_batch() -> None:
         del model, optimizer
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
+
+
+def test_deepspeed_probe_survives_out_of_memory_and_auto_measures_fp8() -> None:
+    """In a subprocess (DeepSpeed's process group stays out of this one): a budget that makes the
+    search run out of memory; the probe starts a fresh engine after each and still answers."""
+    from dataclasses import replace
+
+    from launcher.probe import in_subprocess, measure_speeds
+
+    request = replace(_request(budget_gib=6, max_micro=256), backend="deepspeed",
+                      engine={"zero": 2, "offload": "cpu"})
+    result = probe_in_subprocess(request)
+    assert any(not fits for _, fits, _ in result.tried) and result.micro_batch >= 1
+    if torch.cuda.get_device_capability() >= (8, 9):
+        speeds = in_subprocess(measure_speeds, _request(budget_gib=20),
+                               (("plain", "bf16", {}), ("fp8", "fp8", {"fp8_impl": "torchao"})), 16)
+        assert speeds["bf16"] > 0 and speeds["fp8"] > 0
