@@ -331,10 +331,12 @@ Fp8Impl = Annotated[str, typer.Option("--fp8-impl", help="auto: Transformer Engi
 
 ENGINE_OPTIONS: dict[str, list[inspect.Parameter]] = {
     "deepspeed": [inspect.Parameter("zero", inspect.Parameter.KEYWORD_ONLY, default=2, annotation=Zero),
-                  inspect.Parameter("offload", inspect.Parameter.KEYWORD_ONLY, default="cpu", annotation=Offload)],
+                  inspect.Parameter("offload", inspect.Parameter.KEYWORD_ONLY, default="cpu", annotation=Offload),
+                  inspect.Parameter("hostfile", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Hostfile)],
     "fp8": [inspect.Parameter("fp8_impl", inspect.Parameter.KEYWORD_ONLY, default="auto", annotation=Fp8Impl)],
 }
-"""Each engine's own options, added to its command's signature (and so to its help page)."""
+"""Each engine's own options, added to its command's signature (and so to its help page); all but
+--hostfile (the launcher's) go to the plan as its engine options."""
 
 
 def _topology(gpus: int, nodes: int, node_rank: int, master_addr: str, master_port: Optional[int]):
@@ -382,11 +384,7 @@ def _training_command(backend_name: str, summary: str):
         _guarded(run)
 
     params = [p for p in inspect.signature(command).parameters.values() if p.kind is not p.VAR_KEYWORD]
-    extra = ENGINE_OPTIONS.get(backend_name, [])
-    if backend_name == "deepspeed":
-        extra = [*extra, inspect.Parameter("hostfile", inspect.Parameter.KEYWORD_ONLY, default=None,
-                                           annotation=Hostfile)]
-    command.__signature__ = inspect.Signature([*params, *extra])  # type: ignore[attr-defined]
+    command.__signature__ = inspect.Signature([*params, *ENGINE_OPTIONS.get(backend_name, [])])  # type: ignore[attr-defined]
     command.__doc__ = summary
     return command
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from launcher.cli import app
 
 runner = CliRunner()
-COMMANDS = [["plain"], ["accelerate"], ["auto"], ["probe"], ["data", "synth"]]
+COMMANDS = [["plain"], ["accelerate"], ["deepspeed"], ["fp8"], ["auto"], ["probe"], ["data", "synth"]]
 
 
 def _options(path: list[str]) -> list[str]:
@@ -69,6 +69,15 @@ def test_top_level_help_lists_commands() -> None:
     (["auto", "--num-workers", "-1"], "--num-workers"),
     (["auto", "--thresholds", "/nonexistent.yaml"], "--thresholds"),
     (["probe", "--device", "cpu", "--preset", "tiny", "--max-vram", "-4"], "--max-vram"),
+    (["deepspeed", "--device", "cpu", "--preset", "tiny"], "deepspeed: needs a CUDA GPU"),
+    (["fp8", "--device", "cpu", "--preset", "tiny"], "fp8: needs a CUDA GPU"),
+    (["probe", "--device", "cpu", "--preset", "tiny", "--backend", "fp8"], "fp8: needs a CUDA GPU"),
+    (["deepspeed", "--device", "cpu", "--zero", "3"], "--zero 3"),
+    (["deepspeed", "--device", "cpu", "--offload", "nvme"], "--offload"),
+    (["accelerate", "--device", "cpu", "--preset", "tiny", "--gpus", "2"], "--gpus 2: accelerate launch"),
+    (["plain", "--device", "cpu", "--preset", "tiny", "--gpus", "0"], "--gpus"),
+    (["plain", "--device", "cpu", "--preset", "tiny", "--nodes", "2", "--node-rank", "2"], "--node-rank"),
+    (["plain", "--device", "cpu", "--preset", "tiny", "--master-port", "70000"], "--master-port"),
     (["data", "synth", "--out", "OUT", "--seed", "-1"], "--seed"),
     (["data", "synth", "--out", "OUT", "--studies", "5"], "--studies"),
 ])
