@@ -81,13 +81,5 @@ class Backend(ABC):
         if self.world_size > 1:
             torch.distributed.barrier()
 
-    def train_sampler(self, dataset, seed: int):
-        """A sampler giving this process its share of a shuffled epoch, or None (one process)."""
-        if self.world_size == 1:
-            return None
-        from torch.utils.data.distributed import DistributedSampler
-
-        return DistributedSampler(dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True, seed=seed)
-
     def describe(self) -> str:
         return f"{self.name} on {self.device} ({self.precision})"

@@ -24,7 +24,7 @@ out = Console()
 err = Console(stderr=True)
 
 # -- options shared by the training commands (one definition each) -----------------------------------
-Preset = Annotated[str, typer.Option(help="Hyper-parameter preset: iu_xray, mimic_cxr (the paper's) or tiny (CPU smoke runs).")]
+Preset = Annotated[Optional[str], typer.Option(help="Hyper-parameter preset: iu_xray, mimic_cxr (the paper's) or tiny (CPU smoke runs) [default: iu_xray].")]
 Epochs = Annotated[Optional[int], typer.Option(help="Epochs [default: the preset's].")]
 BatchSize = Annotated[Optional[int], typer.Option(help="Micro-batch: studies per forward/backward on one process. Given, the probe only verifies it with one real step [default: probed on a GPU; the effective batch on CPU].")]
 EffectiveBatch = Annotated[Optional[int], typer.Option(help="Studies per optimizer step, all processes together; accumulation = ceil(N / (micro-batch x processes)) [default: the preset's, 16 for R2Gen].")]
@@ -39,6 +39,9 @@ NodeRank = Annotated[int, typer.Option(help="This machine's rank among --nodes (
 MasterAddr = Annotated[str, typer.Option(help="Address of node 0, reachable from every node.")]
 MasterPort = Annotated[Optional[int], typer.Option(help="Rendezvous TCP port on node 0 [default: a free port on one machine, 29500 with --nodes > 1].")]
 Hostfile = Annotated[Optional[Path], typer.Option(help="deepspeed: a DeepSpeed hostfile ('host slots=N' lines); the launcher then starts every node over ssh.")]
+KeepTraining = Annotated[bool, typer.Option("--keep-training", help="Continue the run --run-dir/--name (without --name: the newest run in --run-dir) from its newest intact checkpoint, exactly where it stopped: weights, optimizer, schedule, random state, data order. The run's own settings apply; only --epochs, --val-every, --early-stop, --beam-size, --log-every, --max-steps-per-epoch, --save-every and --keep-last may change.")]
+SaveEvery = Annotated[Optional[int], typer.Option(help="Optimizer steps between resumable checkpoints; 0: at epoch ends only [default: 0].")]
+KeepLast = Annotated[Optional[int], typer.Option(help="Resumable checkpoints kept, the newest ones [default: 3].")]
 DryRun = Annotated[bool, typer.Option(help="Print the plan, engine config and launch command, then stop (nothing is written).")]
 ThresholdsFile = Annotated[Optional[Path], typer.Option("--thresholds", help="YAML file overriding the host/VRAM thresholds (see README).")]
 ImageSize = Annotated[Optional[int], typer.Option(help="Training image side in px [default: the preset's, 224 for R2Gen].")]
@@ -200,12 +203,16 @@ def _print_plan(plan) -> None:
 def _run_training(backend_name: str, device: str, precision: str, preset_name: str, overrides: dict, options,
                   ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
                   thresholds_path: Optional[Path], run_dir: Path, name: Optional[str], dry_run: bool,
-                  topology=None, engine: Optional[dict] = None, hostfile: Optional[Path] = None) -> None:
+                  topology=None, engine: Optional[dict] = None, hostfile: Optional[Path] = None,
+                  keep_training: bool = False, preset_given: Optional[str] = None) -> None:
     from launcher.engine_config import Topology, engine_config_for
     from launcher.plan import apply_plan
     from r2gen.train import train
 
     topology = topology or Topology()
+    if keep_training:
+        _continue_training(backend_name, overrides, options, run_dir, name, dry_run, topology, hostfile, preset_given)
+        return
     prep, plan, target = _prepare_run(backend_name, device, precision, preset_name, overrides, options, ann_path,
                                       image_dir, visual_weights, thresholds_path, run_dir, name,
                                       world_size=topology.world_size, gpus_here=topology.gpus_per_node,
@@ -213,7 +220,8 @@ def _run_training(backend_name: str, device: str, precision: str, preset_name: s
     _print_plan(plan)
     engine_file = engine_config_for(plan, topology, target.name)
     if topology.world_size > 1:
-        _launch_processes(prep, plan, target, visual_weights, topology, engine_file, hostfile, dry_run)
+        _launch_processes(prep, apply_plan(prep.cfg, plan), plan, target, visual_weights, topology, engine_file,
+                          hostfile, dry_run)
         return
     if dry_run:
         out.print(f"engine config: {_describe_config(engine_file)}\n"
@@ -225,6 +233,63 @@ def _run_training(backend_name: str, device: str, precision: str, preset_name: s
         prep.backend.configure(engine_file.config)
     prep.cfg = apply_plan(prep.cfg, plan)
     result = train(prep, target, err, plan.to_json())
+    _print_result(result)
+
+
+def _continue_training(backend_name: str, overrides: dict, options, run_dir: Path, name: Optional[str],
+                       dry_run: bool, topology, hostfile: Optional[Path], preset_given: Optional[str]) -> None:
+    """--keep-training: check the run, rebuild it from its own files, re-plan the micro-batch, continue."""
+    from dataclasses import replace
+
+    from backends.registry import build_backend
+    from launcher.engine_config import engine_config_for
+    from launcher.resume import check_request, continued_config, find_run, read_run, resume_batch
+    from r2gen.data.datasets import load_annotation
+    from r2gen.train import prepare, train
+
+    run = read_run(find_run(run_dir, name))
+    check_request(run, backend_name, preset_given, overrides)
+    plan = run.plan
+    if topology.world_size != plan.batch.world_size:
+        raise ConfigError(f"--gpus/--nodes: {run.path} trained with {plan.batch.world_size} process(es); continue it "
+                          "with as many (each process's share of the data depends on it)")
+    for warning in run.warnings:
+        err.print(f"[yellow]warning:[/] skipping {warning}", highlight=False)
+    backend = build_backend(plan.backend, plan.device, plan.precision, fp8_impl=plan.engine.get("fp8_impl", "auto"))
+    annotation = load_annotation(run.annotation, run.image_dir, run.cfg.model.dataset, progress=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the visual extractor's weights come from the checkpoint
+        prep = prepare(run.cfg, backend, annotation, None)
+    if prep.tokenizer.to_json() != (run.path / "tokenizer.json").read_text(encoding="utf-8"):
+        raise ConfigError(f"--keep-training: {run.annotation} changed since {run.path} started (its vocabulary "
+                          "differs); start a new run")
+    if plan.device == "cuda" and options.probe:
+        from launcher.hardware import detect
+        from launcher.plan import gpu_budget
+        from launcher.probe import ProbeRequest, probe_in_subprocess
+        from launcher.thresholds import Thresholds
+
+        facts = detect()
+        budget, _ = gpu_budget(facts, options, Thresholds())
+        window = plan.batch.micro_batch * plan.batch.accumulation
+        request = ProbeRequest(run.cfg, len(prep.tokenizer), plan.precision, budget, window, backend=plan.backend,
+                               others_gib=facts.gpus[0].used_by_others_gib, engine=plan.engine)
+        with err.status("re-probing GPU memory..."):
+            probe = probe_in_subprocess(request).to_dict()
+        plan = replace(plan, batch=resume_batch(plan.batch, probe["micro_batch"]), probe=probe)
+    prep.cfg = continued_config(run, overrides, plan.batch.micro_batch)
+    _print_plan(plan)
+    err.print(f"continuing {run.path} from {run.checkpoint.name}", highlight=False)
+    engine_file = engine_config_for(plan, topology, run.path.name)
+    if topology.world_size > 1:
+        _launch_processes(prep, prep.cfg, plan, run.path, None, topology, engine_file, hostfile, dry_run,
+                          resume=run.checkpoint)
+        return
+    if dry_run:
+        out.print(f"launch: this process, continuing {run.path} (nothing written)", highlight=False)
+        return
+    _write_engine_config(engine_file)
+    result = train(prep, run.path, err, plan.to_json(), resume=run.checkpoint)
     _print_result(result)
 
 
@@ -241,12 +306,11 @@ def _write_engine_config(engine) -> None:
         err.print(f"engine config: {write_engine_config(engine)}", highlight=False)
 
 
-def _launch_processes(prep, plan, target: Path, visual_weights: Optional[Path], topology, engine_file,
-                      hostfile: Optional[Path], dry_run: bool) -> None:
+def _launch_processes(prep, cfg, plan, target: Path, visual_weights: Optional[Path], topology, engine_file,
+                      hostfile: Optional[Path], dry_run: bool, resume: Optional[Path] = None) -> None:
     """Write launch.json into the run directory and start one worker per process with the engine's launcher."""
     import os
 
-    from launcher.plan import apply_plan
     from launcher.spawn import launch_command, run_command
     from r2gen.checkpoint import write_json
 
@@ -259,7 +323,7 @@ def _launch_processes(prep, plan, target: Path, visual_weights: Optional[Path], 
         return
     spec = {"backend": plan.backend, "device": plan.device, "precision": plan.precision, "engine": plan.engine,
             "engine_config": str(engine_file.path.resolve()) if engine_file else None,
-            "config": apply_plan(prep.cfg, plan).to_dict(),
+            "config": cfg.to_dict(), "resume": str(resume) if resume else None,
             "annotation": str(prep.annotation.path), "image_dir": str(prep.annotation.image_dir),
             "visual_weights": str(visual_weights) if visual_weights else None, "run_dir": str(target),
             "plan": plan.to_json()}
@@ -354,7 +418,7 @@ def _training_command(backend_name: str, summary: str):
     engine's own options (ENGINE_OPTIONS)."""
 
     def command(
-        preset: Preset = "iu_xray", device: Device = None, precision: Precision = None,
+        preset: Preset = None, device: Device = None, precision: Precision = None,
         epochs: Epochs = None, batch_size: BatchSize = None, effective_batch: EffectiveBatch = None,
         batch_policy: BatchPolicy = None, lr_scaling: LrScaling = "sqrt", target_util: TargetUtil = None,
         max_vram: MaxVram = None, probe: Probe = True, image_size: ImageSize = None, dataset: Dataset = None,
@@ -363,7 +427,8 @@ def _training_command(backend_name: str, summary: str):
         beam_size: BeamSize = None, lr_ve: LrVe = None, lr_ed: LrEd = None, seed: Seed = None,
         num_workers: NumWorkers = None, max_steps_per_epoch: MaxSteps = None, log_every: LogEvery = None,
         gpus: Gpus = 1, nodes: Nodes = 1, node_rank: NodeRank = 0, master_addr: MasterAddr = "127.0.0.1",
-        master_port: MasterPort = None, thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"),
+        master_port: MasterPort = None, save_every: SaveEvery = None, keep_last: KeepLast = None,
+        keep_training: KeepTraining = False, thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"),
         name: Name = None, dry_run: DryRun = False, **engine,
     ) -> None:
         import torch
@@ -374,12 +439,14 @@ def _training_command(backend_name: str, summary: str):
             overrides = dict(epochs=epochs, image_size=image_size, dataset=dataset,
                              studies=studies, backbone=backbone, val_every=_parse_val_every(val_every),
                              early_stop=early_stop, beam_size=beam_size, lr_ve=lr_ve, lr_ed=lr_ed, seed=seed,
-                             max_steps_per_epoch=max_steps_per_epoch, log_every=log_every)
+                             max_steps_per_epoch=max_steps_per_epoch, log_every=log_every, save_every=save_every,
+                             keep_last=keep_last)
             chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
             hostfile = engine.pop("hostfile", None)
-            _run_training(backend_name, chosen, precision or _default_precision(backend_name, chosen), preset,
-                          overrides, options, ann_path, image_dir, visual_weights, thresholds, run_dir, name, dry_run,
-                          _topology(gpus, nodes, node_rank, master_addr, master_port), engine, hostfile)
+            _run_training(backend_name, chosen, precision or _default_precision(backend_name, chosen),
+                          preset or "iu_xray", overrides, options, ann_path, image_dir, visual_weights, thresholds,
+                          run_dir, name, dry_run, _topology(gpus, nodes, node_rank, master_addr, master_port), engine,
+                          hostfile, keep_training, preset)
 
         _guarded(run)
 
@@ -423,6 +490,7 @@ def auto(
     studies: Studies = None, visual_weights: VisualWeights = None, val_every: ValEvery = None,
     seed: Seed = None, num_workers: NumWorkers = None,
     gpus: Annotated[Optional[int], typer.Option(help="GPUs on this machine, one process each [default: all visible].")] = None,
+    save_every: SaveEvery = None, keep_last: KeepLast = None, keep_training: KeepTraining = False,
     thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"), name: Name = None, dry_run: DryRun = False,
 ) -> None:
     """Pick device, engine, precision and a preset that fits, plan, then train and evaluate.
@@ -447,9 +515,11 @@ def auto(
             device, preset, precision = "cpu", "tiny", "fp32"
             processes = gpus or 1
         err.print(f"auto: {device}, {precision}, {preset} preset, {processes} process(es)", highlight=False)
-        overrides = dict(epochs=epochs, studies=studies, val_every=_parse_val_every(val_every), seed=seed)
+        overrides = dict(epochs=epochs, studies=studies, val_every=_parse_val_every(val_every), seed=seed,
+                         save_every=save_every, keep_last=keep_last)
         _run_training("auto", device, precision, preset, overrides, options, ann_path, image_dir, visual_weights,
-                      thresholds, run_dir, name, dry_run, _topology(processes, 1, 0, "127.0.0.1", None))
+                      thresholds, run_dir, name, dry_run, _topology(processes, 1, 0, "127.0.0.1", None),
+                      keep_training=keep_training)
 
     _guarded(run)
 

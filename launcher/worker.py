@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         weights = Path(spec["visual_weights"]) if spec["visual_weights"] else None
         prep = prepare(cfg, backend, annotation, weights)
     try:
-        result = train(prep, Path(spec["run_dir"]), plan_json=spec["plan"])
+        resume = Path(spec["resume"]) if spec.get("resume") else None
+        result = train(prep, Path(spec["run_dir"]), plan_json=spec["plan"], resume=resume)
     except RunFailed as exc:
         print(f"failed: {exc}", file=sys.stderr)
         return exc.exit_code

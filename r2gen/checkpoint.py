@@ -41,3 +41,77 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+MANIFEST = "manifest.json"
+
+
+def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class CheckpointStore:
+    """A run's checkpoints/ folder: resumable states `step-<step>.pt` (the newest `keep_last` kept),
+    `best.pt` (best validation score), and manifest.json listing each with its size and SHA-256.
+
+    Every file is written atomically and entered in the manifest only once complete; the manifest
+    itself is replaced atomically. `newest_intact` returns the newest state whose file still matches
+    its manifest entry, so a truncated or corrupted newest checkpoint falls back to the one before.
+    """
+
+    def __init__(self, folder: Path, keep_last: int = 3):
+        if keep_last < 1:
+            raise ValueError("keep_last must be at least 1")
+        self.folder, self.keep_last = folder, keep_last
+
+    def manifest(self) -> dict[str, Any]:
+        path = self.folder / MANIFEST
+        if not path.is_file():
+            return {"states": [], "best": None}
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {"states": [], "best": None}
+
+    def _entry(self, path: Path, **info: Any) -> dict[str, Any]:
+        return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_of(path), **info}
+
+    def save(self, state: dict[str, Any], step: int, epoch: int) -> Path:
+        """A resumable state after optimizer step `step`; older ones beyond keep_last are removed."""
+        path = self.folder / f"step-{step:08d}.pt"
+        save_checkpoint(state, path)
+        manifest = self.manifest()
+        states = [e for e in manifest["states"] if e["file"] != path.name] + [self._entry(path, step=step, epoch=epoch)]
+        states.sort(key=lambda e: e["step"])
+        dropped, manifest["states"] = states[:-self.keep_last], states[-self.keep_last:]
+        write_json(self.folder / MANIFEST, manifest)
+        for entry in dropped:
+            (self.folder / entry["file"]).unlink(missing_ok=True)
+        return path
+
+    def save_best(self, state: dict[str, Any], step: int, epoch: int) -> Path:
+        path = self.folder / "best.pt"
+        save_checkpoint(state, path)
+        manifest = self.manifest()
+        manifest["best"] = self._entry(path, step=step, epoch=epoch)
+        write_json(self.folder / MANIFEST, manifest)
+        return path
+
+    def newest_intact(self) -> tuple[Path | None, list[str]]:
+        """(the newest state matching its manifest entry, or None; a warning per newer one skipped)."""
+        warnings = []
+        for entry in reversed(self.manifest()["states"]):
+            path = self.folder / entry["file"]
+            if not path.is_file():
+                warnings.append(f"{path} is missing")
+            elif path.stat().st_size != entry["bytes"] or sha256_of(path) != entry["sha256"]:
+                warnings.append(f"{path} is truncated or corrupt (size or SHA-256 differs from the manifest)")
+            else:
+                return path, warnings
+        return None, warnings

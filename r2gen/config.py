@@ -49,10 +49,13 @@ class TrainConfig:
     oom_retries: int = 3               # retries at micro-batch 1 before saving and stopping
     max_steps_per_epoch: int = 0       # 0 = whole epoch; otherwise cut epochs short (smoke runs)
     log_every: int = 10                # optimizer steps between metrics.jsonl records
+    save_every: int = 0                # optimizer steps between resumable checkpoints; 0 = at epoch ends only
+    keep_last: int = 3                 # resumable checkpoints kept (the newest)
     studies: int = 400                 # size of the embedded synthetic set when no ann_path is given
 
     def __post_init__(self) -> None:
-        positive = ("threshold", "image_size", "batch_size", "epochs", "step_size", "beam_size", "log_every")
+        positive = ("threshold", "image_size", "batch_size", "epochs", "step_size", "beam_size", "log_every",
+                    "keep_last")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
@@ -60,7 +63,7 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
         for name in ("weight_decay", "early_stop", "val_every", "num_workers", "max_steps_per_epoch", "micro_batch",
-                     "max_vram_gib", "oom_retries"):
+                     "max_vram_gib", "oom_retries", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must not be negative, got {getattr(self, name)}")
         if self.micro_batch > self.batch_size:

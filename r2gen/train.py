@@ -17,7 +17,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,9 +28,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from backends.base import Backend
-from r2gen.checkpoint import save_checkpoint, write_json, write_text
+from r2gen.checkpoint import CheckpointStore, load_checkpoint, write_json, write_text
 from r2gen.config import TrainConfig
 from r2gen.data.datasets import Annotation, ReportDataset, build_transform, collate
+from r2gen.data.sampling import EpochSampler
 from r2gen.data.tokenizer import Tokenizer
 from r2gen.errors import RunFailed
 from r2gen.metrics import compute_scores
@@ -100,14 +101,15 @@ def _loader(prep: Prepared, split: str, train: bool) -> DataLoader:
     cfg = prep.cfg
     dataset = ReportDataset(prep.annotation.splits[split], prep.tokenizer, cfg.model.max_seq_length,
                             build_transform(cfg.image_size, train), cache=cfg.cache_images, progress=True)
-    generator = torch.Generator().manual_seed(cfg.seed)
     workers = cfg.num_workers
-    sampler = prep.backend.train_sampler(dataset, cfg.seed) if train else None
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=train and sampler is None, sampler=sampler,
-                      num_workers=workers,
+    # Training: this process's share of one shuffle per epoch, resumable at any batch (set_epoch).
+    sampler = EpochSampler(len(dataset), cfg.seed, prep.backend.rank, prep.backend.world_size) if train else None
+    # A private generator: starting an epoch's iteration must not draw from the global RNG, or a resumed
+    # run's dropout would drift from the uninterrupted one's.
+    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate, pin_memory=cfg.pin_memory and prep.backend.device.type == "cuda",
                       persistent_workers=workers > 0, prefetch_factor=cfg.prefetch_factor if workers else None,
-                      generator=generator)
+                      generator=torch.Generator().manual_seed(cfg.seed))
 
 
 class MetricsLog:
@@ -294,8 +296,85 @@ def _progress(console: Console) -> Progress:
                     TimeRemainingColumn(), console=console, transient=False)
 
 
-def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_json: str | None = None) -> RunResult:
-    """Run the epochs; writes the run directory (with the launcher's plan.json); returns the final scores."""
+@dataclass
+class LoopState:
+    """Where the loop stands, besides model, optimizer, scheduler and engine: what a resumed run
+    needs to continue exactly (saved in every resumable checkpoint)."""
+
+    epoch: int = 1                  # the epoch in progress
+    position: int = 0               # its loader batches (accumulation windows) already done
+    steps: int = 0                  # optimizer steps so far, all epochs
+    best_score: float = -float("inf")
+    best_epoch: int = 0
+    epoch_loss: float = 0.0         # the epoch in progress: sum of step losses, skipped steps, samples
+    skipped: int = 0
+    epoch_samples: int = 0
+    train_samples: int = 0
+    train_time_s: float = 0.0
+    metrics_bytes: int = 0          # metrics.jsonl's length at the save: a resume drops what came after
+
+    def next_epoch(self) -> None:
+        self.epoch, self.position = self.epoch + 1, 0
+        self.epoch_loss, self.skipped, self.epoch_samples = 0.0, 0, 0
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class StopRequest:
+    """SIGTERM or Ctrl-C during training: noted, acted on after the current optimizer step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopRequest":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum: int, _frame: object) -> None:
+        if self.signal is not None and signum == 2:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Stopped(RunFailed):
+    """Stopped by a signal after saving; --keep-training continues."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_json: str | None = None,
+          resume: Path | None = None) -> RunResult:
+    """Run the epochs; writes the run directory (with the launcher's plan.json); returns the final scores.
+
+    `resume`: a resumable checkpoint of this run to continue from, exactly where it was saved.
+    """
     cfg, backend, tokenizer = prep.cfg, prep.backend, prep.tokenizer
     main = backend.is_main  # only rank 0 writes, evaluates and shows progress
     console = (console or Console(stderr=True)) if main else Console(quiet=True)
@@ -305,7 +384,20 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
     # Only rank 0 evaluates: the other processes neither build nor cache the val and test sets.
     loaders = {split: _loader(prep, split, train=split == "train")
                for split in (("train", "val", "test") if main else ("train",))}
-
+    store = CheckpointStore(run_dir / "checkpoints", cfg.keep_last)
+    metrics_path = run_dir / "metrics.jsonl"
+    loop = LoopState()
+    if resume is not None:
+        state = load_checkpoint(resume)
+        backend.unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        backend.load_state_dict(state["backend"])
+        loop = LoopState(**state["loop"])
+        set_rng_state(state["rng"])
+        if main and metrics_path.is_file():
+            with metrics_path.open("r+b") as f:  # records after the save happen again
+                f.truncate(loop.metrics_bytes)
     if main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "reports").mkdir(exist_ok=True)
@@ -313,83 +405,97 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
                                              "annotation": str(prep.annotation.path),
                                              "image_dir": str(prep.annotation.image_dir),
                                              "visual_weights": prep.weights_source})
-        (run_dir / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
+        write_text(run_dir / "tokenizer.json", tokenizer.to_json())
         if plan_json is not None:
             write_text(run_dir / "plan.json", plan_json)
-    log = MetricsLog(run_dir / "metrics.jsonl" if main else None)
+    log = MetricsLog(metrics_path if main else None)
 
-    def save(epoch_done: int, *paths: Path) -> None:
-        if main:
-            state = _state(backend, model, optimizer, scheduler, cfg, tokenizer, epoch_done, result.steps, best_score)
-            for path in paths:
-                save_checkpoint(state, path)
+    def save_state(best_of_epoch: int = 0) -> Path | None:
+        """A resumable checkpoint of this moment (rank 0 writes it), also as best.pt after a best epoch."""
+        if not main:
+            return None
+        loop.metrics_bytes = metrics_path.stat().st_size if metrics_path.is_file() else 0
+        state = _state(backend, model, optimizer, scheduler, cfg, tokenizer, loop, plan_json)
+        if best_of_epoch:
+            store.save_best(state, loop.steps, best_of_epoch)
+        return store.save(state, loop.steps, loop.epoch)
+
     if backend.device.type == "cuda":
         cap_gpu_memory(backend.device, cfg.max_vram_gib)
         torch.cuda.reset_peak_memory_stats(backend.device)
 
-    steps_per_epoch = len(loaders["train"])
+    sampler: EpochSampler = loaders["train"].sampler
+    steps_per_epoch = -(-sampler.per_process // cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    result = RunResult(run_dir=run_dir, epochs_run=0, steps=0, best_epoch=0)
-    best_score = -float("inf")
-    train_samples, train_time = 0, 0.0
+    result = RunResult(run_dir=run_dir, epochs_run=loop.epoch - 1, steps=loop.steps, best_epoch=loop.best_epoch)
     oom = OomRecovery(cfg.micro_batch or cfg.batch_size, retries=cfg.oom_retries)
     model.train()
-    with _progress(console) as progress:
-        task = progress.add_task("train", total=cfg.epochs * steps_per_epoch, info="")
-        for epoch in range(1, cfg.epochs + 1):
-            epoch_loss, epoch_start, skipped, epoch_samples = 0.0, time.perf_counter(), 0, 0
-            if isinstance(getattr(loaders["train"], "sampler", None), torch.utils.data.DistributedSampler):
-                loaders["train"].sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every process
+    with _progress(console) as progress, StopRequest() as stop:
+        task = progress.add_task("train", total=cfg.epochs * steps_per_epoch, completed=loop.steps, info="")
+        while loop.epoch <= cfg.epochs:
+            epoch = loop.epoch
+            epoch_start = time.perf_counter()
+            # This epoch's shuffle (the same on every process), from the first window not yet done.
+            sampler.set_epoch(epoch, start=min(loop.position * cfg.batch_size, sampler.per_process))
             window_samples, window_start = 0, time.perf_counter()
-            for i, batch in enumerate(loaders["train"]):
-                if i >= steps_per_epoch:
+            for batch in loaders["train"]:
+                if loop.position >= steps_per_epoch:
                     break
                 try:
                     loss_value, stepped = oom.step(model, optimizer, backend, batch, cfg.clip_value)
                 except OutOfMemoryAtOne as exc:
-                    # The failed window never stepped: the weights are those after the last good step.
-                    path = run_dir / "checkpoints" / "latest.pt"
-                    save(epoch - 1, path)
-                    log.write({"step": result.steps, "epoch": epoch, "oom/gave_up": True})
+                    # The failed window never stepped: the state is that after the last good step.
+                    log.write({"step": loop.steps, "epoch": epoch, "oom/gave_up": True})
+                    path = save_state()
                     raise RunFailed(f"{exc}; saved the last good state to {path}. Free GPU memory (or set "
-                                    "--max-vram lower) and start again") from None
+                                    "--max-vram lower) and continue with --keep-training") from None
                 for event in oom.events:
-                    log.write({"step": result.steps, "epoch": epoch, **event})
+                    log.write({"step": loop.steps, "epoch": epoch, **event})
                     console.print(f"[yellow]out of memory:[/] micro-batch {event['oom/micro_batch_from']} -> "
                                   f"{event['oom/micro_batch_to']}, same samples redone", highlight=False)
                 oom.events.clear()
-                skipped += not stepped
-                epoch_loss += loss_value
-                result.steps += 1
+                loop.skipped += not stepped
+                loop.epoch_loss += loss_value
+                loop.steps += 1
+                loop.position += 1
                 window_samples += len(batch["ids"])
-                train_samples += len(batch["ids"])
-                epoch_samples += len(batch["ids"])
-                progress.update(task, advance=1,
-                                info=f"epoch {epoch}/{cfg.epochs} loss {loss_value:.3f}")
-                if result.steps % cfg.log_every == 0:
+                loop.train_samples += len(batch["ids"])
+                loop.epoch_samples += len(batch["ids"])
+                progress.update(task, advance=1, info=f"epoch {epoch}/{cfg.epochs} loss {loss_value:.3f}")
+                if loop.steps % cfg.log_every == 0:
                     now = time.perf_counter()
-                    log.write({"step": result.steps, "epoch": epoch, "train/loss": loss_value,
+                    log.write({"step": loop.steps, "epoch": epoch, "train/loss": loss_value,
                                "lr/visual_extractor": optimizer.param_groups[0]["lr"],
                                "lr/encoder_decoder": optimizer.param_groups[1]["lr"],
                                "perf/samples_per_s": window_samples / max(now - window_start, 1e-9)})
                     window_samples, window_start = 0, now
-            epoch_time = time.perf_counter() - epoch_start
-            train_time += epoch_time
-            epoch_samples = int(backend.all_reduce_sum(torch.tensor(float(epoch_samples))).item())
+                # Every process stops after the same step when any of them was asked to.
+                stopping = bool(backend.all_reduce_sum(torch.tensor(float(stop.signal is not None))).item())
+                if stopping or (cfg.save_every and loop.steps % cfg.save_every == 0):
+                    loop.train_time_s += time.perf_counter() - epoch_start
+                    epoch_start = time.perf_counter()
+                    path = save_state()
+                    backend.barrier()
+                    if stopping:
+                        name = {2: "Ctrl-C", 15: "SIGTERM"}.get(stop.signal or 0, "a signal")
+                        raise Stopped(f"stopped by {name} after step {loop.steps}; saved {path}. Continue with "
+                                      "the same command and --keep-training", stop.signal or 15)
+            loop.train_time_s += time.perf_counter() - epoch_start
+            epoch_samples = int(backend.all_reduce_sum(torch.tensor(float(loop.epoch_samples))).item())
             scheduler.step()
             result.epochs_run = epoch
-            log.write({"step": result.steps, "epoch": epoch, "train/loss_epoch": epoch_loss / max(steps_per_epoch, 1),
-                       "train/skipped_steps": skipped, "train/samples": epoch_samples, "time/epoch_s": epoch_time,
+            log.write({"step": loop.steps, "epoch": epoch,
+                       "train/loss_epoch": loop.epoch_loss / max(steps_per_epoch, 1),
+                       "train/skipped_steps": loop.skipped, "train/samples": epoch_samples,
                        "train/micro_batch": oom.micro_batch, "oom/recoveries": oom.recoveries})
 
             last = epoch == cfg.epochs
-            stop = False
-            if not main:
-                pass  # rank 0 evaluates and saves; the others wait at the barrier below
-            elif (cfg.val_every and epoch % cfg.val_every == 0) or last:
+            stop_early = False
+            improved = False
+            if main and ((cfg.val_every and epoch % cfg.val_every == 0) or last):
                 progress.update(task, info=f"epoch {epoch}/{cfg.epochs} evaluating val and test")
-                record: dict = {"step": result.steps, "epoch": epoch}
+                record: dict = {"step": loop.steps, "epoch": epoch}
                 for split in ("val", "test"):
                     scores, reports, speed = evaluate(backend.unwrap(model), loaders[split], backend, tokenizer, cfg)
                     write_json(run_dir / "reports" / f"{split}_epoch{epoch:03d}.json", reports)
@@ -399,30 +505,29 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
                     getattr(result, split).update(scores)
                 log.write(record)
                 score = record[f"val/{MONITOR}"]
-                improved = score is not None and score > best_score
+                improved = score is not None and score > loop.best_score
                 if improved:
-                    best_score, result.best_epoch = score, epoch
-                checkpoints = run_dir / "checkpoints"
-                save(epoch, checkpoints / "latest.pt", *([checkpoints / "best.pt"] if improved else []))
-                if epoch - result.best_epoch > cfg.early_stop:
-                    console.print(f"early stop: val {MONITOR} did not improve for {epoch - result.best_epoch} epochs")
-                    stop = True
-            else:
-                save(epoch, run_dir / "checkpoints" / "latest.pt")
-            if backend.broadcast_flag(stop):
+                    loop.best_score, loop.best_epoch = score, epoch
+                if epoch - loop.best_epoch > cfg.early_stop:
+                    console.print(f"early stop: val {MONITOR} did not improve for {epoch - loop.best_epoch} epochs")
+                    stop_early = True
+            loop.next_epoch()
+            save_state(best_of_epoch=epoch if improved else 0)  # the start of the next epoch
+            if backend.broadcast_flag(stop_early):
                 break
             backend.barrier()
         if result.epochs_run < cfg.epochs:
-            progress.update(task, total=result.steps)
+            progress.update(task, total=loop.steps)
 
-    train_samples = int(backend.all_reduce_sum(torch.tensor(float(train_samples))).item())
-    result.samples_per_s = train_samples / max(train_time, 1e-9)
+    result.steps, result.best_epoch = loop.steps, loop.best_epoch
+    train_samples = int(backend.all_reduce_sum(torch.tensor(float(loop.train_samples))).item())
+    result.samples_per_s = train_samples / max(loop.train_time_s, 1e-9)
     if backend.device.type == "cuda":
         result.peak_memory_gib = torch.cuda.max_memory_allocated(backend.device) / 2**30
     if not main:
         return result
     result.baseline_test = constant_report_baseline(prep)
-    log.write({"step": result.steps, "epoch": result.epochs_run,
+    log.write({"step": loop.steps, "epoch": result.epochs_run,
                **{f"baseline_test/{k}": v for k, v in result.baseline_test.items()},
                "perf/train_samples_per_s": result.samples_per_s,
                **({"memory/peak_allocated_gib": result.peak_memory_gib} if result.peak_memory_gib else {})})
@@ -430,9 +535,10 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
 
 
 def _state(backend: Backend, model, optimizer, scheduler, cfg: TrainConfig, tokenizer: Tokenizer,
-           epoch: int, step: int, best_score: float) -> dict:
+           loop: LoopState, plan_json: str | None) -> dict:
     return {"model": backend.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "backend": backend.state_dict(), "config": cfg.to_dict(),
-            "tokenizer": tokenizer.to_json(), "epoch": epoch, "step": step, "best_score": best_score,
+            "tokenizer": tokenizer.to_json(), "loop": asdict(loop), "rng": rng_state(), "plan": plan_json,
+            "epoch": loop.epoch - 1 if loop.position == 0 else loop.epoch, "step": loop.steps,
             "monitor": f"val/{MONITOR}"}
 

@@ -165,10 +165,10 @@ def test_loop_gives_up_with_a_checkpoint(small_set: Path, tmp_path: Path) -> Non
     ann = load_annotation(small_set)
     prep = prepare(_cfg(oom_retries=0), PlainBackend("cpu"), ann, None)
     _OomAbove(prep.model, fail_calls=tuple(range(4, 100)))  # three good windows, then nothing fits
-    with pytest.raises(RunFailed, match="saved the last good state to .*latest.pt") as info:
+    with pytest.raises(RunFailed, match="saved the last good state to .*step-00000003.pt") as info:
         train(prep, tmp_path / "run", _quiet())
-    assert info.value.exit_code == 1
-    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "latest.pt")
+    assert info.value.exit_code == 1 and "--keep-training" in str(info.value)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000003.pt")
     assert state["step"] == 3
     model = type(prep.model)(prep.cfg.model, len(prep.tokenizer))
     model.load_state_dict(state["model"])

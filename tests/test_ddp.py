@@ -76,4 +76,4 @@ def test_two_processes_train_through_the_cli(tmp_path: Path) -> None:
     assert [r["train/samples"] for r in records if "train/samples" in r] == [14, 14]
     plan = json.loads((tmp_path / "runs" / "ddp" / "plan.json").read_text())
     assert plan["batch"]["world_size"] == 2 and plan["batch"]["micro_batch"] == 4
-    assert (tmp_path / "runs" / "ddp" / "checkpoints" / "latest.pt").is_file()
+    assert (tmp_path / "runs" / "ddp" / "checkpoints" / "step-00000004.pt").is_file()

@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 
 from backends.plain import PlainBackend
-from r2gen.checkpoint import load_checkpoint, save_checkpoint
+from r2gen.checkpoint import CheckpointStore, load_checkpoint, save_checkpoint
 from r2gen.config import PRESETS, TrainConfig, preset
 from r2gen.data.datasets import load_annotation
 from r2gen.errors import BackendError, ConfigError
@@ -50,8 +50,11 @@ def test_tiny_loss_falls_and_run_dir_is_complete(small_set: Path, tmp_path: Path
     for split, n in (("val", 3), ("test", 6)):
         reports = json.loads((run / "reports" / f"{split}_epoch006.json").read_text())
         assert len(reports) == n and {"id", "ground_truth", "generated"} <= set(reports[0])
-    latest = load_checkpoint(run / "checkpoints" / "latest.pt")
+    newest, warnings = CheckpointStore(run / "checkpoints").newest_intact()
+    assert newest is not None and not warnings and newest.name == "step-00000018.pt"
+    latest = load_checkpoint(newest)
     assert latest["epoch"] == 6 and latest["step"] == 18
+    assert [e["step"] for e in CheckpointStore(run / "checkpoints").manifest()["states"]] == [12, 15, 18]  # last 3
     assert (run / "checkpoints" / "best.pt").is_file()
     model = type(prep.model)(prep.cfg.model, len(prep.tokenizer))
     model.load_state_dict(latest["model"])  # the checkpoint restores the same architecture

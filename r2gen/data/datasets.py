@@ -190,7 +190,17 @@ class ReportDataset(Dataset):
     def __len__(self) -> int:
         return len(self.studies)
 
-    def __getitem__(self, index: int) -> tuple[str, torch.Tensor, list[int]]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[str, torch.Tensor, list[int]]:
+        """`key` is an index, or (index, seed) from r2gen.data.sampling.EpochSampler: the random
+        crop and flip then draw from that seed, whichever process or worker runs them."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is None:
+            return self._item(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self._item(index)
+
+    def _item(self, index: int) -> tuple[str, torch.Tensor, list[int]]:
         study = self.studies[index]
         views = []
         if self.cached is not None:

@@ -1,0 +1,112 @@
+"""--keep-training: which run to continue, whether it can be, and its batch after re-planning.
+
+Pure checks on the run directory's files (plan.json, config.json, the checkpoint manifest); each
+refusal is a UsageError naming the flag (exit 2) before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from launcher.plan import BatchPlan, Plan
+from r2gen.checkpoint import CheckpointStore
+from r2gen.config import TrainConfig
+from r2gen.errors import BackendError, ConfigError
+
+
+@dataclass(frozen=True)
+class RunToContinue:
+    path: Path                 # the run directory
+    plan: Plan                 # its plan.json
+    cfg: TrainConfig           # the configuration it trained with (config.json)
+    annotation: str
+    image_dir: str
+    checkpoint: Path           # the newest intact resumable checkpoint
+    warnings: tuple[str, ...]  # newer checkpoints skipped, and why
+
+
+def find_run(run_dir: Path, name: str | None) -> Path:
+    """--run-dir/--name, or the most recently written run in --run-dir."""
+    if name is not None:
+        target = run_dir / name
+        if not target.is_dir() or not any(target.iterdir()):
+            raise ConfigError(f"--keep-training: {target} does not exist or is empty; nothing to continue")
+        return target
+    runs = [p for p in run_dir.iterdir() if (p / "plan.json").is_file()] if run_dir.is_dir() else []
+    if not runs:
+        raise ConfigError(f"--keep-training: no run in {run_dir} to continue (give --run-dir, or start a run "
+                          "without --keep-training)")
+    return max(runs, key=lambda p: (p / "plan.json").stat().st_mtime)
+
+
+def read_run(target: Path) -> RunToContinue:
+    """The run's plan, configuration and newest intact checkpoint, or a refusal."""
+    plan_path, config_path = target / "plan.json", target / "config.json"
+    if not plan_path.is_file() or not config_path.is_file():
+        raise ConfigError(f"--keep-training: {target} is not an r2gen-launch run (no plan.json and config.json)")
+    try:
+        plan = Plan.from_json(plan_path.read_text(encoding="utf-8"))
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        cfg = TrainConfig.from_dict(config["train"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"--keep-training: {target}'s plan.json or config.json is unreadable "
+                          f"({type(err).__name__}: {err})") from None
+    checkpoint, warnings = CheckpointStore(target / "checkpoints").newest_intact()
+    if checkpoint is None:
+        detail = f" ({'; '.join(warnings)})" if warnings else ""
+        raise ConfigError(f"--keep-training: {target} holds no intact checkpoint to continue from{detail}")
+    return RunToContinue(target, plan, cfg, config["annotation"], config["image_dir"], checkpoint, tuple(warnings))
+
+
+def check_request(run: RunToContinue, backend: str, preset: str | None, overrides: dict[str, Any]) -> None:
+    """The command and flags must describe the run being continued: a different engine, preset or
+    model setting is a new run, not a continuation."""
+    stored = run.plan.backend
+    if backend not in ("auto", stored):
+        raise ConfigError(f"--keep-training: {run.path} trained with the {stored} engine; continue it with "
+                          f"`r2gen-launch {stored} --keep-training`")
+    if stored == "deepspeed":
+        raise BackendError("--keep-training: continuing a deepspeed run needs DeepSpeed's engine checkpoints, "
+                           "which this version does not write yet")
+    if preset is not None and preset != run.cfg.preset:
+        raise ConfigError(f"--preset {preset}: {run.path} trained with the {run.cfg.preset} preset; drop the flag "
+                          "to continue it, or start a new run")
+    for key, value in overrides.items():
+        if value is None or key in CHANGEABLE:
+            continue
+        current = getattr(run.cfg.model, key) if hasattr(run.cfg.model, key) else getattr(run.cfg, key)
+        if value != current:
+            raise ConfigError(f"--{key.replace('_', '-')} {value}: {run.path} trained with {current}; drop the flag "
+                              "to continue it, or start a new run")
+
+
+CHANGEABLE = ("epochs", "val_every", "early_stop", "beam_size", "log_every", "max_steps_per_epoch", "save_every",
+              "keep_last")
+"""Settings a continued run may change: how long it goes on, how it evaluates, logs and saves."""
+
+
+def continued_config(run: RunToContinue, overrides: dict[str, Any], micro_batch: int) -> TrainConfig:
+    """The run's own configuration with the changeable flags given and the re-planned micro-batch
+    (the loader's window, batch_size, stays: the same samples per step in the same order)."""
+    changes = {k: v for k, v in overrides.items() if k in CHANGEABLE and v is not None}
+    return run.cfg.replace(**changes, micro_batch=min(micro_batch, run.cfg.batch_size))
+
+
+def resume_batch(stored: BatchPlan, largest_micro: int) -> BatchPlan:
+    """After re-probing: the micro-batch may change, the window (studies per process per optimizer
+    step), the effective batch, the sample order and the learning rates stay."""
+    window = stored.micro_batch * stored.accumulation
+    if largest_micro < 1:
+        raise BackendError("--keep-training: not even one study fits the GPU memory now")
+    micro = min(largest_micro, window)
+    accumulation = -(-window // micro)
+    if micro == stored.micro_batch:
+        return stored
+    return replace(stored, micro_batch=micro, accumulation=accumulation,
+                   reasons={**stored.reasons,
+                            "micro_batch": f"{micro}: re-planned on --keep-training (was {stored.micro_batch}); "
+                                           f"largest that fits now {largest_micro}",
+                            "accumulation": f"{accumulation}: the same {window} studies per process per step"})

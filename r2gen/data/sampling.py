@@ -1,0 +1,61 @@
+"""The training order: one shuffle per epoch, shared out over processes, resumable at any batch.
+
+`EpochSampler` yields `(index, augmentation seed)` pairs. The order depends only on (seed,
+epoch); each sample's seed on (seed, epoch, index): the same epoch gives the same images in the
+same order whichever loader worker decodes them and however many there are (or processes share
+the epoch), and an epoch can start at any position (--keep-training resumes mid-epoch with exactly the batches it had not seen).
+Several processes take interleaved shares of one permutation, padded by repeating its first
+indices so that every process has as many (as torch's DistributedSampler).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps): nearby inputs give unrelated seeds."""
+    x = 0x9E3779B97F4A7C15
+    for v in values:
+        x = (x ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if size < 1:
+            raise ValueError("EpochSampler: the data set is empty")
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.epoch, self.start = 1, 0
+
+    @property
+    def per_process(self) -> int:
+        """Samples each process sees per epoch."""
+        return -(-self.size // self.world_size)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The epoch to iterate next, skipping this process's first `start` samples of it."""
+        if not 0 <= start <= self.per_process:
+            raise ValueError(f"start {start} is outside the epoch's {self.per_process} samples")
+        self.epoch, self.start = epoch, start
+
+    def order(self) -> list[int]:
+        """This process's indices for the current epoch, from its first sample."""
+        generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        permutation = torch.randperm(self.size, generator=generator).tolist()
+        total = self.per_process * self.world_size
+        permutation += permutation[: total - self.size]
+        return permutation[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for position, index in enumerate(self.order()):
+            if position >= self.start:
+                yield index, _mix(self.seed, self.epoch, index)
+
+    def __len__(self) -> int:
+        return self.per_process - self.start

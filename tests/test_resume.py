@@ -1,0 +1,151 @@
+"""--keep-training: a run killed mid-epoch and continued ends with bitwise the same weights as one
+that was never interrupted, and metrics.jsonl has every step once; SIGTERM saves and stops
+cleanly; a corrupt newest checkpoint falls back to the one before; bad requests are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from launcher.plan import BatchPlan
+from launcher.resume import resume_batch
+from r2gen.checkpoint import CheckpointStore, load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+# 14 train studies, windows of 4: 4 steps per epoch, 8 in all; a resumable checkpoint after every step.
+RUN = ["plain", "--preset", "tiny", "--device", "cpu", "--studies", "20", "--epochs", "2", "--beam-size", "1",
+       "--val-every", "last", "--effective-batch", "4", "--batch-size", "2", "--log-every", "1", "--save-every", "1",
+       "--num-workers", "0"]
+
+
+def _cli(args: list[str], tmp_path: Path, **popen) -> subprocess.Popen:
+    # No java on PATH: METEOR (a JVM start per evaluation, half of these runs' time) is reported as n/a.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "R2GEN_LAUNCH_CACHE": str(tmp_path / "cache"), "COLUMNS": "400",
+           "PATH": str(Path(sys.executable).parent)}
+    return subprocess.Popen([sys.executable, "-m", "launcher.cli", *args, "--run-dir", str(tmp_path / "runs")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def _finish(process: subprocess.Popen) -> tuple[int, str]:
+    out, err = process.communicate(timeout=600)
+    return process.returncode, out + err
+
+
+def _steps(run: Path) -> list[tuple[int, float]]:
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    records = [json.loads(line) for line in lines if line.endswith("\n")]  # a line being written is skipped
+    return [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+
+
+def _interrupt_at(args: list[str], tmp_path: Path, run: Path, step: int, signum: int) -> tuple[int, str]:
+    process = _cli(args, tmp_path)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if (run / "metrics.jsonl").is_file() and any(s >= step for s, _ in _steps(run)):
+            process.send_signal(signum)
+            break
+        time.sleep(0.05)
+    return _finish(process)
+
+
+def _final_weights(run: Path) -> dict:
+    return load_checkpoint(run / "checkpoints" / "step-00000008.pt")["model"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("reference")
+    code, output = _finish(_cli([*RUN, "--name", "whole"], tmp))
+    assert code == 0, output[-3000:]
+    return tmp, tmp / "runs" / "whole"
+
+
+def _assert_same_run(run: Path, whole: Path) -> None:
+    assert [s for s, _ in _steps(run)] == list(range(1, 9))  # every step exactly once
+    assert _steps(run) == _steps(whole)  # the same losses, bit for bit
+    a, b = _final_weights(run), _final_weights(whole)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_mid_epoch_then_keep_training_is_bitwise_identical(reference, tmp_path: Path) -> None:
+    _, whole = reference
+    run = tmp_path / "runs" / "cut"
+    code, _ = _interrupt_at([*RUN, "--name", "cut"], tmp_path, run, 3, signal.SIGKILL)  # mid-epoch 1
+    assert code == -signal.SIGKILL
+    # A truncated newest checkpoint (as a kill during a save on a careless filesystem leaves it).
+    store = CheckpointStore(run / "checkpoints")
+    newest, _ = store.newest_intact()
+    newest.write_bytes(newest.read_bytes()[:1000])
+    code, output = _finish(_cli(["plain", "--keep-training", "--name", "cut"], tmp_path))
+    assert code == 0, output[-3000:]
+    assert "truncated or corrupt" in output and f"continuing {run}" in output
+    _assert_same_run(run, whole)
+
+
+def test_sigterm_saves_stops_and_continues_identically(reference, tmp_path: Path) -> None:
+    _, whole = reference
+    run = tmp_path / "runs" / "term"
+    code, output = _interrupt_at([*RUN, "--name", "term"], tmp_path, run, 6, signal.SIGTERM)  # mid-epoch 2
+    assert code == 128 + signal.SIGTERM, output[-3000:]
+    assert "stopped by SIGTERM after step" in output and "--keep-training" in output
+    stopped_at = load_checkpoint(CheckpointStore(run / "checkpoints").newest_intact()[0])["step"]
+    assert 6 <= stopped_at < 8
+    code, output = _finish(_cli(["plain", "--keep-training"], tmp_path))  # the newest run in --run-dir
+    assert code == 0, output[-3000:]
+    _assert_same_run(run, whole)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["plain", "--keep-training", "--name", "absent"], "does not exist or is empty"),
+    (["plain", "--keep-training"], "no run in"),
+    (["accelerate", "--keep-training", "--name", "whole"], "trained with the plain engine"),
+    (["plain", "--keep-training", "--name", "whole", "--preset", "iu_xray"], "--preset iu_xray"),
+    (["plain", "--keep-training", "--name", "whole", "--image-size", "64"], "--image-size 64"),
+    (["plain", "--keep-training", "--name", "whole", "--gpus", "2"], "--gpus/--nodes"),
+    (["plain", "--keep-training", "--name", "foreign"], "not an r2gen-launch run"),
+])
+def test_bad_keep_training_requests_are_refused(reference, tmp_path: Path, args: list[str], needle: str) -> None:
+    from typer.testing import CliRunner
+
+    from launcher.cli import app
+
+    ref_tmp, _ = reference
+    run_dir = ref_tmp / "runs" if "whole" in args else tmp_path / "runs"
+    (ref_tmp / "runs" / "foreign").mkdir(exist_ok=True)
+    (ref_tmp / "runs" / "foreign" / "notes.txt").write_text("not a run")
+    if "foreign" in args:
+        run_dir = ref_tmp / "runs"
+    before = sorted(p.name for p in run_dir.rglob("*")) if run_dir.exists() else []
+    result = CliRunner().invoke(app, [*args, "--run-dir", str(run_dir)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.output
+    assert (sorted(p.name for p in run_dir.rglob("*")) if run_dir.exists() else []) == before  # nothing written
+
+
+def test_store_keeps_the_newest_and_falls_back_past_corruption(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep_last=2)
+    for step in (1, 2, 3):
+        store.save({"step": step, "w": torch.full((10,), float(step))}, step, 1)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000002.pt", "step-00000003.pt"]
+    (tmp_path / "step-00000003.pt").write_bytes(b"garbage")
+    newest, warnings = store.newest_intact()
+    assert newest.name == "step-00000002.pt" and "corrupt" in warnings[0]
+    (tmp_path / "step-00000002.pt").unlink()
+    assert store.newest_intact()[0] is None
+
+
+def test_replanned_micro_batch_keeps_the_window() -> None:
+    stored = BatchPlan(8, 2, 1, 16, 1e-4, 2e-4, {"micro_batch": "", "accumulation": ""})
+    assert resume_batch(stored, 64) == BatchPlan(16, 1, 1, 16, 1e-4, 2e-4, resume_batch(stored, 64).reasons)
+    smaller = resume_batch(stored, 5)
+    assert (smaller.micro_batch, smaller.accumulation, smaller.effective_batch, smaller.lr_ed) == (5, 4, 16, 2e-4)
+    assert resume_batch(stored, 8) is stored
