@@ -377,7 +377,8 @@ def _options(batch_size, probe, target_util, max_vram, effective_batch, batch_po
 
 
 def _guarded(run) -> None:
-    """Exit 2 for bad input, 1 (with what was saved) for a run that failed while running."""
+    """Exit 2 for bad input, 1 (with what was saved) for a run that failed while running, 128 + the
+    signal for a run stopped by SIGTERM/Ctrl-C after saving."""
     from r2gen.errors import RunFailed
 
     try:
@@ -385,7 +386,10 @@ def _guarded(run) -> None:
     except UsageError as exc:
         _fail(exc)
     except RunFailed as exc:
-        err.print(f"[bold red]failed:[/] {exc}", highlight=False, soft_wrap=True)
+        from r2gen.train import Stopped
+
+        label = "[bold yellow]stopped:[/]" if isinstance(exc, Stopped) else "[bold red]failed:[/]"
+        err.print(f"{label} {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
 
 

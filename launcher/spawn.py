@@ -68,10 +68,11 @@ def launch_command(backend: str, topology: Topology, worker_args: Sequence[str],
     raise ConfigError(f"--backend: no launcher for {backend!r}")
 
 
-def run_command(command: Sequence[str], env: dict[str, str] | None = None, grace_s: float = 10.0) -> int:
+def run_command(command: Sequence[str], env: dict[str, str] | None = None, grace_s: float = 60.0) -> int:
     """Run a launcher; its output streams through; Ctrl-C/SIGTERM stop every process it started.
 
-    The signal is passed on to the launcher's process group; processes still running `grace_s`
+    The signal is passed on to the launcher's process group (training processes finish their step
+    and save a checkpoint, which for the full model takes seconds); processes still running `grace_s`
     later get SIGTERM, and SIGKILL after as long again (a child may ignore SIGINT, e.g. under
     nohup). Returns the launcher's exit code (130 after Ctrl-C, 143 after SIGTERM, as shells do).
     """

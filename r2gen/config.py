@@ -47,6 +47,7 @@ class TrainConfig:
     cache_images: bool = False         # decode every image once into RAM before training
     max_vram_gib: float = 0.0          # hard cap on this process's GPU memory; 0 = none
     oom_retries: int = 3               # retries at micro-batch 1 before saving and stopping
+    max_nonfinite: int = 3             # windows in a row with an inf/NaN loss (skipped) before the run stops
     max_steps_per_epoch: int = 0       # 0 = whole epoch; otherwise cut epochs short (smoke runs)
     log_every: int = 10                # optimizer steps between metrics.jsonl records
     save_every: int = 0                # optimizer steps between resumable checkpoints; 0 = at epoch ends only
@@ -55,7 +56,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         positive = ("threshold", "image_size", "batch_size", "epochs", "step_size", "beam_size", "log_every",
-                    "keep_last")
+                    "keep_last", "max_nonfinite")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")

@@ -16,7 +16,8 @@ What pycocoevalcap 1.2 does that the code below has to live with:
   references of the corpus being scored: a one-report corpus, or an n-gram found in every
   reference, gets idf 0, so CIDEr of a single pair is 0 whatever the texts. It crashes
   (`max()` of an empty sequence) when no reference has any token.
-- METEOR runs `java -jar meteor-1.5.jar` as a subprocess per `Meteor()` instance and talks to it
+- METEOR runs `java -jar meteor-1.5.jar` as a subprocess per `Meteor()` instance (here: one per
+  process, kept between evaluations) and talks to it
   line by line (`SCORE ||| ref ||| hyp`, then `EVAL ||| ...`). A newline (or carriage return) in
   any text desynchronises that protocol, and `|||` in a reference splits it into two references.
   The first call pays the JVM start and the paraphrase-table load (about 9 s on 2 cores).
@@ -30,6 +31,7 @@ What pycocoevalcap 1.2 does that the code below has to live with:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import io
@@ -62,10 +64,23 @@ class MeteorUnavailableWarning(RuntimeWarning):
 
 class _MeteorState:
     # Process-wide, because the warning is given once per process and a JVM that failed once is not
-    # started again (a hung one would otherwise cost METEOR_TIMEOUT_S at every evaluation).
+    # started again (a hung one would otherwise cost METEOR_TIMEOUT_S at every evaluation). The JVM
+    # itself is kept for the process's later evaluations: starting it and loading the paraphrase
+    # table costs about 9 s, three times per evaluated epoch (val, test, baseline) otherwise.
+    # METEOR scores each segment on its own, so a reused JVM gives the scores a fresh one gives.
     lock = threading.Lock()
     warned = False
     broken: str | None = None
+    jvm_lock = threading.Lock()   # one evaluation at a time talks to the JVM
+    scorer: "_ClosableMeteor | None" = None
+
+
+def close_meteor() -> None:
+    """Stop the kept METEOR JVM (at exit; the next evaluation starts a new one)."""
+    with _MeteorState.jvm_lock:
+        if _MeteorState.scorer is not None:
+            _MeteorState.scorer.close()
+            _MeteorState.scorer = None
 
 
 @functools.cache
@@ -164,26 +179,29 @@ def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float | Non
         timed_out.set()
         proc.kill()
 
-    try:
-        scorer = _ClosableMeteor()
-        watchdog = threading.Timer(METEOR_TIMEOUT_S, kill_hung_jvm, args=(scorer.meteor_p,))
-        watchdog.daemon = True
-        watchdog.start()
-        return float(_call(scorer, gts, res))
-    except Exception as exc:  # noqa: BLE001 - a broken JVM must cost METEOR only, not the run.
-        stderr = scorer.close() if scorer is not None else ""
-        if timed_out.is_set():
-            reason = f"the METEOR subprocess took longer than {METEOR_TIMEOUT_S:g} s and was killed"
-        else:
-            reason = f"the METEOR subprocess failed ({exc!r})" + (f"; java said: {stderr}" if stderr else "")
-        _MeteorState.broken = reason
-        _meteor_unavailable(reason + "; METEOR is off for the rest of this process")
-        return None
-    finally:
-        if watchdog is not None:
-            watchdog.cancel()
-        if scorer is not None:
-            scorer.close()
+    with _MeteorState.jvm_lock:
+        try:
+            if _MeteorState.scorer is None:
+                _MeteorState.scorer = _ClosableMeteor()
+                atexit.register(close_meteor)
+            scorer = _MeteorState.scorer
+            watchdog = threading.Timer(METEOR_TIMEOUT_S, kill_hung_jvm, args=(scorer.meteor_p,))
+            watchdog.daemon = True
+            watchdog.start()
+            return float(_call(scorer, gts, res))
+        except Exception as exc:  # noqa: BLE001 - a broken JVM must cost METEOR only, not the run.
+            stderr = scorer.close() if scorer is not None else ""
+            _MeteorState.scorer = None
+            if timed_out.is_set():
+                reason = f"the METEOR subprocess took longer than {METEOR_TIMEOUT_S:g} s and was killed"
+            else:
+                reason = f"the METEOR subprocess failed ({exc!r})" + (f"; java said: {stderr}" if stderr else "")
+            _MeteorState.broken = reason
+            _meteor_unavailable(reason + "; METEOR is off for the rest of this process")
+            return None
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
 
 
 def _cider(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:

@@ -190,6 +190,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, backend
     The batch is one accumulation window: each micro-batch's loss is divided by the window's token
     count, so gradients equal one step on the whole batch (R2Gen's per-token mean), also for the
     uneven last window of an epoch. Returns (per-token loss, whether the optimizer stepped).
+
+    A window whose loss is not finite on any process is not stepped: its gradients are dropped
+    and NonFiniteLoss raised (every process agrees, before the last backward all-reduces).
     """
     chunks = split_batch(batch, micro_batch or len(batch["ids"]))
     # DDP averages gradients over processes: divide by the mean token count per process, so the
@@ -205,8 +208,16 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, backend
             logprobs = model(images, targets)
         loss = masked_nll(logprobs.float(), targets, masks, tokens)
         total += loss.detach()
-        stepped = backend.backward_and_step(loss, model, optimizer, clip_value, step=i == len(chunks) - 1)
+        last = i == len(chunks) - 1
+        if last and backend.all_reduce_sum((~torch.isfinite(total)).float()).item() > 0:
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"the loss is {total.item()} (not finite) on at least one process")
+        stepped = backend.backward_and_step(loss, model, optimizer, clip_value, step=last)
     return total.item(), stepped
+
+
+class NonFiniteLoss(RuntimeError):
+    """A window's loss was inf or NaN; its optimizer step was not taken."""
 
 
 class OutOfMemoryAtOne(RuntimeError):
@@ -308,6 +319,8 @@ class LoopState:
     best_epoch: int = 0
     epoch_loss: float = 0.0         # the epoch in progress: sum of step losses, skipped steps, samples
     skipped: int = 0
+    nonfinite: int = 0              # windows with a non-finite loss this epoch; and in a row, all epochs
+    nonfinite_run: int = 0
     epoch_samples: int = 0
     train_samples: int = 0
     train_time_s: float = 0.0
@@ -315,7 +328,7 @@ class LoopState:
 
     def next_epoch(self) -> None:
         self.epoch, self.position = self.epoch + 1, 0
-        self.epoch_loss, self.skipped, self.epoch_samples = 0.0, 0, 0
+        self.epoch_loss, self.skipped, self.nonfinite, self.epoch_samples = 0.0, 0, 0, 0
 
 
 def rng_state() -> dict:
@@ -444,6 +457,23 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
                     break
                 try:
                     loss_value, stepped = oom.step(model, optimizer, backend, batch, cfg.clip_value)
+                    loop.nonfinite_run = 0
+                except NonFiniteLoss as exc:
+                    # The window is consumed without a step; the weights are those after the last good step.
+                    loop.nonfinite += 1
+                    loop.nonfinite_run += 1
+                    loop.steps += 1
+                    loop.position += 1
+                    log.write({"step": loop.steps, "epoch": epoch, "train/nonfinite_loss": True})
+                    console.print(f"[yellow]skipped step {loop.steps}:[/] {exc}", highlight=False)
+                    if loop.nonfinite_run >= cfg.max_nonfinite or not backend.can_redo_step:
+                        path = save_state()
+                        why = (f"{loop.nonfinite_run} windows in a row" if backend.can_redo_step else
+                               f"{backend.name} keeps the window's partial gradients")
+                        raise RunFailed(f"the loss was not finite ({why}); saved the state after the last good "
+                                        f"step to {path}. Lower the learning rates or use bf16/fp32, then continue "
+                                        "with --keep-training") from None
+                    continue
                 except OutOfMemoryAtOne as exc:
                     # The failed window never stepped: the state is that after the last good step.
                     log.write({"step": loop.steps, "epoch": epoch, "oom/gave_up": True})
@@ -487,7 +517,8 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
             result.epochs_run = epoch
             log.write({"step": loop.steps, "epoch": epoch,
                        "train/loss_epoch": loop.epoch_loss / max(steps_per_epoch, 1),
-                       "train/skipped_steps": loop.skipped, "train/samples": epoch_samples,
+                       "train/skipped_steps": loop.skipped, "train/nonfinite_steps": loop.nonfinite,
+                       "train/samples": epoch_samples,
                        "train/micro_batch": oom.micro_batch, "oom/recoveries": oom.recoveries})
 
             last = epoch == cfg.epochs

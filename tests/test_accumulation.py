@@ -4,6 +4,7 @@ on CPU), and the in-RAM image cache."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from rich.console import Console
 
 from backends.plain import PlainBackend
-from r2gen.checkpoint import load_checkpoint
+from r2gen.checkpoint import CheckpointStore, load_checkpoint
 from r2gen.config import preset
 from r2gen.data.datasets import ReportDataset, build_transform, collate, load_annotation
 from r2gen.errors import RunFailed
@@ -210,3 +211,41 @@ def test_generation_recovers_from_oom_with_identical_reports(small_set: Path) ->
     prep.model.prepare_generation = limited
     _, records, _ = evaluate(prep.model, loader, prep.backend, prep.tokenizer, prep.cfg)
     assert records == reference and sizes == [6, 3] + [1] * 6  # 6 fails, 3 fails, then one study at a time
+
+
+class _NanOn:
+    """Makes the real model's output NaN on the listed forward calls (counted from 1)."""
+
+    def __init__(self, model, calls: tuple[int, ...]):
+        self.forward, self.nan_calls, self.calls = model.forward, calls, 0
+        model.forward = self
+
+    def __call__(self, images, targets):
+        self.calls += 1
+        out = self.forward(images, targets)
+        return out * float("nan") if self.calls in self.nan_calls else out
+
+
+def test_a_nonfinite_window_is_skipped_and_counted(small_set: Path, tmp_path: Path) -> None:
+    ann = load_annotation(small_set)
+    prep = prepare(_cfg(micro_batch=4), PlainBackend("cpu"), ann, None)
+    _NanOn(prep.model, calls=(3,))  # the second window's first micro-batch (two micro-batches per window)
+    result = train(prep, tmp_path / "run", _quiet())
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("train/nonfinite_loss")] == [2]
+    assert [r["train/nonfinite_steps"] for r in records if "train/nonfinite_steps" in r] == [1, 0]
+    assert result.steps == 2 * 3 and all(math.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
+    weights = load_checkpoint(CheckpointStore(tmp_path / "run" / "checkpoints").newest_intact()[0])["model"]
+    assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point())
+
+
+def test_nonfinite_windows_in_a_row_stop_the_run_with_the_last_good_state(small_set: Path, tmp_path: Path) -> None:
+    ann = load_annotation(small_set)
+    prep = prepare(_cfg(max_nonfinite=2), PlainBackend("cpu"), ann, None)
+    _NanOn(prep.model, calls=tuple(range(2, 100)))  # one good window, then only NaN
+    with pytest.raises(RunFailed, match="2 windows in a row.*--keep-training") as info:
+        train(prep, tmp_path / "run", _quiet())
+    assert info.value.exit_code == 1
+    state = load_checkpoint(CheckpointStore(tmp_path / "run" / "checkpoints").newest_intact()[0])
+    assert state["step"] == 3 and state["loop"]["nonfinite_run"] == 2
+    assert all(torch.isfinite(w).all() for w in state["model"].values() if w.is_floating_point())

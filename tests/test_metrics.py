@@ -53,22 +53,34 @@ def test_identical_pairs_meteor_close_to_one(identical_scores: dict[str, float |
     assert identical_scores["METEOR"] > 0.95
 
 
+def _jvms() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if "java" in p.name().lower()]
+
+
 @needs_java
-def test_meteor_jvm_is_reaped(identical_scores: dict[str, float | None]) -> None:
-    # compute_scores started a JVM for METEOR (the fixture); it must be gone, zombie included.
+def test_meteor_jvm_is_kept_for_later_evaluations_then_reaped(identical_scores: dict[str, float | None]) -> None:
+    import time
+
     assert identical_scores["METEOR"] is not None
-    children = psutil.Process().children(recursive=True)
-    assert not [p for p in children if "java" in p.name().lower()]
+    (jvm,) = _jvms()  # the fixture's evaluation left one JVM running, on purpose
+    start = time.perf_counter()
+    again = compute_scores(REPORTS, list(REPORTS))
+    assert time.perf_counter() - start < 5  # no second JVM start and paraphrase-table load (about 9 s)
+    assert again == identical_scores and [p.pid for p in _jvms()] == [jvm.pid]
+    metrics.close_meteor()
+    assert not _jvms()  # gone, zombie included
+    assert compute_scores(REPORTS, list(REPORTS)) == identical_scores  # a fresh JVM scores the same
 
 
 @needs_java
 def test_meteor_timeout_kills_jvm(monkeypatch: pytest.MonkeyPatch) -> None:
     # A real JVM that cannot finish in time (loading the paraphrase table alone takes seconds).
+    metrics.close_meteor()  # a JVM that must start (and load its table) within the limit
     monkeypatch.setattr(metrics, "METEOR_TIMEOUT_S", 0.2)
     with pytest.warns(MeteorUnavailableWarning, match="longer than 0.2 s"):
         s = compute_scores(["no acute disease"], ["no acute disease"])
     assert s["METEOR"] is None and s["BLEU_1"] == pytest.approx(1.0)
-    assert not [p for p in psutil.Process().children(recursive=True) if "java" in p.name().lower()]
+    assert not _jvms()
 
 
 def test_cider_identical_corpus_positive(identical_scores: dict[str, float | None]) -> None:
@@ -157,6 +169,7 @@ def test_java_available_false_on_empty_path(monkeypatch: pytest.MonkeyPatch, tmp
 
 def test_meteor_failing_at_runtime_is_none_and_warns_once(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     # java_available() said yes, then `java` cannot be started: the runtime guard, not the pre-check.
+    metrics.close_meteor()
     monkeypatch.setattr(metrics, "java_available", lambda: True)
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.warns(MeteorUnavailableWarning) as record:
