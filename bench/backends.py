@@ -42,7 +42,14 @@ def run_engine(backend_name: str, precision: str, steps: int, warmup: int, batch
     from r2gen.errors import UsageError
     from r2gen.train import _loader, optimizer_factory, prepare, train_step
 
-    row = {"engine": backend_name, "precision": precision, "steps": steps, "batch_size": batch_size}
+    began = time.perf_counter()
+    setup: dict[str, float] = {}  # seconds per start-up phase (about 90 s per engine on the H100: to find)
+
+    def phase(name: str) -> None:
+        setup[name] = round(time.perf_counter() - began - sum(setup.values()), 2)
+
+    row = {"engine": backend_name, "precision": precision, "steps": steps, "batch_size": batch_size,
+           "setup_s": setup}
     cfg = preset("iu_xray").replace(batch_size=batch_size, num_workers=num_workers, pin_memory=True,
                                     studies=studies, cache_images=True)
     try:
@@ -51,13 +58,18 @@ def run_engine(backend_name: str, precision: str, steps: int, warmup: int, batch
         return {**row, "skipped": str(exc)}
     if backend_name == "deepspeed":
         backend.configure(deepspeed_json(precision, batch_size, 1, 1, True, DeepSpeedOptions(zero=2, offload="cpu")))
+    phase("imports_and_backend")
     annotation = load_annotation(default_dataset(studies=studies), None, cfg.model.dataset)
+    phase("data_set")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prep = prepare(cfg, backend, annotation, None)
+    phase("model")
     model, optimizer = backend.prepare(prep.model, optimizer_factory(cfg))
     model.train()
+    phase("engine_prepare")
     loader = _loader(prep, "train", train=True)
+    phase("loader_and_image_cache")
     losses, skipped, wait, samples, start = [], 0, 0.0, 0, 0.0
     torch.cuda.reset_peak_memory_stats(backend.device)
     while len(losses) < steps:
@@ -68,6 +80,8 @@ def run_engine(backend_name: str, precision: str, steps: int, warmup: int, batch
                 start, samples, wait, fetched = time.perf_counter(), 0, 0.0, time.perf_counter()
             wait += time.perf_counter() - fetched
             loss, stepped = train_step(model, optimizer, backend, batch, cfg.clip_value)
+            if not losses:
+                phase("first_step")
             losses.append(loss)
             skipped += not stepped
             samples += len(batch["ids"])
