@@ -120,10 +120,13 @@ def test_run_dir_that_holds_a_run_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "already holds a run" in result.output
 
 
-def test_auto_on_the_embedded_set_prints_scores_and_baseline(tmp_path: Path) -> None:
-    """The Quickstart command, shrunk: embedded set from the (isolated) cache; tiny preset on CPU."""
+def test_auto_on_the_embedded_set_prints_scores_and_baseline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Quickstart command, shrunk: embedded set from the (isolated) cache; tiny preset on CPU.
+    A WANDB_API_KEY in the environment reaches no file of the run and no output."""
     import torch
 
+    secret = "wandb-test-secret-7f3a9c1e"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
     on_gpu = torch.cuda.is_available()
     choice = "cuda, bf16, iu_xray" if on_gpu and torch.cuda.is_bf16_supported() else (
         "cuda, fp16, iu_xray" if on_gpu else "cpu, fp32, tiny")
@@ -144,6 +147,9 @@ def test_auto_on_the_embedded_set_prints_scores_and_baseline(tmp_path: Path) -> 
     assert config["train"]["micro_batch"] == plan.batch.micro_batch
     assert config["train"]["batch_size"] == plan.batch.micro_batch * plan.batch.accumulation
     assert config["train"]["studies"] == 20 and "synth-v1-n20" in config["annotation"]
+    assert secret not in text
+    for path in tmp_path.rglob("*"):
+        assert not path.is_file() or secret.encode() not in path.read_bytes(), path
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a CPU-only machine")
