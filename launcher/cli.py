@@ -211,7 +211,8 @@ def _run_training(backend_name: str, device: str, precision: str, preset_name: s
 
     topology = topology or Topology()
     if keep_training:
-        _continue_training(backend_name, overrides, options, run_dir, name, dry_run, topology, hostfile, preset_given)
+        _continue_training(backend_name, overrides, options, run_dir, name, dry_run, topology, hostfile, preset_given,
+                           thresholds_path)
         return
     prep, plan, target = _prepare_run(backend_name, device, precision, preset_name, overrides, options, ann_path,
                                       image_dir, visual_weights, thresholds_path, run_dir, name,
@@ -237,7 +238,8 @@ def _run_training(backend_name: str, device: str, precision: str, preset_name: s
 
 
 def _continue_training(backend_name: str, overrides: dict, options, run_dir: Path, name: Optional[str],
-                       dry_run: bool, topology, hostfile: Optional[Path], preset_given: Optional[str]) -> None:
+                       dry_run: bool, topology, hostfile: Optional[Path], preset_given: Optional[str],
+                       thresholds_path: Optional[Path]) -> None:
     """--keep-training: check the run, rebuild it from its own files, re-plan the micro-batch, continue."""
     from dataclasses import replace
 
@@ -267,10 +269,10 @@ def _continue_training(backend_name: str, overrides: dict, options, run_dir: Pat
         from launcher.hardware import detect
         from launcher.plan import gpu_budget
         from launcher.probe import ProbeRequest, probe_in_subprocess
-        from launcher.thresholds import Thresholds
+        from launcher.thresholds import load_thresholds
 
         facts = detect()
-        budget, _ = gpu_budget(facts, options, Thresholds())
+        budget, _ = gpu_budget(facts, options, load_thresholds(thresholds_path))
         window = plan.batch.micro_batch * plan.batch.accumulation
         request = ProbeRequest(run.cfg, len(prep.tokenizer), plan.precision, budget, window, backend=plan.backend,
                                others_gib=facts.gpus[0].used_by_others_gib, engine=plan.engine)
