@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import torch
 
@@ -59,6 +60,16 @@ class Backend(ABC):
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    saves_engine: bool = False
+    """Whether model and optimizer state live in the engine's own checkpoint (every process writes
+    its part with `save_engine`) instead of the loop's state dict."""
+
+    def save_engine(self, model: torch.nn.Module, folder: Path) -> None:
+        raise NotImplementedError(f"{self.name} keeps its state in the loop's checkpoint")
+
+    def load_engine(self, model: torch.nn.Module, folder: Path) -> None:
+        raise NotImplementedError(f"{self.name} keeps its state in the loop's checkpoint")
 
     # -- several processes: torch.distributed, joined by the adapter; no-ops for one process ------------
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:

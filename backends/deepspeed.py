@@ -131,6 +131,19 @@ class DeepSpeedBackend(Backend):
     def unwrap(self, model):
         return getattr(model, "module", model)
 
+    # The fp32 master weights and optimizer states are ZeRO partitions, one per process: DeepSpeed's
+    # own checkpoint (every process writes and reads its part) is what resumes them.
+    saves_engine = True
+
+    def save_engine(self, model, folder) -> None:
+        model.save_checkpoint(str(folder), tag="engine", client_state={}, save_latest=False)
+
+    def load_engine(self, model, folder) -> None:
+        path, _ = model.load_checkpoint(str(folder), tag="engine", load_optimizer_states=True,
+                                        load_lr_scheduler_states=False)
+        if path is None:
+            raise ConfigError(f"--keep-training: {folder} holds no DeepSpeed engine checkpoint")
+
     def describe(self) -> str:
         zero = self.ds_config["zero_optimization"]["stage"] if self.ds_config else "?"
         optimizer = "DeepSpeedCPUAdam on the CPU (no AMSGrad)" if self.offload else "Adam(amsgrad) on the GPU"

@@ -68,9 +68,6 @@ def check_request(run: RunToContinue, backend: str, preset: str | None, override
     if backend not in ("auto", stored):
         raise ConfigError(f"--keep-training: {run.path} trained with the {stored} engine; continue it with "
                           f"`r2gen-launch {stored} --keep-training`")
-    if stored == "deepspeed":
-        raise BackendError("--keep-training: continuing a deepspeed run needs DeepSpeed's engine checkpoints, "
-                           "which this version does not write yet")
     if preset is not None and preset != run.cfg.preset:
         raise ConfigError(f"--preset {preset}: {run.path} trained with the {run.cfg.preset} preset; drop the flag "
                           "to continue it, or start a new run")

@@ -57,7 +57,8 @@ def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
 
 
 class CheckpointStore:
-    """A run's checkpoints/ folder: resumable states `step-<step>.pt` (the newest `keep_last` kept),
+    """A run's checkpoints/ folder: resumable states `step-<step>.pt` (or, for an engine that writes
+    its own checkpoint, a folder `step-<step>/` with it and our `loop.pt`; the newest `keep_last` kept),
     `best.pt` (best validation score), and manifest.json listing each with its size and SHA-256.
 
     Every file is written atomically and entered in the manifest only once complete; the manifest
@@ -80,20 +81,53 @@ class CheckpointStore:
             return {"states": [], "best": None}
 
     def _entry(self, path: Path, **info: Any) -> dict[str, Any]:
+        if path.is_dir():  # an engine's own checkpoint (DeepSpeed: a file per process) with our loop.pt
+            files = {str(f.relative_to(path)): {"bytes": f.stat().st_size, "sha256": sha256_of(f)}
+                     for f in sorted(path.rglob("*")) if f.is_file()}
+            return {"file": path.name, "files": files, **info}
         return {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_of(path), **info}
+
+    def _intact(self, entry: dict[str, Any]) -> bool:
+        path = self.folder / entry["file"]
+        if "files" in entry:
+            return path.is_dir() and all(
+                (path / name).is_file() and (path / name).stat().st_size == f["bytes"]
+                and sha256_of(path / name) == f["sha256"] for name, f in entry["files"].items())
+        return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_of(path) == entry["sha256"]
+
+    def staging(self, step: int) -> Path:
+        """The folder an engine writes a checkpoint into before `commit` (the same name on every process)."""
+        return self.folder / f".step-{step:08d}.tmp"
+
+    def commit(self, staged: Path, step: int, epoch: int) -> Path:
+        """A staged engine checkpoint becomes `step-<step>/`, entered in the manifest with every file's checksum."""
+        import shutil
+
+        path = self.folder / f"step-{step:08d}"
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staged, path)
+        self._enter(self._entry(path, step=step, epoch=epoch))
+        return path
 
     def save(self, state: dict[str, Any], step: int, epoch: int) -> Path:
         """A resumable state after optimizer step `step`; older ones beyond keep_last are removed."""
         path = self.folder / f"step-{step:08d}.pt"
         save_checkpoint(state, path)
+        self._enter(self._entry(path, step=step, epoch=epoch))
+        return path
+
+    def _enter(self, entry: dict[str, Any]) -> None:
+        import shutil
+
         manifest = self.manifest()
-        states = [e for e in manifest["states"] if e["file"] != path.name] + [self._entry(path, step=step, epoch=epoch)]
+        states = [e for e in manifest["states"] if e["file"] != entry["file"]] + [entry]
         states.sort(key=lambda e: e["step"])
         dropped, manifest["states"] = states[:-self.keep_last], states[-self.keep_last:]
         write_json(self.folder / MANIFEST, manifest)
-        for entry in dropped:
-            (self.folder / entry["file"]).unlink(missing_ok=True)
-        return path
+        for old in dropped:
+            path = self.folder / old["file"]
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
     def save_best(self, state: dict[str, Any], step: int, epoch: int) -> Path:
         path = self.folder / "best.pt"
@@ -108,9 +142,9 @@ class CheckpointStore:
         warnings = []
         for entry in reversed(self.manifest()["states"]):
             path = self.folder / entry["file"]
-            if not path.is_file():
+            if not path.exists():
                 warnings.append(f"{path} is missing")
-            elif path.stat().st_size != entry["bytes"] or sha256_of(path) != entry["sha256"]:
+            elif not self._intact(entry):
                 warnings.append(f"{path} is truncated or corrupt (size or SHA-256 differs from the manifest)")
             else:
                 return path, warnings

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from backends.base import Backend
-from r2gen.checkpoint import CheckpointStore, load_checkpoint, write_json, write_text
+from r2gen.checkpoint import CheckpointStore, load_checkpoint, save_checkpoint, write_json, write_text
 from r2gen.config import TrainConfig
 from r2gen.data.datasets import Annotation, ReportDataset, build_transform, collate
 from r2gen.data.sampling import EpochSampler
@@ -401,9 +402,13 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
     metrics_path = run_dir / "metrics.jsonl"
     loop = LoopState()
     if resume is not None:
-        state = load_checkpoint(resume)
-        backend.unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if resume.is_dir():  # an engine checkpoint (DeepSpeed): weights and optimizer from the engine
+            state = load_checkpoint(resume / "loop.pt")
+            backend.load_engine(model, resume)
+        else:
+            state = load_checkpoint(resume)
+            backend.unwrap(model).load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         backend.load_state_dict(state["backend"])
         loop = LoopState(**state["loop"])
@@ -424,14 +429,26 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
     log = MetricsLog(metrics_path if main else None)
 
     def save_state(best_of_epoch: int = 0) -> Path | None:
-        """A resumable checkpoint of this moment (rank 0 writes it), also as best.pt after a best epoch."""
+        """A resumable checkpoint of this moment, also as best.pt after a best epoch. Rank 0 writes it;
+        an engine with its own checkpoint (DeepSpeed) has every process write its part first."""
+        if backend.saves_engine:
+            staged = store.staging(loop.steps)
+            if main:
+                shutil.rmtree(staged, ignore_errors=True)
+                staged.mkdir(parents=True)
+            backend.barrier()
+            backend.save_engine(model, staged)
+            backend.barrier()
         if not main:
             return None
         loop.metrics_bytes = metrics_path.stat().st_size if metrics_path.is_file() else 0
         state = _state(backend, model, optimizer, scheduler, cfg, tokenizer, loop, plan_json)
         if best_of_epoch:
             store.save_best(state, loop.steps, best_of_epoch)
-        return store.save(state, loop.steps, loop.epoch)
+        if not backend.saves_engine:
+            return store.save(state, loop.steps, loop.epoch)
+        save_checkpoint(state, staged / "loop.pt")
+        return store.commit(staged, loop.steps, loop.epoch)
 
     if backend.device.type == "cuda":
         cap_gpu_memory(backend.device, cfg.max_vram_gib)

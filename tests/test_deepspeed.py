@@ -146,3 +146,39 @@ def test_out_of_memory_stops_instead_of_redoing_on_top_of_partial_gradients() ->
     with pytest.raises(OutOfMemoryAtOne, match="under deepspeed.*cannot be redone smaller"):
         OomRecovery(3, wait_s=0).step(engine, optimizer, ds, synthetic_batch(CFG, VOCAB, 6), 0.0)
     assert torch.equal(_flat(optimizer), before)  # nothing was applied
+
+
+def test_a_deepspeed_run_continues_from_its_engine_checkpoint(small_set, tmp_path) -> None:
+    """Resumable states of a DeepSpeed run are DeepSpeed's own checkpoint (ZeRO partitions) plus the
+    loop's state: continuing mid-epoch from one ends with bitwise the same weights and losses."""
+    import json
+    import shutil
+
+    from rich.console import Console
+
+    from r2gen.checkpoint import CheckpointStore, load_checkpoint
+    from r2gen.data.datasets import load_annotation
+    from r2gen.train import prepare, train
+
+    annotation = load_annotation(small_set)
+    cfg = preset("tiny").replace(image_size=32, batch_size=7, num_workers=0, log_every=1, val_every=0, beam_size=1,
+                                 epochs=1, save_every=1, keep_last=2)
+
+    def run(run_dir, resume=None):
+        prep = prepare(cfg, _deepspeed(7, 1), annotation, None)
+        return train(prep, run_dir, Console(quiet=True), resume=resume)
+
+    def losses(run_dir):
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run(whole)  # 21 train studies in windows of 7: 3 steps
+    entries = CheckpointStore(whole / "checkpoints").manifest()["states"]
+    assert [e["step"] for e in entries] == [2, 3] and all("files" in e for e in entries)
+    shutil.copytree(whole, cut)
+    run(cut, resume=cut / "checkpoints" / "step-00000002")  # mid-epoch
+    assert losses(cut) == losses(whole) and [s for s, _ in losses(cut)] == [1, 2, 3]
+    a = load_checkpoint(whole / "checkpoints" / "step-00000003" / "loop.pt")["model"]
+    b = load_checkpoint(cut / "checkpoints" / "step-00000003" / "loop.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
