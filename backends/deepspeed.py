@@ -25,7 +25,7 @@ from contextlib import AbstractContextManager
 import torch
 
 from backends.base import Backend
-from backends.plain import resolve_device
+from backends.plain import check_precision, resolve_device
 from r2gen.errors import BackendError, ConfigError
 
 PRECISIONS = ("bf16", "fp16")
@@ -48,16 +48,13 @@ class DeepSpeedBackend(Backend):
     def __init__(self, device: str = "cuda", precision: str = "bf16"):
         check_deepspeed_precision(precision)
         self.device = resolve_device(device)
-        if self.device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
-            raise BackendError(f"--precision bf16: {torch.cuda.get_device_name()} does not support bfloat16; "
-                               "use --precision fp16")
+        check_precision(precision, self.device)
         if self.device.type == "cpu" and precision == "fp16":
             raise BackendError("--precision fp16: DeepSpeed runs fp16 on GPUs only; use bf16 on a CPU")
         self.precision = precision
         self._join_process_group()
         self.ds_config: dict | None = None
         self.clip_value = 0.0
-        self.engine = None
 
     def _join_process_group(self) -> None:
         import deepspeed
@@ -110,10 +107,10 @@ class DeepSpeedBackend(Backend):
             return unclipped(*args, **kwargs)
 
         optimizer.step = types.MethodType(step_with_value_clipping, optimizer)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         # The client optimizer, whose param_groups (now ZeRO's flat fp32 partitions) the engine steps:
         # the LR scheduler and the logged learning rates act on it.
-        return self.engine, optimizer
+        return engine, optimizer
 
     def autocast(self) -> AbstractContextManager:
         # The engine holds bf16/fp16 weights; autocast casts the fp32 inputs and runs the loss in fp32.
