@@ -573,6 +573,49 @@ def probe_command(
     _guarded(run)
 
 
+@app.command("env")
+def env_command(
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write everything shown to this file.")] = None,
+) -> None:
+    """Show this machine (GPUs, host memory, CPUs), the versions of torch, CUDA, accelerate, deepspeed,
+    transformer-engine, torchao, wandb and Java, and which engines and precisions can run here."""
+    from launcher.environment import installed_modules, usable, versions
+    from launcher.hardware import detect
+
+    facts = detect()
+    found = versions()
+    engines = usable(facts, installed_modules())
+    machine = Table(title="machine", title_justify="left")
+    for column in ("what", "value"):
+        machine.add_column(column)
+    for gpu in facts.gpus:
+        machine.add_row(f"GPU {gpu.index}", f"{gpu.name}, compute capability {gpu.capability[0]}.{gpu.capability[1]}, "
+                                            f"{gpu.total_gib:.1f} GiB ({gpu.free_gib:.1f} free)")
+    if not facts.gpus:
+        machine.add_row("GPU", f"none ({facts.gpu_note})")
+    h = facts.host
+    machine.add_row("host", f"{h.usable_cpus} usable CPUs, {h.ram_total_gib:.1f} GiB RAM ({h.ram_available_gib:.1f} "
+                            f"available), swap {h.swap_used_gib:.1f} of {h.swap_total_gib:.1f} GiB in use")
+    out.print(machine)
+    table = Table(title="versions", title_justify="left")
+    for column in ("package", "version"):
+        table.add_column(column)
+    for name, version in found.items():
+        table.add_row(name, version or "not installed")
+    out.print(table)
+    usable_table = Table(title="engines and precisions usable here", title_justify="left")
+    usable_table.add_column("engine")
+    for precision in ("fp32", "bf16", "fp16", "fp8"):
+        usable_table.add_column(precision)
+    for engine, verdicts in engines.items():
+        usable_table.add_row(engine, *(verdicts.get(p, "-") for p in ("fp32", "bf16", "fp16", "fp8")))
+    out.print(usable_table)
+    if json_out is not None:
+        from r2gen.checkpoint import write_json
+
+        write_json(json_out, {"machine": facts.to_dict(), "versions": found, "usable": engines})
+
+
 @data_app.command()
 def synth(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder to create (must not exist or be empty).")],

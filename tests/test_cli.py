@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from launcher.cli import app
 
 runner = CliRunner()
-COMMANDS = [["plain"], ["accelerate"], ["deepspeed"], ["fp8"], ["auto"], ["probe"], ["data", "synth"]]
+COMMANDS = [["plain"], ["accelerate"], ["deepspeed"], ["fp8"], ["auto"], ["probe"], ["env"], ["data", "synth"]]
 
 
 def _options(path: list[str]) -> list[str]:
