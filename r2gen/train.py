@@ -7,7 +7,9 @@ parameter groups, StepLR per epoch, masked NLL on teacher-forced reports, clip_g
 beam-search evaluation on val and test, val BLEU_4 monitored for the best checkpoint and early stop.
 
 Run directory: config.json, tokenizer.json, metrics.jsonl, reports/{val,test}_epochNNN.json,
-checkpoints/{latest,best}.pt.
+checkpoints/ (resumable step-N states, best.pt, manifest.json: r2gen.checkpoint.CheckpointStore).
+`train(..., resume=checkpoint)` continues a run exactly where a state was saved (LoopState, the
+random states, the resumable data order of r2gen.data.sampling).
 """
 
 from __future__ import annotations
