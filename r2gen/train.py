@@ -38,6 +38,7 @@ from r2gen.data.sampling import EpochSampler
 from r2gen.data.tokenizer import Tokenizer
 from r2gen.errors import RunFailed
 from r2gen.metrics import compute_scores
+from r2gen.monitor import data_wait_warning, system_metrics
 from r2gen.model.r2gen import R2GenModel, masked_nll, target_tokens
 from r2gen.model.sampling import generate
 from r2gen.model.visual_extractor import init_visual_weights
@@ -470,8 +471,11 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
             epoch_start = time.perf_counter()
             # This epoch's shuffle (the same on every process), from the first window not yet done.
             sampler.set_epoch(epoch, start=min(loop.position * cfg.batch_size, sampler.per_process))
-            window_samples, window_start = 0, time.perf_counter()
+            window_samples, window_tokens, window_wait = 0, 0, 0.0
+            window_start = ready = time.perf_counter()
+            warned_wait = False
             for batch in loaders["train"]:
+                window_wait += time.perf_counter() - ready  # the step waited this long for the loader
                 if loop.position >= steps_per_epoch:
                     break
                 try:
@@ -492,6 +496,7 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
                         raise RunFailed(f"the loss was not finite ({why}); saved the state after the last good "
                                         f"step to {path}. Lower the learning rates or use bf16/fp32, then continue "
                                         "with --keep-training") from None
+                    ready = time.perf_counter()
                     continue
                 except OutOfMemoryAtOne as exc:
                     # The failed window never stepped: the state is that after the last good step.
@@ -509,23 +514,36 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
                 loop.steps += 1
                 loop.position += 1
                 window_samples += len(batch["ids"])
+                window_tokens += int(target_tokens(batch["masks"]).item())
                 loop.train_samples += len(batch["ids"])
                 loop.epoch_samples += len(batch["ids"])
-                progress.update(task, advance=1, info=f"epoch {epoch}/{cfg.epochs} loss {loss_value:.3f}")
                 if loop.steps % cfg.log_every == 0:
                     now = time.perf_counter()
+                    elapsed = max(now - window_start, 1e-9)
+                    wait_pct = 100 * window_wait / elapsed
                     log.write({"step": loop.steps, "epoch": epoch, "train/loss": loss_value,
                                "lr/visual_extractor": optimizer.param_groups[0]["lr"],
                                "lr/encoder_decoder": optimizer.param_groups[1]["lr"],
-                               "perf/samples_per_s": window_samples / max(now - window_start, 1e-9)})
-                    window_samples, window_start = 0, now
+                               "perf/samples_per_s": window_samples / elapsed,
+                               "perf/tokens_per_s": window_tokens / elapsed, "perf/data_wait_pct": wait_pct,
+                               **system_metrics(backend.device)})
+                    warning = data_wait_warning(wait_pct, cfg.num_workers)
+                    if warning and not warned_wait:  # once per epoch
+                        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+                        warned_wait = True
+                    progress.update(task, info=f"epoch {epoch}/{cfg.epochs} loss {loss_value:.3f} "
+                                               f"{window_samples / elapsed:.1f} samples/s, data wait {wait_pct:.0f}%")
+                    window_samples, window_tokens, window_wait, window_start = 0, 0, 0.0, now
+                progress.update(task, advance=1)
                 # Every process stops after the same step when any of them was asked to.
                 stopping = bool(backend.all_reduce_sum(torch.tensor(float(stop.signal is not None))).item())
+                ready = time.perf_counter()
                 if stopping or (cfg.save_every and loop.steps % cfg.save_every == 0):
                     loop.train_time_s += time.perf_counter() - epoch_start
                     epoch_start = time.perf_counter()
                     path = save_state()
                     backend.barrier()
+                    ready = time.perf_counter()  # saving is not waiting for data
                     if stopping:
                         name = {2: "Ctrl-C", 15: "SIGTERM"}.get(stop.signal or 0, "a signal")
                         raise Stopped(f"stopped by {name} after step {loop.steps}; saved {path}. Continue with "

@@ -44,6 +44,11 @@ def test_tiny_loss_falls_and_run_dir_is_complete(small_set: Path, tmp_path: Path
     final = next(r for r in records if "test/BLEU_4" in r)
     assert final["epoch"] == 6 and final["val/BLEU_4"] == result.val["BLEU_4"]
     assert any("baseline_test/BLEU_4" in r for r in records)
+    steps = [r for r in records if "train/loss" in r]
+    for key in ("perf/samples_per_s", "perf/tokens_per_s", "perf/data_wait_pct", "system/cpu_pct",
+                "system/process_rss_gib"):
+        assert all(key in r for r in steps), key  # every logged step, with stable keys
+    assert all(0 <= r["perf/data_wait_pct"] <= 100 and r["perf/tokens_per_s"] > 0 for r in steps)
 
     config = json.loads((run / "config.json").read_text())
     assert TrainConfig.from_dict(config["train"]) == prep.cfg
