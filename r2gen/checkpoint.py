@@ -129,11 +129,24 @@ class CheckpointStore:
             path = self.folder / old["file"]
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
-    def save_best(self, state: dict[str, Any], step: int, epoch: int) -> Path:
-        path = self.folder / "best.pt"
-        save_checkpoint(state, path)
+    def mark_best(self, saved: Path, epoch: int) -> Path:
+        """`best.pt` becomes the state just saved at `saved` (a step file, or a step folder's loop.pt):
+        a hard link, so the state is neither serialized nor hashed a second time, and it outlives
+        the step's pruning."""
+        import shutil
+
         manifest = self.manifest()
-        manifest["best"] = self._entry(path, step=step, epoch=epoch)
+        entry = next(e for e in manifest["states"] if e["file"] == saved.name)
+        source, facts = (saved / "loop.pt", entry["files"]["loop.pt"]) if "files" in entry else (saved, entry)
+        path, staged = self.folder / "best.pt", self.folder / ".best.pt.tmp"
+        staged.unlink(missing_ok=True)
+        try:
+            os.link(source, staged)
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(source, staged)
+        os.replace(staged, path)
+        manifest["best"] = {"file": path.name, "bytes": facts["bytes"], "sha256": facts["sha256"],
+                            "step": entry["step"], "epoch": epoch}
         write_json(self.folder / MANIFEST, manifest)
         return path
 

@@ -446,12 +446,14 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
             return None
         loop.metrics_bytes = metrics_path.stat().st_size if metrics_path.is_file() else 0
         state = _state(backend, model, optimizer, scheduler, cfg, tokenizer, loop, plan_json)
+        if backend.saves_engine:
+            save_checkpoint(state, staged / "loop.pt")
+            path = store.commit(staged, loop.steps, loop.epoch)
+        else:
+            path = store.save(state, loop.steps, loop.epoch)
         if best_of_epoch:
-            store.save_best(state, loop.steps, best_of_epoch)
-        if not backend.saves_engine:
-            return store.save(state, loop.steps, loop.epoch)
-        save_checkpoint(state, staged / "loop.pt")
-        return store.commit(staged, loop.steps, loop.epoch)
+            store.mark_best(path, best_of_epoch)
+        return path
 
     if backend.device.type == "cuda":
         cap_gpu_memory(backend.device, cfg.max_vram_gib)

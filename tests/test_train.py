@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 
 from backends.plain import PlainBackend
-from r2gen.checkpoint import CheckpointStore, load_checkpoint, save_checkpoint
+from r2gen.checkpoint import CheckpointStore, load_checkpoint, save_checkpoint, sha256_of
 from r2gen.config import PRESETS, TrainConfig, preset
 from r2gen.data.datasets import load_annotation
 from r2gen.errors import BackendError, ConfigError
@@ -61,6 +61,8 @@ def test_tiny_loss_falls_and_run_dir_is_complete(small_set: Path, tmp_path: Path
     assert latest["epoch"] == 6 and latest["step"] == 18
     assert [e["step"] for e in CheckpointStore(run / "checkpoints").manifest()["states"]] == [12, 15, 18]  # last 3
     assert (run / "checkpoints" / "best.pt").is_file()
+    best = CheckpointStore(run / "checkpoints").manifest()["best"]
+    assert best["sha256"] == sha256_of(run / "checkpoints" / "best.pt") and 1 <= best["epoch"] <= 6
     model = type(prep.model)(prep.cfg.model, len(prep.tokenizer))
     model.load_state_dict(latest["model"])  # the checkpoint restores the same architecture
     assert not list(run.rglob("*.tmp"))
