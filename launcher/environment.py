@@ -11,7 +11,9 @@ import importlib.metadata
 import importlib.util
 import subprocess
 
+from backends.fp8 import MIN_CAPABILITY
 from launcher.hardware import Facts
+from launcher.plan import GPU_ENGINES
 
 PACKAGES = ("torch", "torchvision", "accelerate", "deepspeed", "transformer-engine", "torchao", "wandb",
             "pycocoevalcap", "nvidia-ml-py")
@@ -57,9 +59,9 @@ def usable(facts: Facts, installed: dict[str, bool]) -> dict[str, dict[str, str]
         for precision in precisions:
             if engine in ("accelerate", "deepspeed") and not installed.get(engine, False):
                 why = f"{engine} is not installed"
-            elif engine in ("deepspeed", "fp8") and gpu is None:
+            elif engine in GPU_ENGINES and gpu is None:
                 why = "needs a CUDA GPU"
-            elif engine == "fp8" and gpu.capability < (8, 9):
+            elif engine == "fp8" and gpu.capability < MIN_CAPABILITY:
                 why = f"needs compute capability 8.9+ ({gpu.name} has {gpu.capability[0]}.{gpu.capability[1]})"
             elif engine == "fp8" and not (installed.get("transformer_engine") or installed.get("torchao")):
                 why = "needs transformer-engine or torchao"

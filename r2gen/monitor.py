@@ -7,6 +7,7 @@ is left out rather than stopping the run. `data_wait_warning` is the rule for th
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -30,12 +31,20 @@ def system_metrics(device: torch.device) -> dict[str, float]:
     return record
 
 
+@functools.cache
+def _nvml_handle(index: int):
+    """NVML initialised once per process, not at every reading."""
+    import pynvml
+
+    pynvml.nvmlInit()
+    return pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
 def _nvml(index: int) -> dict[str, float]:
     try:
         import pynvml
 
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        handle = _nvml_handle(index)
         util = pynvml.nvmlDeviceGetUtilizationRates(handle)
         memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
         return {"gpu/util_pct": float(util.gpu), "gpu/memory_used_gib": memory.used / GIB,
