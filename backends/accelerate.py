@@ -12,10 +12,9 @@ from __future__ import annotations
 import contextlib
 from contextlib import AbstractContextManager
 
-
 from backends.base import Backend
 from backends.plain import check_precision, resolve_device
-from r2gen.errors import BackendError
+from r2gen.errors import BackendError, ConfigError
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 """Our precision names -> Accelerate's mixed_precision (Accelerator argument and config YAML)."""
@@ -61,10 +60,14 @@ class AccelerateBackend(Backend):
     def unwrap(self, model):
         return self.accelerator.unwrap_model(model)
 
-    def state_dict(self) -> dict:
-        scaler = self.accelerator.scaler
-        return {"scaler": scaler.state_dict()} if scaler is not None else {}
+    # Accelerate's own checkpoint (model, optimizer, loss scaler, every process's RNG states), as
+    # --keep-training promises; the loop's loop.pt beside it holds the rest of the run's state.
+    saves_engine = True
 
-    def load_state_dict(self, state: dict) -> None:
-        if self.accelerator.scaler is not None and "scaler" in state:
-            self.accelerator.scaler.load_state_dict(state["scaler"])
+    def save_engine(self, model, folder) -> None:
+        self.accelerator.save_state(str(folder))
+
+    def load_engine(self, model, folder) -> None:
+        if not (folder / "optimizer.bin").is_file():
+            raise ConfigError(f"--keep-training: {folder} holds no Accelerate state (optimizer.bin missing)")
+        self.accelerator.load_state(str(folder))

@@ -88,6 +88,14 @@ class Backend(ABC):
         torch.distributed.broadcast(value, src=0)
         return bool(value.item())
 
+    def gather(self, value: object) -> list:
+        """`value` from every process in rank order, on every process (picklable objects)."""
+        if self.world_size == 1:
+            return [value]
+        values: list = [None] * self.world_size
+        torch.distributed.all_gather_object(values, value)
+        return values
+
     def barrier(self) -> None:
         if self.world_size > 1:
             torch.distributed.barrier()

@@ -33,7 +33,7 @@ LrScaling = Annotated[str, typer.Option(help="How learning rates follow a change
 TargetUtil = Annotated[Optional[float], typer.Option(help="Share of the GPU's memory the plan may fill, % [default: 85, or the --thresholds file's].")]
 MaxVram = Annotated[Optional[float], typer.Option(help="Hard cap on this run's GPU memory, GiB: for shared GPUs, or to reproduce a smaller card. The probe and training both respect it.")]
 Probe = Annotated[bool, typer.Option("--probe/--no-probe", help="Measure GPU memory with real steps before training (skipped on CPU).")]
-Gpus = Annotated[int, typer.Option(help="Processes on this machine, one per GPU, started by the engine's launcher (plain/fp8: torchrun with DistributedDataParallel; accelerate: accelerate launch; deepspeed: the deepspeed launcher). On a CPU-only machine (plain, accelerate), that many gloo processes.")]
+Gpus = Annotated[Optional[int], typer.Option(help="Processes on this machine, one per GPU, started by the engine's launcher (plain/fp8: torchrun with DistributedDataParallel; accelerate: accelerate launch; deepspeed: the deepspeed launcher). On a CPU-only machine (plain, accelerate), that many gloo processes. [default: 1; with --keep-training, as many as the run had]")]
 Nodes = Annotated[int, typer.Option(help="Machines taking part; run the same command on each with its --node-rank.")]
 NodeRank = Annotated[int, typer.Option(help="This machine's rank among --nodes (0 hosts the rendezvous).")]
 MasterAddr = Annotated[str, typer.Option(help="Address of node 0, reachable from every node.")]
@@ -209,11 +209,11 @@ def _run_training(backend_name: str, device: str, precision: str, preset_name: s
     from launcher.plan import apply_plan
     from r2gen.train import train
 
-    topology = topology or Topology()
     if keep_training:
         _continue_training(backend_name, overrides, options, run_dir, name, dry_run, topology, hostfile, preset_given,
                            thresholds_path)
         return
+    topology = topology or Topology()
     prep, plan, target = _prepare_run(backend_name, device, precision, preset_name, overrides, options, ann_path,
                                       image_dir, visual_weights, thresholds_path, run_dir, name,
                                       world_size=topology.world_size, gpus_here=topology.gpus_per_node,
@@ -252,9 +252,11 @@ def _continue_training(backend_name: str, overrides: dict, options, run_dir: Pat
     run = read_run(find_run(run_dir, name))
     check_request(run, backend_name, preset_given, overrides)
     plan = run.plan
+    if topology is None:  # neither --gpus nor --nodes: as many processes as the run had, on this machine
+        topology = _topology(plan.batch.world_size, 1, 0, "127.0.0.1", None)
     if topology.world_size != plan.batch.world_size:
         raise ConfigError(f"--gpus/--nodes: {run.path} trained with {plan.batch.world_size} process(es); continue it "
-                          "with as many (each process's share of the data depends on it)")
+                          "with as many, or leave --gpus/--nodes out (each process's share of the data depends on it)")
     for warning in run.warnings:
         err.print(f"[yellow]warning:[/] skipping {warning}", highlight=False)
     backend = build_backend(plan.backend, plan.device, plan.precision, fp8_impl=plan.engine.get("fp8_impl", "auto"))
@@ -409,13 +411,18 @@ ENGINE_OPTIONS: dict[str, list[inspect.Parameter]] = {
 --hostfile (the launcher's) go to the plan as its engine options."""
 
 
-def _topology(gpus: int, nodes: int, node_rank: int, master_addr: str, master_port: Optional[int]):
+def _topology(gpus: Optional[int], nodes: int, node_rank: int, master_addr: str, master_port: Optional[int],
+              keep_training: bool = False):
+    """The processes asked for; None where --keep-training should take the continued run's own
+    (neither --gpus nor --nodes given)."""
     from launcher.engine_config import Topology
     from launcher.spawn import free_port
 
+    if gpus is None and nodes == 1 and keep_training:
+        return None
     if master_port is None:
         master_port = free_port() if nodes == 1 else 29500
-    return Topology(gpus_per_node=gpus, nodes=nodes, node_rank=node_rank, master_addr=master_addr,
+    return Topology(gpus_per_node=1 if gpus is None else gpus, nodes=nodes, node_rank=node_rank, master_addr=master_addr,
                     master_port=master_port)
 
 
@@ -432,7 +439,7 @@ def _training_command(backend_name: str, summary: str):
         visual_weights: VisualWeights = None, val_every: ValEvery = None, early_stop: EarlyStop = None,
         beam_size: BeamSize = None, lr_ve: LrVe = None, lr_ed: LrEd = None, seed: Seed = None,
         num_workers: NumWorkers = None, max_steps_per_epoch: MaxSteps = None, log_every: LogEvery = None,
-        gpus: Gpus = 1, nodes: Nodes = 1, node_rank: NodeRank = 0, master_addr: MasterAddr = "127.0.0.1",
+        gpus: Gpus = None, nodes: Nodes = 1, node_rank: NodeRank = 0, master_addr: MasterAddr = "127.0.0.1",
         master_port: MasterPort = None, save_every: SaveEvery = None, keep_last: KeepLast = None,
         keep_training: KeepTraining = False, thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"),
         name: Name = None, dry_run: DryRun = False, **engine,
@@ -451,8 +458,8 @@ def _training_command(backend_name: str, summary: str):
             hostfile = engine.pop("hostfile", None)
             _run_training(backend_name, chosen, precision or _default_precision(backend_name, chosen),
                           preset or "iu_xray", overrides, options, ann_path, image_dir, visual_weights, thresholds,
-                          run_dir, name, dry_run, _topology(gpus, nodes, node_rank, master_addr, master_port), engine,
-                          hostfile, keep_training, preset)
+                          run_dir, name, dry_run, _topology(gpus, nodes, node_rank, master_addr, master_port,
+                                                            keep_training), engine, hostfile, keep_training, preset)
 
         _guarded(run)
 
@@ -524,7 +531,8 @@ def auto(
         overrides = dict(epochs=epochs, studies=studies, val_every=_parse_val_every(val_every), seed=seed,
                          save_every=save_every, keep_last=keep_last)
         _run_training("auto", device, precision, preset, overrides, options, ann_path, image_dir, visual_weights,
-                      thresholds, run_dir, name, dry_run, _topology(processes, 1, 0, "127.0.0.1", None),
+                      thresholds, run_dir, name, dry_run,
+                      _topology(gpus if keep_training else processes, 1, 0, "127.0.0.1", None, keep_training),
                       keep_training=keep_training)
 
     _guarded(run)

@@ -36,7 +36,7 @@ from r2gen.config import TrainConfig
 from r2gen.data.datasets import Annotation, ReportDataset, build_transform, collate
 from r2gen.data.sampling import EpochSampler
 from r2gen.data.tokenizer import Tokenizer
-from r2gen.errors import RunFailed
+from r2gen.errors import ConfigError, RunFailed
 from r2gen.metrics import compute_scores
 from r2gen.monitor import data_wait_warning, system_metrics
 from r2gen.model.r2gen import R2GenModel, masked_nll, target_tokens
@@ -405,7 +405,7 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
     metrics_path = run_dir / "metrics.jsonl"
     loop = LoopState()
     if resume is not None:
-        if resume.is_dir():  # an engine checkpoint (DeepSpeed): weights and optimizer from the engine
+        if resume.is_dir():  # an engine checkpoint (DeepSpeed, Accelerate): weights and optimizer from it
             state = load_checkpoint(resume / "loop.pt")
             backend.load_engine(model, resume)
         else:
@@ -415,7 +415,10 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
         scheduler.load_state_dict(state["scheduler"])
         backend.load_state_dict(state["backend"])
         loop = LoopState(**state["loop"])
-        set_rng_state(state["rng"])
+        if len(state["rng"]) != backend.world_size:
+            raise ConfigError(f"--keep-training: {resume} was saved by {len(state['rng'])} process(es), "
+                              f"this run has {backend.world_size}")
+        set_rng_state(state["rng"][backend.rank])
         if main and metrics_path.is_file():
             with metrics_path.open("r+b") as f:  # records after the save happen again
                 f.truncate(loop.metrics_bytes)
@@ -442,10 +445,11 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
             backend.barrier()
             backend.save_engine(model, staged)
             backend.barrier()
+        rngs = backend.gather(rng_state())  # each process's own: they drew differently (dropout on its rows)
         if not main:
             return None
         loop.metrics_bytes = metrics_path.stat().st_size if metrics_path.is_file() else 0
-        state = _state(backend, model, optimizer, scheduler, cfg, tokenizer, loop, plan_json)
+        state = _state(backend, model, optimizer, scheduler, cfg, tokenizer, loop, plan_json, rngs)
         if backend.saves_engine:
             save_checkpoint(state, staged / "loop.pt")
             path = store.commit(staged, loop.steps, loop.epoch)
@@ -605,10 +609,12 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
 
 
 def _state(backend: Backend, model, optimizer, scheduler, cfg: TrainConfig, tokenizer: Tokenizer,
-           loop: LoopState, plan_json: str | None) -> dict:
-    return {"model": backend.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "backend": backend.state_dict(), "config": cfg.to_dict(),
-            "tokenizer": tokenizer.to_json(), "loop": asdict(loop), "rng": rng_state(), "plan": plan_json,
+           loop: LoopState, plan_json: str | None, rngs: list[dict]) -> dict:
+    # The full weights always (best.pt and `evaluate` read any backend's checkpoint the same way);
+    # the optimizer only where the engine's own checkpoint does not hold it.
+    return {"model": backend.unwrap(model).state_dict(),
+            "optimizer": None if backend.saves_engine else optimizer.state_dict(), "scheduler": scheduler.state_dict(), "backend": backend.state_dict(), "config": cfg.to_dict(),
+            "tokenizer": tokenizer.to_json(), "loop": asdict(loop), "rng": rngs, "plan": plan_json,
             "epoch": loop.epoch - 1 if loop.position == 0 else loop.epoch, "step": loop.steps,
             "monitor": f"val/{MONITOR}"}
 
