@@ -3,7 +3,8 @@
     python bench/backends.py --steps 200 --json backends.json
 
 Each engine (default: plain bf16, accelerate fp16 and bf16, deepspeed ZeRO-2 with CPU offload in
-bf16, fp8) runs in its own spawned process (no engine state or memory carries over): the iu_xray
+bf16, fp8) runs in its own Python process (started as a user's run is: a multiprocessing "spawn"
+child starts its 6 loader workers as spawned processes too, ~70 s on the H100) (no engine state or memory carries over): the iu_xray
 preset (ResNet-101 R2Gen) on the embedded set, R2Gen's batch of 16, the real data loader, the
 shared loop's step, `--steps` optimizer steps (epochs repeat as needed). Speed is timed after
 `--warmup` steps; loss is reported as the mean of the first and of the last 10 steps, with a check
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 import time
 import warnings
@@ -26,7 +28,6 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launcher.probe import in_subprocess  # noqa: E402
 
 DEFAULT_ENGINES = "plain:bf16,accelerate:fp16,accelerate:bf16,deepspeed:bf16,fp8:fp8"
 
@@ -43,7 +44,7 @@ def run_engine(backend_name: str, precision: str, steps: int, warmup: int, batch
     from r2gen.train import _loader, optimizer_factory, prepare, train_step
 
     began = time.perf_counter()
-    setup: dict[str, float] = {}  # seconds per start-up phase (about 90 s per engine on the H100: to find)
+    setup: dict[str, float] = {}  # seconds per start-up phase
 
     def phase(name: str) -> None:
         setup[name] = round(time.perf_counter() - began - sum(setup.values()), 2)
@@ -108,7 +109,13 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=6)
     parser.add_argument("--studies", type=int, default=400, help="size of the embedded set")
     parser.add_argument("--json", type=Path, help="also write the rows (with every step's loss) here")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # in the child process: run this engine, print its row
     args = parser.parse_args()
+    if args.one:
+        name, _, precision = args.one.partition(":")
+        row = run_engine(name, precision, args.steps, args.warmup, args.batch_size, args.num_workers, args.studies)
+        print(json.dumps(row))
+        return
     if not torch.cuda.is_available():
         sys.exit("bench/backends.py: needs a CUDA GPU")
     if args.steps <= args.warmup + 10:
@@ -118,8 +125,13 @@ def main() -> None:
     for spec in args.engines.split(","):
         name, _, precision = spec.partition(":")
         began = time.perf_counter()
-        row = in_subprocess(run_engine, name, precision, args.steps, args.warmup, args.batch_size,
-                            args.num_workers, args.studies)
+        child = subprocess.run([sys.executable, __file__, "--one", spec, "--steps", str(args.steps), "--warmup",
+                                str(args.warmup), "--batch-size", str(args.batch_size), "--num-workers",
+                                str(args.num_workers), "--studies", str(args.studies)],
+                               stdout=subprocess.PIPE, text=True)  # its stderr (warnings, errors) passes through
+        lines = child.stdout.strip().splitlines()
+        row = json.loads(lines[-1]) if child.returncode == 0 and lines else \
+            {"engine": name, "precision": precision, "skipped": f"failed with exit code {child.returncode}"}
         row["wall_s"] = time.perf_counter() - began
         rows.append(row)
         # A line per engine as it finishes (the table comes at the end), and the JSON so far.

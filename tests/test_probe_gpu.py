@@ -85,10 +85,11 @@ def test_deepspeed_probe_survives_out_of_memory_and_auto_measures_fp8() -> None:
 
     from launcher.probe import in_subprocess, measure_speeds
 
-    request = replace(_request(budget_gib=6, max_micro=256), backend="deepspeed",
+    # 2.5 GiB: ZeRO-2 offload trains 16 studies in ~3.1 GiB on an H100, so the ladder 1, 4, 8, 16 runs out.
+    request = replace(_request(budget_gib=2.5, max_micro=256), backend="deepspeed",
                       engine={"zero": 2, "offload": "cpu"})
     result = probe_in_subprocess(request)
-    assert any(not fits for _, fits, _ in result.tried) and result.micro_batch >= 1
+    assert any(not fits for _, fits, _ in result.tried) and result.micro_batch >= 1, result.tried
     if torch.cuda.get_device_capability() >= (8, 9):
         speeds = in_subprocess(measure_speeds, _request(budget_gib=20),
                                (("plain", "bf16", {}), ("fp8", "fp8", {"fp8_impl": "torchao"})), 16)

@@ -28,7 +28,7 @@ RUN = ["plain", "--preset", "tiny", "--device", "cpu", "--studies", "20", "--epo
 
 def _cli(args: list[str], tmp_path: Path, **popen) -> subprocess.Popen:
     # No java on PATH: METEOR (a JVM start per evaluation, half of these runs' time) is reported as n/a.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "R2GEN_LAUNCH_CACHE": str(tmp_path / "cache"), "COLUMNS": "400",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]), "R2GEN_LAUNCH_CACHE": str(tmp_path / "cache"), "COLUMNS": "400",
            "PATH": str(Path(sys.executable).parent)}
     return subprocess.Popen([sys.executable, "-m", "launcher.cli", *args, "--run-dir", str(tmp_path / "runs")],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
