@@ -94,11 +94,13 @@ def continued_config(run: RunToContinue, overrides: dict[str, Any], micro_batch:
 
 def resume_batch(stored: BatchPlan, largest_micro: int) -> BatchPlan:
     """After re-probing: the micro-batch may change, the window (studies per process per optimizer
-    step), the effective batch, the sample order and the learning rates stay."""
+    step), the effective batch, the sample order and the learning rates stay. A micro-batch the user
+    fixed with --batch-size stays while it fits (BatchNorm's statistics depend on it)."""
     window = stored.micro_batch * stored.accumulation
     if largest_micro < 1:
         raise BackendError("--keep-training: not even one study fits the GPU memory now")
-    micro = min(largest_micro, window)
+    user_fixed = "--batch-size" in stored.reasons.get("micro_batch", "")
+    micro = stored.micro_batch if user_fixed and largest_micro >= stored.micro_batch else min(largest_micro, window)
     accumulation = -(-window // micro)
     if micro == stored.micro_batch:
         return stored

@@ -106,9 +106,15 @@ def test_two_processes_stop_on_sigterm_at_the_same_step_and_continue_identically
     _assert_same_run(run, whole)
 
 
-# On a GPU kernels are not all deterministic (atomic adds in backward): weights may differ by a few
-# Adam updates' size (lr 2e-3 at most in the tiny preset, 8 steps), losses by a little.
-GPU_WEIGHT_ATOL, GPU_LOSS_RTOL = 1e-2, 1e-2
+# On a GPU some kernels are not deterministic (atomic adds in backward), so two uninterrupted runs
+# already differ a little. The stated tolerance: the resumed run may differ from an uninterrupted
+# one by at most 4x as much as a second uninterrupted run does (plus 1e-6), in every weight and loss.
+GPU_SPREAD_FACTOR, GPU_FLOOR = 4.0, 1e-6
+
+
+def _largest_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point())
 
 
 @pytest.mark.gpu
@@ -119,13 +125,18 @@ def test_gpu_kill_and_resume(engine: list[str], tmp_path: Path) -> None:
     # 200 studies: 35 steps per epoch, 70 in all (a GPU runs the 8 steps of RUN faster than a kill lands).
     args = [*engine, *[a if a != "cpu" else "cuda" for a in RUN[1:]], "--studies", "200"]
     run, whole = _kill_and_resume(args, tmp_path)
-    steps, reference = _steps(run), _steps(whole)
+    code, output = _finish(_cli([*args, "--name", "again"], tmp_path))
+    assert code == 0, output[-3000:]
+    again = tmp_path / "runs" / "again"
+    steps, reference, second = _steps(run), _steps(whole), _steps(again)
     assert [s for s, _ in steps] == list(range(1, 71))  # every step exactly once
-    torch.testing.assert_close([x for _, x in steps], [x for _, x in reference], rtol=GPU_LOSS_RTOL, atol=0)
-    a, b = _final_weights(run, 70), _final_weights(whole, 70)
-    assert a.keys() == b.keys()
-    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point())
-    assert worst <= GPU_WEIGHT_ATOL, f"largest weight difference {worst:.2e}"
+    loss_spread = max(abs(x - y) for (_, x), (_, y) in zip(second, reference))
+    loss_off = max(abs(x - y) for (_, x), (_, y) in zip(steps, reference))
+    assert loss_off <= GPU_SPREAD_FACTOR * loss_spread + GPU_FLOOR, (loss_off, loss_spread)
+    final = _final_weights(whole, 70)
+    spread = _largest_difference(_final_weights(again, 70), final)
+    off = _largest_difference(_final_weights(run, 70), final)
+    assert off <= GPU_SPREAD_FACTOR * spread + GPU_FLOOR, f"resumed {off:.2e} vs run-to-run {spread:.2e}"
 
 
 def test_sigkill_mid_epoch_then_keep_training_is_bitwise_identical(reference, tmp_path: Path) -> None:
@@ -202,3 +213,6 @@ def test_replanned_micro_batch_keeps_the_window() -> None:
     smaller = resume_batch(stored, 5)
     assert (smaller.micro_batch, smaller.accumulation, smaller.effective_batch, smaller.lr_ed) == (5, 4, 16, 2e-4)
     assert resume_batch(stored, 8) is stored
+    fixed = BatchPlan(2, 8, 1, 16, 1e-4, 2e-4, {"micro_batch": "2: --batch-size", "accumulation": ""})
+    assert resume_batch(fixed, 64) is fixed  # the user's micro-batch stays while it fits
+    assert resume_batch(fixed, 1).micro_batch == 1
