@@ -39,7 +39,11 @@ NodeRank = Annotated[int, typer.Option(help="This machine's rank among --nodes (
 MasterAddr = Annotated[str, typer.Option(help="Address of node 0, reachable from every node.")]
 MasterPort = Annotated[Optional[int], typer.Option(help="Rendezvous TCP port on node 0 [default: a free port on one machine, 29500 with --nodes > 1].")]
 Hostfile = Annotated[Optional[Path], typer.Option(help="deepspeed: a DeepSpeed hostfile ('host slots=N' lines); the launcher then starts every node over ssh.")]
-KeepTraining = Annotated[bool, typer.Option("--keep-training", help="Continue the run --run-dir/--name (without --name: the newest run in --run-dir) from its newest intact checkpoint, exactly where it stopped: weights, optimizer, schedule, random state, data order. The run's own settings apply; only --epochs, --val-every, --early-stop, --beam-size, --log-every, --max-steps-per-epoch, --save-every and --keep-last may change.")]
+KeepTraining = Annotated[bool, typer.Option("--keep-training", help="Continue the run --run-dir/--name (without --name: the newest run in --run-dir) from its newest intact checkpoint, exactly where it stopped: weights, optimizer, schedule, random state, data order. The run's own settings apply; only --epochs, --val-every, --early-stop, --beam-size, --log-every, --max-steps-per-epoch, --save-every, --keep-last and the --wandb options may change.")]
+Wandb = Annotated[Optional[bool], typer.Option("--wandb/--no-wandb", help="Also log every metrics.jsonl record and the plan (as config) to Weights & Biases [default: off].")]
+WandbMode = Annotated[Optional[str], typer.Option(help="offline: W&B files under <run>/wandb, `wandb sync` uploads them later; online: needs WANDB_API_KEY in the environment [default: offline].")]
+WandbProject = Annotated[Optional[str], typer.Option(help="W&B project [default: r2gen-launch].")]
+WandbName = Annotated[Optional[str], typer.Option(help="W&B run name [default: the run directory's name].")]
 SaveEvery = Annotated[Optional[int], typer.Option(help="Optimizer steps between resumable checkpoints; 0: at epoch ends only [default: 0].")]
 KeepLast = Annotated[Optional[int], typer.Option(help="Resumable checkpoints kept, the newest ones [default: 3].")]
 DryRun = Annotated[bool, typer.Option(help="Print the plan, engine config and launch command, then stop (nothing is written).")]
@@ -99,6 +103,7 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
     from r2gen.data.datasets import load_annotation
     from r2gen.data.synth import default_dataset
     from r2gen.train import prepare
+    from r2gen.wandb_log import check_wandb
 
     engine = engine or {}
     if backend_name == "deepspeed":
@@ -111,6 +116,8 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
         if torch.cuda.device_count() < gpus_here:
             raise BackendError(f"--gpus {gpus_here}: only {torch.cuda.device_count()} GPU(s) visible")
     cfg = preset(preset_name).replace(**{k: v for k, v in overrides.items() if v is not None})
+    if cfg.wandb:
+        check_wandb(cfg.wandb_mode)
     auto = backend_name == "auto"
     if auto:
         backend_name = "plain"  # what auto measures first; _auto_engine may pick another engine
@@ -246,6 +253,7 @@ def _continue_training(backend_name: str, overrides: dict, options, run_dir: Pat
     from backends.registry import build_backend
     from launcher.engine_config import engine_config_for
     from launcher.resume import check_request, continued_config, find_run, read_run, resume_batch
+    from r2gen.wandb_log import check_wandb
     from r2gen.data.datasets import load_annotation
     from r2gen.train import prepare, train
 
@@ -282,6 +290,8 @@ def _continue_training(backend_name: str, overrides: dict, options, run_dir: Pat
             probe = probe_in_subprocess(request).to_dict()
         plan = replace(plan, batch=resume_batch(plan.batch, probe["micro_batch"]), probe=probe)
     prep.cfg = continued_config(run, overrides, plan.batch.micro_batch)
+    if prep.cfg.wandb:
+        check_wandb(prep.cfg.wandb_mode)
     _print_plan(plan)
     err.print(f"continuing {run.path} from {run.checkpoint.name}", highlight=False)
     engine_file = engine_config_for(plan, topology, run.path.name)
@@ -411,6 +421,17 @@ ENGINE_OPTIONS: dict[str, list[inspect.Parameter]] = {
 --hostfile (the launcher's) go to the plan as its engine options."""
 
 
+def _wandb_overrides(wandb: Optional[bool], mode: Optional[str], project: Optional[str],
+                     name: Optional[str]) -> dict:
+    """The --wandb options as config overrides; a W&B detail without --wandb is a mistake worth a line."""
+    if wandb is False or (wandb is None and (mode or project or name)):
+        given = [flag for flag, value in (("--wandb-mode", mode), ("--wandb-project", project),
+                                          ("--wandb-name", name)) if value]
+        if given:
+            raise ConfigError(f"{given[0]}: needs --wandb")
+    return dict(wandb=wandb, wandb_mode=mode, wandb_project=project, wandb_name=name)
+
+
 def _topology(gpus: Optional[int], nodes: int, node_rank: int, master_addr: str, master_port: Optional[int],
               keep_training: bool = False):
     """The processes asked for; None where --keep-training should take the continued run's own
@@ -441,7 +462,8 @@ def _training_command(backend_name: str, summary: str):
         num_workers: NumWorkers = None, max_steps_per_epoch: MaxSteps = None, log_every: LogEvery = None,
         gpus: Gpus = None, nodes: Nodes = 1, node_rank: NodeRank = 0, master_addr: MasterAddr = "127.0.0.1",
         master_port: MasterPort = None, save_every: SaveEvery = None, keep_last: KeepLast = None,
-        keep_training: KeepTraining = False, thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"),
+        wandb: Wandb = None, wandb_mode: WandbMode = None, wandb_project: WandbProject = None,
+        wandb_name: WandbName = None, keep_training: KeepTraining = False, thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"),
         name: Name = None, dry_run: DryRun = False, **engine,
     ) -> None:
         import torch
@@ -453,7 +475,7 @@ def _training_command(backend_name: str, summary: str):
                              studies=studies, backbone=backbone, val_every=_parse_val_every(val_every),
                              early_stop=early_stop, beam_size=beam_size, lr_ve=lr_ve, lr_ed=lr_ed, seed=seed,
                              max_steps_per_epoch=max_steps_per_epoch, log_every=log_every, save_every=save_every,
-                             keep_last=keep_last)
+                             keep_last=keep_last, **_wandb_overrides(wandb, wandb_mode, wandb_project, wandb_name))
             chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
             hostfile = engine.pop("hostfile", None)
             _run_training(backend_name, chosen, precision or _default_precision(backend_name, chosen),
@@ -503,7 +525,8 @@ def auto(
     studies: Studies = None, visual_weights: VisualWeights = None, val_every: ValEvery = None,
     seed: Seed = None, num_workers: NumWorkers = None,
     gpus: Annotated[Optional[int], typer.Option(help="GPUs on this machine, one process each [default: all visible].")] = None,
-    save_every: SaveEvery = None, keep_last: KeepLast = None, keep_training: KeepTraining = False,
+    save_every: SaveEvery = None, keep_last: KeepLast = None, wandb: Wandb = None, wandb_mode: WandbMode = None,
+    wandb_project: WandbProject = None, wandb_name: WandbName = None, keep_training: KeepTraining = False,
     thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"), name: Name = None, dry_run: DryRun = False,
 ) -> None:
     """Pick device, engine, precision and a preset that fits, plan, then train and evaluate.
@@ -529,7 +552,8 @@ def auto(
             processes = gpus or 1
         err.print(f"auto: {device}, {precision}, {preset} preset, {processes} process(es)", highlight=False)
         overrides = dict(epochs=epochs, studies=studies, val_every=_parse_val_every(val_every), seed=seed,
-                         save_every=save_every, keep_last=keep_last)
+                         save_every=save_every, keep_last=keep_last,
+                         **_wandb_overrides(wandb, wandb_mode, wandb_project, wandb_name))
         _run_training("auto", device, precision, preset, overrides, options, ann_path, image_dir, visual_weights,
                       thresholds, run_dir, name, dry_run,
                       _topology(gpus if keep_training else processes, 1, 0, "127.0.0.1", None, keep_training),

@@ -81,7 +81,7 @@ def check_request(run: RunToContinue, backend: str, preset: str | None, override
 
 
 CHANGEABLE = ("epochs", "val_every", "early_stop", "beam_size", "log_every", "max_steps_per_epoch", "save_every",
-              "keep_last")
+              "keep_last", "wandb", "wandb_mode", "wandb_project", "wandb_name")
 """Settings a continued run may change: how long it goes on, how it evaluates, logs and saves."""
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from r2gen.errors import ConfigError
+from r2gen.wandb_log import WANDB_MODES
 from r2gen.model.r2gen import ModelConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -53,6 +54,10 @@ class TrainConfig:
     save_every: int = 0                # optimizer steps between resumable checkpoints; 0 = at epoch ends only
     keep_last: int = 3                 # resumable checkpoints kept (the newest)
     studies: int = 400                 # size of the embedded synthetic set when no ann_path is given
+    wandb: bool = False                # also log metrics.jsonl's records and the plan to Weights & Biases
+    wandb_mode: str = "offline"        # offline (files under <run>/wandb) or online (needs WANDB_API_KEY)
+    wandb_project: str = "r2gen-launch"
+    wandb_name: str = ""               # W&B run name; "" = the run directory's name
 
     def __post_init__(self) -> None:
         positive = ("threshold", "image_size", "batch_size", "epochs", "step_size", "beam_size", "log_every",
@@ -74,6 +79,8 @@ class TrainConfig:
             raise ConfigError(f"thresholds: prefetch_factor must be positive, got {self.prefetch_factor}")
         if self.image_size < 32:
             raise ConfigError(f"--image-size: must be at least 32 px, got {self.image_size}")
+        if self.wandb_mode not in WANDB_MODES:
+            raise ConfigError(f"--wandb-mode: unknown {self.wandb_mode!r}; choose one of {', '.join(WANDB_MODES)}")
         if self.studies < 10:
             raise ConfigError(f"--studies: the synthetic set needs at least 10 studies, got {self.studies}")
 

@@ -37,6 +37,7 @@ from r2gen.data.datasets import Annotation, ReportDataset, build_transform, coll
 from r2gen.data.sampling import EpochSampler
 from r2gen.data.tokenizer import Tokenizer
 from r2gen.errors import ConfigError, RunFailed
+from r2gen.wandb_log import WandbSink, wandb_config
 from r2gen.metrics import compute_scores
 from r2gen.monitor import data_wait_warning, system_metrics
 from r2gen.model.r2gen import R2GenModel, masked_nll, target_tokens
@@ -117,16 +118,24 @@ def _loader(prep: Prepared, split: str, train: bool) -> DataLoader:
 
 
 class MetricsLog:
-    """Append-only metrics.jsonl; one JSON object per line with stable keys."""
+    """Append-only metrics.jsonl; one JSON object per line with stable keys; the same records to
+    Weights & Biases when a sink is given (--wandb)."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, sink: WandbSink | None = None):
         self.path = path  # None: a process other than rank 0, which writes nothing
+        self.sink = sink
 
     def write(self, record: dict) -> None:
         if self.path is None:
             return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.sink is not None:
+            self.sink.log(record)
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
 
 
 def evaluate(model: R2GenModel, loader: DataLoader, backend: Backend, tokenizer: Tokenizer,
@@ -432,7 +441,11 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
         write_text(run_dir / "tokenizer.json", tokenizer.to_json())
         if plan_json is not None:
             write_text(run_dir / "plan.json", plan_json)
-    log = MetricsLog(metrics_path if main else None)
+    sink = None
+    if main and cfg.wandb:
+        sink = WandbSink(run_dir, cfg.wandb_mode, cfg.wandb_project, cfg.wandb_name,
+                         wandb_config(cfg.to_dict(), plan_json))
+    log = MetricsLog(metrics_path if main else None, sink)
 
     def save_state(best_of_epoch: int = 0) -> Path | None:
         """A resumable checkpoint of this moment, also as best.pt after a best epoch. Rank 0 writes it;
@@ -605,6 +618,7 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
                **{f"baseline_test/{k}": v for k, v in result.baseline_test.items()},
                "perf/train_samples_per_s": result.samples_per_s,
                **({"memory/peak_allocated_gib": result.peak_memory_gib} if result.peak_memory_gib else {})})
+    log.close()
     return result
 
 
@@ -613,7 +627,8 @@ def _state(backend: Backend, model, optimizer, scheduler, cfg: TrainConfig, toke
     # The full weights always (best.pt and `evaluate` read any backend's checkpoint the same way);
     # the optimizer only where the engine's own checkpoint does not hold it.
     return {"model": backend.unwrap(model).state_dict(),
-            "optimizer": None if backend.saves_engine else optimizer.state_dict(), "scheduler": scheduler.state_dict(), "backend": backend.state_dict(), "config": cfg.to_dict(),
+            "optimizer": None if backend.saves_engine else optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "backend": backend.state_dict(), "config": cfg.to_dict(),
             "tokenizer": tokenizer.to_json(), "loop": asdict(loop), "rng": rngs, "plan": plan_json,
             "epoch": loop.epoch - 1 if loop.position == 0 else loop.epoch, "step": loop.steps,
             "monitor": f"val/{MONITOR}"}
