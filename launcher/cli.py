@@ -605,6 +605,88 @@ def probe_command(
     _guarded(run)
 
 
+@app.command("evaluate")
+def evaluate_command(
+    checkpoint: Annotated[Path, typer.Option(help="A checkpoint of any engine: step-N.pt, best.pt, a step-N/ folder (DeepSpeed, Accelerate), or a run directory (its best.pt, else its newest intact state).")],
+    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
+    beam: Annotated[Optional[int], typer.Option(help="Beam size [default: the run's own].")] = None,
+    device: Device = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 autocast for generation [default: bf16 on a GPU, fp32 on a CPU].")] = None,
+    ann_path: AnnPath = None, image_dir: ImageDir = None, num_workers: NumWorkers = None,
+    out_file: Annotated[Optional[Path], typer.Option("--out", help="Where the scores and reports go (JSON) [default: <run>/reports/evaluate-<split>-<checkpoint>-beam<N>.json].")] = None,
+) -> None:
+    """Metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr, loss) and generated reports from a checkpoint."""
+
+    def run() -> None:
+        from r2gen.checkpoint_eval import evaluate_checkpoint
+        from r2gen.metrics import METRIC_KEYS
+
+        result = evaluate_checkpoint(checkpoint, split, beam, device, precision, ann_path, image_dir, num_workers,
+                                     out_file)
+        table = Table(title=f"{result.checkpoint} (step {result.step}), {split}, beam {result.beam_size}")
+        for key in (*METRIC_KEYS, "loss"):
+            table.add_column(key, justify="right")
+        table.add_row(*(_fmt(result.scores.get(k)) for k in (*METRIC_KEYS, "loss")))
+        out.print(table)
+        out.print(f"{len(result.records)} reports at {result.samples_per_s:.1f} samples/s; written to "
+                  f"{result.output}", highlight=False)
+
+    _guarded(run)
+
+
+@app.command("study")
+def study_command(
+    precisions: Annotated[str, typer.Option(help="Comma-separated precisions to compare: fp32, fp16, bf16, fp8 (fp8 runs the fp8 engine).")] = "fp32,fp16,bf16,fp8",
+    backend: Annotated[str, typer.Option(help="Engine for fp32/fp16/bf16: plain, accelerate or deepspeed.")] = "plain",
+    epochs: Epochs = None, preset: Preset = None, device: Device = None, studies: Studies = None,
+    ann_path: AnnPath = None, image_dir: ImageDir = None, beam_size: BeamSize = None, val_every: ValEvery = None,
+    num_workers: NumWorkers = None, max_steps_per_epoch: MaxSteps = None,
+    log_every: Annotated[int, typer.Option(help="Optimizer steps between logged records (the loss curves' resolution).")] = 1,
+    run_dir: RunDir = Path("runs"),
+    name: Annotated[str, typer.Option(help="The study's folder under --run-dir (run again to continue it).")] = "study",
+) -> None:
+    """One training run per precision, each with its own probed batch; writes <run-dir>/<name>/summary.json
+    and a self-contained report.html (tables, loss curves, throughput and memory charts, five test
+    studies' reports side by side) and recommends a precision. Precisions this machine cannot run are
+    listed as skipped with the reason. Interrupted, the same command continues it."""
+    import torch
+
+    def run() -> None:
+        from launcher.environment import installed_modules, usable
+        from launcher.hardware import detect
+        from launcher.study import StudyRequest, parse_precisions, run_study
+        from dataclasses import replace
+
+        chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if chosen not in ("cpu", "cuda"):
+            raise ConfigError(f"--device: unknown {chosen!r}; choose cpu or cuda")
+        passed = [(f"--{flag.replace('_', '-')}", value) for flag, value in (
+            ("epochs", epochs), ("studies", studies), ("ann_path", ann_path), ("image_dir", image_dir),
+            ("beam_size", beam_size), ("val_every", val_every), ("num_workers", num_workers),
+            ("max_steps_per_epoch", max_steps_per_epoch), ("log_every", log_every)) if value is not None]
+        request = StudyRequest(parse_precisions(precisions), backend, run_dir / name, chosen,
+                               preset or ("iu_xray" if chosen == "cuda" else "tiny"),
+                               [str(x) for pair in passed for x in pair])
+        facts = detect()
+        verdicts = usable(facts if chosen == "cuda" else replace(facts, gpus=()), installed_modules())
+        summary = run_study(request, epochs, verdicts, lambda line: err.print(line, highlight=False))
+        table = Table(title=f"precision study: {summary['hardware']}, {request.preset} preset, {backend}")
+        for column in ("precision", "status", "samples/s", "peak GiB", "test loss", "BLEU_4", "CIDEr", "wall s"):
+            table.add_column(column, justify="right")
+        for row in summary["precisions"]:
+            metrics = row.get("metrics") or {}
+            table.add_row(row["precision"], row["status"] if not row.get("reason") else
+                          f"{row['status']}: {row['reason']}", _fmt(row.get("samples_per_s")),
+                          _fmt(row.get("peak_vram_gib")), _fmt(row.get("test_loss")), _fmt(metrics.get("BLEU_4")),
+                          _fmt(metrics.get("CIDEr")), "n/a" if row.get("wall_s") is None else f"{row['wall_s']:.0f}")
+        out.print(table)
+        out.print(f"recommended: {summary['recommended'] or 'none'} ({summary['rule']})", highlight=False)
+        out.print(f"report: {request.folder / 'report.html'}; summary: {request.folder / 'summary.json'}",
+                  highlight=False)
+
+    _guarded(run)
+
+
 @app.command("env")
 def env_command(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write everything shown to this file.")] = None,

@@ -140,23 +140,31 @@ class MetricsLog:
 
 def evaluate(model: R2GenModel, loader: DataLoader, backend: Backend, tokenizer: Tokenizer,
              cfg: TrainConfig) -> tuple[dict[str, float | None], list[dict], float]:
-    """Generate a report for every study; returns metrics, per-study records and samples/s."""
+    """Generate a report for every study; returns metrics (with `loss`, the teacher-forced per-token
+    NLL of the true reports, as in training but without dropout), per-study records and samples/s."""
     model.eval()
     records: list[dict] = []
     start = time.perf_counter()
     guard = OomRecovery(loader.batch_size or 1, retries=cfg.oom_retries)
+    nll, tokens = 0.0, 0.0
 
-    def generate_in_chunks(images: torch.Tensor, micro: int) -> list[list[int]]:
+    def generate_in_chunks(batch: dict, micro: int) -> tuple[list[list[int]], float]:
         out: list[list[int]] = []
-        for first in range(0, images.size(0), micro):
-            chunk = images[first:first + micro].to(backend.device, non_blocking=True)
+        summed = 0.0
+        for chunk in split_batch(batch, micro):
+            images = chunk["images"].to(backend.device, non_blocking=True)
+            targets = chunk["targets"].to(backend.device, non_blocking=True)
             with backend.autocast():
-                out += generate(model, chunk, beam_size=cfg.beam_size, block_trigrams=cfg.block_trigrams).cpu().tolist()
-        return out
+                logprobs = model(images, targets)
+                out += generate(model, images, beam_size=cfg.beam_size, block_trigrams=cfg.block_trigrams).cpu().tolist()
+            summed += masked_nll(logprobs.float(), targets, chunk["masks"].to(backend.device), 1.0).item()
+        return out, summed
 
     for batch in loader:
         with torch.no_grad():
-            seqs = guard.run(lambda micro: generate_in_chunks(batch["images"], micro), lambda: release_memory(backend))
+            seqs, summed = guard.run(lambda micro: generate_in_chunks(batch, micro), lambda: release_memory(backend))
+        nll += summed
+        tokens += float(target_tokens(batch["masks"]))
         generated = tokenizer.decode_batch(seqs)
         truths = tokenizer.decode_batch(batch["targets"][:, 1:].tolist())
         records += [{"id": i, "ground_truth": g, "generated": r} for i, g, r in zip(batch["ids"], truths, generated)]
@@ -165,6 +173,7 @@ def evaluate(model: R2GenModel, loader: DataLoader, backend: Backend, tokenizer:
     if backend.device.type == "cuda":
         torch.cuda.empty_cache()  # generation's blocks have other shapes than training's: give them back
     scores = compute_scores([r["ground_truth"] for r in records], [r["generated"] for r in records])
+    scores["loss"] = nll / max(tokens, 1.0)
     return scores, records, speed
 
 
