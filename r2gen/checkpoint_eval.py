@@ -84,9 +84,9 @@ def evaluate_checkpoint(checkpoint: Path, split: str = "test", beam_size: int | 
     if beam_size is not None and beam_size < 1:
         raise ConfigError(f"--beam: must be at least 1, got {beam_size}")
     state_path, run_dir = resolve_checkpoint(checkpoint)
+    state = read_state(state_path)
     if ann_path is None and run_dir is None:
         raise ConfigError(f"--ann-path: {state_path} has no run directory (config.json) above it; name the data set")
-    state = read_state(state_path)
     cfg = TrainConfig.from_dict(state["config"])
     cfg = cfg.replace(beam_size=beam_size or cfg.beam_size, micro_batch=0,
                       num_workers=cfg.num_workers if num_workers is None else num_workers, cache_images=False)

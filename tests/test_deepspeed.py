@@ -182,3 +182,14 @@ def test_a_deepspeed_run_continues_from_its_engine_checkpoint(small_set, tmp_pat
     a = load_checkpoint(whole / "checkpoints" / "step-00000003" / "loop.pt")["model"]
     b = load_checkpoint(cut / "checkpoints" / "step-00000003" / "loop.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # `evaluate --checkpoint` reads the engine's step folder like any other checkpoint. The run kept
+    # its weights in bf16; evaluation upcasts them, so the loss agrees closely rather than bitwise.
+    from r2gen.checkpoint_eval import evaluate_checkpoint
+
+    got = evaluate_checkpoint(whole / "checkpoints" / "step-00000003", device="cpu", precision="bf16", num_workers=0,
+                              ann_path=small_set)
+    own = next(r for r in reversed([json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()])
+               if "test/loss" in r)
+    assert len(got.records) == 6 and got.scores["loss"] == pytest.approx(own["test/loss"], rel=0.05)
+    assert got.output == whole / "reports" / "evaluate-test-step-00000003-beam1.json" and got.output.is_file()

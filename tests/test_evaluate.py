@@ -1,0 +1,84 @@
+"""evaluate --checkpoint: any engine's checkpoint (a step file, an engine's step folder, a run
+directory) gives back exactly the reports and scores the run itself got at that point; bad
+requests get one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from launcher.cli import app
+from r2gen.checkpoint import CheckpointStore
+from r2gen.metrics import METRIC_KEYS
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ["--preset", "tiny", "--device", "cpu", "--studies", "20", "--epochs", "1", "--beam-size", "2",
+       "--num-workers", "0"]
+
+
+def _cli(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "R2GEN_LAUNCH_CACHE": str(tmp / "cache"),
+           "PATH": str(Path(sys.executable).parent)}  # no java: METEOR n/a in both, half the time saved
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True, timeout=600,
+                          env=env)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("evaluate")
+    made = {}
+    for engine in ("plain", "accelerate"):
+        result = _cli([engine, *RUN, "--precision", "fp32", "--run-dir", str(tmp), "--name", engine], tmp)
+        assert result.returncode == 0, result.stderr[-3000:]
+        made[engine] = tmp / engine
+    return made
+
+
+@pytest.mark.parametrize("engine", ["plain", "accelerate"])
+def test_a_checkpoint_gives_back_the_runs_own_test_reports(runs: dict[str, Path], engine: str, tmp_path) -> None:
+    run = runs[engine]
+    newest, _ = CheckpointStore(run / "checkpoints").newest_intact()  # the end of the last epoch
+    assert newest.is_dir() == (engine == "accelerate")  # Accelerate's own save_state folder
+    out = tmp_path / "eval.json"
+    result = _cli(["evaluate", "--checkpoint", str(newest), "--device", "cpu", "--num-workers", "0",
+                   "--out", str(out)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(out.read_text())
+    own = json.loads((run / "reports" / "test_epoch001.json").read_text())
+    assert got["reports"] == own  # the same weights, beam and data: the same reports, word for word
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = next(r for r in reversed(records) if "test/BLEU_4" in r)
+    for key in (*METRIC_KEYS, "loss"):
+        assert got["scores"][key] == pytest.approx(final[f"test/{key}"]) if final[f"test/{key}"] is not None \
+            else got["scores"][key] is None, key
+    assert got["beam_size"] == 2 and got["split"] == "test" and "BLEU_4" in result.stdout
+
+
+def test_a_run_directory_means_its_best_checkpoint(runs: dict[str, Path], tmp_path) -> None:
+    result = _cli(["evaluate", "--checkpoint", str(runs["plain"]), "--split", "val", "--beam", "1", "--device", "cpu",
+                   "--num-workers", "0"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = runs["plain"] / "reports" / "evaluate-val-best-beam1.json"
+    got = json.loads(written.read_text())
+    assert got["checkpoint"].endswith("best.pt") and len(got["reports"]) == 2 and got["beam_size"] == 1
+
+
+def test_bad_evaluate_requests(runs: dict[str, Path], tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    (tmp_path / "empty").mkdir()
+    cases = [(["--checkpoint", str(tmp_path / "absent.pt")], "does not exist"),
+             (["--checkpoint", str(garbage)], "is not a readable checkpoint"),
+             (["--checkpoint", str(tmp_path / "empty")], "neither a checkpoint nor a run directory"),
+             (["--checkpoint", str(runs["plain"]), "--split", "dev"], "--split: unknown 'dev'"),
+             (["--checkpoint", str(runs["plain"]), "--beam", "0"], "--beam: must be at least 1")]
+    for args, needle in cases:
+        result = CliRunner().invoke(app, ["evaluate", *args])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], (args, result.output)
