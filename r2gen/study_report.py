@@ -15,8 +15,6 @@ from __future__ import annotations
 import base64
 import html
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
@@ -80,22 +78,11 @@ def render_report(summary: dict) -> str:
 
 
 def write_report(summary: dict, path: Path) -> Path:
-    """Render `summary` to `path` atomically (temp file in the same folder, flush + fsync, os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = render_report(summary).encode("utf-8")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a report is meant to be read and shared
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Render `summary` to `path`, atomically (the project's one atomic write: r2gen.checkpoint)."""
+    from r2gen.checkpoint import write_text
+
+    write_text(Path(path), render_report(summary))
+    return Path(path)
 
 
 # --- text and numbers -------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from browser import assert_renders
+from r2gen.checkpoint import _FILE_MODE
 from r2gen.study_report import render_report, write_report
 
 IDS = ["CXR1_1_IM-0001", "CXR2_1_IM-0002", "CXR3_1_IM-0003", "CXR4_1_IM-0004", "CXR5_1_IM-0005"]
@@ -169,7 +170,7 @@ def test_write_report_is_atomic(summary: dict[str, Any], tmp_path: Path) -> None
     write_report(summary, target)
     assert target.read_text(encoding="utf-8") == render_report(summary)
     assert sorted(p.name for p in target.parent.iterdir()) == ["report.html"]
-    assert target.stat().st_mode & 0o777 == 0o644
+    assert target.stat().st_mode & 0o777 == _FILE_MODE  # as open() would make it (mkstemp: 0600)
 
 
 def test_renders_in_headless_chromium(summary: dict[str, Any], tmp_path: Path) -> None:
