@@ -253,9 +253,9 @@ def _continue_training(backend_name: str, overrides: dict, options, run_dir: Pat
     from backends.registry import build_backend
     from launcher.engine_config import engine_config_for
     from launcher.resume import check_request, continued_config, find_run, read_run, resume_batch
-    from r2gen.wandb_log import check_wandb
     from r2gen.data.datasets import load_annotation
     from r2gen.train import prepare, train
+    from r2gen.wandb_log import check_wandb
 
     run = read_run(find_run(run_dir, name))
     check_request(run, backend_name, preset_given, overrides)
@@ -443,8 +443,8 @@ def _topology(gpus: Optional[int], nodes: int, node_rank: int, master_addr: str,
         return None
     if master_port is None:
         master_port = free_port() if nodes == 1 else 29500
-    return Topology(gpus_per_node=1 if gpus is None else gpus, nodes=nodes, node_rank=node_rank, master_addr=master_addr,
-                    master_port=master_port)
+    return Topology(gpus_per_node=1 if gpus is None else gpus, nodes=nodes, node_rank=node_rank,
+                    master_addr=master_addr, master_port=master_port)
 
 
 def _training_command(backend_name: str, summary: str):
@@ -463,8 +463,8 @@ def _training_command(backend_name: str, summary: str):
         gpus: Gpus = None, nodes: Nodes = 1, node_rank: NodeRank = 0, master_addr: MasterAddr = "127.0.0.1",
         master_port: MasterPort = None, save_every: SaveEvery = None, keep_last: KeepLast = None,
         wandb: Wandb = None, wandb_mode: WandbMode = None, wandb_project: WandbProject = None,
-        wandb_name: WandbName = None, keep_training: KeepTraining = False, thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"),
-        name: Name = None, dry_run: DryRun = False, **engine,
+        wandb_name: WandbName = None, keep_training: KeepTraining = False, thresholds: ThresholdsFile = None,
+        run_dir: RunDir = Path("runs"), name: Name = None, dry_run: DryRun = False, **engine,
     ) -> None:
         import torch
 
