@@ -26,6 +26,18 @@ def small_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def restored_environment():
+    """Engines set process-wide variables (a one-process DeepSpeed group sets LOCAL_RANK, as a
+    launcher would); a later test's subprocess must not inherit them."""
+    import os
+
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never touch the user's ~/.cache from tests."""
     monkeypatch.setenv("R2GEN_LAUNCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))

@@ -40,7 +40,9 @@ def test_tiny_loss_falls_and_run_dir_is_complete(small_set: Path, tmp_path: Path
     assert epoch_loss[-1] < 0.6 * epoch_loss[0], epoch_loss
 
     assert result.epochs_run == 6 and result.steps == 6 * 3
-    assert set(result.val) == set(result.test) == set(result.baseline_test) == set(METRIC_KEYS)
+    assert set(result.val) == set(result.test) == {*METRIC_KEYS, "loss"}  # loss: teacher-forced, no dropout
+    assert set(result.baseline_test) == set(METRIC_KEYS)
+    assert 0 < result.test["loss"] < epoch_loss[0]
     final = next(r for r in records if "test/BLEU_4" in r)
     assert final["epoch"] == 6 and final["val/BLEU_4"] == result.val["BLEU_4"]
     assert any("baseline_test/BLEU_4" in r for r in records)
