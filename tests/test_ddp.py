@@ -57,9 +57,13 @@ def test_ddp_step_equals_the_single_process_window(tmp_path: Path) -> None:
     mp.spawn(_rank, args=(free_port(), out), nprocs=2, join=True)
     backend = PlainBackend("cpu", "fp32")
     model, optimizer = _model_and_optimizer(backend)
+    start = [p.detach().clone() for p in model.parameters()]
     train_step(model, optimizer, backend, _window(), clip_value=1e9, micro_batch=7)
-    for ddp, single in zip(torch.load(out), model.parameters()):
-        torch.testing.assert_close(ddp, single.detach(), rtol=0, atol=1e-5)  # fp32 sums in another order
+    for ddp, single, before in zip(torch.load(out), model.parameters(), start):
+        # Compared as updates, relative to the update's size: fp32 sums in another order differ by
+        # ~1e-5 of it; without the token all-reduce the updates differ by tens of percent.
+        update, expected = ddp - before, single.detach() - before
+        assert (update - expected).norm() <= 1e-4 * expected.norm() + 1e-7
 
 
 def test_two_processes_train_through_the_cli(tmp_path: Path) -> None:
