@@ -60,9 +60,12 @@ class DeepSpeedBackend(Backend):
         import deepspeed
 
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        if "WORLD_SIZE" not in os.environ and not torch.distributed.is_initialized():
-            # One process, no launcher: a process group of one, without a TCP rendezvous.
-            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+        if "WORLD_SIZE" not in os.environ:
+            # One process, no launcher: a process group of one, without a TCP rendezvous (kept for
+            # the process's later engines: DeepSpeed caches its groups).
+            if not torch.distributed.is_initialized():
+                torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0,
+                                                     world_size=1)
             os.environ.setdefault("LOCAL_RANK", "0")  # the engine insists on it, as a launcher would set it
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if self.device.type == "cuda":
