@@ -41,7 +41,7 @@ from r2gen.wandb_log import WandbSink, wandb_config
 from r2gen.metrics import compute_scores
 from r2gen.monitor import data_wait_warning, system_metrics
 from r2gen.model.r2gen import R2GenModel, masked_nll, target_tokens
-from r2gen.model.sampling import generate
+from r2gen.model.sampling import generate_from_features
 from r2gen.model.visual_extractor import init_visual_weights
 
 MONITOR = "BLEU_4"
@@ -155,8 +155,10 @@ def evaluate(model: R2GenModel, loader: DataLoader, backend: Backend, tokenizer:
             images = chunk["images"].to(backend.device, non_blocking=True)
             targets = chunk["targets"].to(backend.device, non_blocking=True)
             with backend.autocast():
-                logprobs = model(images, targets)
-                out += generate(model, images, beam_size=cfg.beam_size, block_trigrams=cfg.block_trigrams).cpu().tolist()
+                att_feats, _ = model.extract(images)  # once, for the loss and the reports
+                logprobs = model.forward_features(att_feats, targets)
+                out += generate_from_features(model, att_feats, beam_size=cfg.beam_size,
+                                              block_trigrams=cfg.block_trigrams).cpu().tolist()
             summed += masked_nll(logprobs.float(), targets, chunk["masks"].to(backend.device), 1.0).item()
         return out, summed
 

@@ -123,7 +123,10 @@ class R2GenModel(nn.Module):
     # -- generation primitives (used by r2gen.model.sampling) -----------------------------------------
     def prepare_generation(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode the images once: (encoder memory (B, L, d), source mask (B, 1, L))."""
-        att_feats, _ = self.extract(images)
+        return self.encode_features(self.extract(images)[0])
+
+    def encode_features(self, att_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """prepare_generation on patch features already extracted (extract(images)[0])."""
         att_feats, att_masks = self._embed_att(att_feats)
         return self.encoder_decoder.model.encode(att_feats, att_masks), att_masks
 

@@ -3,8 +3,14 @@
 The published defaults are beam search with beam 3 (`--sample_method beam_search --beam_size 3`)
 and `--block_trigrams 1`. In the published code trigram blocking lives in the greedy path
 (`_sample`) only; its beam search never blocks trigrams. Both behaviours are kept here, so with the
-defaults (beam 3) no trigram is blocked, exactly as in the original. These functions are the
-reference that any faster generator must reproduce token for token.
+defaults (beam 3) no trigram is blocked, exactly as in the original.
+
+Two implementations of each: `greedy` and `beam_search` follow the published code step for step
+(the whole prefix decoded again at every step, finished hypotheses collected per study in Python)
+and are the reference; `fast_greedy` and `fast_beam_search`, which `generate` uses, decode
+incrementally (r2gen.model.decoding) with every beam of every study in one batch and no per-study
+Python, and stop once no hypothesis can change the answer. They give the same reports, token for
+token (tests/test_generation.py).
 """
 
 from __future__ import annotations
@@ -12,21 +18,34 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from r2gen.model.decoding import DecoderState
 from r2gen.model.r2gen import R2GenModel
 
 TRIGRAM_PENALTY = -0.693 * 2.0
 """Log-prob added per earlier occurrence of a trigram (ln(1/2) * alpha, alpha = 2, as published)."""
 
+STOP_CHECK_EVERY = 4
+"""Steps between the fast generators' checks whether they can stop (each check waits for the GPU)."""
+
 
 def generate(model: R2GenModel, images: torch.Tensor, beam_size: int = 3,
              block_trigrams: bool = True) -> torch.Tensor:
     """Token ids (B, max_seq_length), 0-padded after the end token. Runs under no_grad."""
+    with torch.no_grad():
+        return generate_from_features(model, model.extract(images)[0], beam_size, block_trigrams)
+
+
+def generate_from_features(model: R2GenModel, att_feats: torch.Tensor, beam_size: int = 3,
+                           block_trigrams: bool = True) -> torch.Tensor:
+    """generate() on the visual extractor's patch features (model.extract(images)[0]), so a caller
+    that already ran the extractor (evaluation's teacher-forced loss) does not run it again."""
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
     with torch.no_grad():
+        memory, src_mask = model.encode_features(att_feats)
         if beam_size > 1:
-            return beam_search(model, images, beam_size)
-        return greedy(model, images, block_trigrams=block_trigrams)
+            return fast_beam_search(model, memory, src_mask, beam_size)
+        return fast_greedy(model, memory, src_mask, block_trigrams=block_trigrams)
 
 
 def _repeat_rows(n: int, x: torch.Tensor) -> torch.Tensor:
@@ -124,3 +143,92 @@ def beam_search(model: R2GenModel, images: torch.Tensor, beam_size: int = 3) -> 
         best = sorted(done[b], key=lambda hyp: -hyp[0])[0][1]
         seq[b, :len(best)] = torch.tensor(best, dtype=torch.long, device=device)
     return seq
+
+
+def trigram_penalty(seq: torch.Tensor, t: int, vocab: int) -> torch.Tensor:
+    """The penalty _trigram_penalty gives at step t (t >= 3), for all rows at once, from seq alone:
+    each earlier trigram (seq[s], seq[s+1], seq[s+2]), s <= t-3, whose first two tokens are the
+    last two generated penalises its third token once per occurrence."""
+    earlier = (seq[:, :t - 2] == seq[:, t - 2:t - 1]) & (seq[:, 1:t - 1] == seq[:, t - 1:t])
+    counts = torch.zeros(seq.size(0), vocab, dtype=torch.float32, device=seq.device)
+    counts.scatter_add_(1, seq[:, 2:t], earlier.float())
+    return counts * TRIGRAM_PENALTY
+
+
+def fast_greedy(model: R2GenModel, memory: torch.Tensor, src_mask: torch.Tensor,
+                block_trigrams: bool = True) -> torch.Tensor:
+    """greedy(), decoded incrementally from prepare_generation's (memory, src_mask)."""
+    batch, max_len, eos = memory.size(0), model.max_seq_length, model.eos_idx
+    state = DecoderState.start(model, memory, src_mask)
+    seq = torch.full((batch, max_len), model.pad_idx, dtype=torch.long, device=memory.device)
+    it = torch.full((batch,), model.bos_idx, dtype=torch.long, device=memory.device)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=memory.device)
+    for t in range(max_len):
+        logprobs = state.step(it)
+        if block_trigrams and t >= 3:
+            logprobs = logprobs + trigram_penalty(seq, t, logprobs.size(1)).to(logprobs)
+        _, it = torch.max(logprobs, 1)
+        if t == 0:
+            unfinished = it != eos
+        else:
+            it = it.masked_fill(~unfinished, model.pad_idx)
+            unfinished = unfinished & (it != eos)
+        seq[:, t] = it
+        # Steps after every row ended only write padding: checking now and then gives the same seq.
+        if t % STOP_CHECK_EVERY == STOP_CHECK_EVERY - 1 and not unfinished.any():
+            break
+    return seq
+
+
+def fast_beam_search(model: R2GenModel, memory: torch.Tensor, src_mask: torch.Tensor,
+                     beam_size: int = 3) -> torch.Tensor:
+    """beam_search(), with the finished hypotheses kept as tensors (the best per study so far).
+
+    Ties go where the reference's stable sort of its finished list sends them: to the earlier step,
+    then to the lower beam. The search stops early when, in every study, even the best live beam
+    scores below the best finished hypothesis: log-probabilities are never positive, so no later
+    hypothesis could overtake it.
+    """
+    batch, max_len, eos = memory.size(0), model.max_seq_length, model.eos_idx
+    device = memory.device
+    state = DecoderState.start(model, memory, src_mask)
+    logprobs = state.step(torch.full((batch,), model.bos_idx, dtype=torch.long, device=device))
+    vocab = logprobs.size(-1)
+    if beam_size > vocab:
+        raise ValueError(f"beam_size {beam_size} exceeds the vocabulary size {vocab}")
+
+    beam_seq = torch.zeros(batch, beam_size, max_len, dtype=torch.long, device=device)
+    beam_sum = torch.zeros(batch, beam_size, device=device)
+    best_sum = torch.full((batch,), float("-inf"), device=device)
+    best_seq = torch.full((batch, max_len), model.pad_idx, dtype=torch.long, device=device)
+    found = torch.zeros(batch, dtype=torch.bool, device=device)
+    offsets = torch.arange(batch, device=device).unsqueeze(-1)
+    positions = torch.arange(max_len, device=device)
+    for t in range(max_len):
+        lp = logprobs.reshape(batch, -1, vocab)
+        sums = beam_sum[:, :1] if t == 0 else beam_sum
+        candidates = (sums.unsqueeze(-1) + lp).reshape(batch, -1)
+        _, ix = torch.sort(candidates, -1, True)
+        ix = ix[:, :beam_size]
+        beam_ix, selected = ix // vocab, ix % vocab
+        if t > 0:
+            beam_seq = beam_seq.gather(1, beam_ix.unsqueeze(-1).expand_as(beam_seq))
+        beam_seq[:, :, t] = selected
+        beam_sum = sums.gather(1, beam_ix) + lp.reshape(batch, -1).gather(1, ix)
+
+        is_end = torch.ones_like(selected, dtype=torch.bool) if t == max_len - 1 else selected == eos
+        ended_sum, ended_beam = torch.where(is_end, beam_sum, float("-inf")).max(1)  # max: the first of equals
+        better = is_end.any(1) & (~found | (ended_sum > best_sum))
+        best_sum = torch.where(better, ended_sum, best_sum)
+        chosen = beam_seq[torch.arange(batch, device=device), ended_beam].masked_fill(positions > t, model.pad_idx)
+        best_seq = torch.where(better.unsqueeze(1), chosen, best_seq)
+        found = found | better
+        beam_sum = torch.where(is_end, beam_sum - 1000, beam_sum)
+        if t == max_len - 1:
+            break
+        if t % STOP_CHECK_EVERY == STOP_CHECK_EVERY - 1 and bool((found & (beam_sum.max(1)[0] < best_sum)).all()):
+            break
+        state = state.select((beam_ix + offsets * lp.size(1)).reshape(-1))
+        # The published loop applies log_softmax again to the step's log-probabilities.
+        logprobs = F.log_softmax(state.step(selected.reshape(-1)), dim=-1)
+    return best_seq
