@@ -199,16 +199,16 @@ def test_generation_recovers_from_oom_with_identical_reports(small_set: Path) ->
     prep = prepare(_cfg(beam_size=2), PlainBackend("cpu"), ann, None)
     loader = _loader(prep, "test", train=False)
     _, reference, _ = evaluate(prep.model, loader, prep.backend, prep.tokenizer, prep.cfg)
-    encode = prep.model.prepare_generation
+    encode = prep.model.encode_features  # generation's first step
     sizes: list[int] = []
 
-    def limited(images):
-        sizes.append(images.size(0))
-        if images.size(0) > 2:
+    def limited(att_feats):
+        sizes.append(att_feats.size(0))
+        if att_feats.size(0) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return encode(images)
+        return encode(att_feats)
 
-    prep.model.prepare_generation = limited
+    prep.model.encode_features = limited
     _, records, _ = evaluate(prep.model, loader, prep.backend, prep.tokenizer, prep.cfg)
     assert records == reference and sizes == [6, 3] + [1] * 6  # 6 fails, 3 fails, then one study at a time
 
