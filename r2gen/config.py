@@ -46,6 +46,7 @@ class TrainConfig:
     pin_memory: bool = True            # page-locked host batches (used on a GPU only)
     prefetch_factor: int = 2           # batches each loader worker prepares ahead
     cache_images: bool = False         # decode every image once into RAM before training
+    uint8_images: bool = True          # loaders hand uint8 images to the device, which normalizes them (same values)
     max_vram_gib: float = 0.0          # hard cap on this process's GPU memory; 0 = none
     oom_retries: int = 3               # retries at micro-batch 1 before saving and stopping
     max_nonfinite: int = 3             # windows in a row with an inf/NaN loss (skipped) before the run stops

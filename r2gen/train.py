@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from backends.base import Backend
 from r2gen.checkpoint import CheckpointStore, load_checkpoint, save_checkpoint, write_json, write_text
 from r2gen.config import TrainConfig
-from r2gen.data.datasets import Annotation, ReportDataset, build_transform, collate
+from r2gen.data.datasets import Annotation, ReportDataset, build_transform, collate, images_to_device
 from r2gen.data.sampling import EpochSampler
 from r2gen.data.tokenizer import Tokenizer
 from r2gen.errors import ConfigError, RunFailed
@@ -105,7 +105,8 @@ def optimizer_factory(cfg: TrainConfig) -> Callable[[torch.nn.Module], torch.opt
 def _loader(prep: Prepared, split: str, train: bool) -> DataLoader:
     cfg = prep.cfg
     dataset = ReportDataset(prep.annotation.splits[split], prep.tokenizer, cfg.model.max_seq_length,
-                            build_transform(cfg.image_size, train), cache=cfg.cache_images, progress=True)
+                            build_transform(cfg.image_size, train), cache=cfg.cache_images, progress=True,
+                            uint8=cfg.uint8_images)
     workers = cfg.num_workers
     # Training: this process's share of one shuffle per epoch, resumable at any batch (set_epoch).
     sampler = EpochSampler(len(dataset), cfg.seed, prep.backend.rank, prep.backend.world_size) if train else None
@@ -152,7 +153,7 @@ def evaluate(model: R2GenModel, loader: DataLoader, backend: Backend, tokenizer:
         out: list[list[int]] = []
         summed = 0.0
         for chunk in split_batch(batch, micro):
-            images = chunk["images"].to(backend.device, non_blocking=True)
+            images = images_to_device(chunk["images"], backend.device)
             targets = chunk["targets"].to(backend.device, non_blocking=True)
             with backend.autocast():
                 att_feats, _ = model.extract(images)  # once, for the loss and the reports
@@ -225,7 +226,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, backend
     total = torch.zeros((), device=backend.device)
     stepped = True
     for i, chunk in enumerate(chunks):
-        images = chunk["images"].to(backend.device, non_blocking=True)
+        images = images_to_device(chunk["images"], backend.device)
         targets = chunk["targets"].to(backend.device, non_blocking=True)
         masks = chunk["masks"].to(backend.device, non_blocking=True)
         with backend.autocast():
