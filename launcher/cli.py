@@ -17,7 +17,7 @@ from r2gen.errors import BackendError, ConfigError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train R2Gen (radiology report generation) as fast as the hardware allows.")
-data_app = typer.Typer(no_args_is_help=True, help="Data sets: the embedded synthetic set.")
+data_app = typer.Typer(no_args_is_help=True, help="Data sets: the embedded synthetic set; a set prepared at training resolution.")
 app.add_typer(data_app, name="data")
 
 out = Console()
@@ -101,6 +101,7 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
     from launcher.thresholds import load_thresholds
     from r2gen.config import preset
     from r2gen.data.datasets import load_annotation
+    from r2gen.data.prepare import prepared_image_size
     from r2gen.data.synth import default_dataset
     from r2gen.train import prepare
     from r2gen.wandb_log import check_wandb
@@ -134,6 +135,11 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
         err.print(f"No --ann-path: using the embedded synthetic set ({cfg.studies} studies).")
         ann_path = default_dataset(studies=cfg.studies)
     annotation = load_annotation(ann_path, image_dir, cfg.model.dataset, progress=True)
+    prepared_for = prepared_image_size(annotation.path)
+    if prepared_for is not None and prepared_for != cfg.image_size:
+        err.print(f"[yellow]warning:[/] {annotation.path} was prepared for --image-size {prepared_for}, this run uses "
+                  f"{cfg.image_size}: its images are resized a second time (run `data prepare` again for "
+                  f"{cfg.image_size})", highlight=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         prep = prepare(cfg, backend, annotation, visual_weights)
@@ -754,6 +760,27 @@ def synth(
     except UsageError as exc:
         _fail(exc)
     out.print(f"wrote {studies} studies: {path}", highlight=False)
+
+
+@data_app.command("prepare")
+def prepare_data(
+    ann_path: Annotated[Path, typer.Option(help="The data set's annotation.json (R2Gen's format).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to create for the prepared set (must not exist or be empty).")],
+    dataset: Annotated[str, typer.Option(help="iu_xray (two views per study) or mimic_cxr (one).")] = "iu_xray",
+    image_dir: Annotated[Optional[Path], typer.Option(help="Folder the annotation's image paths are relative to [default: images/ beside it].")] = None,
+    image_size: Annotated[int, typer.Option(help="The training --image-size, px: train images get R2Gen's Resize(size*256/224), val/test images Resize(size, size).")] = 224,
+    workers: Annotated[Optional[int], typer.Option(help="Decoding processes [default: the CPUs, at most 16].")] = None,
+) -> None:
+    """Decode every image once and store it at training resolution (lossless PNG): training on the
+    prepared set gives the same tensors as the original files, without decoding large JPEGs per sample."""
+    from r2gen.data.prepare import prepare_dataset
+
+    try:
+        path = prepare_dataset(ann_path, out_dir, image_size, dataset, image_dir, workers, progress=True)
+    except UsageError as exc:
+        _fail(exc)
+    out.print(f"wrote the prepared set: {path} (train with --ann-path {path} --image-size {image_size})",
+              highlight=False)
 
 
 def main() -> None:

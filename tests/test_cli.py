@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from launcher.cli import app
 
 runner = CliRunner()
-COMMANDS = [["plain"], ["accelerate"], ["deepspeed"], ["fp8"], ["auto"], ["probe"], ["env"], ["data", "synth"]]
+COMMANDS = [["plain"], ["accelerate"], ["deepspeed"], ["fp8"], ["auto"], ["probe"], ["env"], ["data", "synth"],
+            ["data", "prepare"]]
 
 
 def _options(path: list[str]) -> list[str]:

@@ -673,7 +673,9 @@ def _publish(tmp: Path, final: Path) -> bool:
         raise
 
 
-def _generate_atomically(final: Path, studies: int, seed: int, image_size: int, progress: bool) -> bool:
+def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> bool:
+    """write(folder) into a hidden sibling of final, then rename it to final; False (nothing
+    left behind) if final got filled meanwhile. On any error the partial folder is removed."""
     final.parent.mkdir(parents=True, exist_ok=True)
     # A hidden sibling on the same file system, so the final rename is atomic and a
     # half-written set is never visible under the real name. os.mkdir rather than
@@ -682,11 +684,15 @@ def _generate_atomically(final: Path, studies: int, seed: int, image_size: int, 
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        _write_set(tmp, studies, seed, image_size, progress)
+        write(tmp)
         return _publish(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _generate_atomically(final: Path, studies: int, seed: int, image_size: int, progress: bool) -> bool:
+    return write_dir_atomically(final, lambda tmp: _write_set(tmp, studies, seed, image_size, progress))
 
 
 def _check_args(studies: int, seed: int, image_size: int) -> None:
