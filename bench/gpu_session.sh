@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One GPU call (the device tool, carry [".whl"] from bench/gpu_wheels.sh): installs the wheels, then
+# runs the stages named (default: all), each writing its log and JSON under $OUT:
+#   tests     pytest -m gpu (every GPU test of the suite)
+#   generate  bench/generate.py: reference vs fast beam-3 generation, fp32 and bf16
+#   train     bench/train_throughput.py: the published configuration vs auto's plan
+#   backends  bench/backends.py: every engine, 200 steps
+#   study     r2gen-launch study --precisions fp32,fp16,bf16,fp8 on the iu_xray preset
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}"
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH="/tmp/site:$PWD/.whl/py:$PWD"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+cli() { python3 -c 'from launcher.cli import main; main()' "$@"; }
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(tests generate train backends study)
+for stage in "${stages[@]}"; do
+  echo "== $stage"; began=$SECONDS
+  case "$stage" in
+    tests) python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
+    generate)
+      python3 bench/generate.py --precision fp32 --batch-sizes 16,64,256 --studies 256 --json "$OUT/generate_fp32.json"
+      python3 bench/generate.py --precision bf16 --batch-sizes 64,256 --studies 256 --json "$OUT/generate_bf16.json" ;;
+    train) python3 bench/train_throughput.py --steps 60 --studies 4000 --json "$OUT/train_throughput.json" ;;
+    backends) python3 bench/backends.py --steps 200 --json "$OUT/backends.json" ;;
+    study) cli study --precisions fp32,fp16,bf16,fp8 --epochs 3 --run-dir /tmp/runs --name prec \
+             && cp /tmp/runs/prec/summary.json /tmp/runs/prec/report.html "$OUT/" ;;
+    *) echo "unknown stage $stage" ;;
+  esac
+  echo "== $stage: $((SECONDS - began)) s"
+done

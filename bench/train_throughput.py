@@ -1,0 +1,197 @@
+"""Training throughput: the published R2Gen configuration against the launcher's `auto` plan, one run.
+
+    python bench/train_throughput.py --steps 60 --studies 4000 --json train_throughput.json
+    python bench/train_throughput.py --device cpu --preset tiny --steps 8 --studies 200   # CPU smoke
+
+Both rows train the same preset on the same embedded set (or --ann-path), each in its own plainly
+started Python process, through the shared loop's loader and step:
+- reference: the published code's configuration: fp32, batch 16, images decoded and normalized on
+  the host by R2Gen's transforms (no cache, float batches), 2 workers, not pinned, no compilation;
+- auto: what `r2gen-launch auto` plans on this machine (engine and precision, the probed
+  micro-batch under the throughput policy, workers, pinning, the image cache, uint8 batches).
+Each row: samples/s, ms per optimizer step, the share of time waiting for data, peak GPU memory,
+model FLOPs utilization (the model's training FLOPs per sample, counted by torch's FlopCounterMode,
+times samples/s, over a large matrix product's measured rate in the row's precision) and the
+ratio to the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+REFERENCE = dict(precision="fp32", batch_size=16, num_workers=2, pin_memory=False, cache_images=False,
+                 uint8_images=False)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_tflops(device: torch.device, precision: str) -> float:
+    """A large matrix product's rate here, in the row's precision (the MFU denominator)."""
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(precision, torch.bfloat16)
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    start, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def train_flops_per_sample(model: torch.nn.Module, batch: dict, device: torch.device) -> float:
+    """Forward + backward FLOPs of one study, counted on two studies of a real batch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from r2gen.data.datasets import images_to_device
+    from r2gen.model.r2gen import masked_nll
+
+    images, targets = images_to_device(batch["images"][:2], device), batch["targets"][:2].to(device)
+    with FlopCounterMode(display=False) as counter:
+        masked_nll(model(images, targets), targets, batch["masks"][:2].to(device)).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
+def run_row(which: str, preset_name: str, device: str, steps: int, warmup: int, studies: int,
+            ann_path: Path | None) -> dict:
+    """One configuration's timed training (in a fresh process)."""
+    from backends.registry import build_backend
+    from launcher.cli import _options, _prepare_run
+    from launcher.plan import apply_plan
+    from r2gen.config import preset
+    from r2gen.data.datasets import load_annotation
+    from r2gen.data.synth import default_dataset
+    from r2gen.train import _loader, optimizer_factory, prepare, train_step
+
+    if which == "reference":
+        cfg = preset(preset_name).replace(studies=studies, **{k: v for k, v in REFERENCE.items() if k != "precision"})
+        backend = build_backend("plain", device, REFERENCE["precision"])
+        annotation = load_annotation(ann_path or default_dataset(studies=studies), None, cfg.model.dataset)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prep = prepare(cfg, backend, annotation, None)
+        plan_summary = "fp32, batch 16, host transforms, 2 workers, not pinned"
+    else:
+        options = _options(None, True, None, None, None, None, "sqrt", None, "throughput")
+        precision = "fp32" if device == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prep, plan, _ = _prepare_run("auto", device, precision, preset_name, {"studies": studies}, options,
+                                         ann_path, None, None, None)
+        if plan.backend == "deepspeed":
+            from launcher.engine_config import Topology, engine_config_for
+
+            prep.backend.configure(engine_config_for(plan, Topology(), "bench").config)
+        prep.cfg = cfg = apply_plan(prep.cfg, plan)
+        backend = prep.backend
+        plan_summary = (f"{plan.backend} {plan.precision}, micro {plan.batch.micro_batch} x accumulation "
+                        f"{plan.batch.accumulation}, {cfg.num_workers} workers, pinned {cfg.pin_memory}, "
+                        f"cache {cfg.cache_images}, uint8 {cfg.uint8_images}")
+    model, optimizer = backend.prepare(prep.model, optimizer_factory(cfg))
+    model.train()
+    loader = _loader(prep, "train", train=True)
+    micro = cfg.micro_batch or cfg.batch_size
+    flops, tokens = None, 0
+    done, samples, wait, start, losses = 0, 0, 0.0, 0.0, []
+    if backend.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(backend.device)
+    while done < warmup + steps:
+        fetched = time.perf_counter()
+        for batch in loader:
+            if flops is None:
+                flops = train_flops_per_sample(backend.unwrap(model), batch, backend.device)
+            if done == warmup:
+                _sync(backend.device)
+                start, samples, wait, fetched = time.perf_counter(), 0, 0.0, time.perf_counter()
+            wait += time.perf_counter() - fetched
+            loss, _ = train_step(model, optimizer, backend, batch, cfg.clip_value, micro)
+            losses.append(loss)
+            samples += len(batch["ids"])
+            done += 1
+            if done == warmup + steps:
+                break
+            fetched = time.perf_counter()
+    _sync(backend.device)
+    elapsed = time.perf_counter() - start
+    samples_per_s = samples / elapsed
+    peak = matmul_tflops(backend.device, backend.precision if backend.precision != "fp8" else "bf16")
+    return {"config": which, "plan": plan_summary, "preset": preset_name, "samples_per_s": samples_per_s,
+            "ms_per_step": 1000 * elapsed / steps, "data_wait_pct": 100 * wait / elapsed,
+            "peak_allocated_gib": torch.cuda.max_memory_allocated(backend.device) / 2**30
+            if backend.device.type == "cuda" else None,
+            "train_gflops_per_sample": flops / 1e9, "matmul_tflops": peak,
+            "mfu_pct": 100 * flops * samples_per_s / (peak * 1e12), "loss_first": losses[0], "loss_last": losses[-1],
+            "device": torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else "CPU",
+            "torch": torch.__version__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", default=None, help="iu_xray on a GPU, tiny on a CPU by default")
+    parser.add_argument("--steps", type=int, default=60, help="timed optimizer steps per row")
+    parser.add_argument("--warmup", type=int, default=5, help="steps before the clock starts")
+    parser.add_argument("--studies", type=int, default=4000,
+                        help="size of the embedded set (its train split must hold auto's window)")
+    parser.add_argument("--ann-path", type=Path, default=None)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # in the child process: run this row, print it
+    args = parser.parse_args()
+    args.preset = args.preset or ("iu_xray" if args.device == "cuda" else "tiny")
+    if args.one:
+        print(json.dumps(run_row(args.one, args.preset, args.device, args.steps, args.warmup, args.studies,
+                                 args.ann_path)))
+        return
+    rows = []
+    for which in ("reference", "auto"):
+        began = time.perf_counter()
+        command = [sys.executable, __file__, "--one", which, "--device", args.device, "--preset", args.preset,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--studies", str(args.studies)]
+        if args.ann_path:
+            command += ["--ann-path", str(args.ann_path)]
+        child = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # stderr passes through
+        lines = child.stdout.strip().splitlines()
+        row = json.loads(lines[-1]) if child.returncode == 0 and lines else \
+            {"config": which, "failed": f"exit code {child.returncode}"}
+        row["wall_s"] = time.perf_counter() - began
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    base = rows[0].get("samples_per_s")
+    device = next((r["device"] for r in rows if "device" in r), args.device)
+    table = Table(title=f"training throughput: {args.preset} preset on {device}, torch {torch.__version__}, "
+                        f"{args.steps} timed steps per row")
+    for column in ("config", "plan", "samples/s", "ms/step", "data wait %", "peak GiB", "GFLOP/sample", "MFU %",
+                   "vs reference"):
+        table.add_column(column, justify="left" if column in ("config", "plan") else "right", overflow="fold")
+    for r in rows:
+        if "failed" in r:
+            table.add_row(r["config"], f"failed: {r['failed']}", *[""] * 7)
+            continue
+        peak = f"{r['peak_allocated_gib']:.2f}" if r["peak_allocated_gib"] is not None else "-"
+        table.add_row(r["config"], r["plan"], f"{r['samples_per_s']:.1f}", f"{r['ms_per_step']:.0f}",
+                      f"{r['data_wait_pct']:.1f}", peak, f"{r['train_gflops_per_sample']:.1f}",
+                      f"{r['mfu_pct']:.1f}", f"{r['samples_per_s'] / base:.2f}x" if base else "-")
+    Console(width=200).print(table)
+
+
+if __name__ == "__main__":
+    main()
