@@ -40,7 +40,7 @@ class DecoderState:
     src_keys: list[torch.Tensor]       # per decoder layer: (N, h, L, d_k) of the encoder output
     src_values: list[torch.Tensor]
     src_mask: torch.Tensor             # (N, 1, 1, L), as MultiHeadedAttention unsqueezes it
-    keys: list[torch.Tensor]           # per decoder layer: (N, h, t, d_k) of the positions decoded so far
+    keys: list[torch.Tensor]           # per decoder layer: (N, h, t, d_k) of the t positions decoded so far
     values: list[torch.Tensor]
     rm_memory: torch.Tensor            # (N, slots, d): the relational memory after the last token
     position: int = 0
@@ -50,14 +50,12 @@ class DecoderState:
         """The state before the first token, from prepare_generation's (memory, src_mask)."""
         transformer = model.encoder_decoder.model
         layers = transformer.decoder.layers
-        rows = memory.size(0)
-        empty = memory.new_zeros(rows, layers[0].self_attn.h, 0, layers[0].self_attn.d_k)
         return cls(model=model,
                    src_keys=[_heads(layer.src_attn, 1, memory) for layer in layers],
                    src_values=[_heads(layer.src_attn, 2, memory) for layer in layers],
                    src_mask=src_mask.unsqueeze(1),
-                   keys=[empty] * len(layers), values=[empty] * len(layers),
-                   rm_memory=transformer.rm.init_memory(rows).to(memory))
+                   keys=[], values=[],  # filled by the first step, in the projections' dtype (autocast)
+                   rm_memory=transformer.rm.init_memory(memory.size(0)).to(memory))
 
     def select(self, rows: torch.Tensor) -> "DecoderState":
         """The state of the prefixes `rows` (beam search's reordering; repeated rows are copies)."""
@@ -79,8 +77,13 @@ class DecoderState:
         for i, layer in enumerate(transformer.decoder.layers):
             norm0, norm1, norm2 = (sub.norm for sub in layer.sublayer)
             y = norm0(x, memory)
-            self.keys[i] = torch.cat([self.keys[i], _heads(layer.self_attn, 1, y)], 2)
-            self.values[i] = torch.cat([self.values[i], _heads(layer.self_attn, 2, y)], 2)
+            key, value = _heads(layer.self_attn, 1, y), _heads(layer.self_attn, 2, y)
+            if t == 0:
+                self.keys.append(key)
+                self.values.append(value)
+            else:
+                self.keys[i] = torch.cat([self.keys[i], key], 2)
+                self.values[i] = torch.cat([self.values[i], value], 2)
             # The newest position may attend to every position so far: no mask is needed.
             x = x + layer.sublayer[0].dropout(
                 _merge(layer.self_attn, attention(_heads(layer.self_attn, 0, y), self.keys[i], self.values[i],
