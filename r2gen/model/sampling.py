@@ -90,6 +90,25 @@ def greedy(model: R2GenModel, images: torch.Tensor, block_trigrams: bool = True)
     return seq
 
 
+def _select_beams(logprobs: torch.Tensor, beam_sum: torch.Tensor, t: int,
+                  beam_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """R2Gen's beam_step: the beam_size best (beam, token) extensions of each study's beams.
+
+    logprobs (rows, V) with one row per study at t = 0 and one per beam after; beam_sum (B, beam).
+    Returns (the beam each extension continues (B, beam), its token (B, beam), its summed
+    log-probability (B, beam), the logprobs row it continues, flat (B * beam,)).
+    """
+    batch, vocab = beam_sum.size(0), logprobs.size(-1)
+    lp = logprobs.reshape(batch, -1, vocab)
+    sums = beam_sum[:, :1] if t == 0 else beam_sum
+    candidates = (sums.unsqueeze(-1) + lp).reshape(batch, -1)
+    _, ix = torch.sort(candidates, -1, True)
+    ix = ix[:, :beam_size]
+    beam_ix, selected = ix // vocab, ix % vocab
+    rows = (beam_ix + torch.arange(batch, device=ix.device).unsqueeze(-1) * lp.size(1)).reshape(-1)
+    return beam_ix, selected, sums.gather(1, beam_ix) + lp.reshape(batch, -1).gather(1, ix), rows
+
+
 def beam_search(model: R2GenModel, images: torch.Tensor, beam_size: int = 3) -> torch.Tensor:
     """R2Gen's `_sample_beam` + `beam_search` (one group, no length penalty), batched over studies.
 
@@ -109,19 +128,11 @@ def beam_search(model: R2GenModel, images: torch.Tensor, beam_size: int = 3) -> 
     beam_seq = torch.zeros(batch, beam_size, 0, dtype=torch.long, device=device)
     beam_sum = torch.zeros(batch, beam_size, device=device)
     done: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]
-    offsets = torch.arange(batch, device=device).unsqueeze(-1)
     for t in range(max_len):
-        lp = logprobs.reshape(batch, -1, vocab)
-        sums = beam_sum[:, :1] if t == 0 else beam_sum
-        candidates = (sums.unsqueeze(-1) + lp).reshape(batch, -1)
-        _, ix = torch.sort(candidates, -1, True)
-        ix = ix[:, :beam_size]
-        beam_ix, selected = ix // vocab, ix % vocab
-        state_ix = (beam_ix + offsets * lp.size(1)).reshape(-1)
+        beam_ix, selected, beam_sum, state_ix = _select_beams(logprobs, beam_sum, t, beam_size)
         if t > 0:
             beam_seq = beam_seq.gather(1, beam_ix.unsqueeze(-1).expand_as(beam_seq))
         beam_seq = torch.cat([beam_seq, selected.unsqueeze(-1)], -1)
-        beam_sum = sums.gather(1, beam_ix) + lp.reshape(batch, -1).gather(1, ix)
         ys = ys[state_ix]
 
         is_end = beam_seq[:, :, t] == eos
@@ -202,19 +213,12 @@ def fast_beam_search(model: R2GenModel, memory: torch.Tensor, src_mask: torch.Te
     best_sum = torch.full((batch,), float("-inf"), device=device)
     best_seq = torch.full((batch, max_len), model.pad_idx, dtype=torch.long, device=device)
     found = torch.zeros(batch, dtype=torch.bool, device=device)
-    offsets = torch.arange(batch, device=device).unsqueeze(-1)
     positions = torch.arange(max_len, device=device)
     for t in range(max_len):
-        lp = logprobs.reshape(batch, -1, vocab)
-        sums = beam_sum[:, :1] if t == 0 else beam_sum
-        candidates = (sums.unsqueeze(-1) + lp).reshape(batch, -1)
-        _, ix = torch.sort(candidates, -1, True)
-        ix = ix[:, :beam_size]
-        beam_ix, selected = ix // vocab, ix % vocab
+        beam_ix, selected, beam_sum, rows = _select_beams(logprobs, beam_sum, t, beam_size)
         if t > 0:
             beam_seq = beam_seq.gather(1, beam_ix.unsqueeze(-1).expand_as(beam_seq))
         beam_seq[:, :, t] = selected
-        beam_sum = sums.gather(1, beam_ix) + lp.reshape(batch, -1).gather(1, ix)
 
         is_end = torch.ones_like(selected, dtype=torch.bool) if t == max_len - 1 else selected == eos
         ended_sum, ended_beam = torch.where(is_end, beam_sum, float("-inf")).max(1)  # max: the first of equals
@@ -228,7 +232,7 @@ def fast_beam_search(model: R2GenModel, memory: torch.Tensor, src_mask: torch.Te
             break
         if t % STOP_CHECK_EVERY == STOP_CHECK_EVERY - 1 and bool((found & (beam_sum.max(1)[0] < best_sum)).all()):
             break
-        state = state.select((beam_ix + offsets * lp.size(1)).reshape(-1))
+        state = state.select(rows)
         # The published loop applies log_softmax again to the step's log-probabilities.
         logprobs = F.log_softmax(state.step(selected.reshape(-1)), dim=-1)
     return best_seq
