@@ -56,6 +56,47 @@ def test_relational_memory_initial_state_and_output_shape():
     assert out.shape == (2, 7, 24)
 
 
+def _published_relational_memory(rm: RelationalMemory, inputs: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """zhjohnchan/R2Gen's RelationalMemory.forward, step by step: [memory; token] projected every step."""
+    outputs = []
+    for i in range(inputs.shape[1]):
+        memory = memory.reshape(-1, rm.num_slots, rm.d_model)
+        token = inputs[:, i]
+        kv = torch.cat([memory, token.unsqueeze(1)], 1)
+        next_memory = memory + rm.attn(memory, kv, kv)
+        next_memory = next_memory + rm.mlp(next_memory)
+        gates = rm.W(token.unsqueeze(1)) + rm.U(torch.tanh(memory))
+        input_gate, forget_gate = torch.split(gates, rm.d_model, dim=2)
+        next_memory = torch.sigmoid(input_gate) * torch.tanh(next_memory) + torch.sigmoid(forget_gate) * memory
+        memory = next_memory.reshape(-1, rm.num_slots * rm.d_model)
+        outputs.append(memory)
+    return torch.stack(outputs, dim=1)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_relational_memory_computes_the_published_recurrence(train: bool):
+    """Projections hoisted out of the token loop: the same outputs and gradients (float64), and in
+    training the same dropout masks (the same random draws in the same order)."""
+    torch.manual_seed(0)
+    rm = RelationalMemory(num_slots=3, d_model=16, num_heads=4).double().train(train)
+    inputs = torch.randn(5, 9, 16, dtype=torch.float64, requires_grad=True)
+    results = []
+    for run in (rm.forward, lambda x, m: _published_relational_memory(rm, x, m)):
+        torch.manual_seed(1)
+        out = run(inputs, rm.init_memory(5).double())
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out).double()).sum(),
+                                    [inputs, *rm.parameters()])
+        results.append((out, grads))
+    (fast, fast_grads), (published, published_grads) = results
+    torch.testing.assert_close(fast, published, rtol=1e-12, atol=1e-12)
+    for a, b in zip(fast_grads, published_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # the incremental step is one step of the loop
+        rm.eval()
+        memory = rm.init_memory(5).double()
+        torch.testing.assert_close(rm.forward_step(inputs[:, 0], memory), rm(inputs[:, :1], memory)[:, 0])
+
+
 def test_subsequent_mask_is_lower_triangular():
     mask = subsequent_mask(3)
     assert mask.tolist() == [[[True, False, False], [True, True, False], [True, True, True]]]

@@ -2,10 +2,13 @@
 
 Faithful to the published implementation (zhjohnchan/R2Gen, modules/encoder_decoder.py): the same
 modules, shapes, parameter layout and initialisation, so the parameter count and behaviour match.
-Two deliberate differences, both numerically neutral in fp32:
+Three deliberate differences, all numerically neutral in fp32 (up to the order of sums):
 - attention masks are filled with the dtype's most negative value instead of -1e9, which
   overflows in fp16 (softmax gives exactly the same probabilities in fp32);
-- the published lambda-chained helpers are plain methods.
+- the published lambda-chained helpers are plain methods;
+- the relational memory projects every token once before its loop over tokens, and the memory's
+  query/key/value in one product per step (RelationalMemory.forward; the published step is kept,
+  token by token, as tests/test_model.py's reference).
 """
 
 from __future__ import annotations
@@ -242,22 +245,52 @@ class RelationalMemory(nn.Module):
         return memory
 
     def forward_step(self, token: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """One token (B, d): the memory (B, slots * d) after it (incremental decoding's step)."""
+        attn = self.attn
         memory = memory.reshape(-1, self.num_slots, self.d_model)
-        kv = torch.cat([memory, token.unsqueeze(1)], 1)
-        next_memory = memory + self.attn(memory, kv, kv)
-        next_memory = next_memory + self.mlp(next_memory)
-        gates = self.W(token.unsqueeze(1)) + self.U(torch.tanh(memory))
-        input_gate, forget_gate = torch.split(gates, self.d_model, dim=2)
-        next_memory = torch.sigmoid(input_gate) * torch.tanh(next_memory) + torch.sigmoid(forget_gate) * memory
+        next_memory = self._step(memory, attn.linears[1](token), attn.linears[2](token), self.W(token),
+                                 *self._qkv_weights())
         return next_memory.reshape(-1, self.num_slots * self.d_model)
 
     def forward(self, inputs: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """inputs (B, T, d) -> memory states after each token, (B, T, slots * d)."""
+        """inputs (B, T, d) -> memory states after each token, (B, T, slots * d).
+
+        The published step projects [memory; token] for keys and values and the token for the input
+        and forget gates at every step; the token's share depends on the token alone, so it is
+        projected for all T steps in one product before the loop, and the memory's query, key and
+        value in one product per step (the same arithmetic, a third of the step's matrix products).
+        """
+        attn = self.attn
+        memory = memory.reshape(-1, self.num_slots, self.d_model)
+        # unbind, not [:, i]: one backward node for all steps instead of a zero-filled (B, T, d) each.
+        tokens = zip(*(proj(inputs).unbind(1) for proj in (attn.linears[1], attn.linears[2], self.W)))
+        weight, bias = self._qkv_weights()
         outputs = []
-        for i in range(inputs.shape[1]):
-            memory = self.forward_step(inputs[:, i], memory)
-            outputs.append(memory)
+        for key, value, gates in tokens:
+            memory = self._step(memory, key, value, gates, weight, bias)
+            outputs.append(memory.reshape(-1, self.num_slots * self.d_model))
         return torch.stack(outputs, dim=1)
+
+    def _qkv_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention's query, key and value projections stacked: one product for all three."""
+        linears = self.attn.linears[:3]
+        return torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears])
+
+    def _step(self, memory: torch.Tensor, token_key: torch.Tensor, token_value: torch.Tensor,
+              token_gates: torch.Tensor, qkv_weight: torch.Tensor, qkv_bias: torch.Tensor) -> torch.Tensor:
+        """The published forward_step on memory (B, slots, d), given the token's key, value and gate
+        projections (B, d), (B, d), (B, 2d)."""
+        attn, batch = self.attn, memory.size(0)
+        query, key, value = F.linear(memory, qkv_weight, qkv_bias).split(self.d_model, dim=-1)
+        key = torch.cat([key, token_key.unsqueeze(1)], 1)          # attends over [memory; token]
+        value = torch.cat([value, token_value.unsqueeze(1)], 1)
+        query, key, value = (x.view(batch, -1, attn.h, attn.d_k).transpose(1, 2) for x in (query, key, value))
+        x = attention(query, key, value, dropout=attn.dropout)
+        next_memory = memory + attn.linears[-1](x.transpose(1, 2).contiguous().view(batch, -1, attn.h * attn.d_k))
+        next_memory = next_memory + self.mlp(next_memory)
+        gates = token_gates.unsqueeze(1) + self.U(torch.tanh(memory))
+        input_gate, forget_gate = torch.split(gates, self.d_model, dim=2)
+        return torch.sigmoid(input_gate) * torch.tanh(next_memory) + torch.sigmoid(forget_gate) * memory
 
 
 class Transformer(nn.Module):
