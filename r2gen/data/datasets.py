@@ -9,6 +9,7 @@ seconds with one line naming the file and the study.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -167,9 +168,16 @@ def images_to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor
     images = images.to(device, non_blocking=True)
     if images.dtype != torch.uint8:
         return images
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(3, 1, 1)
+    mean, std = _normalization(images.device)
     return images.float().div(255).sub(mean).div(std)  # one channel broadcasts to three
+
+
+@functools.lru_cache(maxsize=None)
+def _normalization(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalize's mean and std as (3, 1, 1) float32 tensors on the device, made once per device (a
+    copy from host memory at every step would make the host wait for the GPU)."""
+    return (torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(3, 1, 1),
+            torch.tensor(IMAGENET_STD, dtype=torch.float32, device=device).view(3, 1, 1))
 
 
 def _as_uint8(image: Image.Image) -> torch.Tensor:
