@@ -101,7 +101,7 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
     from launcher.thresholds import load_thresholds
     from r2gen.config import preset
     from r2gen.data.datasets import load_annotation
-    from r2gen.data.prepare import prepared_image_size
+    from r2gen.data.prepare import preparation_hint, prepared_image_size
     from r2gen.data.synth import default_dataset
     from r2gen.train import prepare
     from r2gen.wandb_log import check_wandb
@@ -129,7 +129,8 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
         target = run_dir / (name or f"{cfg.preset}-{backend_name}-{datetime.now():%Y%m%d-%H%M%S}")
         if target.exists() and any(target.iterdir()):
             raise ConfigError(f"--run-dir/--name: {target} already holds a run; choose another --name")
-    if ann_path is None:
+    embedded = ann_path is None
+    if embedded:
         if image_dir is not None:
             raise ConfigError("--image-dir needs --ann-path (the embedded set has its own images)")
         err.print(f"No --ann-path: using the embedded synthetic set ({cfg.studies} studies).")
@@ -140,6 +141,8 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
         err.print(f"[yellow]warning:[/] {annotation.path} was prepared for --image-size {prepared_for}, this run uses "
                   f"{cfg.image_size}: its images are resized a second time (run `data prepare` again for "
                   f"{cfg.image_size})", highlight=False)
+    elif prepared_for is None and not embedded and (hint := preparation_hint(annotation, cfg.image_size)):
+        err.print(f"[yellow]hint:[/] {hint}", highlight=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         prep = prepare(cfg, backend, annotation, visual_weights)

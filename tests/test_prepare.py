@@ -71,3 +71,12 @@ def test_bad_requests_write_nothing(small_set: Path, tmp_path: Path) -> None:
         assert result.exit_code == 2, (args, result.output)
         assert message in " ".join(result.output.split()), (args, result.output)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # no output folder, no partial sibling
+
+
+def test_images_much_larger_than_training_uses_get_a_hint(small_set: Path) -> None:
+    from r2gen.data.prepare import preparation_hint
+
+    # The small set's images are 64 px: large for --image-size 16 (resize 18), not for 48 (resize 55).
+    hint = preparation_hint(load_annotation(small_set), 16)
+    assert hint is not None and "data prepare" in hint and "64 px" in hint
+    assert preparation_hint(load_annotation(small_set), 48) is None

@@ -19,7 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from r2gen.data.datasets import SPLITS, build_transform, load_annotation, open_image
+from r2gen.data.datasets import SPLITS, Annotation, build_transform, load_annotation, open_image
 from r2gen.data.synth import write_dir_atomically
 from r2gen.errors import ConfigError, DataError
 from r2gen.model.r2gen import DATASETS
@@ -110,3 +110,24 @@ def prepared_image_size(ann_path: Path) -> int | None:
         return int(json.loads(facts.read_text(encoding="utf-8"))["image_size"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+LARGE_IMAGE_FACTOR = 2
+"""Images whose shorter side exceeds the training resize by this factor are worth preparing."""
+
+
+def preparation_hint(annotation: Annotation, image_size: int, sample: int = 8) -> str | None:
+    """A one-line suggestion to run `data prepare` when the set's images are much larger than
+    training uses (read from the headers of a few train images), else None."""
+    from PIL import Image
+
+    side = round(image_size * 256 / 224)
+    sides = []
+    for study in annotation.splits["train"][:sample]:
+        with Image.open(study.images[0]) as im:  # the header only: no decoding
+            sides.append(min(im.size))
+    if not sides or min(sides) < LARGE_IMAGE_FACTOR * side:
+        return None
+    return (f"{annotation.path}'s images are about {min(sides)} px on their shorter side, training uses {side}: "
+            f"decoding them costs more than the step; `r2gen-launch data prepare --ann-path {annotation.path} "
+            f"--out DIR --image-size {image_size}` does it once")
