@@ -5,6 +5,7 @@
 #   generate  bench/generate.py: reference vs fast beam-3 generation, fp32 and bf16
 #   train     bench/train_throughput.py: the published configuration vs auto's plan
 #   backends  bench/backends.py: every engine, 200 steps
+#   profile   bench/profile_step.py at batch 16, 64 and 256: where the step's time goes
 #   study     r2gen-launch study --precisions fp32,fp16,bf16,fp8 on the iu_xray preset
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ export PYTHONPATH="/tmp/site:$PWD/.whl/py:$PWD"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 cli() { python3 -c 'from launcher.cli import main; main()' "$@"; }
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests generate train backends study)
+[ ${#stages[@]} -eq 0 ] && stages=(tests generate profile train backends study)
 for stage in "${stages[@]}"; do
   echo "== $stage"; began=$SECONDS
   case "$stage" in
@@ -24,6 +25,7 @@ for stage in "${stages[@]}"; do
     generate)
       python3 bench/generate.py --precision fp32 --batch-sizes 16,64,256 --studies 256 --json "$OUT/generate_fp32.json"
       python3 bench/generate.py --precision bf16 --batch-sizes 64,256 --studies 256 --json "$OUT/generate_bf16.json" ;;
+    profile) for b in 16 64 256; do python3 bench/profile_step.py --batch-size $b; done 2>&1 | tee "$OUT/profile.log" ;;
     train) python3 bench/train_throughput.py --steps 60 --studies 4000 --json "$OUT/train_throughput.json" ;;
     backends) python3 bench/backends.py --steps 200 --json "$OUT/backends.json" ;;
     study) cli study --precisions fp32,fp16,bf16,fp8 --epochs 3 --run-dir /tmp/runs --name prec \
