@@ -169,7 +169,9 @@ def images_to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor
     if images.dtype != torch.uint8:
         return images
     mean, std = _normalization(images.device)
-    return images.float().div(255).sub(mean).div(std)  # one channel broadcasts to three
+    # Three channels first, then in place: the float batch is the only float tensor made, as on the host.
+    rgb = images.expand(*images.shape[:-3], 3, *images.shape[-2:]).float()
+    return rgb.div_(255).sub_(mean).div_(std)
 
 
 @functools.lru_cache(maxsize=None)
