@@ -113,12 +113,15 @@ def test_fast_generation_runs_under_bf16_autocast_with_the_reference_reports() -
 @pytest.mark.parametrize("beam_size", [1, 3])
 def test_fast_generation_gives_the_reference_reports_on_a_gpu(beam_size: int) -> None:
     """fp32 on the GPU (TF32 off): the same reports as the reference, on the full-size decoder."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.manual_seed(0)
-    model = R2GenModel(preset("iu_xray").model, vocab_size=60).cuda().eval()
-    with torch.no_grad():
-        model.encoder_decoder.logit.bias[0] += 1.0
-        images = torch.randn(16, 2, 3, 224, 224, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-        reference = beam_search(model, images, beam_size) if beam_size > 1 else greedy(model, images)
-        assert torch.equal(generate(model, images, beam_size=beam_size), reference)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        torch.manual_seed(0)
+        model = R2GenModel(preset("iu_xray").model, vocab_size=60).cuda().eval()
+        with torch.no_grad():
+            model.encoder_decoder.logit.bias[0] -= 1.0  # reports of many lengths, as on the CPU
+            images = torch.randn(16, 2, 3, 224, 224, device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+            reference = beam_search(model, images, beam_size) if beam_size > 1 else greedy(model, images)
+            assert torch.equal(generate(model, images, beam_size=beam_size), reference)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
