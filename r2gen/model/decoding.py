@@ -57,11 +57,17 @@ class DecoderState:
                    keys=[], values=[],  # filled by the first step, in the projections' dtype (autocast)
                    rm_memory=transformer.rm.init_memory(memory.size(0)).to(memory))
 
-    def select(self, rows: torch.Tensor) -> "DecoderState":
-        """The state of the prefixes `rows` (beam search's reordering; repeated rows are copies)."""
+    def select(self, rows: torch.Tensor, source: bool = True) -> "DecoderState":
+        """The state of the prefixes `rows` (beam search's reordering; repeated rows are copies).
+
+        source=False keeps the encoder-side tensors as they are: right when every row is picked
+        from a row of the same study (a beam reordering within its study), whose are equal.
+        """
         pick = lambda xs: [x.index_select(0, rows) for x in xs]  # noqa: E731
-        return DecoderState(self.model, pick(self.src_keys), pick(self.src_values),
-                            self.src_mask.index_select(0, rows), pick(self.keys), pick(self.values),
+        src_keys, src_values, src_mask = ((pick(self.src_keys), pick(self.src_values),
+                                           self.src_mask.index_select(0, rows)) if source else
+                                          (self.src_keys, self.src_values, self.src_mask))
+        return DecoderState(self.model, src_keys, src_values, src_mask, pick(self.keys), pick(self.values),
                             self.rm_memory.index_select(0, rows), self.position)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -232,7 +232,9 @@ def fast_beam_search(model: R2GenModel, memory: torch.Tensor, src_mask: torch.Te
             break
         if t % STOP_CHECK_EVERY == STOP_CHECK_EVERY - 1 and bool((found & (beam_sum.max(1)[0] < best_sum)).all()):
             break
-        state = state.select(rows)
+        # After the first step each study's beams share its encoder output: only the first selection
+        # (one row per study -> beam_size rows) copies it.
+        state = state.select(rows, source=t == 0)
         # The published loop applies log_softmax again to the step's log-probabilities.
         logprobs = F.log_softmax(state.step(selected.reshape(-1)), dim=-1)
     return best_seq
