@@ -1,0 +1,47 @@
+"""The bench scripts run end to end on a CPU (tiny sizes): a script that crashes would waste a GPU
+session's few minutes. Nothing here is timed; the numbers are the scripts' business."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "R2GEN_LAUNCH_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_generate_compares_the_reference_and_the_fast_generator(tmp_path: Path, small_set: Path) -> None:
+    out = tmp_path / "generate.json"
+    _run("generate.py", "--device", "cpu", "--studies", "4", "--batch-sizes", "2,4", "--ann-path", str(small_set),
+         "--json", str(out), tmp_path=tmp_path)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["generator"] for r in rows] == ["reference (published)", "fast", "fast"]
+    assert all(r["identical"] == 4 and r["samples_per_s"] > 0 for r in rows)
+
+
+def test_train_throughput_runs_the_reference_and_auto(tmp_path: Path, small_set: Path) -> None:
+    out = tmp_path / "train.json"
+    _run("train_throughput.py", "--device", "cpu", "--steps", "2", "--warmup", "1", "--ann-path", str(small_set),
+         "--json", str(out), tmp_path=tmp_path)
+    rows = json.loads(out.read_text())
+    assert [r["config"] for r in rows] == ["reference", "auto"]
+    assert all(r["samples_per_s"] > 0 and r["train_gflops_per_sample"] > 0 and r["mfu_pct"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("script, args", [("loader.py", ["--studies", "4", "--image-size", "32"]),
+                                          ("profile_step.py", ["--device", "cpu", "--batch-size", "2", "--reps", "1"])])
+def test_profiling_scripts_print_their_tables(tmp_path: Path, script: str, args: list[str]) -> None:
+    result = _run(script, *args, tmp_path=tmp_path)
+    assert "ms" in result.stdout
