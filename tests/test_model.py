@@ -11,6 +11,7 @@ from r2gen.config import preset
 from r2gen.model.r2gen import ModelConfig, R2GenModel, masked_nll
 from r2gen.model.sampling import beam_search, generate, greedy
 from r2gen.model.transformer import ConditionalLayerNorm, LayerNorm, RelationalMemory, subsequent_mask
+from reference import published_relational_memory
 
 
 def test_parameter_count_matches_published_resnet101_model():
@@ -56,23 +57,6 @@ def test_relational_memory_initial_state_and_output_shape():
     assert out.shape == (2, 7, 24)
 
 
-def _published_relational_memory(rm: RelationalMemory, inputs: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """zhjohnchan/R2Gen's RelationalMemory.forward, step by step: [memory; token] projected every step."""
-    outputs = []
-    for i in range(inputs.shape[1]):
-        memory = memory.reshape(-1, rm.num_slots, rm.d_model)
-        token = inputs[:, i]
-        kv = torch.cat([memory, token.unsqueeze(1)], 1)
-        next_memory = memory + rm.attn(memory, kv, kv)
-        next_memory = next_memory + rm.mlp(next_memory)
-        gates = rm.W(token.unsqueeze(1)) + rm.U(torch.tanh(memory))
-        input_gate, forget_gate = torch.split(gates, rm.d_model, dim=2)
-        next_memory = torch.sigmoid(input_gate) * torch.tanh(next_memory) + torch.sigmoid(forget_gate) * memory
-        memory = next_memory.reshape(-1, rm.num_slots * rm.d_model)
-        outputs.append(memory)
-    return torch.stack(outputs, dim=1)
-
-
 @pytest.mark.parametrize("train", [True, False])
 def test_relational_memory_computes_the_published_recurrence(train: bool):
     """Projections hoisted out of the token loop: the same outputs and gradients (float64), and in
@@ -81,7 +65,7 @@ def test_relational_memory_computes_the_published_recurrence(train: bool):
     rm = RelationalMemory(num_slots=3, d_model=16, num_heads=4).double().train(train)
     inputs = torch.randn(5, 9, 16, dtype=torch.float64, requires_grad=True)
     results = []
-    for run in (rm.forward, lambda x, m: _published_relational_memory(rm, x, m)):
+    for run in (rm.forward, lambda x, m: published_relational_memory(rm, x, m)):
         torch.manual_seed(1)
         out = run(inputs, rm.init_memory(5).double())
         grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out).double()).sum(),
