@@ -108,7 +108,7 @@ def run_row(which: str, preset_name: str, device: str, steps: int, warmup: int, 
     model.train()
     loader = _loader(prep, "train", train=True)
     micro = cfg.micro_batch or cfg.batch_size
-    flops, tokens = None, 0
+    flops = None
     done, samples, wait, start, losses = 0, 0, 0.0, 0.0, []
     if backend.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(backend.device)

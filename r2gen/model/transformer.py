@@ -8,7 +8,7 @@ Three deliberate differences, all numerically neutral in fp32 (up to the order o
 - the published lambda-chained helpers are plain methods;
 - the relational memory projects every token once before its loop over tokens, and the memory's
   query/key/value in one product per step (RelationalMemory.forward; the published step is kept,
-  token by token, as tests/test_model.py's reference).
+  token by token, in tests/reference.py).
 """
 
 from __future__ import annotations
