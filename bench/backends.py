@@ -41,7 +41,7 @@ def run_engine(backend_name: str, precision: str, steps: int, warmup: int, batch
     from r2gen.data.datasets import load_annotation
     from r2gen.data.synth import default_dataset
     from r2gen.errors import UsageError
-    from r2gen.train import _loader, optimizer_factory, prepare, train_step
+    from r2gen.train import _loader, prepare, prepare_model, train_step
 
     began = time.perf_counter()
     setup: dict[str, float] = {}  # seconds per start-up phase
@@ -66,7 +66,7 @@ def run_engine(backend_name: str, precision: str, steps: int, warmup: int, batch
         warnings.simplefilter("ignore")
         prep = prepare(cfg, backend, annotation, None)
     phase("model")
-    model, optimizer = backend.prepare(prep.model, optimizer_factory(cfg))
+    model, optimizer = prepare_model(backend, prep.model, cfg)
     model.train()
     phase("engine_prepare")
     loader = _loader(prep, "train", train=True)

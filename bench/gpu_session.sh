@@ -2,10 +2,11 @@
 # One GPU call (the device tool, carry [".whl"] from bench/gpu_wheels.sh): installs the wheels, then
 # runs the stages named (default: all), each writing its log and JSON under $OUT:
 #   tests     pytest -m gpu (every GPU test of the suite)
+#   quick     pytest -m gpu on the fast path alone (speed-ups, generation, fast path)
 #   generate  bench/generate.py: reference vs fast beam-3 generation, fp32 and bf16
 #   train     bench/train_throughput.py: the published configuration vs auto's plan
 #   backends  bench/backends.py: every engine, 200 steps
-#   profile   bench/profile_step.py at batch 16, 64 and 256: where the step's time goes
+#   profile   bench/profile_step.py at batch 256 without and with the step speed-ups, and 512 with
 #   study     r2gen-launch study --precisions fp32,fp16,bf16,fp8 on the iu_xray preset
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,11 +23,17 @@ for stage in "${stages[@]}"; do
   echo "== $stage"; began=$SECONDS
   case "$stage" in
     tests) python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
+    quick) python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_speedups.py tests/test_generation.py \
+             tests/test_fast_path.py 2>&1 | tee "$OUT/gpu_quick.log" | tail -30 ;;
     generate)
-      python3 bench/generate.py --precision fp32 --batch-sizes 16,64,256 --studies 256 --json "$OUT/generate_fp32.json"
+      python3 bench/generate.py --precision fp32 --batch-sizes 16,64,256 --studies 256 --json "$OUT/generate_fp32.json" \
+        2>&1 | tee "$OUT/generate.log" ;;
+    generate-bf16)
       python3 bench/generate.py --precision bf16 --batch-sizes 64,256 --studies 256 --json "$OUT/generate_bf16.json" ;;
-    profile) for b in 16 64 256; do python3 bench/profile_step.py --batch-size $b; done 2>&1 | tee "$OUT/profile.log" ;;
-    train) python3 bench/train_throughput.py --steps 60 --studies 4000 --json "$OUT/train_throughput.json" ;;
+    profile) { python3 bench/profile_step.py --batch-size 256 --no-speedups; python3 bench/profile_step.py --batch-size 256
+               python3 bench/profile_step.py --batch-size 512 --top 5; } 2>&1 | tee "$OUT/profile.log" ;;
+    train) python3 bench/train_throughput.py --steps "${TRAIN_STEPS:-20}" --warmup 3 --studies "${TRAIN_STUDIES:-6000}" \
+             --json "$OUT/train_throughput.json" 2>&1 | tee "$OUT/train.log" ;;
     backends) python3 bench/backends.py --steps 200 --json "$OUT/backends.json" ;;
     study) cli study --precisions fp32,fp16,bf16,fp8 --epochs 3 --run-dir /tmp/runs --name prec \
              && cp /tmp/runs/prec/summary.json /tmp/runs/prec/report.html "$OUT/" ;;

@@ -27,7 +27,7 @@ from backends.plain import PlainBackend  # noqa: E402
 from r2gen.config import preset  # noqa: E402
 from r2gen.data.datasets import load_annotation  # noqa: E402
 from r2gen.data.synth import default_dataset  # noqa: E402
-from r2gen.train import _loader, optimizer_factory, prepare, train_step  # noqa: E402
+from r2gen.train import _loader, prepare, prepare_model, train_step  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -43,7 +43,7 @@ def measure(preset_name: str, device: str, precision: str, batch_size: int, step
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prep = prepare(cfg, backend, annotation, None)
-    model, optimizer = backend.prepare(prep.model, optimizer_factory(cfg))
+    model, optimizer = prepare_model(backend, prep.model, cfg)
     loader = _loader(prep, "train", train=True)
     model.train()
     if backend.device.type == "cuda":

@@ -29,7 +29,7 @@ from backends.plain import PlainBackend  # noqa: E402
 from launcher.probe import synthetic_batch  # noqa: E402
 from r2gen.config import preset  # noqa: E402
 from r2gen.model.r2gen import R2GenModel, masked_nll  # noqa: E402
-from r2gen.train import optimizer_factory, train_step  # noqa: E402
+from r2gen.train import prepare_model, train_step  # noqa: E402
 
 VOCAB = 60
 
@@ -56,15 +56,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--top", type=int, default=15, help="operators listed")
+    parser.add_argument("--no-speedups", action="store_true",
+                        help="without the GPU step speed-ups (channels_last, fused Adam, CUDA graphs)")
     args = parser.parse_args()
     on_gpu = args.device == "cuda"
     cfg = preset(args.preset or ("iu_xray" if on_gpu else "tiny"))
+    if args.no_speedups:
+        cfg = cfg.replace(channels_last=False, fused_optimizer=False, cuda_graphs=False)
     backend = PlainBackend(args.device, args.precision or ("bf16" if on_gpu else "fp32"))
     device = backend.device
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
-        model, optimizer = backend.prepare(R2GenModel(cfg.model, VOCAB), optimizer_factory(cfg))
+        model, optimizer = prepare_model(backend, R2GenModel(cfg.model, VOCAB), cfg)
     model.train()
     batch = synthetic_batch(cfg, VOCAB, args.batch_size)
     on_device = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -86,7 +90,7 @@ def main() -> None:
 
     def relational_memory() -> None:
         with backend.autocast():
-            out = rm(tokens, rm.init_memory(args.batch_size).to(device))
+            out = rm(tokens, rm.init_memory(args.batch_size, tokens))
         out.float().mean().backward()
 
     def step() -> None:
@@ -114,6 +118,7 @@ def main() -> None:
         key = "self_cpu_time_total"
 
     title = (f"{cfg.preset} preset, {backend.precision}, batch {args.batch_size}, "
+             f"{'no speed-ups' if args.no_speedups else 'speed-ups on'}, "
              f"{torch.cuda.get_device_name(device) if on_gpu else 'CPU'}, torch {torch.__version__}: {launched}")
     table = Table(title=title)
     for column in ("part", "ms", "samples/s"):

@@ -8,7 +8,9 @@ started Python process, through the shared loop's loader and step:
 - reference: the published code's configuration: fp32, batch 16, images decoded and normalized on
   the host by R2Gen's transforms (no cache, float batches), 2 workers, not pinned, no compilation;
 - auto: what `r2gen-launch auto` plans on this machine (engine and precision, the probed
-  micro-batch under the throughput policy, workers, pinning, the image cache, uint8 batches).
+  micro-batch under the throughput policy, workers, pinning, the image cache, uint8 batches) with
+  the step's GPU speed-ups (channels_last, fused Adam, CUDA graphs of the encoder-decoder);
+- auto-eager: the same plan without those speed-ups (what they add).
 Each row: samples/s, ms per optimizer step, the share of time waiting for data, peak GPU memory,
 model FLOPs utilization (the model's training FLOPs per sample, counted by torch's FlopCounterMode,
 times samples/s, over a large matrix product's measured rate in the row's precision) and the
@@ -32,7 +34,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REFERENCE = dict(precision="fp32", batch_size=16, num_workers=2, pin_memory=False, cache_images=False,
-                 uint8_images=False)
+                 uint8_images=False, channels_last=False, fused_optimizer=False, cuda_graphs=False)
 
 
 def _sync(device: torch.device) -> None:
@@ -78,7 +80,7 @@ def run_row(which: str, preset_name: str, device: str, steps: int, warmup: int, 
     from r2gen.config import preset
     from r2gen.data.datasets import load_annotation
     from r2gen.data.synth import default_dataset
-    from r2gen.train import _loader, optimizer_factory, prepare, train_step
+    from r2gen.train import _loader, prepare, prepare_model, train_step
 
     if which == "reference":
         cfg = preset(preset_name).replace(studies=studies, **{k: v for k, v in REFERENCE.items() if k != "precision"})
@@ -100,11 +102,14 @@ def run_row(which: str, preset_name: str, device: str, steps: int, warmup: int, 
 
             prep.backend.configure(engine_config_for(plan, Topology(), "bench").config)
         prep.cfg = cfg = apply_plan(prep.cfg, plan)
+        if which == "auto-eager":
+            prep.cfg = cfg = cfg.replace(channels_last=False, fused_optimizer=False, cuda_graphs=False)
         backend = prep.backend
         plan_summary = (f"{plan.backend} {plan.precision}, micro {plan.batch.micro_batch} x accumulation "
                         f"{plan.batch.accumulation}, {cfg.num_workers} workers, pinned {cfg.pin_memory}, "
-                        f"cache {cfg.cache_images}, uint8 {cfg.uint8_images}")
-    model, optimizer = backend.prepare(prep.model, optimizer_factory(cfg))
+                        f"cache {cfg.cache_images}, uint8 {cfg.uint8_images}"
+                        + ("" if which == "auto" else ", no step speed-ups"))
+    model, optimizer = prepare_model(backend, prep.model, cfg)
     model.train()
     loader = _loader(prep, "train", train=True)
     micro = cfg.micro_batch or cfg.batch_size
@@ -152,6 +157,9 @@ def main() -> None:
                         help="size of the embedded set (its train split must hold auto's window)")
     parser.add_argument("--ann-path", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--rows", default="reference,auto-eager,auto",
+                        help="rows, the first is the ratio's base: reference, auto-eager (auto's plan without the "
+                             "step speed-ups: channels_last, fused Adam, CUDA graphs), auto")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # in the child process: run this row, print it
     args = parser.parse_args()
     args.preset = args.preset or ("iu_xray" if args.device == "cuda" else "tiny")
@@ -160,7 +168,7 @@ def main() -> None:
                                  args.ann_path)))
         return
     rows = []
-    for which in ("reference", "auto"):
+    for which in args.rows.split(","):
         began = time.perf_counter()
         command = [sys.executable, __file__, "--one", which, "--device", args.device, "--preset", args.preset,
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--studies", str(args.studies)]

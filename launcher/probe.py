@@ -84,7 +84,7 @@ class ProbeSession:
 
         from backends.registry import build_backend
         from r2gen.model.r2gen import R2GenModel
-        from r2gen.train import optimizer_factory
+        from r2gen.train import prepare_model
 
         self.request = request
         self.device = torch.device("cuda", request.device_index)
@@ -96,8 +96,9 @@ class ProbeSession:
 
             options = DeepSpeedOptions(zero=request.engine["zero"], offload=request.engine["offload"])
             self.backend.configure(deepspeed_json(request.precision, 1, 1, 1, False, options))  # batch sizes: ours
-        self._build = lambda: self.backend.prepare(R2GenModel(request.cfg.model, request.vocab_size),
-                                                   optimizer_factory(request.cfg))
+        # The training path itself, speed-ups included (CUDA graphs hold their own memory pool).
+        self._build = lambda: prepare_model(self.backend, R2GenModel(request.cfg.model, request.vocab_size),
+                                            request.cfg)
         self.model, self.optimizer = self._build()
         self.model.train()
         # Our memory outside the allocator (context, library handles): what the device holds beyond
@@ -124,9 +125,11 @@ class ProbeSession:
     def step(self, micro: int) -> StepResult:
         import torch
 
+        from r2gen.speedups import release_graphs
         from r2gen.train import release_memory, train_step
 
         batch = synthetic_batch(self.request.cfg, self.request.vocab_size, micro)
+        release_graphs(self.backend.unwrap(self.model))  # each size is measured with its own graphs alone
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         try:
@@ -137,7 +140,7 @@ class ProbeSession:
             ok = False
         del batch
         if not ok:  # outside the except block, so the traceback no longer holds the step's tensors
-            release_memory(self.backend, self.optimizer)
+            release_memory(self.backend, self.optimizer, self.model)
             if not self.backend.can_redo_step:  # the engine keeps the failed step's state: start a fresh one
                 del self.model, self.optimizer
                 release_memory(self.backend)

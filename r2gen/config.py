@@ -47,6 +47,9 @@ class TrainConfig:
     prefetch_factor: int = 2           # batches each loader worker prepares ahead
     cache_images: bool = False         # decode every image once into RAM before training
     uint8_images: bool = True          # loaders hand uint8 images to the device, which normalizes them (same values)
+    channels_last: bool = True         # GPU: the visual extractor's convolutions in NHWC (tensor-core layout)
+    fused_optimizer: bool = True       # GPU: Adam's update in one fused kernel (plain and accelerate)
+    cuda_graphs: bool = True           # GPU, one process, plain/accelerate: the encoder-decoder's step replayed as CUDA graphs
     max_vram_gib: float = 0.0          # hard cap on this process's GPU memory; 0 = none
     oom_retries: int = 3               # retries at micro-batch 1 before saving and stopping
     max_nonfinite: int = 3             # windows in a row with an inf/NaN loss (skipped) before the run stops

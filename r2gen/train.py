@@ -93,13 +93,25 @@ def build_optimizer(model: R2GenModel, cfg: TrainConfig) -> torch.optim.Optimize
     ve_params = list(model.visual_extractor.parameters())
     ve_ids = {id(p) for p in ve_params}
     ed_params = [p for p in model.parameters() if id(p) not in ve_ids]
+    # The fused update (one kernel, the same arithmetic) where every parameter is on a GPU.
+    fused = cfg.fused_optimizer and all(p.is_cuda for p in model.parameters()) or None
     return torch.optim.Adam([{"params": ve_params, "lr": cfg.lr_ve}, {"params": ed_params, "lr": cfg.lr_ed}],
-                            weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
+                            weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad, fused=fused)
 
 
 def optimizer_factory(cfg: TrainConfig) -> Callable[[torch.nn.Module], torch.optim.Optimizer]:
     """build_optimizer for this configuration, called by the backend adapter's prepare()."""
     return lambda model: build_optimizer(model, cfg)
+
+
+def prepare_model(backend: Backend, model: R2GenModel, cfg: TrainConfig):
+    """The backend's prepare (device, wrapping, optimizer) and then the GPU speed-ups this backend allows
+    (r2gen.speedups): (model as the backend wraps it, optimizer)."""
+    from r2gen.speedups import speed_up
+
+    model, optimizer = backend.prepare(model, optimizer_factory(cfg))
+    speed_up(backend.unwrap(model), backend, cfg.channels_last, cfg.cuda_graphs)
+    return model, optimizer
 
 
 def _loader(prep: Prepared, split: str, train: bool) -> DataLoader:
@@ -276,7 +288,7 @@ class OomRecovery:
                                        f"be redone smaller ({str(err).splitlines()[0] if str(err) else 'no message'})"
                                        ) from None
         return self.run(lambda micro: train_step(model, optimizer, backend, batch, clip_value, micro),
-                        lambda: release_memory(backend, optimizer))
+                        lambda: release_memory(backend, optimizer, model))
 
     def run(self, work: Callable[[int], T], release: Callable[[], None]) -> T:
         """work(micro_batch), retried with half the micro-batch after each out-of-memory error."""
@@ -315,12 +327,17 @@ def cap_gpu_memory(device: torch.device, max_vram_gib: float) -> None:
                                                index)
 
 
-def release_memory(backend: Backend, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Drop partial gradients and cached blocks after an out-of-memory error."""
+def release_memory(backend: Backend, optimizer: torch.optim.Optimizer | None = None,
+                   model: torch.nn.Module | None = None) -> None:
+    """Drop partial gradients, the model's captured CUDA graphs and cached blocks after an out-of-memory error."""
     import gc
+
+    from r2gen.speedups import release_graphs
 
     if optimizer is not None:
         optimizer.zero_grad(set_to_none=True)
+    if model is not None:
+        release_graphs(backend.unwrap(model))
     gc.collect()
     if backend.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -417,7 +434,7 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
     main = backend.is_main  # only rank 0 writes, evaluates and shows progress
     console = (console or Console(stderr=True)) if main else Console(quiet=True)
     seed_everything(cfg.seed)
-    model, optimizer = backend.prepare(prep.model, optimizer_factory(cfg))
+    model, optimizer = prepare_model(backend, prep.model, cfg)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.step_size, cfg.gamma)
     # Only rank 0 evaluates: the other processes neither build nor cache the val and test sets.
     loaders = {split: _loader(prep, split, train=split == "train")

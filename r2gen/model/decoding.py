@@ -55,7 +55,7 @@ class DecoderState:
                    src_values=[_heads(layer.src_attn, 2, memory) for layer in layers],
                    src_mask=src_mask.unsqueeze(1),
                    keys=[], values=[],  # filled by the first step, in the projections' dtype (autocast)
-                   rm_memory=transformer.rm.init_memory(memory.size(0)).to(memory))
+                   rm_memory=transformer.rm.init_memory(memory.size(0), memory))
 
     def select(self, rows: torch.Tensor, source: bool = True) -> "DecoderState":
         """The state of the prefixes `rows` (beam search's reordering; repeated rows are copies).

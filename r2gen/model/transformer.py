@@ -234,11 +234,13 @@ class RelationalMemory(nn.Module):
         self.W = nn.Linear(d_model, d_model * 2)
         self.U = nn.Linear(d_model, d_model * 2)
 
-    def init_memory(self, batch_size: int) -> torch.Tensor:
-        """Identity rows padded with zeros: (batch, slots, d_model)."""
-        memory = torch.eye(self.num_slots).unsqueeze(0).expand(batch_size, -1, -1)
+    def init_memory(self, batch_size: int, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Identity rows padded with zeros: (batch, slots, d_model), made on like's device in its dtype
+        (no host-to-device copy: a CUDA graph cannot capture one)."""
+        kind = {"device": like.device, "dtype": like.dtype} if like is not None else {}
+        memory = torch.eye(self.num_slots, **kind).unsqueeze(0).expand(batch_size, -1, -1)
         if self.d_model > self.num_slots:
-            pad = torch.zeros(batch_size, self.num_slots, self.d_model - self.num_slots)
+            pad = torch.zeros(batch_size, self.num_slots, self.d_model - self.num_slots, **kind)
             memory = torch.cat([memory, pad], -1)
         elif self.d_model < self.num_slots:
             memory = memory[:, :, :self.d_model]
@@ -311,7 +313,7 @@ class Transformer(nn.Module):
 
     def decode(self, hidden_states: torch.Tensor, src_mask: torch.Tensor, tgt: torch.Tensor,
                tgt_mask: torch.Tensor) -> torch.Tensor:
-        memory = self.rm.init_memory(hidden_states.size(0)).to(hidden_states)
+        memory = self.rm.init_memory(hidden_states.size(0), hidden_states)
         # tgt_embed is applied twice, as published: the memory and the decoder see
         # independent dropout masks of the same embedding.
         memory = self.rm(self.tgt_embed(tgt), memory)

@@ -1,0 +1,180 @@
+"""The training step's GPU speed-ups, applied to a prepared model from outside (the model stays plain).
+
+- channels_last: the visual extractor's convolutions run in NHWC, the layout cuDNN's bf16/fp16
+  tensor-core kernels use (NCHW makes them transpose every activation).
+- CUDA graphs of the encoder-decoder: on a GPU the memory-driven Transformer is launch-bound (the
+  relational memory runs a few dozen small kernels per token, 59 tokens, forward and backward).
+  `CudaGraphedFeatures` captures R2GenModel.forward_features (patch features, targets -> log-
+  probabilities) and its backward once per micro-batch shape and replays them: thousands of
+  launches become two. Targets are padded to the model's max_seq_length so every batch has one
+  shape; trailing padding changes nothing (the decoder is causal and padded keys are masked), and
+  the outputs are sliced back to the batch's width.
+- the fused Adam (one kernel for the whole update) is chosen in r2gen.train.build_optimizer.
+
+Each is numerically the same function as the plain path (tests/test_speedups.py); dropout draws
+other random numbers inside a graph, so training runs are compared by their loss curves.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+GRAPH_BACKENDS = ("plain", "accelerate")
+"""Adapters whose step calls the model's own forward in this process (DeepSpeed and FP8 wrap or
+swap modules; their graphs are not captured)."""
+
+MAX_GRAPHS = 2
+"""Captured shapes kept per model: the micro-batch and an epoch's shorter last batch."""
+
+WARMUP_STEPS = 3
+"""Eager forward+backward passes on a side stream before a capture (cuBLAS/cuDNN workspaces, as
+torch.cuda.make_graphed_callables does)."""
+
+
+def speed_up(model: torch.nn.Module, backend, channels_last: bool, cuda_graphs: bool) -> list[str]:
+    """Apply the speed-ups this backend and device allow to the (unwrapped) model; what was applied."""
+    device = getattr(backend, "device", torch.device("cpu"))
+    if device.type != "cuda":
+        return []
+    applied = []
+    if channels_last:
+        model.visual_extractor.to(memory_format=torch.channels_last)
+        applied.append("channels_last")
+    if cuda_graphs and backend.name in GRAPH_BACKENDS and backend.world_size == 1:
+        CudaGraphedFeatures.install(model)
+        applied.append("cuda_graphs")
+    return applied
+
+
+def release_graphs(model: torch.nn.Module) -> None:
+    """Drop a model's captured graphs, if any (after an out-of-memory error, between probe sizes)."""
+    graphed = model.__dict__.get("forward_features")
+    if isinstance(graphed, CudaGraphedFeatures):
+        graphed.release()
+
+
+class _Captured:
+    """One captured shape: static inputs, the forward and backward graphs, their static outputs."""
+
+    def __init__(self, forward: Callable, params: list[torch.Tensor], att_feats: torch.Tensor,
+                 targets: torch.Tensor, autocast_dtype: torch.dtype | None, pool) -> None:
+        self.att_feats = att_feats.detach().clone().requires_grad_(att_feats.requires_grad)
+        self.targets = targets.clone()
+        self.inputs = ([self.att_feats] if att_feats.requires_grad else []) + params
+
+        def run() -> torch.Tensor:
+            if autocast_dtype is None:
+                return forward(self.att_feats, self.targets)
+            # Graphs need autocast's weight-cast cache off: the casts are recorded in the graph.
+            with torch.autocast("cuda", dtype=autocast_dtype, cache_enabled=False):
+                return forward(self.att_feats, self.targets)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                out = run()
+                torch.autograd.grad(out, self.inputs, torch.ones_like(out), allow_unused=True)
+            del out
+        torch.cuda.current_stream().wait_stream(side)
+        # The warm-up's freed blocks would stay reserved beside the graph's own pool: hand them back, so
+        # a captured step peaks where an eager one does (the memory probe measures this path).
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        # thread_local: the data loader's pin-memory thread may allocate pinned memory meanwhile.
+        self.forward_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode="thread_local"):
+            self.out = run()
+        self.grad_out = torch.empty_like(self.out)
+        self.backward_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.backward_graph, pool=self.forward_graph.pool(), capture_error_mode="thread_local"):
+            self.grads = torch.autograd.grad(self.out, self.inputs, self.grad_out, allow_unused=True)
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, captured: _Captured, att_feats: torch.Tensor, targets: torch.Tensor,
+                *params: torch.Tensor) -> torch.Tensor:
+        captured.att_feats.copy_(att_feats)
+        captured.targets.copy_(targets)
+        captured.forward_graph.replay()
+        ctx.captured = captured
+        # A copy: the next replay (the next micro-batch) overwrites the static output.
+        return captured.out.detach().clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        captured = ctx.captured
+        captured.grad_out.copy_(grad)
+        captured.backward_graph.replay()
+        # Copies: autograd may keep a returned tensor as a parameter's .grad, which the next replay
+        # would overwrite in the middle of an accumulation window.
+        grads = [g.clone() if g is not None else None for g in captured.grads]
+        grad_feats = grads.pop(0) if captured.att_feats.requires_grad else None
+        return (None, grad_feats, None, *grads)
+
+
+class CudaGraphedFeatures:
+    """Replaces model.forward_features (an instance attribute; the class's method stays the eager
+    path) with captured CUDA graphs while training with gradients on a GPU; everything else (no
+    gradients, evaluation, CPU, targets wider than max_seq_length) takes the eager path."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.eager = type(model).forward_features.__get__(model)
+        self.model = model
+        self.width = model.max_seq_length
+        self.params = [p for p in model.encoder_decoder.parameters() if p.requires_grad]
+        self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        self.captures = 0
+        self.failed = ""  # why capturing failed, once it has (the eager path from then on)
+
+    @classmethod
+    def install(cls, model: torch.nn.Module) -> "CudaGraphedFeatures":
+        graphed = model.__dict__.get("forward_features")
+        if not isinstance(graphed, cls):
+            graphed = cls(model)
+            model.__dict__["forward_features"] = graphed  # not a submodule: state_dict is unchanged
+        return graphed
+
+    @staticmethod
+    def uninstall(model: torch.nn.Module) -> None:
+        model.__dict__.pop("forward_features", None)
+
+    def release(self) -> None:
+        """Drop every captured graph (their memory pools go back to the allocator)."""
+        self.graphs.clear()
+
+    def __call__(self, att_feats: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if not (self.model.training and torch.is_grad_enabled() and att_feats.is_cuda
+                and targets.size(1) <= self.width and not torch.cuda.is_current_stream_capturing()):
+            return self.eager(att_feats, targets)
+        width = targets.size(1)
+        padded = F.pad(targets, (0, self.width - width)) if width < self.width else targets
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        key = (tuple(att_feats.shape), att_feats.dtype, att_feats.requires_grad, tuple(padded.shape), dtype)
+        captured = self.graphs.get(key)
+        if captured is None:
+            if self.failed:
+                return self.eager(att_feats, targets)
+            while len(self.graphs) >= MAX_GRAPHS:
+                self.graphs.popitem(last=False)
+            try:
+                captured = _Captured(self.eager, self.params, att_feats, padded, dtype, None)
+            except torch.OutOfMemoryError:
+                raise  # the loop's out-of-memory recovery halves the micro-batch and comes back
+            except RuntimeError as err:  # an operation that cannot be captured: the eager path, said once
+                self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                warnings.warn(f"CUDA graphs of the encoder-decoder are off for this run (capture failed: "
+                              f"{self.failed}); training continues on the eager path", stacklevel=2)
+                return self.eager(att_feats, targets)
+            self.graphs[key] = captured
+            self.captures += 1
+        self.graphs.move_to_end(key)
+        logprobs = _Replay.apply(captured, att_feats, padded, *self.params)
+        return logprobs[:, :width - 1]

@@ -1,0 +1,155 @@
+"""The training step's GPU speed-ups (r2gen.speedups) compute the plain path's function.
+
+CUDA graphs of the encoder-decoder: with dropout off, the replayed forward and backward give the
+eager log-probabilities and every gradient (parameters and the visual features) to float32
+rounding (1e-5 relative; the padded shape may pick other kernels), also across an accumulation
+window of two micro-batches and after the optimizer has changed the weights. With dropout on, 100
+training steps with every speed-up track the plain path's loss curve (each 10-step window within
+5%). On a CPU the speed-ups are off and the model is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from backends.plain import PlainBackend
+from r2gen.config import preset
+from r2gen.data.datasets import load_annotation
+from r2gen.model.r2gen import R2GenModel, masked_nll
+from r2gen.speedups import CudaGraphedFeatures, speed_up
+from r2gen.train import build_optimizer, prepare, prepare_model, train
+
+VOCAB = 40
+OFF = dict(channels_last=False, fused_optimizer=False, cuda_graphs=False)
+
+
+def _batch(cfg, batch: int, width: int, device: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Patch features (B, views*HW, d_vf), targets of several lengths and their masks."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(batch, cfg.model.num_views * 4, cfg.model.d_vf, generator=g)
+    lengths = torch.randint(3, width + 1, (batch,), generator=g)
+    lengths[0] = width
+    targets = torch.randint(1, VOCAB + 1, (batch, width), generator=g)
+    masks = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    targets = targets * masks
+    targets[:, 0] = 0
+    return feats.to(device).requires_grad_(), targets.to(device), masks.to(device)
+
+
+def _no_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def test_speed_ups_leave_a_cpu_model_untouched() -> None:
+    cfg = preset("tiny")
+    model = R2GenModel(cfg.model, VOCAB)
+    keys = list(model.state_dict())
+    wrapped, optimizer = prepare_model(PlainBackend("cpu"), model, cfg)
+    assert speed_up(wrapped, PlainBackend("cpu"), True, True) == []
+    assert "forward_features" not in model.__dict__
+    assert list(model.state_dict()) == keys
+    assert not optimizer.defaults.get("fused")
+
+
+def test_graphed_features_fall_back_to_the_eager_path_off_the_gpu() -> None:
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    model = R2GenModel(cfg.model, VOCAB).train()
+    _no_dropout(model)
+    feats, targets, _ = _batch(cfg, 3, 9, "cpu", 0)
+    expected = model.forward_features(feats, targets)
+    keys = list(model.state_dict())
+    graphed = CudaGraphedFeatures.install(model)
+    assert CudaGraphedFeatures.install(model) is graphed  # once per model
+    assert list(model.state_dict()) == keys  # not a submodule
+    assert torch.equal(model.forward_features(feats, targets), expected)
+    assert graphed.captures == 0
+    CudaGraphedFeatures.uninstall(model)
+    assert "forward_features" not in model.__dict__
+
+
+def test_relational_memory_starts_on_the_device_and_dtype_asked_for() -> None:
+    rm = R2GenModel(preset("tiny").model, VOCAB).encoder_decoder.model.rm
+    like = torch.zeros(1, dtype=torch.float64)
+    assert torch.equal(rm.init_memory(4, like), rm.init_memory(4).double())
+    assert rm.init_memory(4, like).dtype == torch.float64
+
+
+def _grads(model: R2GenModel, feats: torch.Tensor) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.encoder_decoder.parameters()] + [feats.grad.clone()]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float) -> bool:
+    return bool((a.float() - b.float()).norm() <= rel * b.float().norm() + 1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graphs_give_the_eager_outputs_and_gradients(precision: str) -> None:
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        cfg = preset("iu_xray")
+        backend = PlainBackend("cuda", precision)
+        torch.manual_seed(0)
+        model, optimizer = prepare_model(backend, R2GenModel(cfg.model, VOCAB), cfg.replace(**OFF))
+        model.train()
+        _no_dropout(model)
+        twin = R2GenModel(cfg.model, VOCAB).cuda().train()
+        twin.load_state_dict(model.state_dict())
+        _no_dropout(twin)
+        graphed = CudaGraphedFeatures.install(twin)
+        twin_optimizer = build_optimizer(twin, cfg.replace(**OFF))
+        rel = 1e-5 if precision == "fp32" else 2e-2
+        for step in range(3):  # the third step replays a graph whose weights the optimizer changed
+            window = [_batch(cfg, 6, 31 + step, "cuda", 10 * step + i) for i in range(2)]  # two micro-batches
+            grads = []
+            for m, opt in ((model, optimizer), (twin, twin_optimizer)):
+                opt.zero_grad(set_to_none=True)
+                for feats, targets, masks in window:
+                    feats = feats.detach().clone().requires_grad_()  # each model's own input gradient
+                    with backend.autocast():
+                        logprobs = m.forward_features(feats, targets)
+                    masked_nll(logprobs.float(), targets, masks, 100.0).backward()
+                grads.append(_grads(m, feats))  # the window's parameter gradients, the last input's
+            eager, replayed = grads
+            assert all(_close(r, e, rel) for r, e in zip(replayed, eager)), step
+            with backend.autocast():
+                a = model.forward_features(*window[0][:2])
+                b = twin.forward_features(*window[0][:2])
+            assert a.shape == b.shape and _close(b, a, rel), step
+            optimizer.step()
+            twin_optimizer.step()
+        assert graphed.captures >= 1 and len(graphed.graphs) <= 2
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_every_speed_up_tracks_the_plain_path_for_100_steps_on_a_gpu(small_set: Path, tmp_path: Path) -> None:
+    steps = 100
+    curves = {}
+    for fast in (True, False):
+        cfg = preset("tiny").replace(image_size=32, batch_size=7, num_workers=0, log_every=1, val_every=0,
+                                     beam_size=1, epochs=-(-steps // 3), **({} if fast else OFF))
+        prep = prepare(cfg, PlainBackend("cuda", "bf16"), load_annotation(small_set), None)
+        run = tmp_path / ("fast" if fast else "plain")
+        train(prep, run, Console(file=open("/dev/null", "w")))  # noqa: SIM115 - closed with the process
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        curves[fast] = [r["train/loss"] for r in records if "train/loss" in r][:steps]
+        if fast:
+            assert "forward_features" in prep.model.__dict__  # the graphs were really used
+    fast, plain = curves[True], curves[False]
+    assert len(fast) == len(plain) == steps
+    for start in range(0, steps, 10):
+        a, b = sum(fast[start:start + 10]) / 10, sum(plain[start:start + 10]) / 10
+        assert a == pytest.approx(b, rel=0.05), (start, a, b)
+    assert sum(fast[-10:]) < 0.7 * sum(fast[:10])
