@@ -57,12 +57,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--top", type=int, default=15, help="operators listed")
     parser.add_argument("--no-speedups", action="store_true",
-                        help="without the GPU step speed-ups (channels_last, fused Adam, CUDA graphs)")
+                        help="without the GPU step speed-ups (channels_last, cuDNN autotuning, fused Adam, CUDA graphs)")
     args = parser.parse_args()
     on_gpu = args.device == "cuda"
     cfg = preset(args.preset or ("iu_xray" if on_gpu else "tiny"))
     if args.no_speedups:
-        cfg = cfg.replace(channels_last=False, fused_optimizer=False, cuda_graphs=False)
+        cfg = cfg.without_speedups()
     backend = PlainBackend(args.device, args.precision or ("bf16" if on_gpu else "fp32"))
     device = backend.device
     with warnings.catch_warnings():

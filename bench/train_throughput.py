@@ -9,7 +9,8 @@ started Python process, through the shared loop's loader and step:
   the host by R2Gen's transforms (no cache, float batches), 2 workers, not pinned, no compilation;
 - auto: what `r2gen-launch auto` plans on this machine (engine and precision, the probed
   micro-batch under the throughput policy, workers, pinning, the image cache, uint8 batches) with
-  the step's GPU speed-ups (channels_last, fused Adam, CUDA graphs of the encoder-decoder);
+  the step's GPU speed-ups (channels_last, cuDNN autotuning, fused Adam, CUDA graphs of the
+  encoder-decoder);
 - auto-eager: the same plan without those speed-ups (what they add).
 Each row: samples/s, ms per optimizer step, the share of time waiting for data, peak GPU memory,
 model FLOPs utilization (the model's training FLOPs per sample, counted by torch's FlopCounterMode,
@@ -34,7 +35,7 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REFERENCE = dict(precision="fp32", batch_size=16, num_workers=2, pin_memory=False, cache_images=False,
-                 uint8_images=False, channels_last=False, fused_optimizer=False, cuda_graphs=False)
+                 uint8_images=False)  # and none of the step speed-ups (TrainConfig.without_speedups)
 
 
 def _sync(device: torch.device) -> None:
@@ -83,7 +84,8 @@ def run_row(which: str, preset_name: str, device: str, steps: int, warmup: int, 
     from r2gen.train import _loader, prepare, prepare_model, train_step
 
     if which == "reference":
-        cfg = preset(preset_name).replace(studies=studies, **{k: v for k, v in REFERENCE.items() if k != "precision"})
+        cfg = preset(preset_name).replace(studies=studies, **{k: v for k, v in REFERENCE.items() if k != "precision"}
+                                          ).without_speedups()
         backend = build_backend("plain", device, REFERENCE["precision"])
         annotation = load_annotation(ann_path or default_dataset(studies=studies), None, cfg.model.dataset)
         with warnings.catch_warnings():
@@ -103,7 +105,7 @@ def run_row(which: str, preset_name: str, device: str, steps: int, warmup: int, 
             prep.backend.configure(engine_config_for(plan, Topology(), "bench").config)
         prep.cfg = cfg = apply_plan(prep.cfg, plan)
         if which == "auto-eager":
-            prep.cfg = cfg = cfg.replace(channels_last=False, fused_optimizer=False, cuda_graphs=False)
+            prep.cfg = cfg = cfg.without_speedups()
         backend = prep.backend
         plan_summary = (f"{plan.backend} {plan.precision}, micro {plan.batch.micro_batch} x accumulation "
                         f"{plan.batch.accumulation}, {cfg.num_workers} workers, pinned {cfg.pin_memory}, "
@@ -159,7 +161,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--rows", default="reference,auto-eager,auto",
                         help="rows, the first is the ratio's base: reference, auto-eager (auto's plan without the "
-                             "step speed-ups: channels_last, fused Adam, CUDA graphs), auto")
+                             "step speed-ups: channels_last, cuDNN autotuning, fused Adam, CUDA graphs), auto")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # in the child process: run this row, print it
     args = parser.parse_args()
     args.preset = args.preset or ("iu_xray" if args.device == "cuda" else "tiny")

@@ -16,6 +16,8 @@ from r2gen.wandb_log import WANDB_MODES
 from r2gen.model.r2gen import ModelConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+STEP_SPEEDUPS = ("channels_last", "cudnn_benchmark", "fused_optimizer", "cuda_graphs")
+"""TrainConfig's switches of the training step's GPU speed-ups (r2gen.speedups), all on by default."""
 DEVICES = ("cpu", "cuda")
 
 
@@ -48,6 +50,7 @@ class TrainConfig:
     cache_images: bool = False         # decode every image once into RAM before training
     uint8_images: bool = True          # loaders hand uint8 images to the device, which normalizes them (same values)
     channels_last: bool = True         # GPU: the visual extractor's convolutions in NHWC (tensor-core layout)
+    cudnn_benchmark: bool = True       # GPU: cuDNN times its convolution algorithms once per shape and keeps the fastest
     fused_optimizer: bool = True       # GPU: Adam's update in one fused kernel (plain and accelerate)
     cuda_graphs: bool = True           # GPU, one process, plain/accelerate: the encoder-decoder's step replayed as CUDA graphs
     max_vram_gib: float = 0.0          # hard cap on this process's GPU memory; 0 = none
@@ -87,6 +90,10 @@ class TrainConfig:
             raise ConfigError(f"--wandb-mode: unknown {self.wandb_mode!r}; choose one of {', '.join(WANDB_MODES)}")
         if self.studies < 10:
             raise ConfigError(f"--studies: the synthetic set needs at least 10 studies, got {self.studies}")
+
+    def without_speedups(self) -> "TrainConfig":
+        """This configuration with the training step's GPU speed-ups off (the plain path, for A/B runs)."""
+        return self.replace(**{name: False for name in STEP_SPEEDUPS})
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with changes; keys of ModelConfig go to the model."""

@@ -1,7 +1,8 @@
 """The training step's GPU speed-ups, applied to a prepared model from outside (the model stays plain).
 
 - channels_last: the visual extractor's convolutions run in NHWC, the layout cuDNN's bf16/fp16
-  tensor-core kernels use (NCHW makes them transpose every activation).
+  tensor-core kernels use (NCHW makes them transpose every activation); cudnn_benchmark lets cuDNN
+  time its algorithms once per shape and keep the fastest.
 - CUDA graphs of the encoder-decoder: on a GPU the memory-driven Transformer is launch-bound (the
   relational memory runs a few dozen small kernels per token, 59 tokens, forward and backward).
   `CudaGraphedFeatures` captures R2GenModel.forward_features (patch features, targets -> log-
@@ -36,16 +37,20 @@ WARMUP_STEPS = 3
 torch.cuda.make_graphed_callables does)."""
 
 
-def speed_up(model: torch.nn.Module, backend, channels_last: bool, cuda_graphs: bool) -> list[str]:
-    """Apply the speed-ups this backend and device allow to the (unwrapped) model; what was applied."""
+def speed_up(model: torch.nn.Module, backend, cfg) -> list[str]:
+    """Apply the speed-ups that cfg (a TrainConfig) asks for and this backend and device allow to the
+    (unwrapped) model; the names of those applied."""
     device = getattr(backend, "device", torch.device("cpu"))
     if device.type != "cuda":
         return []
     applied = []
-    if channels_last:
+    if cfg.channels_last:
         model.visual_extractor.to(memory_format=torch.channels_last)
         applied.append("channels_last")
-    if cuda_graphs and backend.name in GRAPH_BACKENDS and backend.world_size == 1:
+    if cfg.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True  # process-wide; the crop gives every batch one image shape
+        applied.append("cudnn_benchmark")
+    if cfg.cuda_graphs and backend.name in GRAPH_BACKENDS and backend.world_size == 1:
         CudaGraphedFeatures.install(model)
         applied.append("cuda_graphs")
     return applied

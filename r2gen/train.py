@@ -110,7 +110,7 @@ def prepare_model(backend: Backend, model: R2GenModel, cfg: TrainConfig):
     from r2gen.speedups import speed_up
 
     model, optimizer = backend.prepare(model, optimizer_factory(cfg))
-    speed_up(backend.unwrap(model), backend, cfg.channels_last, cfg.cuda_graphs)
+    speed_up(backend.unwrap(model), backend, cfg)
     return model, optimizer
 
 

@@ -25,7 +25,6 @@ from r2gen.speedups import CudaGraphedFeatures, speed_up
 from r2gen.train import build_optimizer, prepare, prepare_model, train
 
 VOCAB = 40
-OFF = dict(channels_last=False, fused_optimizer=False, cuda_graphs=False)
 
 
 def _batch(cfg, batch: int, width: int, device: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -52,7 +51,7 @@ def test_speed_ups_leave_a_cpu_model_untouched() -> None:
     model = R2GenModel(cfg.model, VOCAB)
     keys = list(model.state_dict())
     wrapped, optimizer = prepare_model(PlainBackend("cpu"), model, cfg)
-    assert speed_up(wrapped, PlainBackend("cpu"), True, True) == []
+    assert speed_up(wrapped, PlainBackend("cpu"), cfg) == []
     assert "forward_features" not in model.__dict__
     assert list(model.state_dict()) == keys
     assert not optimizer.defaults.get("fused")
@@ -99,14 +98,14 @@ def test_cuda_graphs_give_the_eager_outputs_and_gradients(precision: str) -> Non
         cfg = preset("iu_xray")
         backend = PlainBackend("cuda", precision)
         torch.manual_seed(0)
-        model, optimizer = prepare_model(backend, R2GenModel(cfg.model, VOCAB), cfg.replace(**OFF))
+        model, optimizer = prepare_model(backend, R2GenModel(cfg.model, VOCAB), cfg.without_speedups())
         model.train()
         _no_dropout(model)
         twin = R2GenModel(cfg.model, VOCAB).cuda().train()
         twin.load_state_dict(model.state_dict())
         _no_dropout(twin)
         graphed = CudaGraphedFeatures.install(twin)
-        twin_optimizer = build_optimizer(twin, cfg.replace(**OFF))
+        twin_optimizer = build_optimizer(twin, cfg.without_speedups())
         rel = 1e-5 if precision == "fp32" else 2e-2
         for step in range(3):  # the third step replays a graph whose weights the optimizer changed
             window = [_batch(cfg, 6, 31 + step, "cuda", 10 * step + i) for i in range(2)]  # two micro-batches
@@ -139,7 +138,8 @@ def test_every_speed_up_tracks_the_plain_path_for_100_steps_on_a_gpu(small_set: 
     curves = {}
     for fast in (True, False):
         cfg = preset("tiny").replace(image_size=32, batch_size=7, num_workers=0, log_every=1, val_every=0,
-                                     beam_size=1, epochs=-(-steps // 3), **({} if fast else OFF))
+                                     beam_size=1, epochs=-(-steps // 3))
+        cfg = cfg if fast else cfg.without_speedups()
         prep = prepare(cfg, PlainBackend("cuda", "bf16"), load_annotation(small_set), None)
         run = tmp_path / ("fast" if fast else "plain")
         train(prep, run, Console(file=open("/dev/null", "w")))  # noqa: SIM115 - closed with the process
