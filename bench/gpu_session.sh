@@ -23,8 +23,8 @@ for stage in "${stages[@]}"; do
   echo "== $stage"; began=$SECONDS
   case "$stage" in
     tests) python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
-    quick) python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_speedups.py tests/test_generation.py \
-             tests/test_fast_path.py 2>&1 | tee "$OUT/gpu_quick.log" | tail -30 ;;
+    quick) python3 -m pytest -m gpu -q -p no:cacheprovider ${QUICK_TESTS:-tests/test_speedups.py tests/test_generation.py} \
+             2>&1 | tee "$OUT/gpu_quick.log" | tail -30 ;;
     generate)
       python3 bench/generate.py --precision fp32 --batch-sizes 16,64,256 --studies 256 --json "$OUT/generate_fp32.json" \
         2>&1 | tee "$OUT/generate.log" ;;
@@ -33,7 +33,7 @@ for stage in "${stages[@]}"; do
     profile) { python3 bench/profile_step.py --batch-size 256 --no-speedups; python3 bench/profile_step.py --batch-size 256
                python3 bench/profile_step.py --batch-size 512 --top 5; } 2>&1 | tee "$OUT/profile.log" ;;
     train) python3 bench/train_throughput.py --steps "${TRAIN_STEPS:-20}" --warmup 3 --studies "${TRAIN_STUDIES:-6000}" \
-             --json "$OUT/train_throughput.json" 2>&1 | tee "$OUT/train.log" ;;
+             --rows "${TRAIN_ROWS:-reference,auto-eager,auto}" --json "$OUT/train_throughput.json" 2>&1 | tee "$OUT/train.log" ;;
     backends) python3 bench/backends.py --steps 200 --json "$OUT/backends.json" ;;
     study) cli study --precisions fp32,fp16,bf16,fp8 --epochs 3 --run-dir /tmp/runs --name prec \
              && cp /tmp/runs/prec/summary.json /tmp/runs/prec/report.html "$OUT/" ;;

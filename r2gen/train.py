@@ -34,7 +34,7 @@ from backends.base import Backend
 from r2gen.checkpoint import CheckpointStore, load_checkpoint, save_checkpoint, write_json, write_text
 from r2gen.config import TrainConfig
 from r2gen.data.datasets import Annotation, ReportDataset, build_transform, collate, images_to_device
-from r2gen.data.sampling import EpochSampler
+from r2gen.data.sampling import EpochBatchSampler, EpochSampler
 from r2gen.data.tokenizer import Tokenizer
 from r2gen.errors import ConfigError, RunFailed
 from r2gen.wandb_log import WandbSink, wandb_config
@@ -120,11 +120,14 @@ def _loader(prep: Prepared, split: str, train: bool) -> DataLoader:
                             build_transform(cfg.image_size, train), cache=cfg.cache_images, progress=True,
                             uint8=cfg.uint8_images)
     workers = cfg.num_workers
-    # Training: this process's share of one shuffle per epoch, resumable at any batch (set_epoch).
-    sampler = EpochSampler(len(dataset), cfg.seed, prep.backend.rank, prep.backend.world_size) if train else None
-    # A private generator: starting an epoch's iteration must not draw from the global RNG, or a resumed
+    # Training: this process's share of one shuffle per epoch in windows, epoch after epoch from one
+    # iteration (the workers prepare the next epoch while this one ends), resumable at any window.
+    batching = (dict(batch_sampler=EpochBatchSampler(
+        EpochSampler(len(dataset), cfg.seed, prep.backend.rank, prep.backend.world_size), cfg.batch_size,
+        cfg.max_steps_per_epoch, cfg.epochs)) if train else dict(batch_size=cfg.batch_size))
+    # A private generator: starting an iteration must not draw from the global RNG, or a resumed
     # run's dropout would drift from the uninterrupted one's.
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+    return DataLoader(dataset, **batching, num_workers=workers,
                       collate_fn=collate, pin_memory=cfg.pin_memory and prep.backend.device.type == "cuda",
                       persistent_workers=workers > 0, prefetch_factor=cfg.prefetch_factor if workers else None,
                       generator=torch.Generator().manual_seed(cfg.seed))
@@ -505,10 +508,11 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
         cap_gpu_memory(backend.device, cfg.max_vram_gib)
         torch.cuda.reset_peak_memory_stats(backend.device)
 
-    sampler: EpochSampler = loaders["train"].sampler
-    steps_per_epoch = -(-sampler.per_process // cfg.batch_size)
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    windows: EpochBatchSampler = loaders["train"].batch_sampler
+    steps_per_epoch = windows.steps_per_epoch
+    # One iteration for all epochs, from the first window not yet done (the same on every process).
+    windows.set_epoch(loop.epoch, start=min(loop.position * cfg.batch_size, windows.per_process))
+    train_batches = iter(loaders["train"])
     result = RunResult(run_dir=run_dir, epochs_run=loop.epoch - 1, steps=loop.steps, best_epoch=loop.best_epoch)
     oom = OomRecovery(cfg.micro_batch or cfg.batch_size, retries=cfg.oom_retries)
     model.train()
@@ -517,15 +521,12 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
         while loop.epoch <= cfg.epochs:
             epoch = loop.epoch
             epoch_start = time.perf_counter()
-            # This epoch's shuffle (the same on every process), from the first window not yet done.
-            sampler.set_epoch(epoch, start=min(loop.position * cfg.batch_size, sampler.per_process))
             window_samples, window_tokens, window_wait = 0, 0, 0.0
             window_start = ready = time.perf_counter()
             warned_wait = False
-            for batch in loaders["train"]:
+            while loop.position < steps_per_epoch:
+                batch = next(train_batches)
                 window_wait += time.perf_counter() - ready  # the step waited this long for the loader
-                if loop.position >= steps_per_epoch:
-                    break
                 try:
                     loss_value, stepped = oom.step(model, optimizer, backend, batch, cfg.clip_value)
                     loop.nonfinite_run = 0

@@ -61,3 +61,26 @@ def test_augmented_images_do_not_depend_on_the_worker(small_set, cache: bool) ->
     sampler.set_epoch(1)
     first = next(iter(DataLoader(dataset, batch_size=3, sampler=sampler, collate_fn=collate)))["images"]
     assert not torch.equal(first, first.flip(-1))  # the augmentation is really random per sample
+
+
+def test_windows_run_epoch_after_epoch_as_the_per_epoch_order_cut_in_batches() -> None:
+    from r2gen.data.sampling import EpochBatchSampler
+
+    def per_epoch(epoch: int, start: int = 0) -> list[list[tuple[int, int]]]:
+        sampler = EpochSampler(23, seed=4)
+        sampler.set_epoch(epoch, start)
+        items = list(sampler)
+        return [items[i:i + 5] for i in range(0, len(items), 5)]
+
+    windows = EpochBatchSampler(EpochSampler(23, seed=4), 5, last_epoch=3)
+    assert windows.steps_per_epoch == 5 and len(windows) == 5
+    assert list(windows) == per_epoch(1) + per_epoch(2) + per_epoch(3)  # the last window of each is short
+    windows.set_epoch(2, start=10)  # a resumed run: epoch 2 after its first two windows
+    assert len(windows) == 3
+    assert list(windows) == per_epoch(2, 10) + per_epoch(3)
+    windows.set_epoch(2, start=23)  # stopped after an epoch's last window: the next epoch follows
+    assert list(windows) == per_epoch(3)
+    cut = EpochBatchSampler(EpochSampler(23, seed=4), 5, max_steps_per_epoch=2, last_epoch=2)
+    assert list(cut) == per_epoch(1)[:2] + per_epoch(2)[:2]
+    endless = iter(EpochBatchSampler(EpochSampler(23, seed=4), 5))
+    assert [next(endless) for _ in range(15)] == per_epoch(1) + per_epoch(2) + per_epoch(3)

@@ -22,7 +22,7 @@ from r2gen.config import preset
 from r2gen.data.datasets import load_annotation
 from r2gen.model.r2gen import R2GenModel, masked_nll
 from r2gen.speedups import CudaGraphedFeatures, speed_up
-from r2gen.train import build_optimizer, prepare, prepare_model, train
+from r2gen.train import prepare, prepare_model, train
 
 VOCAB = 40
 
@@ -105,13 +105,12 @@ def test_cuda_graphs_give_the_eager_outputs_and_gradients(precision: str) -> Non
         twin.load_state_dict(model.state_dict())
         _no_dropout(twin)
         graphed = CudaGraphedFeatures.install(twin)
-        twin_optimizer = build_optimizer(twin, cfg.without_speedups())
         rel = 1e-5 if precision == "fp32" else 2e-2
-        for step in range(3):  # the third step replays a graph whose weights the optimizer changed
+        for step in range(3):  # later steps replay the graph after the weights changed
             window = [_batch(cfg, 6, 31 + step, "cuda", 10 * step + i) for i in range(2)]  # two micro-batches
             grads = []
-            for m, opt in ((model, optimizer), (twin, twin_optimizer)):
-                opt.zero_grad(set_to_none=True)
+            for m in (model, twin):
+                m.zero_grad(set_to_none=True)
                 for feats, targets, masks in window:
                     feats = feats.detach().clone().requires_grad_()  # each model's own input gradient
                     with backend.autocast():
@@ -124,9 +123,12 @@ def test_cuda_graphs_give_the_eager_outputs_and_gradients(precision: str) -> Non
                 a = model.forward_features(*window[0][:2])
                 b = twin.forward_features(*window[0][:2])
             assert a.shape == b.shape and _close(b, a, rel), step
+            # The eager model's update, copied into the twin's parameters in place (the graphs hold
+            # their addresses): Adam's first steps move every weight by about lr * sign(gradient), which
+            # would turn rounding-level gradient differences into different weights.
             optimizer.step()
-            twin_optimizer.step()
-        assert graphed.captures >= 1 and len(graphed.graphs) <= 2
+            twin.load_state_dict(model.state_dict())
+        assert graphed.captures == 1 and len(graphed.graphs) == 1  # one padded shape, replayed
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 

@@ -59,3 +59,54 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def __len__(self) -> int:
         return self.per_process - self.start
+
+
+class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
+    """EpochSampler's order in training windows of `batch_size`, one epoch after another without a
+    pause: a loader iterated once over it keeps its workers busy across epoch boundaries, so the
+    next epoch's first windows are ready when the last one ends (a loader restarted per epoch
+    stalls while one worker assembles a whole first window: 12% of a step's time was seen at
+    micro-batch 736 on an H200).
+
+    Windows never straddle epochs: an epoch ends with its shorter last window, or after
+    `max_steps_per_epoch` windows. Iteration starts at `set_epoch(epoch, start)` and ends after
+    `last_epoch` (0 = never).
+    """
+
+    def __init__(self, epochs: EpochSampler, batch_size: int, max_steps_per_epoch: int = 0, last_epoch: int = 0):
+        if batch_size < 1:
+            raise ValueError("EpochBatchSampler: batch_size must be positive")
+        self.epochs, self.batch_size = epochs, batch_size
+        self.max_steps_per_epoch, self.last_epoch = max_steps_per_epoch, last_epoch
+
+    @property
+    def per_process(self) -> int:
+        return self.epochs.per_process
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Windows (optimizer steps) in a whole epoch."""
+        steps = -(-self.per_process // self.batch_size)
+        return min(steps, self.max_steps_per_epoch) if self.max_steps_per_epoch else steps
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate from `epoch`, skipping this process's first `start` samples of it."""
+        self.epochs.set_epoch(epoch, start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, start = self.epochs.epoch, self.epochs.start
+        while not self.last_epoch or epoch <= self.last_epoch:
+            order = EpochSampler(self.epochs.size, self.epochs.seed, self.epochs.rank, self.epochs.world_size)
+            order.set_epoch(epoch, start)
+            items = list(order)
+            done = start // self.batch_size  # windows of this epoch trained before (a resumed run)
+            for begin in range(0, len(items), self.batch_size):
+                if done >= self.steps_per_epoch:
+                    break
+                yield items[begin:begin + self.batch_size]
+                done += 1
+            epoch, start = epoch + 1, 0
+
+    def __len__(self) -> int:
+        """Windows left in the epoch set by set_epoch (the loop counts its own steps across epochs)."""
+        return max(self.steps_per_epoch - self.epochs.start // self.batch_size, 0)
