@@ -99,6 +99,11 @@ class _Captured:
         self.backward_graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.backward_graph, pool=self.forward_graph.pool(), capture_error_mode="thread_local"):
             self.grads = torch.autograd.grad(self.out, self.inputs, self.grad_out, allow_unused=True)
+        # Let the captured autograd graph go. Kept, it would keep the parameters' AccumulateGrad nodes
+        # alive with the capture's side stream as theirs, and every replayed gradient would then be
+        # accumulated on that stream while the allocator frees it on this one (a race; torch warns
+        # "The AccumulateGrad node's stream does not match"). The graphs keep their memory pool.
+        self.out = self.out.detach()
 
 
 class _Replay(torch.autograd.Function):
