@@ -74,6 +74,27 @@ def test_graphed_features_fall_back_to_the_eager_path_off_the_gpu() -> None:
     assert "forward_features" not in model.__dict__
 
 
+def test_padding_targets_to_max_seq_length_changes_no_output_or_gradient() -> None:
+    """What the graphs rely on: trailing padding is ignored by the causal decoder and the masks, so
+    the padded batch's outputs, sliced back, and every gradient equal the trimmed batch's (float64)."""
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    model = R2GenModel(cfg.model, VOCAB).double().train()
+    _no_dropout(model)
+    feats, targets, masks = _batch(cfg, 4, 11, "cpu", 3)
+    feats = feats.detach().double()
+    results = []
+    for padded in (False, True):
+        model.zero_grad(set_to_none=True)
+        x = feats.clone().requires_grad_()
+        given = torch.nn.functional.pad(targets, (0, cfg.model.max_seq_length - 11)) if padded else targets
+        logprobs = model.forward_features(x, given)[:, :10]
+        masked_nll(logprobs, targets, masks).backward()
+        results.append([logprobs.detach()] + [p.grad.clone() for p in model.encoder_decoder.parameters()] + [x.grad])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
 def test_relational_memory_starts_on_the_device_and_dtype_asked_for() -> None:
     rm = R2GenModel(preset("tiny").model, VOCAB).encoder_decoder.model.rm
     like = torch.zeros(1, dtype=torch.float64)
