@@ -32,7 +32,7 @@ for stage in "${stages[@]}"; do
       python3 bench/generate.py --precision bf16 --batch-sizes 64,256 --studies 256 --json "$OUT/generate_bf16.json" ;;
     profile) { python3 bench/profile_step.py --batch-size 256 --no-speedups; python3 bench/profile_step.py --batch-size 256
                python3 bench/profile_step.py --batch-size 512 --top 5; } 2>&1 | tee "$OUT/profile.log" ;;
-    train) python3 bench/train_throughput.py --steps "${TRAIN_STEPS:-20}" --warmup "${TRAIN_WARMUP:-8}" --studies "${TRAIN_STUDIES:-6000}" \
+    train) python3 bench/train_throughput.py --steps "${TRAIN_STEPS:-20}" --warmup "${TRAIN_WARMUP:--1}" --studies "${TRAIN_STUDIES:-6000}" \
              --rows "${TRAIN_ROWS:-reference,auto-eager,auto}" --json "$OUT/train_throughput.json" 2>&1 | tee "$OUT/train.log" ;;
     backends) python3 bench/backends.py --steps 200 --json "$OUT/backends.json" ;;
     study) cli study --precisions fp32,fp16,bf16,fp8 --epochs 3 --run-dir /tmp/runs --name prec \

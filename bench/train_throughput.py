@@ -117,6 +117,9 @@ def run_row(which: str, preset_name: str, device: str, steps: int, warmup: int, 
                         f"{plan.batch.accumulation}, {cfg.num_workers} workers, pinned {cfg.pin_memory}, "
                         f"cache {cfg.cache_images}, uint8 {cfg.uint8_images}"
                         + ("" if which == "auto" else ", no step speed-ups"))
+    if warmup < 0:  # with graphs or autotuning, the first epoch and two steps: every window shape is made by then
+        first_epoch = -(-len(prep.annotation.splits["train"]) // (cfg.batch_size * backend.world_size))
+        warmup = first_epoch + 2 if cfg.cuda_graphs or cfg.cudnn_benchmark else 5
     model, optimizer = prepare_model(backend, prep.model, cfg)
     model.train()
     loader = _loader(prep, "train", train=True)
@@ -160,7 +163,10 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", default=None, help="iu_xray on a GPU, tiny on a CPU by default")
     parser.add_argument("--steps", type=int, default=60, help="timed optimizer steps per row")
-    parser.add_argument("--warmup", type=int, default=5, help="steps before the clock starts")
+    parser.add_argument("--warmup", type=int, default=-1,
+                        help="steps before the clock starts; -1 (default): 5, or, for a row with the step speed-ups, the first "
+                             "epoch and two more, so that the epoch's shorter last window has been captured as CUDA "
+                             "graphs and autotuned once")
     parser.add_argument("--studies", type=int, default=4000,
                         help="size of the embedded set (its train split must hold auto's window)")
     parser.add_argument("--ann-path", type=Path, default=None)
