@@ -39,7 +39,7 @@ NodeRank = Annotated[int, typer.Option(help="This machine's rank among --nodes (
 MasterAddr = Annotated[str, typer.Option(help="Address of node 0, reachable from every node.")]
 MasterPort = Annotated[Optional[int], typer.Option(help="Rendezvous TCP port on node 0 [default: a free port on one machine, 29500 with --nodes > 1].")]
 Hostfile = Annotated[Optional[Path], typer.Option(help="deepspeed: a DeepSpeed hostfile ('host slots=N' lines); the launcher then starts every node over ssh.")]
-KeepTraining = Annotated[bool, typer.Option("--keep-training", help="Continue the run --run-dir/--name (without --name: the newest run in --run-dir) from its newest intact checkpoint, exactly where it stopped: weights, optimizer, schedule, random state, data order. The run's own settings apply; only --epochs, --val-every, --early-stop, --beam-size, --log-every, --max-steps-per-epoch, --save-every, --keep-last and the --wandb options may change.")]
+KeepTraining = Annotated[bool, typer.Option("--keep-training", help="Continue the run --run-dir/--name (without --name: the newest run in --run-dir) from its newest intact checkpoint, exactly where it stopped: weights, optimizer, schedule, random state, data order. The run's own settings apply; only --epochs, --val-every, --early-stop, --beam-size, --log-every, --max-steps-per-epoch, --save-every, --keep-last, --no-speedups and the --wandb options may change.")]
 Wandb = Annotated[Optional[bool], typer.Option("--wandb/--no-wandb", help="Also log every metrics.jsonl record and the plan (as config) to Weights & Biases [default: off].")]
 WandbMode = Annotated[Optional[str], typer.Option(help="offline: W&B files under <run>/wandb, `wandb sync` uploads them later; online: needs WANDB_API_KEY in the environment [default: offline].")]
 WandbProject = Annotated[Optional[str], typer.Option(help="W&B project [default: r2gen-launch].")]
@@ -47,6 +47,7 @@ WandbName = Annotated[Optional[str], typer.Option(help="W&B run name [default: t
 SaveEvery = Annotated[Optional[int], typer.Option(help="Optimizer steps between resumable checkpoints; 0: at epoch ends only [default: 0].")]
 KeepLast = Annotated[Optional[int], typer.Option(help="Resumable checkpoints kept, the newest ones [default: 3].")]
 DryRun = Annotated[bool, typer.Option(help="Print the plan, engine config and launch command, then stop (nothing is written).")]
+Speedups = Annotated[bool, typer.Option("--speedups/--no-speedups", help="The training step's GPU speed-ups: channels_last and cuDNN autotuning for the ResNet, fused Adam, CUDA graphs of the encoder-decoder (the same function; README: Speed). --no-speedups: the plain step. No effect on a CPU.")]
 ThresholdsFile = Annotated[Optional[Path], typer.Option("--thresholds", help="YAML file overriding the host/VRAM thresholds (see README).")]
 ImageSize = Annotated[Optional[int], typer.Option(help="Training image side in px [default: the preset's, 224 for R2Gen].")]
 Dataset = Annotated[Optional[str], typer.Option(help="Annotation format: iu_xray (two views) or mimic_cxr (one view) [default: the preset's].")]
@@ -456,6 +457,13 @@ def _topology(gpus: Optional[int], nodes: int, node_rank: int, master_addr: str,
                     master_addr=master_addr, master_port=master_port)
 
 
+def _speedup_overrides(speedups: bool) -> dict:
+    """--no-speedups as config overrides (--speedups keeps the configuration's own, on by default)."""
+    from r2gen.config import STEP_SPEEDUPS
+
+    return {} if speedups else {name: False for name in STEP_SPEEDUPS}
+
+
 def _training_command(backend_name: str, summary: str):
     """One signature for every engine's training command (its help page is the signature), plus the
     engine's own options (ENGINE_OPTIONS)."""
@@ -473,7 +481,8 @@ def _training_command(backend_name: str, summary: str):
         master_port: MasterPort = None, save_every: SaveEvery = None, keep_last: KeepLast = None,
         wandb: Wandb = None, wandb_mode: WandbMode = None, wandb_project: WandbProject = None,
         wandb_name: WandbName = None, keep_training: KeepTraining = False, thresholds: ThresholdsFile = None,
-        run_dir: RunDir = Path("runs"), name: Name = None, dry_run: DryRun = False, **engine,
+        run_dir: RunDir = Path("runs"), name: Name = None, dry_run: DryRun = False, speedups: Speedups = True,
+        **engine,
     ) -> None:
         import torch
 
@@ -484,7 +493,8 @@ def _training_command(backend_name: str, summary: str):
                              studies=studies, backbone=backbone, val_every=_parse_val_every(val_every),
                              early_stop=early_stop, beam_size=beam_size, lr_ve=lr_ve, lr_ed=lr_ed, seed=seed,
                              max_steps_per_epoch=max_steps_per_epoch, log_every=log_every, save_every=save_every,
-                             keep_last=keep_last, **_wandb_overrides(wandb, wandb_mode, wandb_project, wandb_name))
+                             keep_last=keep_last, **_wandb_overrides(wandb, wandb_mode, wandb_project, wandb_name),
+                             **_speedup_overrides(speedups))
             chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
             hostfile = engine.pop("hostfile", None)
             _run_training(backend_name, chosen, precision or _default_precision(backend_name, chosen),
@@ -537,6 +547,7 @@ def auto(
     save_every: SaveEvery = None, keep_last: KeepLast = None, wandb: Wandb = None, wandb_mode: WandbMode = None,
     wandb_project: WandbProject = None, wandb_name: WandbName = None, keep_training: KeepTraining = False,
     thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"), name: Name = None, dry_run: DryRun = False,
+    speedups: Speedups = True,
 ) -> None:
     """Pick device, engine, precision and a preset that fits, plan, then train and evaluate.
 
@@ -562,7 +573,7 @@ def auto(
         err.print(f"auto: {device}, {precision}, {preset} preset, {processes} process(es)", highlight=False)
         overrides = dict(epochs=epochs, studies=studies, val_every=_parse_val_every(val_every), seed=seed,
                          save_every=save_every, keep_last=keep_last,
-                         **_wandb_overrides(wandb, wandb_mode, wandb_project, wandb_name))
+                         **_wandb_overrides(wandb, wandb_mode, wandb_project, wandb_name), **_speedup_overrides(speedups))
         _run_training("auto", device, precision, preset, overrides, options, ann_path, image_dir, visual_weights,
                       thresholds, run_dir, name, dry_run,
                       _topology(gpus if keep_training else processes, 1, 0, "127.0.0.1", None, keep_training),

@@ -13,7 +13,7 @@ from typing import Any
 
 from launcher.plan import BatchPlan, Plan
 from r2gen.checkpoint import CheckpointStore
-from r2gen.config import TrainConfig
+from r2gen.config import STEP_SPEEDUPS, TrainConfig
 from r2gen.errors import BackendError, ConfigError
 
 
@@ -81,8 +81,9 @@ def check_request(run: RunToContinue, backend: str, preset: str | None, override
 
 
 CHANGEABLE = ("epochs", "val_every", "early_stop", "beam_size", "log_every", "max_steps_per_epoch", "save_every",
-              "keep_last", "wandb", "wandb_mode", "wandb_project", "wandb_name")
-"""Settings a continued run may change: how long it goes on, how it evaluates, logs and saves."""
+              "keep_last", "wandb", "wandb_mode", "wandb_project", "wandb_name", *STEP_SPEEDUPS)
+"""Settings a continued run may change: how long it goes on, how it evaluates, logs and saves, and
+the step's speed-ups (the same function)."""
 
 
 def continued_config(run: RunToContinue, overrides: dict[str, Any], micro_batch: int) -> TrainConfig:

@@ -153,6 +153,18 @@ def test_auto_on_the_embedded_set_prints_scores_and_baseline(tmp_path: Path, mon
         assert not path.is_file() or secret.encode() not in path.read_bytes(), path
 
 
+def test_no_speedups_turns_every_step_speed_up_off_in_the_run_config(tmp_path: Path) -> None:
+    from r2gen.config import STEP_SPEEDUPS
+
+    common = ["--device", "cpu", "--preset", "tiny", "--studies", "20", "--epochs", "1", "--max-steps-per-epoch", "1",
+              "--val-every", "last", "--beam-size", "1", "--run-dir", str(tmp_path)]
+    for name, flags in (("on", []), ("off", ["--no-speedups"])):
+        result = runner.invoke(app, ["plain", *common, "--name", name, *flags], terminal_width=250)
+        assert result.exit_code == 0, result.output
+        config = json.loads((tmp_path / name / "config.json").read_text())["train"]
+        assert [config[k] for k in STEP_SPEEDUPS] == [name == "on"] * len(STEP_SPEEDUPS)
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a CPU-only machine")
 def test_cuda_on_a_cpu_machine_is_refused(tmp_path: Path) -> None:
     result = runner.invoke(app, ["plain", "--device", "cuda", "--run-dir", str(tmp_path / "runs")])
