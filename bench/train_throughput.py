@@ -64,16 +64,11 @@ def train_flops_per_sample(model: torch.nn.Module, batch: dict, device: torch.de
 
     from r2gen.data.datasets import images_to_device
     from r2gen.model.r2gen import masked_nll
+    from r2gen.speedups import eager_path
 
     images, targets = images_to_device(batch["images"][:2], device), batch["targets"][:2].to(device)
-    # On the eager path: the model's FLOPs, not a graph capture's warm-up passes or its padded tokens.
-    graphed = model.__dict__.pop("forward_features", None)
-    try:
-        with FlopCounterMode(display=False) as counter:
-            masked_nll(model(images, targets), targets, batch["masks"][:2].to(device)).backward()
-    finally:
-        if graphed is not None:
-            model.__dict__["forward_features"] = graphed
+    with eager_path(model), FlopCounterMode(display=False) as counter:
+        masked_nll(model(images, targets), targets, batch["masks"][:2].to(device)).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / 2
 

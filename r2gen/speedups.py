@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -58,16 +59,29 @@ def speed_up(model: torch.nn.Module, backend, cfg) -> list[str]:
 
 def release_graphs(model: torch.nn.Module) -> None:
     """Drop a model's captured graphs, if any (after an out-of-memory error, between probe sizes)."""
-    graphed = model.__dict__.get("forward_features")
-    if isinstance(graphed, CudaGraphedFeatures):
+    graphed = CudaGraphedFeatures.installed(model)
+    if graphed is not None:
         graphed.release()
+
+
+@contextmanager
+def eager_path(model: torch.nn.Module) -> Iterator[None]:
+    """The model's own forward_features inside the block (FLOP counting: the model's FLOPs, not a
+    capture's warm-up passes or padded tokens); its captured graphs stay for afterwards."""
+    graphed = CudaGraphedFeatures.installed(model)
+    CudaGraphedFeatures.uninstall(model)
+    try:
+        yield
+    finally:
+        if graphed is not None:
+            model.__dict__["forward_features"] = graphed
 
 
 class _Captured:
     """One captured shape: static inputs, the forward and backward graphs, their static outputs."""
 
     def __init__(self, forward: Callable, params: list[torch.Tensor], att_feats: torch.Tensor,
-                 targets: torch.Tensor, autocast_dtype: torch.dtype | None, pool) -> None:
+                 targets: torch.Tensor, autocast_dtype: torch.dtype | None) -> None:
         self.att_feats = att_feats.detach().clone().requires_grad_(att_feats.requires_grad)
         self.targets = targets.clone()
         self.inputs = ([self.att_feats] if att_feats.requires_grad else []) + params
@@ -93,7 +107,7 @@ class _Captured:
         torch.cuda.empty_cache()
         # thread_local: the data loader's pin-memory thread may allocate pinned memory meanwhile.
         self.forward_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.forward_graph, capture_error_mode="thread_local"):
             self.out = run()
         self.grad_out = torch.empty_like(self.out)
         self.backward_graph = torch.cuda.CUDAGraph()
@@ -145,9 +159,15 @@ class CudaGraphedFeatures:
         self.failed = ""  # why capturing failed, once it has (the eager path from then on)
 
     @classmethod
-    def install(cls, model: torch.nn.Module) -> "CudaGraphedFeatures":
+    def installed(cls, model: torch.nn.Module) -> "CudaGraphedFeatures | None":
+        """The model's graphed forward_features, if one is installed."""
         graphed = model.__dict__.get("forward_features")
-        if not isinstance(graphed, cls):
+        return graphed if isinstance(graphed, cls) else None
+
+    @classmethod
+    def install(cls, model: torch.nn.Module) -> "CudaGraphedFeatures":
+        graphed = cls.installed(model)
+        if graphed is None:
             graphed = cls(model)
             model.__dict__["forward_features"] = graphed  # not a submodule: state_dict is unchanged
         return graphed
@@ -175,7 +195,7 @@ class CudaGraphedFeatures:
             while len(self.graphs) >= MAX_GRAPHS:
                 self.graphs.popitem(last=False)
             try:
-                captured = _Captured(self.eager, self.params, att_feats, padded, dtype, None)
+                captured = _Captured(self.eager, self.params, att_feats, padded, dtype)
             except torch.OutOfMemoryError:
                 raise  # the loop's out-of-memory recovery halves the micro-batch and comes back
             except RuntimeError as err:  # an operation that cannot be captured: the eager path, said once

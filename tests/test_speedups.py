@@ -21,7 +21,7 @@ from backends.plain import PlainBackend
 from r2gen.config import preset
 from r2gen.data.datasets import load_annotation
 from r2gen.model.r2gen import R2GenModel, masked_nll
-from r2gen.speedups import CudaGraphedFeatures, speed_up
+from r2gen.speedups import CudaGraphedFeatures, eager_path, speed_up
 from r2gen.train import prepare, prepare_model, train
 
 VOCAB = 40
@@ -70,6 +70,9 @@ def test_graphed_features_fall_back_to_the_eager_path_off_the_gpu() -> None:
     assert list(model.state_dict()) == keys  # not a submodule
     assert torch.equal(model.forward_features(feats, targets), expected)
     assert graphed.captures == 0
+    with eager_path(model):  # the model's own method inside, the same graphs after
+        assert CudaGraphedFeatures.installed(model) is None
+    assert CudaGraphedFeatures.installed(model) is graphed
     CudaGraphedFeatures.uninstall(model)
     assert "forward_features" not in model.__dict__
 
