@@ -91,7 +91,11 @@ class DeepSpeedBackend(Backend):
         optimizer = make_optimizer(model)
         if self.offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
+            from torch.utils.cpp_extension import is_ninja_available
 
+            if not is_ninja_available():  # DeepSpeed would only say the cpu_adam op "failed to build/load"
+                raise BackendError("deepspeed --offload cpu: DeepSpeedCPUAdam is JIT-built with ninja, which is "
+                                   "not on PATH (pip install ninja; or --offload none)")
             d = optimizer.defaults
             optimizer = DeepSpeedCPUAdam([{"params": g["params"], "lr": g["lr"]} for g in optimizer.param_groups],
                                          lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"],

@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED=1 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
-export PYTHONPATH="/tmp/site:$PWD/.whl/py:$PWD"
+export PYTHONPATH="/tmp/site:$PWD/.whl/py:$PWD" PATH="/tmp/site/bin:$PATH"  # ninja (DeepSpeedCPUAdam JIT-builds with it)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 cli() { python3 -c 'from launcher.cli import main; main()' "$@"; }
 stages=("$@")

@@ -102,6 +102,13 @@ PROBE_POINTS = (4, 8, 16)
 small enough to fit an 8 GB card in fp32 with the full model."""
 
 
+def smallest_micro_batch(image_size: int) -> int:
+    """The smallest micro-batch a training step can run: 2 where the ResNet's last feature map is 1x1
+    (images of 32 px or less, as the tiny preset's), since BatchNorm in training needs more than one
+    value per channel; 1 otherwise."""
+    return 2 if image_size <= 32 else 1
+
+
 @dataclass(frozen=True)
 class ProbeSearch:
     points: tuple[tuple[int, float], ...]   # (micro-batch, peak GiB) of the fitted steps
@@ -112,11 +119,12 @@ class ProbeSearch:
 
 
 def search_micro_batch(step: Callable[[int], StepResult], budget_gib: float, max_micro: int,
-                       points: Sequence[int] = PROBE_POINTS) -> ProbeSearch:
+                       points: Sequence[int] = PROBE_POINTS, smallest: int = 1) -> ProbeSearch:
     """Measure a few sizes, fit, predict the largest micro-batch under the budget, confirm it.
 
     `step(b)` runs one real training step at micro-batch b and reports its peak; the first call
-    (at 1) also warms up (optimizer state, kernels). Sizes above `max_micro` are never tried.
+    (at `smallest`, see smallest_micro_batch) also warms up (optimizer state, kernels). Sizes above
+    `max_micro` are never tried.
     """
     tried: list[tuple[int, StepResult]] = []
 
@@ -125,17 +133,17 @@ def search_micro_batch(step: Callable[[int], StepResult], budget_gib: float, max
         tried.append((b, result))
         return result
 
-    if not run(1).fits:
+    if not run(smallest).fits:
         return ProbeSearch((), None, 0, 0, tuple(tried))
     measured: list[tuple[int, float]] = []
     known_bad = None
-    for b in sorted({min(p, max_micro) for p in points if p >= 1}):
+    for b in sorted({b for b in (min(p, max_micro) for p in points) if b > smallest}):
         result = run(b)
         if not result.fits:
             known_bad = b
             break
         measured.append((b, result.peak_gib))  # type: ignore[arg-type]
-    known_good = max((b for b, _ in measured), default=1)
+    known_good = max((b for b, _ in measured), default=smallest)
     fit = fit_memory(measured) if len({b for b, _ in measured}) >= 2 else None
     if fit is not None:
         predicted = min(fit.max_batch(budget_gib), max_micro)

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from launcher.memory_model import GIB, ProbeSearch, StepResult, search_micro_batch
+from launcher.memory_model import GIB, ProbeSearch, StepResult, search_micro_batch, smallest_micro_batch
 from r2gen.config import TrainConfig
 
 CONTEXT_GIB_MIN, CONTEXT_GIB_MAX = 0.25, 2.0
@@ -201,15 +201,16 @@ def run_probe(request: ProbeRequest) -> ProbeResult:
     with ProbeSession(request) as session:
         _say(f"{session.name}: budget {request.budget_gib:.1f} GiB ({session.allocator_gib:.1f} GiB for tensors), "
              f"{request.precision}, {request.cfg.preset} preset")
+        smallest = smallest_micro_batch(request.cfg.image_size)
         if session.allocator_gib <= 0:
             search = None
         elif request.verify:
-            session.step(1)  # warm-up: optimizer state and kernels, as the search's first step
+            session.step(smallest)  # warm-up: optimizer state and kernels, as the search's first step
             result = session.step(request.verify)
             search = ProbeSearch((), None, request.verify, request.verify if result.fits else 0,
                                  ((request.verify, result),))
         else:
-            search = search_micro_batch(session.step, session.allocator_gib, request.max_micro)
+            search = search_micro_batch(session.step, session.allocator_gib, request.max_micro, smallest=smallest)
         return _finish(request, session.name, session.overhead_gib, search, start)
 
 

@@ -116,6 +116,15 @@ def test_cpu_offload_steps_with_deepspeed_cpu_adam() -> None:
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
 
 
+def test_offload_without_ninja_is_refused_with_the_fix(tmp_path, monkeypatch) -> None:
+    """DeepSpeed itself only says its cpu_adam op "failed to build/load" (seen on a GPU host whose ninja
+    was installed off PATH)."""
+    ds = _deepspeed(3, 2, offload="cpu")  # (on a CPU DeepSpeed's process group JIT-builds its shm op)
+    monkeypatch.setenv("PATH", str(tmp_path))  # a PATH holding no ninja
+    with pytest.raises(BackendError, match="ninja, which is not on PATH .*--offload none"):
+        ds.prepare(_model(), optimizer_factory(CFG))
+
+
 def test_precisions_deepspeed_cannot_serve_are_refused() -> None:
     with pytest.raises(BackendError, match="--precision fp32"):
         DeepSpeedBackend(DEVICE, "fp32")

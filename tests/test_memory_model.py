@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from launcher.memory_model import (StepResult, accumulation_steps, confirm_largest, fit_memory, search_micro_batch,
-                                   memory_budget_gib, scale_lr)
+from launcher.memory_model import (StepResult, accumulation_steps, confirm_largest, fit_memory, memory_budget_gib,
+                                   scale_lr, search_micro_batch, smallest_micro_batch)
 
 
 class FakeGpu:
@@ -117,6 +117,18 @@ def test_search_finds_the_true_largest_within_the_cap(gpu: FakeGpu, max_micro: i
     assert result.micro_batch == min(gpu.truth(), max_micro)
     assert max(gpu.calls) <= max_micro and gpu.calls[0] == 1
     assert gpu.peak(result.micro_batch) <= gpu.budget
+
+
+def test_search_never_steps_below_the_smallest_trainable_micro_batch() -> None:
+    """32 px images leave ResNet a 1x1 last feature map, where BatchNorm cannot train on one sample
+    (seen on a GPU: the probe's first step at 1 failed for the tiny preset)."""
+    assert smallest_micro_batch(32) == 2 and smallest_micro_batch(33) == 1 and smallest_micro_batch(224) == 1
+    gpu = FakeGpu(fixed=3.1, per_sample=0.27, budget=68)
+    result = search_micro_batch(gpu.step, 68, 10_000, smallest=2)
+    assert gpu.calls[:4] == [2, 4, 8, 16] and min(gpu.calls) == 2 and result.micro_batch == gpu.truth()
+    tight = FakeGpu(fixed=1.0, per_sample=0.5, budget=2.4)  # only 1 and 2 fit
+    assert search_micro_batch(tight.step, tight.budget, 10_000, smallest=2).micro_batch == 2
+    assert min(tight.calls) == 2
 
 
 def test_search_costs_few_steps_when_the_fit_is_right() -> None:
