@@ -35,8 +35,10 @@ for stage in "${stages[@]}"; do
     train) python3 bench/train_throughput.py --steps "${TRAIN_STEPS:-20}" --warmup "${TRAIN_WARMUP:--1}" --studies "${TRAIN_STUDIES:-6000}" \
              --rows "${TRAIN_ROWS:-reference,auto-eager,auto}" --json "$OUT/train_throughput.json" 2>&1 | tee "$OUT/train.log" ;;
     backends) python3 bench/backends.py --steps 200 --json "$OUT/backends.json" ;;
-    study) cli study --precisions fp32,fp16,bf16,fp8 --epochs 3 --run-dir /tmp/runs --name prec \
-             && cp /tmp/runs/prec/summary.json /tmp/runs/prec/report.html "$OUT/" ;;
+    study) timeout "${STUDY_TIMEOUT:-3000}" python3 -c 'from launcher.cli import main; main()' study \
+             --precisions "${STUDY_PRECISIONS:-fp32,fp16,bf16,fp8}" --epochs "${STUDY_EPOCHS:-3}" --run-dir /tmp/runs --name prec \
+             2>&1 | tee "$OUT/study.log" | tail -40
+           cp /tmp/runs/prec/summary.json /tmp/runs/prec/report.html "$OUT/" 2>/dev/null ;;  # what finished, if cut off
     *) echo "unknown stage $stage" ;;
   esac
   echo "== $stage: $((SECONDS - began)) s"
