@@ -97,9 +97,14 @@ class DeepSpeedBackend(Backend):
                 raise BackendError("deepspeed --offload cpu: DeepSpeedCPUAdam is JIT-built with ninja, which is "
                                    "not on PATH (pip install ninja; or --offload none)")
             d = optimizer.defaults
-            optimizer = DeepSpeedCPUAdam([{"params": g["params"], "lr": g["lr"]} for g in optimizer.param_groups],
-                                         lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"],
-                                         adamw_mode=False)  # Adam's L2 weight decay, as torch.optim.Adam
+            try:
+                optimizer = DeepSpeedCPUAdam([{"params": g["params"], "lr": g["lr"]} for g in optimizer.param_groups],
+                                             lr=d["lr"], betas=d["betas"], eps=d["eps"], weight_decay=d["weight_decay"],
+                                             adamw_mode=False)  # Adam's L2 weight decay, as torch.optim.Adam
+            except RuntimeError as err:  # the JIT build failed; the compiler's output went to stdout
+                raise BackendError(f"deepspeed --offload cpu: DeepSpeedCPUAdam could not be built ({err}); it needs "
+                                   "a C++ compiler and the Python headers (see the build output above), or use "
+                                   "--offload none") from err
         # Clamp on the instance, not in a subclass: DeepSpeed accepts only the optimizer classes it knows.
         # A bound method, as LR schedulers expect of optimizer.step (they wrap its __func__).
         unclipped, backend = optimizer.step, self

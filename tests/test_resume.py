@@ -26,10 +26,12 @@ RUN = ["plain", "--preset", "tiny", "--device", "cpu", "--studies", "20", "--epo
        "--num-workers", "0"]
 
 
-def _cli(args: list[str], tmp_path: Path, **popen) -> subprocess.Popen:
+def _cli(args: list[str], tmp_path: Path, whole_path: bool = False, **popen) -> subprocess.Popen:
     # No java on PATH: METEOR (a JVM start per evaluation, half of these runs' time) is reported as n/a.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]), "R2GEN_LAUNCH_CACHE": str(tmp_path / "cache"), "COLUMNS": "400",
-           "PATH": str(Path(sys.executable).parent)}
+    # whole_path keeps the PATH (DeepSpeedCPUAdam JIT-builds with ninja and a C++ compiler from it).
+    path = os.environ.get("PATH", "") if whole_path else str(Path(sys.executable).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+           "R2GEN_LAUNCH_CACHE": str(tmp_path / "cache"), "COLUMNS": "400", "PATH": path}
     return subprocess.Popen([sys.executable, "-m", "launcher.cli", *args, "--run-dir", str(tmp_path / "runs")],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
@@ -39,14 +41,22 @@ def _finish(process: subprocess.Popen) -> tuple[int, str]:
     return process.returncode, out + err
 
 
+def _report(output: str) -> str:
+    """A failed run's output for the assertion: its lines that mention an error (a JIT build's compiler
+    error comes long before the traceback), then its end."""
+    errors = [line for line in output.splitlines() if "error" in line.lower()][:30]
+    return "\n".join(errors) + "\n...\n" + output[-3000:]
+
+
 def _steps(run: Path) -> list[tuple[int, float]]:
     lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
     records = [json.loads(line) for line in lines if line.endswith("\n")]  # a line being written is skipped
     return [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
 
 
-def _interrupt_at(args: list[str], tmp_path: Path, run: Path, step: int, signum: int) -> tuple[int, str]:
-    process = _cli(args, tmp_path)
+def _interrupt_at(args: list[str], tmp_path: Path, run: Path, step: int, signum: int,
+                  whole_path: bool = False) -> tuple[int, str]:
+    process = _cli(args, tmp_path, whole_path)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         if (run / "metrics.jsonl").is_file() and any(s >= step for s, _ in _steps(run)):
@@ -77,15 +87,16 @@ def _assert_same_run(run: Path, whole: Path, steps: int = 8) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _kill_and_resume(engine_args: list[str], tmp_path: Path, signum: int = signal.SIGKILL) -> tuple[Path, Path]:
+def _kill_and_resume(engine_args: list[str], tmp_path: Path, signum: int = signal.SIGKILL,
+                     whole_path: bool = False) -> tuple[Path, Path]:
     """The same run whole, and killed after step 3 (or soon after) then continued with --keep-training."""
-    code, output = _finish(_cli([*engine_args, "--name", "whole"], tmp_path))
-    assert code == 0, output[-3000:]
+    code, output = _finish(_cli([*engine_args, "--name", "whole"], tmp_path, whole_path))
+    assert code == 0, _report(output)
     run = tmp_path / "runs" / "cut"
-    code, output = _interrupt_at([*engine_args, "--name", "cut"], tmp_path, run, 3, signum)
-    assert code == (-signum if signum == signal.SIGKILL else 128 + signum), output[-3000:]
-    code, output = _finish(_cli([engine_args[0], "--keep-training", "--name", "cut"], tmp_path))
-    assert code == 0, output[-3000:]
+    code, output = _interrupt_at([*engine_args, "--name", "cut"], tmp_path, run, 3, signum, whole_path)
+    assert code == (-signum if signum == signal.SIGKILL else 128 + signum), _report(output)
+    code, output = _finish(_cli([engine_args[0], "--keep-training", "--name", "cut"], tmp_path, whole_path))
+    assert code == 0, _report(output)
     return run, tmp_path / "runs" / "whole"
 
 
@@ -124,9 +135,9 @@ def _largest_difference(a: dict, b: dict) -> float:
 def test_gpu_kill_and_resume(engine: list[str], tmp_path: Path) -> None:
     # 200 studies: 35 steps per epoch, 70 in all (a GPU runs the 8 steps of RUN faster than a kill lands).
     args = [*engine, *[a if a != "cpu" else "cuda" for a in RUN[1:]], "--studies", "200"]
-    run, whole = _kill_and_resume(args, tmp_path)
-    code, output = _finish(_cli([*args, "--name", "again"], tmp_path))
-    assert code == 0, output[-3000:]
+    run, whole = _kill_and_resume(args, tmp_path, whole_path=True)  # GPU hosts: no java there, a compiler needed
+    code, output = _finish(_cli([*args, "--name", "again"], tmp_path, whole_path=True))
+    assert code == 0, _report(output)
     again = tmp_path / "runs" / "again"
     steps, reference, second = _steps(run), _steps(whole), _steps(again)
     assert [s for s, _ in steps] == list(range(1, 71))  # every step exactly once
