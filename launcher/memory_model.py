@@ -124,7 +124,8 @@ def search_micro_batch(step: Callable[[int], StepResult], budget_gib: float, max
 
     `step(b)` runs one real training step at micro-batch b and reports its peak; the first call
     (at `smallest`, see smallest_micro_batch) also warms up (optimizer state, kernels). Sizes above
-    `max_micro` are never tried.
+    `max_micro` are never tried. A cap within the fit's sizes (the published batch of 16, say) is
+    tried first, right after the warm-up: when it fits, that one step is the answer.
     """
     tried: list[tuple[int, StepResult]] = []
 
@@ -135,9 +136,14 @@ def search_micro_batch(step: Callable[[int], StepResult], budget_gib: float, max
 
     if not run(smallest).fits:
         return ProbeSearch((), None, 0, 0, tuple(tried))
-    measured: list[tuple[int, float]] = []
     known_bad = None
-    for b in sorted({b for b in (min(p, max_micro) for p in points) if b > smallest}):
+    if smallest < max_micro <= max(points, default=0):
+        capped = run(max_micro)
+        if capped.fits:
+            return ProbeSearch(((max_micro, capped.peak_gib),), None, max_micro, max_micro, tuple(tried))  # type: ignore[arg-type]
+        known_bad = max_micro
+    measured: list[tuple[int, float]] = []
+    for b in sorted({b for b in (min(p, max_micro) for p in points) if smallest < b < (known_bad or b + 1)}):
         result = run(b)
         if not result.fits:
             known_bad = b

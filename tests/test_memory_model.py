@@ -131,6 +131,18 @@ def test_search_never_steps_below_the_smallest_trainable_micro_batch() -> None:
     assert min(tight.calls) == 2
 
 
+def test_a_cap_within_the_probe_sizes_is_tried_first() -> None:
+    """The published batch of 16 caps the micro-batch: the warm-up and the cap answer (the probe took
+    4 steps, about 38 s, per study run on an H200 before)."""
+    gpu = FakeGpu(fixed=3.1, per_sample=0.27, budget=68)
+    result = search_micro_batch(gpu.step, 68, 16)
+    assert gpu.calls == [1, 16] and result.micro_batch == 16
+    small = FakeGpu(fixed=3.1, per_sample=0.27, budget=6.0)  # 16 does not fit: the search goes on below it
+    result = search_micro_batch(small.step, small.budget, 16)
+    assert small.calls[:2] == [1, 16] and max(small.calls[2:]) < 16
+    assert result.micro_batch == small.truth() < 16
+
+
 def test_search_costs_few_steps_when_the_fit_is_right() -> None:
     gpu = FakeGpu(fixed=3.1, per_sample=0.27, budget=68)
     result = search_micro_batch(gpu.step, 68, 10_000)
