@@ -140,10 +140,12 @@ def search_micro_batch(step: Callable[[int], StepResult], budget_gib: float, max
     if smallest < max_micro <= max(points, default=0):
         capped = run(max_micro)
         if capped.fits:
-            return ProbeSearch(((max_micro, capped.peak_gib),), None, max_micro, max_micro, tuple(tried))  # type: ignore[arg-type]
+            point = (max_micro, capped.peak_gib)
+            return ProbeSearch((point,), None, max_micro, max_micro, tuple(tried))  # type: ignore[arg-type]
         known_bad = max_micro
+    sizes = {min(p, max_micro) for p in points}
     measured: list[tuple[int, float]] = []
-    for b in sorted({b for b in (min(p, max_micro) for p in points) if smallest < b < (known_bad or b + 1)}):
+    for b in sorted(b for b in sizes if b > smallest and (known_bad is None or b < known_bad)):
         result = run(b)
         if not result.fits:
             known_bad = b
