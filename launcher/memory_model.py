@@ -102,13 +102,6 @@ PROBE_POINTS = (4, 8, 16)
 small enough to fit an 8 GB card in fp32 with the full model."""
 
 
-def smallest_micro_batch(image_size: int) -> int:
-    """The smallest micro-batch a training step can run: 2 where the ResNet's last feature map is 1x1
-    (images of 32 px or less, as the tiny preset's), since BatchNorm in training needs more than one
-    value per channel; 1 otherwise."""
-    return 2 if image_size <= 32 else 1
-
-
 @dataclass(frozen=True)
 class ProbeSearch:
     points: tuple[tuple[int, float], ...]   # (micro-batch, peak GiB) of the fitted steps
@@ -123,7 +116,7 @@ def search_micro_batch(step: Callable[[int], StepResult], budget_gib: float, max
     """Measure a few sizes, fit, predict the largest micro-batch under the budget, confirm it.
 
     `step(b)` runs one real training step at micro-batch b and reports its peak; the first call
-    (at `smallest`, see smallest_micro_batch) also warms up (optimizer state, kernels). Sizes above
+    (at `smallest`, see r2gen.model.visual_extractor.smallest_micro_batch) also warms up (optimizer state, kernels). Sizes above
     `max_micro` are never tried. A cap within the fit's sizes (the published batch of 16, say) is
     tried first, right after the warm-up: when it fits, that one step is the answer.
     """

@@ -15,8 +15,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from launcher.memory_model import GIB, ProbeSearch, StepResult, search_micro_batch, smallest_micro_batch
+from launcher.memory_model import GIB, ProbeSearch, StepResult, search_micro_batch
 from r2gen.config import TrainConfig
+from r2gen.model.visual_extractor import smallest_micro_batch
 
 CONTEXT_GIB_MIN, CONTEXT_GIB_MAX = 0.25, 2.0
 """Bounds on the measured GPU memory outside torch's allocator (CUDA context, cuBLAS/cuDNN handles):

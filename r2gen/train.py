@@ -42,7 +42,7 @@ from r2gen.metrics import compute_scores
 from r2gen.monitor import data_wait_warning, system_metrics
 from r2gen.model.r2gen import R2GenModel, masked_nll, target_tokens
 from r2gen.model.sampling import generate_from_features
-from r2gen.model.visual_extractor import init_visual_weights
+from r2gen.model.visual_extractor import init_visual_weights, smallest_micro_batch
 
 MONITOR = "BLEU_4"
 T = TypeVar("T")
@@ -124,7 +124,8 @@ def _loader(prep: Prepared, split: str, train: bool) -> DataLoader:
     # iteration (the workers prepare the next epoch while this one ends), resumable at any window.
     batching = (dict(batch_sampler=EpochBatchSampler(
         EpochSampler(len(dataset), cfg.seed, prep.backend.rank, prep.backend.world_size), cfg.batch_size,
-        cfg.max_steps_per_epoch, cfg.epochs)) if train else dict(batch_size=cfg.batch_size))
+        cfg.max_steps_per_epoch, cfg.epochs, smallest_micro_batch(cfg.image_size))) if train
+        else dict(batch_size=cfg.batch_size))
     # A private generator: starting an iteration must not draw from the global RNG, or a resumed
     # run's dropout would drift from the uninterrupted one's.
     return DataLoader(dataset, **batching, num_workers=workers,
@@ -207,15 +208,30 @@ def constant_report_baseline(prep: Prepared) -> dict[str, float | None]:
     return compute_scores(truths, [constant] * len(truths))
 
 
+def micro_batch_sizes(total: int, micro_batch: int, smallest: int = 1) -> list[int]:
+    """`total` studies in micro-batches of `micro_batch`, the last one shorter. A last one under
+    `smallest` (see smallest_micro_batch) takes studies from the one before (9 in 4s, smallest 2:
+    4, 3, 2) or, with none to spare there, joins it (3 in 2s: 3). A micro_batch under `smallest` (an
+    out-of-memory recovery halving it to 1) counts as `smallest`."""
+    micro_batch = max(micro_batch, smallest)
+    sizes = [micro_batch] * (total // micro_batch) + ([total % micro_batch] if total % micro_batch else [])
+    if len(sizes) > 1 and sizes[-1] < smallest:
+        short = smallest - sizes[-1]
+        sizes[-2:] = [sizes[-2] - short, smallest] if sizes[-2] - short >= smallest else [sizes[-2] + sizes[-1]]
+    return sizes
+
+
 def split_batch(batch: dict, micro_batch: int) -> list[dict]:
-    """Chunks of at most `micro_batch` studies, each trimmed to its own longest report.
+    """Chunks of at most `micro_batch` studies (see micro_batch_sizes), each trimmed to its own
+    longest report.
 
     Trimming drops only trailing padding, which the causal decoder and the mask ignore, so a chunk
     computes what the same rows compute inside the whole batch.
     """
-    chunks = []
-    for start in range(0, len(batch["ids"]), micro_batch):
-        rows = slice(start, start + micro_batch)
+    chunks, start = [], 0
+    for size in micro_batch_sizes(len(batch["ids"]), micro_batch, smallest_micro_batch(batch["images"].shape[-1])):
+        rows = slice(start, start + size)
+        start += size
         masks = batch["masks"][rows]
         width = int(masks.sum(1).max().item())
         chunks.append({"ids": batch["ids"][rows], "images": batch["images"][rows],

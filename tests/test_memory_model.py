@@ -7,7 +7,8 @@ import math
 import pytest
 
 from launcher.memory_model import (StepResult, accumulation_steps, confirm_largest, fit_memory, memory_budget_gib,
-                                   scale_lr, search_micro_batch, smallest_micro_batch)
+                                   scale_lr, search_micro_batch)
+from r2gen.model.visual_extractor import smallest_micro_batch
 
 
 class FakeGpu:

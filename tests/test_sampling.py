@@ -84,3 +84,45 @@ def test_windows_run_epoch_after_epoch_as_the_per_epoch_order_cut_in_batches() -
     assert list(cut) == per_epoch(1)[:2] + per_epoch(2)[:2]
     endless = iter(EpochBatchSampler(EpochSampler(23, seed=4), 5))
     assert [next(endless) for _ in range(15)] == per_epoch(1) + per_epoch(2) + per_epoch(3)
+
+
+def test_a_last_window_the_model_cannot_train_on_joins_the_one_before() -> None:
+    """32 px images: BatchNorm cannot train on one study (the tiny preset crashed at an epoch's end
+    whose last window held one)."""
+    from r2gen.data.sampling import EpochBatchSampler
+
+    sampler = EpochSampler(21, seed=4)
+    sampler.set_epoch(1)
+    items = list(sampler)
+    windows = EpochBatchSampler(EpochSampler(21, seed=4), 4, last_epoch=1, smallest=2)
+    assert windows.steps_per_epoch == 5 and len(windows) == 5
+    assert list(windows) == [items[0:4], items[4:8], items[8:12], items[12:16], items[16:21]]
+    windows.set_epoch(1, start=16)  # resumed before the joined window
+    assert list(windows) == [items[16:21]]
+    assert EpochBatchSampler(EpochSampler(21, seed=4), 4, smallest=1).steps_per_epoch == 6
+    assert EpochBatchSampler(EpochSampler(22, seed=4), 4, smallest=2).steps_per_epoch == 6  # last window 2
+    assert EpochBatchSampler(EpochSampler(1, seed=4), 4, smallest=2).steps_per_epoch == 1  # nothing to join
+
+
+@pytest.mark.parametrize("total,micro,smallest,sizes", [
+    (16, 8, 1, [8, 8]), (9, 8, 1, [8, 1]), (9, 8, 2, [7, 2]), (9, 4, 2, [4, 3, 2]), (3, 2, 2, [3]),
+    (5, 1, 2, [2, 3]), (1, 4, 2, [1]), (4, 8, 2, [4]),
+])
+def test_micro_batches_never_end_under_the_smallest_size(total: int, micro: int, smallest: int,
+                                                         sizes: list[int]) -> None:
+    from r2gen.train import micro_batch_sizes
+
+    assert micro_batch_sizes(total, micro, smallest) == sizes
+
+
+def test_split_batch_leaves_no_one_study_micro_batch_at_32_px() -> None:
+    from r2gen.train import split_batch
+
+    def batch(size: int) -> dict:
+        return {"ids": [str(i) for i in range(9)], "images": torch.zeros(9, 2, 3, size, size),
+                "targets": torch.ones(9, 5, dtype=torch.long), "masks": torch.ones(9, 5, dtype=torch.long)}
+
+    assert [len(c["ids"]) for c in split_batch(batch(32), 8)] == [7, 2]
+    assert [len(c["ids"]) for c in split_batch(batch(64), 8)] == [8, 1]
+    chunks = split_batch(batch(32), 8)
+    assert [i for c in chunks for i in c["ids"]] == [str(i) for i in range(9)]  # every study once, in order

@@ -70,6 +70,17 @@ def test_tiny_loss_falls_and_run_dir_is_complete(small_set: Path, tmp_path: Path
     assert not list(run.rglob("*.tmp"))
 
 
+def test_an_epoch_whose_last_window_holds_one_study_trains_at_32_px(small_set: Path, tmp_path: Path) -> None:
+    """21 train studies in windows of 4 leave one study, on which BatchNorm cannot train behind a 1x1
+    ResNet map (this crashed with a ValueError); in micro-batches of 3 a window of 4 leaves one too."""
+    for micro in (0, 3):
+        cfg = _cfg(epochs=1, batch_size=4, beam_size=1, micro_batch=micro)
+        prep = prepare(cfg, PlainBackend("cpu"), load_annotation(small_set), None)
+        train(prep, tmp_path / f"run{micro}", _quiet())
+        records = [json.loads(line) for line in (tmp_path / f"run{micro}" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4, 5]  # 4 + 4 + 4 + 4 + 5 studies
+
+
 def test_val_every_evaluates_on_schedule(small_set: Path, tmp_path: Path) -> None:
     prep = prepare(_cfg(epochs=3, val_every=2, beam_size=1), PlainBackend("cpu"), load_annotation(small_set), None)
     train(prep, tmp_path / "run", _quiet())

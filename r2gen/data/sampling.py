@@ -69,15 +69,23 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     micro-batch 736 on an H200).
 
     Windows never straddle epochs: an epoch ends with its shorter last window, or after
-    `max_steps_per_epoch` windows. Iteration starts at `set_epoch(epoch, start)` and ends after
-    `last_epoch` (0 = never).
+    `max_steps_per_epoch` windows. A last window under `smallest` studies (a model that cannot
+    train on one, see smallest_micro_batch) is joined to the window before: a window holds more
+    than `smallest`, so the joined window ends up with the extra study. Iteration starts at
+    `set_epoch(epoch, start)` and ends after `last_epoch` (0 = never).
     """
 
-    def __init__(self, epochs: EpochSampler, batch_size: int, max_steps_per_epoch: int = 0, last_epoch: int = 0):
+    def __init__(self, epochs: EpochSampler, batch_size: int, max_steps_per_epoch: int = 0, last_epoch: int = 0,
+                 smallest: int = 1):
         if batch_size < 1:
             raise ValueError("EpochBatchSampler: batch_size must be positive")
         self.epochs, self.batch_size = epochs, batch_size
         self.max_steps_per_epoch, self.last_epoch = max_steps_per_epoch, last_epoch
+        # Whole batches but for the last (a resumed run starts at a multiple of batch_size).
+        total = epochs.per_process
+        self.windows = [batch_size] * (total // batch_size) + ([total % batch_size] if total % batch_size else [])
+        if len(self.windows) > 1 and self.windows[-1] < smallest:
+            self.windows[-2:] = [self.windows[-2] + self.windows[-1]]
 
     @property
     def per_process(self) -> int:
@@ -86,7 +94,7 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     @property
     def steps_per_epoch(self) -> int:
         """Windows (optimizer steps) in a whole epoch."""
-        steps = -(-self.per_process // self.batch_size)
+        steps = len(self.windows)
         return min(steps, self.max_steps_per_epoch) if self.max_steps_per_epoch else steps
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -98,13 +106,12 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         while not self.last_epoch or epoch <= self.last_epoch:
             order = EpochSampler(self.epochs.size, self.epochs.seed, self.epochs.rank, self.epochs.world_size)
             order.set_epoch(epoch, start)
-            items = list(order)
-            done = start // self.batch_size  # windows of this epoch trained before (a resumed run)
-            for begin in range(0, len(items), self.batch_size):
-                if done >= self.steps_per_epoch:
-                    break
-                yield items[begin:begin + self.batch_size]
-                done += 1
+            items = list(order)  # this epoch from `start`, a window's beginning (a resumed run)
+            begin = 0
+            for size in self.windows[:self.steps_per_epoch]:
+                if begin >= start:
+                    yield items[begin - start:begin - start + size]
+                begin += size
             epoch, start = epoch + 1, 0
 
     def __len__(self) -> int:

@@ -20,6 +20,13 @@ BACKBONES: dict[str, int] = {"resnet18": 512, "resnet34": 512, "resnet50": 2048,
 """Supported backbones and the channel count of their last feature map (R2Gen's d_vf)."""
 
 
+def smallest_micro_batch(image_size: int) -> int:
+    """The fewest studies a training micro-batch may hold: 2 where the ResNet's last feature map is
+    1x1 (images of 32 px or less, as the tiny preset's), since BatchNorm in training needs more than
+    one value per channel; 1 otherwise."""
+    return 2 if image_size <= 32 else 1
+
+
 class WeightsError(UsageError):
     """A --visual-weights file that cannot be used."""
 
