@@ -221,15 +221,15 @@ def micro_batch_sizes(total: int, micro_batch: int, smallest: int = 1) -> list[i
     return sizes
 
 
-def split_batch(batch: dict, micro_batch: int) -> list[dict]:
-    """Chunks of at most `micro_batch` studies (see micro_batch_sizes), each trimmed to its own
-    longest report.
+def split_batch(batch: dict, micro_batch: int, smallest: int = 1) -> list[dict]:
+    """Chunks of at most `micro_batch` studies, none under `smallest` where avoidable (see
+    micro_batch_sizes), each trimmed to its own longest report.
 
     Trimming drops only trailing padding, which the causal decoder and the mask ignore, so a chunk
     computes what the same rows compute inside the whole batch.
     """
     chunks, start = [], 0
-    for size in micro_batch_sizes(len(batch["ids"]), micro_batch, smallest_micro_batch(batch["images"].shape[-1])):
+    for size in micro_batch_sizes(len(batch["ids"]), micro_batch, smallest):
         rows = slice(start, start + size)
         start += size
         masks = batch["masks"][rows]
@@ -250,7 +250,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, backend
     A window whose loss is not finite on any process is not stepped: its gradients are dropped
     and NonFiniteLoss raised (every process agrees, before the last backward all-reduces).
     """
-    chunks = split_batch(batch, micro_batch or len(batch["ids"]))
+    # In training mode BatchNorm needs more than one study behind a 1x1 feature map (32 px or less).
+    smallest = smallest_micro_batch(batch["images"].shape[-1]) if model.training else 1
+    chunks = split_batch(batch, micro_batch or len(batch["ids"]), smallest)
     # DDP averages gradients over processes: divide by the mean token count per process, so the
     # update is the per-token mean over every process's window.
     tokens = backend.all_reduce_sum(target_tokens(batch["masks"]).to(backend.device)) / backend.world_size

@@ -115,14 +115,14 @@ def test_micro_batches_never_end_under_the_smallest_size(total: int, micro: int,
     assert micro_batch_sizes(total, micro, smallest) == sizes
 
 
-def test_split_batch_leaves_no_one_study_micro_batch_at_32_px() -> None:
+def test_split_batch_keeps_micro_batches_at_the_smallest_size() -> None:
     from r2gen.train import split_batch
 
     def batch(size: int) -> dict:
         return {"ids": [str(i) for i in range(9)], "images": torch.zeros(9, 2, 3, size, size),
                 "targets": torch.ones(9, 5, dtype=torch.long), "masks": torch.ones(9, 5, dtype=torch.long)}
 
-    assert [len(c["ids"]) for c in split_batch(batch(32), 8)] == [7, 2]
-    assert [len(c["ids"]) for c in split_batch(batch(64), 8)] == [8, 1]
-    chunks = split_batch(batch(32), 8)
+    assert [len(c["ids"]) for c in split_batch(batch(32), 8, smallest=2)] == [7, 2]
+    assert [len(c["ids"]) for c in split_batch(batch(32), 8)] == [8, 1]
+    chunks = split_batch(batch(32), 8, smallest=2)
     assert [i for c in chunks for i in c["ids"]] == [str(i) for i in range(9)]  # every study once, in order
