@@ -115,10 +115,11 @@ def search_micro_batch(step: Callable[[int], StepResult], budget_gib: float, max
                        points: Sequence[int] = PROBE_POINTS, smallest: int = 1) -> ProbeSearch:
     """Measure a few sizes, fit, predict the largest micro-batch under the budget, confirm it.
 
-    `step(b)` runs one real training step at micro-batch b and reports its peak; the first call
-    (at `smallest`, see r2gen.model.visual_extractor.smallest_micro_batch) also warms up (optimizer state, kernels). Sizes above
-    `max_micro` are never tried. A cap within the fit's sizes (the published batch of 16, say) is
-    tried first, right after the warm-up: when it fits, that one step is the answer.
+    `step(b)` runs one real training step at micro-batch b and reports its peak; the first call (at
+    `smallest`, see r2gen.model.visual_extractor.smallest_micro_batch) also warms up (optimizer
+    state, kernels). Sizes above `max_micro` are never tried. A cap within the fit's sizes (the
+    published batch of 16, say) is tried first, right after the warm-up: when it fits, that one
+    step is the answer.
     """
     tried: list[tuple[int, StepResult]] = []
 

@@ -34,7 +34,7 @@ from backends.base import Backend
 from r2gen.checkpoint import CheckpointStore, load_checkpoint, save_checkpoint, write_json, write_text
 from r2gen.config import TrainConfig
 from r2gen.data.datasets import Annotation, ReportDataset, build_transform, collate, images_to_device
-from r2gen.data.sampling import EpochBatchSampler, EpochSampler
+from r2gen.data.sampling import EpochBatchSampler, EpochSampler, chunk_sizes
 from r2gen.data.tokenizer import Tokenizer
 from r2gen.errors import ConfigError, RunFailed
 from r2gen.wandb_log import WandbSink, wandb_config
@@ -214,7 +214,7 @@ def micro_batch_sizes(total: int, micro_batch: int, smallest: int = 1) -> list[i
     4, 3, 2) or, with none to spare there, joins it (3 in 2s: 3). A micro_batch under `smallest` (an
     out-of-memory recovery halving it to 1) counts as `smallest`."""
     micro_batch = max(micro_batch, smallest)
-    sizes = [micro_batch] * (total // micro_batch) + ([total % micro_batch] if total % micro_batch else [])
+    sizes = chunk_sizes(total, micro_batch)
     if len(sizes) > 1 and sizes[-1] < smallest:
         short = smallest - sizes[-1]
         sizes[-2:] = [sizes[-2] - short, smallest] if sizes[-2] - short >= smallest else [sizes[-2] + sizes[-1]]

@@ -61,6 +61,11 @@ class EpochSampler(Sampler[tuple[int, int]]):
         return self.per_process - self.start
 
 
+def chunk_sizes(total: int, size: int) -> list[int]:
+    """`total` items in chunks of `size`, the last one shorter (23 in 5s: 5, 5, 5, 5, 3)."""
+    return [size] * (total // size) + ([total % size] if total % size else [])
+
+
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     """EpochSampler's order in training windows of `batch_size`, one epoch after another without a
     pause: a loader iterated once over it keeps its workers busy across epoch boundaries, so the
@@ -82,8 +87,7 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         self.epochs, self.batch_size = epochs, batch_size
         self.max_steps_per_epoch, self.last_epoch = max_steps_per_epoch, last_epoch
         # Whole batches but for the last (a resumed run starts at a multiple of batch_size).
-        total = epochs.per_process
-        self.windows = [batch_size] * (total // batch_size) + ([total % batch_size] if total % batch_size else [])
+        self.windows = chunk_sizes(epochs.per_process, batch_size)
         if len(self.windows) > 1 and self.windows[-1] < smallest:
             self.windows[-2:] = [self.windows[-2] + self.windows[-1]]
 
