@@ -49,7 +49,7 @@ class TrainConfig:
     prefetch_factor: int = 2           # batches each loader worker prepares ahead
     cache_images: bool = False         # decode every image once into RAM before training
     uint8_images: bool = True          # loaders hand uint8 images to the device, which normalizes them (same values)
-    channels_last: bool = True         # GPU: the visual extractor's convolutions in NHWC (tensor-core layout)
+    channels_last: bool = True         # GPU, not deepspeed: the visual extractor's convolutions in NHWC (tensor-core layout)
     cudnn_benchmark: bool = True       # GPU: cuDNN times its convolution algorithms once per shape and keeps the fastest
     fused_optimizer: bool = True       # GPU: Adam's update in one fused kernel (plain and accelerate)
     cuda_graphs: bool = True           # GPU, one process, plain/accelerate: the encoder-decoder's step replayed as CUDA graphs

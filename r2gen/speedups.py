@@ -30,6 +30,11 @@ GRAPH_BACKENDS = ("plain", "accelerate")
 """Adapters whose step calls the model's own forward in this process (DeepSpeed and FP8 wrap or
 swap modules; their graphs are not captured)."""
 
+FLAT_PARAMETER_BACKENDS = ("deepspeed",)
+"""Adapters that own the parameters' storage: ZeRO-2 makes every parameter a view of one flat buffer
+at initialize, so a layout change afterwards (channels_last) would unlink the model's tensors from
+what the optimizer steps; its gradient buckets' view(-1) fails on them first (seen on an H200)."""
+
 MAX_GRAPHS = 2
 """Captured shapes kept per model: the micro-batch and an epoch's shorter last batch."""
 
@@ -38,22 +43,27 @@ WARMUP_STEPS = 3
 torch.cuda.make_graphed_callables does)."""
 
 
-def speed_up(model: torch.nn.Module, backend, cfg) -> list[str]:
-    """Apply the speed-ups that cfg (a TrainConfig) asks for and this backend and device allow to the
-    (unwrapped) model; the names of those applied."""
-    device = getattr(backend, "device", torch.device("cpu"))
-    if device.type != "cuda":
+def planned_speedups(cfg, backend_name: str, device_type: str, world_size: int) -> list[str]:
+    """The speed-ups that cfg (a TrainConfig) asks for and this backend, device and process count allow,
+    in the order speed_up applies them (fused Adam is build_optimizer's choice, not listed here)."""
+    if device_type != "cuda":
         return []
-    applied = []
-    if cfg.channels_last:
+    wanted = [("channels_last", cfg.channels_last and backend_name not in FLAT_PARAMETER_BACKENDS),
+              ("cudnn_benchmark", cfg.cudnn_benchmark),
+              ("cuda_graphs", cfg.cuda_graphs and backend_name in GRAPH_BACKENDS and world_size == 1)]
+    return [name for name, allowed in wanted if allowed]
+
+
+def speed_up(model: torch.nn.Module, backend, cfg) -> list[str]:
+    """Apply planned_speedups to the (unwrapped) model; the names of those applied."""
+    device = getattr(backend, "device", torch.device("cpu"))
+    applied = planned_speedups(cfg, backend.name, device.type, backend.world_size)
+    if "channels_last" in applied:
         model.visual_extractor.to(memory_format=torch.channels_last)
-        applied.append("channels_last")
-    if cfg.cudnn_benchmark:
+    if "cudnn_benchmark" in applied:
         torch.backends.cudnn.benchmark = True  # process-wide; the crop gives every batch one image shape
-        applied.append("cudnn_benchmark")
-    if cfg.cuda_graphs and backend.name in GRAPH_BACKENDS and backend.world_size == 1:
+    if "cuda_graphs" in applied:
         CudaGraphedFeatures.install(model)
-        applied.append("cuda_graphs")
     return applied
 
 
