@@ -246,9 +246,7 @@ def _run_training(backend_name: str, device: str, precision: str, preset_name: s
                   f"launch: this process, one {plan.device} device; run directory {target} (not created)",
                   highlight=False)
         return
-    _write_engine_config(engine_file)
-    if plan.backend == "deepspeed":
-        prep.backend.configure(engine_file.config)
+    _start_engine(prep, plan, engine_file)
     prep.cfg = apply_plan(prep.cfg, plan)
     result = train(prep, target, err, plan.to_json())
     _print_result(result)
@@ -312,7 +310,7 @@ def _continue_training(backend_name: str, overrides: dict, options, run_dir: Pat
     if dry_run:
         out.print(f"launch: this process, continuing {run.path} (nothing written)", highlight=False)
         return
-    _write_engine_config(engine_file)
+    _start_engine(prep, plan, engine_file)
     result = train(prep, run.path, err, plan.to_json(), resume=run.checkpoint)
     _print_result(result)
 
@@ -328,6 +326,14 @@ def _write_engine_config(engine) -> None:
 
     if engine is not None:
         err.print(f"engine config: {write_engine_config(engine)}", highlight=False)
+
+
+def _start_engine(prep, plan, engine_file) -> None:
+    """One process, new or continued run: write the engine's config and hand it to the engine (DeepSpeed's
+    prepare() needs it; the others read nothing)."""
+    _write_engine_config(engine_file)
+    if plan.backend == "deepspeed":
+        prep.backend.configure(engine_file.config)
 
 
 def _launch_processes(prep, cfg, plan, target: Path, visual_weights: Optional[Path], topology, engine_file,
