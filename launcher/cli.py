@@ -47,7 +47,7 @@ WandbName = Annotated[Optional[str], typer.Option(help="W&B run name [default: t
 SaveEvery = Annotated[Optional[int], typer.Option(help="Optimizer steps between resumable checkpoints; 0: at epoch ends only [default: 0].")]
 KeepLast = Annotated[Optional[int], typer.Option(help="Resumable checkpoints kept, the newest ones [default: 3].")]
 DryRun = Annotated[bool, typer.Option(help="Print the plan, engine config and launch command, then stop (nothing is written).")]
-Speedups = Annotated[bool, typer.Option("--speedups/--no-speedups", help="The training step's GPU speed-ups: channels_last and cuDNN autotuning for the ResNet, fused Adam, CUDA graphs of the encoder-decoder (the same function; README: Speed). --no-speedups: the plain step. No effect on a CPU.")]
+Speedups = Annotated[bool, typer.Option("--speedups/--no-speedups", help="The training step's GPU speed-ups: channels_last and cuDNN autotuning for the ResNet, fused Adam, CUDA graphs of the encoder-decoder (the same function; README: Speed). --no-speedups: the plain step. On a CPU only the fused Adam applies.")]
 ThresholdsFile = Annotated[Optional[Path], typer.Option("--thresholds", help="YAML file overriding the host/VRAM thresholds (see README).")]
 ImageSize = Annotated[Optional[int], typer.Option(help="Training image side in px [default: the preset's, 224 for R2Gen].")]
 Dataset = Annotated[Optional[str], typer.Option(help="Annotation format: iu_xray (two views) or mimic_cxr (one view) [default: the preset's].")]

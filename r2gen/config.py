@@ -51,7 +51,7 @@ class TrainConfig:
     uint8_images: bool = True          # loaders hand uint8 images to the device, which normalizes them (same values)
     channels_last: bool = True         # GPU, not deepspeed: the visual extractor's convolutions in NHWC (tensor-core layout)
     cudnn_benchmark: bool = True       # GPU: cuDNN times its convolution algorithms once per shape and keeps the fastest
-    fused_optimizer: bool = True       # GPU: Adam's update in one fused kernel (plain and accelerate)
+    fused_optimizer: bool = True       # GPU or CPU: Adam's update in one fused kernel (DeepSpeed's offload has its own)
     cuda_graphs: bool = True           # GPU, one process, plain/accelerate: the encoder-decoder's step replayed as CUDA graphs
     max_vram_gib: float = 0.0          # hard cap on this process's GPU memory; 0 = none
     oom_retries: int = 3               # retries at micro-batch 1 before saving and stopping

@@ -10,7 +10,8 @@
   launches become two. Targets are padded to the model's max_seq_length so every batch has one
   shape; trailing padding changes nothing (the decoder is causal and padded keys are masked), and
   the outputs are sliced back to the batch's width.
-- the fused Adam (one kernel for the whole update) is chosen in r2gen.train.build_optimizer.
+- the fused Adam (one kernel for the whole update, on a GPU or the CPU) is chosen in
+  r2gen.train.build_optimizer.
 
 Each is numerically the same function as the plain path (tests/test_speedups.py); dropout draws
 other random numbers inside a graph, so training runs are compared by their loss curves.

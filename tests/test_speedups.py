@@ -5,7 +5,8 @@ eager log-probabilities and every gradient (parameters and the visual features) 
 rounding (1e-5 relative; the padded shape may pick other kernels), also across an accumulation
 window of two micro-batches and after the optimizer has changed the weights. With dropout on, 100
 training steps with every speed-up track the plain path's loss curve (each 10-step window within
-5%). On a CPU the speed-ups are off and the model is untouched.
+5%). On a CPU the model is untouched; only the fused Adam applies, and it takes the per-tensor loop's
+steps.
 """
 
 from __future__ import annotations
@@ -54,7 +55,35 @@ def test_speed_ups_leave_a_cpu_model_untouched() -> None:
     assert speed_up(wrapped, PlainBackend("cpu"), cfg) == []
     assert "forward_features" not in model.__dict__
     assert list(model.state_dict()) == keys
-    assert not optimizer.defaults.get("fused")
+    assert optimizer.defaults["fused"]  # the CPU has a fused Adam too: the one speed-up that applies there
+    _, plain = prepare_model(PlainBackend("cpu"), R2GenModel(cfg.model, VOCAB), cfg.without_speedups())
+    assert not plain.defaults.get("fused")
+
+
+def test_fused_adam_on_a_cpu_takes_the_per_tensor_steps() -> None:
+    """The fused Adam(amsgrad, L2 weight decay, two learning rates) and torch's per-tensor loop take the
+    same steps: 20 of them, on every parameter of the tiny model, to float32 rounding (seen: 3e-8)."""
+    cfg = preset("tiny").replace(weight_decay=5e-3)  # a decay large enough to matter in 20 steps
+    models, optimizers = [], []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = R2GenModel(cfg.model, VOCAB)
+        _, optimizer = prepare_model(PlainBackend("cpu"), model, cfg.replace(fused_optimizer=fused))
+        assert bool(optimizer.defaults.get("fused")) == fused
+        models.append(model)
+        optimizers.append(optimizer)
+    start = [p.detach().clone() for p in models[0].parameters()]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        grads = [torch.randn(p.shape, generator=g) for p in models[0].parameters()]
+        for model, optimizer in zip(models, optimizers):
+            for p, grad in zip(model.parameters(), grads):
+                p.grad = grad.clone()
+            optimizer.step()
+    moved = max((p.detach() - p0).abs().max().item() for p, p0 in zip(models[0].parameters(), start))
+    assert moved > 1e-3  # the steps did move the weights
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
 
 
 @pytest.mark.parametrize("backend,world_size,expected", [
