@@ -41,6 +41,7 @@ class AccelerateBackend(Backend):
         self.rank = self.accelerator.process_index
 
     def prepare(self, model, make_optimizer):
+        model.to(self.device)  # first, as the plain engine does: the optimizer is built for where it steps
         return self.accelerator.prepare(model, make_optimizer(model))
 
     def autocast(self) -> AbstractContextManager:

@@ -88,6 +88,10 @@ class DeepSpeedBackend(Backend):
 
         if self.ds_config is None:
             raise ConfigError("deepspeed: no engine config; the launcher generates one from the plan")
+        # The optimizer is built for where it steps (build_optimizer fuses it there): without offload ZeRO
+        # steps its fp32 partitions on the GPU, with offload DeepSpeedCPUAdam steps them on the CPU.
+        if not self.offload:
+            model.to(self.device)
         optimizer = make_optimizer(model)
         if self.offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam

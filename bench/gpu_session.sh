@@ -2,7 +2,8 @@
 # One GPU call (the device tool, carry [".whl"] from bench/gpu_wheels.sh): installs the wheels, then
 # runs the stages named (default: all), each writing its log and JSON under $OUT:
 #   tests     pytest -m gpu (every GPU test of the suite)
-#   quick     pytest -m gpu on the fast path alone (speed-ups, generation, fast path)
+#   quick     pytest -m gpu on the fast path alone (speed-ups, generation, fast path); QUICK_TESTS chooses
+#             other tests, QUICK_MARK= (empty) runs their CPU tests too (test_deepspeed then runs on the GPU)
 #   generate  bench/generate.py: reference vs fast beam-3 generation, fp32 and bf16
 #   train     bench/train_throughput.py: the published configuration vs auto's plan
 #   backends  bench/backends.py: every engine, 200 steps
@@ -23,7 +24,7 @@ for stage in "${stages[@]}"; do
   echo "== $stage"; began=$SECONDS
   case "$stage" in
     tests) python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
-    quick) python3 -m pytest -m gpu -q -p no:cacheprovider ${QUICK_TESTS:-tests/test_speedups.py tests/test_generation.py} \
+    quick) python3 -m pytest -m "${QUICK_MARK-gpu}" -q -rP -p no:cacheprovider ${QUICK_TESTS:-tests/test_speedups.py tests/test_generation.py} \
              2>&1 | tee "$OUT/gpu_quick.log" | tail -30 ;;
     generate)
       python3 bench/generate.py --precision fp32 --batch-sizes 16,64,256 --studies 256 --json "$OUT/generate_fp32.json" \

@@ -46,6 +46,25 @@ def test_accelerate_matches_plain_on_gpu(precision: str) -> None:
     torch.testing.assert_close(acc_weights, plain_weights, rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["plain", "accelerate"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_the_optimizer_is_built_where_the_model_trains(name: str, device: str) -> None:
+    """Every adapter builds the optimizer after moving the model, so the fused Adam is chosen for the
+    device it steps on (build_optimizer), not for where the model happened to be built."""
+    cfg = preset("tiny").replace(image_size=64)
+    backend = build_backend(name, device, "bf16")
+    seen = []
+    factory = optimizer_factory(cfg)
+
+    def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+        seen.extend({p.device.type for p in model.parameters()})
+        return factory(model)
+
+    _, optimizer = backend.prepare(R2GenModel(cfg.model, 50), make_optimizer)
+    assert seen == [device]
+    assert getattr(optimizer, "optimizer", optimizer).defaults["fused"]  # Accelerate wraps the optimizer
+
+
 def test_unknown_backend_and_cpu_fp16_are_refused() -> None:
     with pytest.raises(BackendError, match="--backend"):
         build_backend("megatron", "cpu", "fp32")

@@ -62,6 +62,7 @@ def test_zero2_tracks_the_plain_bf16_path() -> None:
     ds = _deepspeed(3, 2)
     engine, ds_optimizer = ds.prepare(_model(), optimizer_factory(CFG))
     assert "ZeRO-2" in ds.describe() and "amsgrad" in ds.describe()
+    assert ds_optimizer.defaults["fused"]  # built on the device it steps on (the model was moved first)
     assert [g["lr"] for g in ds_optimizer.param_groups] == [CFG.lr_ve, CFG.lr_ed]
     scheduler = torch.optim.lr_scheduler.StepLR(ds_optimizer, 1, 0.5)  # as the loop builds it
     losses = []

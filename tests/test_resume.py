@@ -147,6 +147,8 @@ def test_gpu_kill_and_resume(engine: list[str], tmp_path: Path) -> None:
     final = _final_weights(whole, 70)
     spread = _largest_difference(_final_weights(again, 70), final)
     off = _largest_difference(_final_weights(run, 70), final)
+    print(f"{engine[0]} {engine[2]}: loss resumed {loss_off:.2e} vs run-to-run {loss_spread:.2e}; "
+          f"weights resumed {off:.2e} vs run-to-run {spread:.2e}")  # shown with pytest -rP
     assert off <= GPU_SPREAD_FACTOR * spread + GPU_FLOOR, f"resumed {off:.2e} vs run-to-run {spread:.2e}"
 
 
