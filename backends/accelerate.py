@@ -53,10 +53,15 @@ class AccelerateBackend(Backend):
             self.accelerator.backward(loss)
         if not step:
             return True
+        scaler = self.accelerator.scaler
+        scale = scaler.get_scale() if scaler is not None else None
         self.accelerator.clip_grad_value_(model.parameters(), clip_value)  # unscales fp16 gradients first
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return not self.accelerator.optimizer_step_was_skipped
+        # Not accelerator.optimizer_step_was_skipped: GradScaler calls a fused Adam's step even on an
+        # overflow (the kernel skips the update itself), so Accelerate never sees a skip. As the plain
+        # engine: the scale only drops when the step was skipped.
+        return scaler is None or scaler.get_scale() >= scale
 
     def unwrap(self, model):
         return self.accelerator.unwrap_model(model)

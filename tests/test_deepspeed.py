@@ -100,10 +100,11 @@ def test_accumulation_keeps_the_window_gradient() -> None:
         train_step(engine, optimizer, ds, batch, 0.0, micro)
         updates.append(_flat(optimizer) - before)
     whole, split = updates
-    # bf16 rounding differs between the two orders (measured 0.6%); a second division by the
-    # accumulation count would halve the update.
-    assert (split - whole).norm() / whole.norm() < 0.02
-    assert (split.norm() / whole.norm()).item() == pytest.approx(1.0, abs=0.02)
+    # bf16 rounding differs between the two orders (measured 0.6% on the CPU, 2.4% on an H200, whose
+    # kernels change with the batch size); a second division by the accumulation count would halve it.
+    bound = 0.02 if DEVICE == "cpu" else 0.05
+    assert (split - whole).norm() / whole.norm() < bound
+    assert (split.norm() / whole.norm()).item() == pytest.approx(1.0, abs=bound)
 
 
 @pytest.mark.slow
