@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from contextlib import AbstractContextManager
 
-from backends.base import Backend
+from backends.base import Backend, step_was_taken
 from backends.plain import check_precision, resolve_device
 from r2gen.errors import BackendError, ConfigError
 
@@ -53,15 +53,11 @@ class AccelerateBackend(Backend):
             self.accelerator.backward(loss)
         if not step:
             return True
-        scaler = self.accelerator.scaler
-        scale = scaler.get_scale() if scaler is not None else None
         self.accelerator.clip_grad_value_(model.parameters(), clip_value)  # unscales fp16 gradients first
-        optimizer.step()
+        # Not accelerator.optimizer_step_was_skipped: it misses a fused Adam's skip (step_was_taken).
+        stepped = step_was_taken(self.accelerator.scaler, optimizer.step)  # steps and updates the scaler
         optimizer.zero_grad(set_to_none=True)
-        # Not accelerator.optimizer_step_was_skipped: GradScaler calls a fused Adam's step even on an
-        # overflow (the kernel skips the update itself), so Accelerate never sees a skip. As the plain
-        # engine: the scale only drops when the step was skipped.
-        return scaler is None or scaler.get_scale() >= scale
+        return stepped
 
     def unwrap(self, model):
         return self.accelerator.unwrap_model(model)

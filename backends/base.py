@@ -18,6 +18,19 @@ OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 modules (FP8) or optimizers (DeepSpeed offload) call it at the right moment."""
 
 
+def step_was_taken(scaler: torch.amp.GradScaler | None, step: Callable[[], object]) -> bool:
+    """Runs `step` (the optimizer step and the scaler's update) and says whether the optimizer stepped.
+    With a loss scaler the scale only drops when the step was skipped (an fp16 overflow). The scale is
+    the one sign that holds for a fused Adam too: GradScaler calls its step even on an overflow (the
+    kernel skips the update itself), so a flag set by "was step called" never sees the skip."""
+    if scaler is None:
+        step()
+        return True
+    scale = scaler.get_scale()
+    step()
+    return scaler.get_scale() >= scale
+
+
 class Backend(ABC):
     name: str
     device: torch.device

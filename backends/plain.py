@@ -7,7 +7,7 @@ from contextlib import AbstractContextManager
 
 import torch
 
-from backends.base import Backend
+from backends.base import Backend, step_was_taken
 from r2gen.config import DEVICES, PRECISIONS
 from r2gen.errors import BackendError
 
@@ -101,11 +101,9 @@ class PlainBackend(Backend):
         # Clip the true gradients, not the scaled ones.
         self.scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_value_(model.parameters(), clip_value)
-        scale = self.scaler.get_scale()
-        self.scaler.step(optimizer)
-        self.scaler.update()
+        stepped = step_was_taken(self.scaler, lambda: (self.scaler.step(optimizer), self.scaler.update()))
         optimizer.zero_grad(set_to_none=True)
-        return self.scaler.get_scale() >= scale  # the scale only drops when the step was skipped
+        return stepped
 
     def state_dict(self) -> dict:
         return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}

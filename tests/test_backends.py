@@ -78,7 +78,7 @@ def test_an_fp16_overflow_is_a_skipped_step(name: str) -> None:
     assert getattr(optimizer, "optimizer", optimizer).defaults["fused"]
     batch = synthetic_batch(cfg, 50, 2)
     images = images_to_device(batch["images"], backend.device)
-    targets, masks = batch["targets"].cuda(), batch["masks"].cuda()
+    targets, masks = batch["targets"].to(backend.device), batch["masks"].to(backend.device)
 
     def step(factor: float) -> bool:
         with backend.autocast():
