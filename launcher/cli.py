@@ -7,12 +7,13 @@ import sys
 import warnings
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from launcher.options import *  # noqa: F403 - every option's Annotated type, defined once
 from r2gen.errors import BackendError, ConfigError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -22,52 +23,6 @@ app.add_typer(data_app, name="data")
 
 out = Console()
 err = Console(stderr=True)
-
-# -- options shared by the training commands (one definition each) -----------------------------------
-Preset = Annotated[Optional[str], typer.Option(help="Hyper-parameter preset: iu_xray, mimic_cxr (the paper's) or tiny (CPU smoke runs) [default: iu_xray].")]
-Epochs = Annotated[Optional[int], typer.Option(help="Epochs [default: the preset's].")]
-BatchSize = Annotated[Optional[int], typer.Option(help="Micro-batch: studies per forward/backward on one process. Given, the probe only verifies it with one real step [default: probed on a GPU; the effective batch on CPU].")]
-EffectiveBatch = Annotated[Optional[int], typer.Option(help="Studies per optimizer step, all processes together; accumulation = ceil(N / (micro-batch x processes)) [default: the preset's, 16 for R2Gen].")]
-BatchPolicy = Annotated[Optional[str], typer.Option(help="faithful: keep the effective batch (and the learning rates); throughput: grow it to the largest micro-batch that fits and scale the learning rates [default: faithful; auto: throughput].")]
-LrScaling = Annotated[str, typer.Option(help="How learning rates follow a changed effective batch: linear, sqrt (suits Adam) or none.")]
-TargetUtil = Annotated[Optional[float], typer.Option(help="Share of the GPU's memory the plan may fill, % [default: 85, or the --thresholds file's].")]
-MaxVram = Annotated[Optional[float], typer.Option(help="Hard cap on this run's GPU memory, GiB: for shared GPUs, or to reproduce a smaller card. The probe and training both respect it.")]
-Probe = Annotated[bool, typer.Option("--probe/--no-probe", help="Measure GPU memory with real steps before training (skipped on CPU).")]
-Gpus = Annotated[Optional[int], typer.Option(help="Processes on this machine, one per GPU, started by the engine's launcher (plain/fp8: torchrun with DistributedDataParallel; accelerate: accelerate launch; deepspeed: the deepspeed launcher). On a CPU-only machine (plain, accelerate), that many gloo processes. [default: 1; with --keep-training, as many as the run had]")]
-Nodes = Annotated[int, typer.Option(help="Machines taking part; run the same command on each with its --node-rank.")]
-NodeRank = Annotated[int, typer.Option(help="This machine's rank among --nodes (0 hosts the rendezvous).")]
-MasterAddr = Annotated[str, typer.Option(help="Address of node 0, reachable from every node.")]
-MasterPort = Annotated[Optional[int], typer.Option(help="Rendezvous TCP port on node 0 [default: a free port on one machine, 29500 with --nodes > 1].")]
-Hostfile = Annotated[Optional[Path], typer.Option(help="deepspeed: a DeepSpeed hostfile ('host slots=N' lines); the launcher then starts every node over ssh.")]
-KeepTraining = Annotated[bool, typer.Option("--keep-training", help="Continue the run --run-dir/--name (without --name: the newest run in --run-dir) from its newest intact checkpoint, exactly where it stopped: weights, optimizer, schedule, random state, data order. The run's own settings apply; only --epochs, --val-every, --early-stop, --beam-size, --log-every, --max-steps-per-epoch, --save-every, --keep-last, --no-speedups and the --wandb options may change.")]
-Wandb = Annotated[Optional[bool], typer.Option("--wandb/--no-wandb", help="Also log every metrics.jsonl record and the plan (as config) to Weights & Biases [default: off].")]
-WandbMode = Annotated[Optional[str], typer.Option(help="offline: W&B files under <run>/wandb, `wandb sync` uploads them later; online: needs WANDB_API_KEY in the environment [default: offline].")]
-WandbProject = Annotated[Optional[str], typer.Option(help="W&B project [default: r2gen-launch].")]
-WandbName = Annotated[Optional[str], typer.Option(help="W&B run name [default: the run directory's name].")]
-SaveEvery = Annotated[Optional[int], typer.Option(help="Optimizer steps between resumable checkpoints; 0: at epoch ends only [default: 0].")]
-KeepLast = Annotated[Optional[int], typer.Option(help="Resumable checkpoints kept, the newest ones [default: 3].")]
-DryRun = Annotated[bool, typer.Option(help="Print the plan, engine config and launch command, then stop (nothing is written).")]
-Speedups = Annotated[bool, typer.Option("--speedups/--no-speedups", help="The training step's GPU speed-ups: channels_last and cuDNN autotuning for the ResNet, fused Adam, CUDA graphs of the encoder-decoder (the same function; README: Speed). --no-speedups: the plain step. On a CPU only the fused Adam applies.")]
-ThresholdsFile = Annotated[Optional[Path], typer.Option("--thresholds", help="YAML file overriding the host/VRAM thresholds (see README).")]
-ImageSize = Annotated[Optional[int], typer.Option(help="Training image side in px [default: the preset's, 224 for R2Gen].")]
-Dataset = Annotated[Optional[str], typer.Option(help="Annotation format: iu_xray (two views) or mimic_cxr (one view) [default: the preset's].")]
-AnnPath = Annotated[Optional[Path], typer.Option(help="R2Gen annotation.json. Without it, the embedded synthetic set is used (generated once into the cache).")]
-ImageDir = Annotated[Optional[Path], typer.Option(help="Folder the annotation's image paths are relative to [default: images/ beside the annotation].")]
-Studies = Annotated[Optional[int], typer.Option(help="Studies in the embedded synthetic set, when no --ann-path is given [default: 400].")]
-Backbone = Annotated[Optional[str], typer.Option(help="Visual extractor: resnet18, resnet34, resnet50 or resnet101 (R2Gen's) [default: the preset's].")]
-VisualWeights = Annotated[Optional[Path], typer.Option(help="torchvision ResNet state_dict to start the visual extractor from [default: torchvision's cached ImageNet weights if present, else random].")]
-ValEvery = Annotated[Optional[str], typer.Option(help="Evaluate val and test every N epochs, or 'last' for only after the final epoch [default: the preset's].")]
-EarlyStop = Annotated[Optional[int], typer.Option(help="Stop after this many epochs without val BLEU_4 improvement [default: 50].")]
-BeamSize = Annotated[Optional[int], typer.Option(help="Beam size for generation; 1 is greedy with trigram blocking [default: 3].")]
-LrVe = Annotated[Optional[float], typer.Option(help="Visual extractor learning rate [default: the preset's, 5e-5].")]
-LrEd = Annotated[Optional[float], typer.Option(help="Encoder-decoder learning rate [default: the preset's, 1e-4].")]
-Seed = Annotated[Optional[int], typer.Option(help="Random seed [default: the preset's].")]
-NumWorkers = Annotated[Optional[int], typer.Option(help="Data-loader worker processes [default: from usable CPUs and available RAM].")]
-MaxSteps = Annotated[Optional[int], typer.Option(help="Cut each epoch after this many steps (0 = whole epoch) [default: 0].")]
-LogEvery = Annotated[Optional[int], typer.Option(help="Optimizer steps between metrics.jsonl records [default: 10].")]
-RunDir = Annotated[Path, typer.Option(help="Parent folder of run directories.")]
-Name = Annotated[Optional[str], typer.Option(help="Run name, the run directory inside --run-dir [default: <preset>-<backend>-<time>].")]
-
 
 def _fail(exc: UsageError) -> None:
     err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
@@ -393,8 +348,6 @@ def _print_result(result) -> None:
     out.print(f"{speed}; run directory: {result.run_dir}", highlight=False)
 
 
-Device = Annotated[Optional[str], typer.Option(help="cpu or cuda [default: cuda when a GPU is visible, else cpu].")]
-Precision = Annotated[Optional[str], typer.Option(help="fp32, or autocast bf16 / fp16 (fp16 with loss scaling); fp8 is its own command [default: plain fp32; accelerate and deepspeed bf16 on a GPU (fp16 where unsupported); accelerate fp32 on a CPU].")]
 
 
 def _options(batch_size, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling, num_workers,
@@ -423,9 +376,6 @@ def _guarded(run) -> None:
         raise typer.Exit(exc.exit_code) from None
 
 
-Zero = Annotated[int, typer.Option("--zero", help="ZeRO stage: 1 (optimizer states partitioned over processes) or 2 (and gradients); 3 is refused.")]
-Offload = Annotated[str, typer.Option(help="cpu: optimizer states and step on the CPU (DeepSpeedCPUAdam, without AMSGrad); none: on the GPU (Adam with AMSGrad, as R2Gen).")]
-Fp8Impl = Annotated[str, typer.Option("--fp8-impl", help="auto: Transformer Engine where installed, else torchao float8; te; torchao.")]
 
 ENGINE_OPTIONS: dict[str, list[inspect.Parameter]] = {
     "deepspeed": [inspect.Parameter("zero", inspect.Parameter.KEYWORD_ONLY, default=2, annotation=Zero),
@@ -510,7 +460,9 @@ def _training_command(backend_name: str, summary: str):
 
         _guarded(run)
 
-    params = [p for p in inspect.signature(command).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    # eval_str: this module's annotations are strings (PEP 563); typer reads help and defaults from the
+    # Annotated objects, so the rebuilt signature must carry those, not their names.
+    params = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
     command.__signature__ = inspect.Signature([*params, *ENGINE_OPTIONS.get(backend_name, [])])  # type: ignore[attr-defined]
     command.__doc__ = summary
     return command
@@ -549,7 +501,7 @@ def auto(
     max_vram: MaxVram = None, probe: Probe = True, ann_path: AnnPath = None, image_dir: ImageDir = None,
     studies: Studies = None, visual_weights: VisualWeights = None, val_every: ValEvery = None,
     seed: Seed = None, num_workers: NumWorkers = None,
-    gpus: Annotated[Optional[int], typer.Option(help="GPUs on this machine, one process each [default: all visible].")] = None,
+    gpus: AutoGpus = None,
     save_every: SaveEvery = None, keep_last: KeepLast = None, wandb: Wandb = None, wandb_mode: WandbMode = None,
     wandb_project: WandbProject = None, wandb_name: WandbName = None, keep_training: KeepTraining = False,
     thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"), name: Name = None, dry_run: DryRun = False,
@@ -590,15 +542,15 @@ def auto(
 
 @app.command("probe")
 def probe_command(
-    preset: Preset = "iu_xray", device: Device = None, precision: Precision = None,
-    backend: Annotated[str, typer.Option(help="Adapter the run will train with: plain, accelerate, deepspeed or fp8.")] = "plain",
+    preset: ProbePreset = "iu_xray", device: Device = None, precision: Precision = None,
+    backend: ProbeBackend = "plain",
     zero: Zero = 2, offload: Offload = "cpu", fp8_impl: Fp8Impl = "auto",
     batch_size: BatchSize = None, effective_batch: EffectiveBatch = None, batch_policy: BatchPolicy = None,
     lr_scaling: LrScaling = "sqrt", target_util: TargetUtil = None, max_vram: MaxVram = None,
     image_size: ImageSize = None, dataset: Dataset = None, ann_path: AnnPath = None, image_dir: ImageDir = None,
     studies: Studies = None, backbone: Backbone = None, num_workers: NumWorkers = None,
     thresholds: ThresholdsFile = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the plan (with the probe's measurements) to this file.")] = None,
+    json_out: JsonOut = None,
 ) -> None:
     """Measure GPU memory with real training steps and print the plan a training command would use.
 
@@ -633,13 +585,13 @@ def probe_command(
 
 @app.command("evaluate")
 def evaluate_command(
-    checkpoint: Annotated[Path, typer.Option(help="A checkpoint of any engine: step-N.pt, best.pt, a step-N/ folder (DeepSpeed, Accelerate), or a run directory (its best.pt, else its newest intact state).")],
-    split: Annotated[str, typer.Option(help="train, val or test.")] = "test",
-    beam: Annotated[Optional[int], typer.Option(help="Beam size [default: the run's own].")] = None,
+    checkpoint: Checkpoint,
+    split: Split = "test",
+    beam: EvaluateBeam = None,
     device: Device = None,
-    precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 or fp16 autocast for generation [default: bf16 on a GPU, fp32 on a CPU].")] = None,
+    precision: EvaluatePrecision = None,
     ann_path: AnnPath = None, image_dir: ImageDir = None, num_workers: NumWorkers = None,
-    out_file: Annotated[Optional[Path], typer.Option("--out", help="Where the scores and reports go (JSON) [default: <run>/reports/evaluate-<split>-<checkpoint>-beam<N>.json].")] = None,
+    out_file: EvaluateOut = None,
 ) -> None:
     """Metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr, loss) and generated reports from a checkpoint."""
 
@@ -662,14 +614,14 @@ def evaluate_command(
 
 @app.command("study")
 def study_command(
-    precisions: Annotated[str, typer.Option(help="Comma-separated precisions to compare: fp32, fp16, bf16, fp8 (fp8 runs the fp8 engine).")] = "fp32,fp16,bf16,fp8",
-    backend: Annotated[str, typer.Option(help="Engine for fp32/fp16/bf16: plain, accelerate or deepspeed.")] = "plain",
-    epochs: Epochs = None, preset: Preset = None, device: Device = None, studies: Studies = None,
+    precisions: StudyPrecisions = "fp32,fp16,bf16,fp8",
+    backend: StudyBackend = "plain",
+    epochs: Epochs = None, preset: StudyPreset = None, device: Device = None, studies: Studies = None,
     ann_path: AnnPath = None, image_dir: ImageDir = None, beam_size: BeamSize = None, val_every: ValEvery = None,
     num_workers: NumWorkers = None, max_steps_per_epoch: MaxSteps = None,
-    log_every: Annotated[int, typer.Option(help="Optimizer steps between logged records (the loss curves' resolution).")] = 1,
+    log_every: StudyLogEvery = 1,
     run_dir: RunDir = Path("runs"),
-    name: Annotated[str, typer.Option(help="The study's folder under --run-dir (run again to continue it).")] = "study",
+    name: StudyName = "study",
 ) -> None:
     """One training run per precision, each with its own probed batch; writes <run-dir>/<name>/summary.json
     and a self-contained report.html (tables, loss curves, throughput and memory charts, five test
@@ -715,7 +667,7 @@ def study_command(
 
 @app.command("env")
 def env_command(
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write everything shown to this file.")] = None,
+    json_out: JsonOut = None,
 ) -> None:
     """Show this machine (GPUs, host memory, CPUs), the versions of torch, CUDA, accelerate, deepspeed,
     transformer-engine, torchao, wandb and Java, and which engines and precisions can run here."""
@@ -758,10 +710,10 @@ def env_command(
 
 @data_app.command()
 def synth(
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder to create (must not exist or be empty).")],
-    studies: Annotated[int, typer.Option(help="Number of studies (two views each); split ~70/10/20.")] = 400,
-    seed: Annotated[int, typer.Option(help="Random seed; the same seed gives byte-identical files.")] = 0,
-    image_size: Annotated[int, typer.Option(help="Image side in px.")] = 256,
+    out_dir: SynthOut,
+    studies: SynthStudies = 400,
+    seed: SynthSeed = 0,
+    image_size: SynthImageSize = 256,
 ) -> None:
     """Write the deterministic synthetic IU-X-Ray-format set (annotation.json + PNG images)."""
     from r2gen.data.synth import synthesize
@@ -784,12 +736,12 @@ def synth(
 
 @data_app.command("prepare")
 def prepare_data(
-    ann_path: Annotated[Path, typer.Option(help="The data set's annotation.json (R2Gen's format).")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder to create for the prepared set (must not exist or be empty).")],
-    dataset: Annotated[str, typer.Option(help="iu_xray (two views per study) or mimic_cxr (one).")] = "iu_xray",
-    image_dir: Annotated[Optional[Path], typer.Option(help="Folder the annotation's image paths are relative to [default: images/ beside it].")] = None,
-    image_size: Annotated[int, typer.Option(help="The training --image-size, px: train images get R2Gen's Resize(size*256/224), val/test images Resize(size, size).")] = 224,
-    workers: Annotated[Optional[int], typer.Option(help="Decoding processes [default: the CPUs, at most 16].")] = None,
+    ann_path: PrepareAnnPath,
+    out_dir: PrepareOut,
+    dataset: PrepareDataset = "iu_xray",
+    image_dir: ImageDir = None,
+    image_size: PrepareImageSize = 224,
+    workers: PrepareWorkers = None,
 ) -> None:
     """Decode every image once and store it at training resolution (lossless PNG): training on the
     prepared set gives the same tensors as the original files, without decoding large JPEGs per sample."""

@@ -6,38 +6,66 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import click
 import pytest
 import typer
+from typer.core import TyperCommand, TyperOption
 from typer.testing import CliRunner
 
 from launcher.cli import app
 
 runner = CliRunner()
-COMMANDS = [["plain"], ["accelerate"], ["deepspeed"], ["fp8"], ["auto"], ["probe"], ["env"], ["data", "synth"],
-            ["data", "prepare"]]
+COMMANDS = [["plain"], ["accelerate"], ["deepspeed"], ["fp8"], ["auto"], ["probe"], ["evaluate"], ["study"], ["env"],
+            ["data", "synth"], ["data", "prepare"]]
 
 
-def _options(path: list[str]) -> list[str]:
-    group = typer.main.get_command(app)
-    command = group
-    for name in path:
-        command = command.commands[name]  # type: ignore[attr-defined]
-    return [opt for p in command.params if isinstance(p, click.Option) for opt in p.opts]
-
-
-@pytest.mark.parametrize("path", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
-def test_help_lists_every_option_with_a_description(path: list[str]) -> None:
-    result = runner.invoke(app, [*path, "--help"], terminal_width=200)
-    assert result.exit_code == 0
-    text = " ".join(result.output.split())
-    for opt in _options(path):
-        assert opt in text, opt
+def _command(path: list[str]) -> TyperCommand:
     command = typer.main.get_command(app)
     for name in path:
         command = command.commands[name]  # type: ignore[attr-defined]
-    assert all(p.help for p in command.params if isinstance(p, click.Option) and p.name != "help")
-    assert command.help
+    return command  # type: ignore[return-value]
+
+
+def _options(path: list[str]) -> list[TyperOption]:
+    """typer's own parameter objects of a command (every one a TyperOption: this CLI has no arguments)."""
+    params = _command(path).params
+    assert params and all(isinstance(p, TyperOption) for p in params), [type(p) for p in params]
+    return [p for p in params if p.name != "help"]
+
+
+def test_every_command_is_checked() -> None:
+    group = typer.main.get_command(app)
+    listed = {" ".join(path) for path in COMMANDS}
+    found = {name for name in group.commands if name != "data"}  # type: ignore[attr-defined]
+    found |= {f"data {name}" for name in group.commands["data"].commands}  # type: ignore[attr-defined]
+    assert found == listed
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
+def test_every_option_has_help_and_shows_its_default(path: list[str]) -> None:
+    ctx = _command(path).make_context(" ".join(path), [], resilient_parsing=True)
+    for p in _options(path):
+        assert p.help and p.help.strip(), f"{p.opts[0]}: no help text"
+        # rich markup swallows a "[default: ...]" spelled in the help text: it goes in show_default.
+        assert "[default" not in p.help, f"{p.opts[0]}: the default is spelled in the help text"
+        # typer prints a real default, except a single flag's (--dry-run: nothing for False).
+        single_flag = p.is_flag and not p.secondary_opts
+        shows = p.required or isinstance(p.show_default, str) or (
+            p.show_default is not False and not single_flag and p.get_default(ctx, call=False) is not None)
+        assert shows, f"{p.opts[0]}: shows no default"
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
+def test_help_page_lists_every_option_with_its_default(path: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "250")  # rich's width: no default split over two lines of a cell
+    result = runner.invoke(app, [*path, "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    options = _options(path)
+    for p in options:
+        assert p.opts[0] in text, p.opts[0]
+    assert text.count("[default: ") == sum(not p.required for p in options)
+    assert text.count("[required]") == sum(p.required for p in options)
+    assert _command(path).help
 
 
 def test_top_level_help_lists_commands() -> None:

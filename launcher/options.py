@@ -1,0 +1,192 @@
+"""Every command-line option, defined once: flag, help text (with its unit) and the default it shows.
+
+An option whose value is decided at run time (by the preset, the probe, the machine) shows that
+rule as its default, written from the same tables the decision reads (`r2gen.config.PRESETS`,
+`Thresholds`, `TrainConfig`), so the help page cannot drift from the code. Help texts never spell
+`[default: ...]` themselves: rich markup would swallow it; `shown=` puts it where typer prints defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from launcher.thresholds import Thresholds
+from r2gen.config import PRESETS, TrainConfig
+
+_DEFAULTS = TrainConfig(preset="defaults", model=PRESETS["iu_xray"].model)
+_T = Thresholds()
+
+
+def _opt(help: str, *flags: str, shown: str | None = None) -> Any:
+    """A typer option with its help and the default it shows: the real value, or `shown` where the
+    value is decided at run time."""
+    return typer.Option(*flags, help=help, show_default=shown if shown is not None else True)
+
+
+def _per_preset(field: str) -> str:
+    """'the preset's: iu_xray 100, mimic_cxr 30, tiny 18' for a TrainConfig field."""
+    return "the preset's: " + ", ".join(f"{name} {getattr(cfg, field)}" for name, cfg in PRESETS.items())
+
+
+def _per_preset_model(field: str) -> str:
+    return "the preset's: " + ", ".join(f"{name} {getattr(cfg.model, field)}" for name, cfg in PRESETS.items())
+
+
+# -- what to train ------------------------------------------------------------------------------------
+Preset = Annotated[Optional[str], _opt(f"Hyper-parameter preset: {', '.join(PRESETS)} (iu_xray and mimic_cxr are "
+                                       "the paper's; tiny is for CPU smoke runs).", shown="iu_xray")]
+StudyPreset = Annotated[Optional[str], _opt("Hyper-parameter preset of every run of the study.",
+                                            shown="iu_xray on a GPU, tiny on a CPU")]
+ProbePreset = Annotated[str, _opt(f"Hyper-parameter preset: {', '.join(PRESETS)}.")]
+Device = Annotated[Optional[str], _opt("cpu or cuda.", shown="cuda when a GPU is visible, else cpu")]
+Precision = Annotated[Optional[str], _opt(
+    "fp32, or autocast bf16 / fp16 (fp16 with loss scaling); fp8 is its own command.",
+    shown="plain fp32; accelerate and deepspeed bf16 on a GPU (fp16 where unsupported); accelerate fp32 on a CPU")]
+Epochs = Annotated[Optional[int], _opt("Training epochs.", shown=_per_preset("epochs"))]
+Dataset = Annotated[Optional[str], _opt("Annotation format: iu_xray (two views per study) or mimic_cxr (one).",
+                                        shown=_per_preset_model("dataset"))]
+AnnPath = Annotated[Optional[Path], _opt("R2Gen annotation.json of your data set.",
+                                         shown="the embedded synthetic set, generated once into the cache")]
+ImageDir = Annotated[Optional[Path], _opt("Folder the annotation's image paths are relative to.",
+                                          shown="images/ beside the annotation")]
+Studies = Annotated[Optional[int], _opt("Studies in the embedded synthetic set (used when no --ann-path is given).",
+                                        shown=str(_DEFAULTS.studies))]
+ImageSize = Annotated[Optional[int], _opt("Training image side, px.", shown=_per_preset("image_size"))]
+Backbone = Annotated[Optional[str], _opt("Visual extractor: resnet18, resnet34, resnet50 or resnet101 (R2Gen's).",
+                                         shown=_per_preset_model("backbone"))]
+VisualWeights = Annotated[Optional[Path], _opt("torchvision ResNet state_dict (.pth) to start the visual extractor "
+                                               "from.", shown="torchvision's cached ImageNet weights if present, "
+                                                              "else random")]
+
+# -- batch and memory ---------------------------------------------------------------------------------
+BatchSize = Annotated[Optional[int], _opt(
+    "Micro-batch, studies per forward/backward on one process. Given, the probe only verifies it with one real step.",
+    shown="probed on a GPU; the effective batch on a CPU")]
+EffectiveBatch = Annotated[Optional[int], _opt(
+    "Studies per optimizer step, all processes together; accumulation = ceil(N / (micro-batch x processes)).",
+    shown=_per_preset("batch_size") + " (R2Gen's 16)")]
+BatchPolicy = Annotated[Optional[str], _opt(
+    "faithful: keep the effective batch (and the learning rates); throughput: grow it to the largest micro-batch "
+    "that fits and scale the learning rates.", shown="faithful; auto and probe: throughput")]
+LrScaling = Annotated[str, _opt("How learning rates follow a changed effective batch: linear, sqrt (suits Adam) "
+                                "or none.")]
+TargetUtil = Annotated[Optional[float], _opt("Share of the GPU's memory the plan may fill, %.",
+                                             shown=f"{_T.target_util_pct:g}, or the --thresholds file's")]
+MaxVram = Annotated[Optional[float], _opt("Hard cap on this run's GPU memory, GiB: for shared GPUs, or to reproduce "
+                                          "a smaller card. The probe and training both respect it.", shown="none")]
+Probe = Annotated[bool, _opt("Measure GPU memory with real steps before training (skipped on a CPU).",
+                             "--probe/--no-probe")]
+NumWorkers = Annotated[Optional[int], _opt("Data-loader worker processes.",
+                                           shown="from usable CPUs and available RAM (--thresholds)")]
+ThresholdsFile = Annotated[Optional[Path], _opt("YAML file overriding the host/VRAM thresholds (README: Thresholds).",
+                                                "--thresholds", shown="the built-in table")]
+
+# -- schedule, evaluation, optimisation ---------------------------------------------------------------
+ValEvery = Annotated[Optional[str], _opt("Evaluate val and test every N epochs, or 'last' for only after the final "
+                                         "epoch.", shown="the preset's: " + ", ".join(
+                                             f"{n} {c.val_every or 'last'}" for n, c in PRESETS.items()))]
+EarlyStop = Annotated[Optional[int], _opt("Stop after this many epochs without val BLEU_4 improvement.",
+                                          shown=_per_preset("early_stop"))]
+BeamSize = Annotated[Optional[int], _opt("Beam size for generation; 1 is greedy with trigram blocking.",
+                                         "--beam-size", shown=_per_preset("beam_size"))]
+EvaluateBeam = Annotated[Optional[int], _opt("Beam size for generation; 1 is greedy with trigram blocking "
+                                             "(--beam is the same).", "--beam-size", "--beam",
+                                             shown="the run's own")]
+LrVe = Annotated[Optional[float], _opt("Visual extractor learning rate.", shown=_per_preset("lr_ve"))]
+LrEd = Annotated[Optional[float], _opt("Encoder-decoder learning rate.", shown=_per_preset("lr_ed"))]
+Seed = Annotated[Optional[int], _opt("Random seed.", shown=_per_preset("seed"))]
+MaxSteps = Annotated[Optional[int], _opt("Cut each epoch after this many optimizer steps; 0: the whole epoch.",
+                                         shown=str(_DEFAULTS.max_steps_per_epoch))]
+LogEvery = Annotated[Optional[int], _opt("Optimizer steps between metrics.jsonl records.",
+                                         shown=str(_DEFAULTS.log_every))]
+Speedups = Annotated[bool, _opt(
+    "The training step's GPU speed-ups: channels_last and cuDNN autotuning for the ResNet, fused Adam, CUDA graphs "
+    "of the encoder-decoder (the same function; README: Speed). --no-speedups: the plain step. On a CPU only the "
+    "fused Adam applies.", "--speedups/--no-speedups")]
+
+# -- processes ----------------------------------------------------------------------------------------
+Gpus = Annotated[Optional[int], _opt(
+    "Processes on this machine, one per GPU, started by the engine's launcher (plain/fp8: torchrun with "
+    "DistributedDataParallel; accelerate: accelerate launch; deepspeed: the deepspeed launcher). On a CPU-only "
+    "machine (plain), that many gloo processes.", shown="1; with --keep-training, as many as the run had")]
+AutoGpus = Annotated[Optional[int], _opt("GPUs on this machine, one process each.", shown="all visible")]
+Nodes = Annotated[int, _opt("Machines taking part; run the same command on each with its --node-rank.")]
+NodeRank = Annotated[int, _opt("This machine's rank among --nodes (0 hosts the rendezvous).")]
+MasterAddr = Annotated[str, _opt("Address of node 0, reachable from every node.")]
+MasterPort = Annotated[Optional[int], _opt("Rendezvous TCP port on node 0.",
+                                           shown="a free port on one machine, 29500 with --nodes > 1")]
+Hostfile = Annotated[Optional[Path], _opt("deepspeed: a DeepSpeed hostfile ('host slots=N' lines); the launcher then "
+                                          "starts every node over ssh.", shown="none: this machine only")]
+
+# -- engines ------------------------------------------------------------------------------------------
+Zero = Annotated[int, _opt("ZeRO stage: 1 (optimizer states partitioned over processes) or 2 (and gradients); "
+                           "3 is refused.", "--zero")]
+Offload = Annotated[str, _opt("cpu: optimizer states and step on the CPU (DeepSpeedCPUAdam, without AMSGrad); "
+                              "none: on the GPU (Adam with AMSGrad, as R2Gen).")]
+Fp8Impl = Annotated[str, _opt("auto: Transformer Engine where installed, else torchao float8; te; torchao.",
+                              "--fp8-impl")]
+DsConfig = Annotated[Optional[Path], _opt(
+    "Your own DeepSpeed JSON to start from: the plan fills what it leaves out or sets to \"auto\"; a batch size, "
+    "precision or ZeRO setting that disagrees with the plan is refused, naming the field. The run keeps the "
+    "merged file as <run>/ds_config.json.", "--ds-config", shown="generated from the plan")]
+AccelerateConfig = Annotated[Optional[Path], _opt(
+    "Your own `accelerate config` YAML to start from: mixed_precision, num_processes, use_cpu and the machine "
+    "fields must agree with the plan (a field that disagrees is refused, naming it). The run keeps the merged "
+    "file as <run>/accelerate_config.yaml.", "--accelerate-config", shown="generated from the plan")]
+ProbeBackend = Annotated[str, _opt("Adapter the run will train with: plain, accelerate, deepspeed or fp8.")]
+
+# -- runs, checkpoints, logging -----------------------------------------------------------------------
+RunDir = Annotated[Path, _opt("Parent folder of run directories.")]
+Name = Annotated[Optional[str], _opt("Run name: the run directory inside --run-dir.",
+                                     shown="<preset>-<engine>-<time>; with --keep-training, the newest run")]
+KeepTraining = Annotated[bool, _opt(
+    "Continue the run --run-dir/--name (without --name: the newest run in --run-dir) from its newest intact "
+    "checkpoint, exactly where it stopped: weights, optimizer, schedule, random state, data order. The run's own "
+    "settings apply; only --epochs, --val-every, --early-stop, --beam-size, --log-every, --max-steps-per-epoch, "
+    "--save-every, --keep-last, --no-speedups and the --wandb options may change.", "--keep-training",
+    shown="off: a new run")]
+SaveEvery = Annotated[Optional[int], _opt("Optimizer steps between resumable checkpoints; 0: at epoch ends only.",
+                                          shown=str(_DEFAULTS.save_every))]
+KeepLast = Annotated[Optional[int], _opt("Resumable checkpoints kept, the newest ones.",
+                                         shown=str(_DEFAULTS.keep_last))]
+DryRun = Annotated[bool, _opt("Print the plan, engine config and launch command, then stop (nothing is written).",
+                              "--dry-run", shown="off")]
+Wandb = Annotated[Optional[bool], _opt("Also log every metrics.jsonl record and the plan (as config) to Weights & "
+                                       "Biases.", "--wandb/--no-wandb", shown="off")]
+WandbMode = Annotated[Optional[str], _opt("offline: W&B files under <run>/wandb, `wandb sync` uploads them later; "
+                                          "online: needs WANDB_API_KEY in the environment.",
+                                          shown=_DEFAULTS.wandb_mode)]
+WandbProject = Annotated[Optional[str], _opt("W&B project.", shown=_DEFAULTS.wandb_project)]
+WandbName = Annotated[Optional[str], _opt("W&B run name.", shown="the run directory's name")]
+JsonOut = Annotated[Optional[Path], _opt("Also write what is shown to this JSON file.", "--json", shown="none")]
+
+# -- evaluate -----------------------------------------------------------------------------------------
+Checkpoint = Annotated[Path, _opt("A checkpoint of any engine: step-N.pt, best.pt, a step-N/ folder (DeepSpeed, "
+                                  "Accelerate), or a run directory (its best.pt, else its newest intact state).")]
+Split = Annotated[str, _opt("train, val or test.")]
+EvaluatePrecision = Annotated[Optional[str], _opt("fp32, bf16 or fp16 autocast for generation.",
+                                                  shown="bf16 on a GPU, fp32 on a CPU")]
+EvaluateOut = Annotated[Optional[Path], _opt("Where the scores and reports go (JSON).", "--out",
+                                             shown="<run>/reports/evaluate-<split>-<checkpoint>-beam<N>.json")]
+
+# -- study --------------------------------------------------------------------------------------------
+StudyPrecisions = Annotated[str, _opt("Comma-separated precisions to compare: fp32, fp16, bf16, fp8 (fp8 runs the "
+                                      "fp8 engine).")]
+StudyBackend = Annotated[str, _opt("Engine for fp32/fp16/bf16: plain, accelerate or deepspeed.")]
+StudyLogEvery = Annotated[int, _opt("Optimizer steps between logged records (the loss curves' resolution).")]
+StudyName = Annotated[str, _opt("The study's folder under --run-dir (run again to continue it).")]
+
+# -- data ---------------------------------------------------------------------------------------------
+SynthOut = Annotated[Path, _opt("Folder to create (must not exist or be empty).", "--out")]
+SynthStudies = Annotated[int, _opt("Number of studies (two views each); split ~70/10/20.")]
+SynthSeed = Annotated[int, _opt("Random seed; the same seed gives byte-identical files.")]
+SynthImageSize = Annotated[int, _opt("Image side, px.")]
+PrepareAnnPath = Annotated[Path, _opt("The data set's annotation.json (R2Gen's format).")]
+PrepareOut = Annotated[Path, _opt("Folder to create for the prepared set (must not exist or be empty).", "--out")]
+PrepareDataset = Annotated[str, _opt("iu_xray (two views per study) or mimic_cxr (one).")]
+PrepareImageSize = Annotated[int, _opt("The training --image-size, px: train images get R2Gen's "
+                                       "Resize(size*256/224), val/test images Resize(size, size).")]
+PrepareWorkers = Annotated[Optional[int], _opt("Decoding processes.", shown="the usable CPUs, at most 16")]
