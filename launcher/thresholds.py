@@ -1,45 +1,53 @@
-"""Host-side thresholds: one table of documented defaults, overridable from a YAML file, and the
-pure rules that turn host facts into data-loader settings, each with the reason a user reads.
+"""Host-side thresholds: one typed table of documented defaults (types and ranges checked by pydantic
+on construction), overridable from a YAML file, and the pure rules that turn host facts into
+data-loader settings, each with the reason a user reads.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from launcher.hardware import HostFacts
 from r2gen.errors import ConfigError
 
 
-@dataclass(frozen=True)
+_STRICT = ConfigDict(strict=True, extra="forbid")  # 2.5 is not a worker count, nor "lots" a GiB
+
+
+@pydantic_dataclass(frozen=True, config=_STRICT)
 class Thresholds:
-    """Defaults for the host rules; every field can be set in a YAML file (--thresholds FILE)."""
+    """Defaults for the host rules; every field can be set in a YAML file (--thresholds FILE).
+    Types and ranges are checked on construction: a bad value fails here, naming its field, not
+    later inside the DataLoader."""
 
-    ram_per_worker_gib: float = 1.5        # host RAM one loader worker needs (decoded images, prefetch)
-    cpus_reserved: int = 1                 # CPUs left for the training process itself, per GPU process
-    max_workers: int = 16                  # beyond this, more workers rarely help one GPU
-    pin_min_free_gib: float = 8.0          # pinned (page-locked) buffers only with this much RAM available
-    cache_max_share_pct: float = 25.0      # cache decoded images when they fit in this share of available RAM
-    low_memory_available_pct: float = 15.0 # below this share of RAM available: low-memory mode
-    low_memory_swap_gib: float = 1.0       # swap in use above this: low-memory mode
-    prefetch_factor: int = 2               # batches each worker prepares ahead
-    target_util_pct: float = 85.0          # share of a GPU's memory the probe plans to use
-    useful_micro_batch: int = 8            # auto: below this many studies per micro-batch, try ZeRO-2 CPU offload
-    fp8_min_speedup_pct: float = 5.0       # auto: FP8 only when measured at least this much faster than bf16
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise ConfigError(f"thresholds: {f.name} must be a non-negative number, got {value!r}")
-        if not 0 < self.target_util_pct <= 100:
-            raise ConfigError(f"thresholds: target_util_pct must be in (0, 100], got {self.target_util_pct}")
-        if self.prefetch_factor < 1 or self.max_workers < 1:
-            raise ConfigError("thresholds: prefetch_factor and max_workers must be at least 1")
+    ram_per_worker_gib: Annotated[float, Field(gt=0)] = 1.5         # host RAM one loader worker needs
+    cpus_reserved: Annotated[int, Field(ge=0)] = 1                  # CPUs left for the training process, per GPU process
+    max_workers: Annotated[int, Field(ge=1)] = 16                   # beyond this, more workers rarely help one GPU
+    pin_min_free_gib: Annotated[float, Field(ge=0)] = 8.0           # pinned buffers only with this much RAM available
+    cache_max_share_pct: Annotated[float, Field(ge=0, le=100)] = 25.0  # cache decoded images within this share of RAM
+    low_memory_available_pct: Annotated[float, Field(ge=0, le=100)] = 15.0  # below this share available: low-memory mode
+    low_memory_swap_gib: Annotated[float, Field(ge=0)] = 1.0        # swap in use above this: low-memory mode
+    prefetch_factor: Annotated[int, Field(ge=1)] = 2                # batches each worker prepares ahead
+    target_util_pct: Annotated[float, Field(gt=0, le=100)] = 85.0   # share of a GPU's memory the probe plans to use
+    useful_micro_batch: Annotated[int, Field(ge=1)] = 8             # auto: below this micro-batch, try ZeRO-2 CPU offload
+    fp8_min_speedup_pct: Annotated[float, Field(ge=0)] = 5.0        # auto: FP8 only when this much faster than bf16
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _first_error(err: ValidationError) -> str:
+    """'max_workers: input should be a valid integer, got 2.5' from pydantic's first error."""
+    first = err.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "value"
+    message = first["msg"][:1].lower() + first["msg"][1:]
+    return f"{field}: {message}, got {first['input']!r}"
 
 
 def load_thresholds(path: Path | None) -> Thresholds:
@@ -57,13 +65,13 @@ def load_thresholds(path: Path | None) -> Thresholds:
     if not isinstance(data, dict):
         raise ConfigError(f"--thresholds: {path} must hold a mapping of threshold names to numbers")
     known = {f.name for f in fields(Thresholds)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(map(str, data)) - known)
     if unknown:
         raise ConfigError(f"--thresholds: {path}: unknown field {unknown[0]!r}; known: {', '.join(sorted(known))}")
     try:
-        return replace(Thresholds(), **data)
-    except ConfigError as err:
-        raise ConfigError(f"--thresholds: {path}: {str(err).removeprefix('thresholds: ')}") from None
+        return Thresholds(**data)
+    except ValidationError as err:
+        raise ConfigError(f"--thresholds: {path}: {_first_error(err)}") from None
 
 
 @dataclass(frozen=True)

@@ -72,3 +72,48 @@ def test_yaml_overrides_and_errors(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as info:
             load_thresholds(path)
         assert str(info.value).startswith("--thresholds:") and name in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("text,field", [
+    ("max_workers: 2.5\n", "max_workers"),          # the reported case: accepted, then failed in the DataLoader
+    ("max_workers: true\n", "max_workers"),         # a bool is not a count
+    ("prefetch_factor: '2'\n", "prefetch_factor"),  # a string is not a number
+    ("cpus_reserved: 1.0\n", "cpus_reserved"),
+    ("useful_micro_batch: 0\n", "useful_micro_batch"),
+    ("ram_per_worker_gib: 0\n", "ram_per_worker_gib"),
+    ("cache_max_share_pct: 101\n", "cache_max_share_pct"),
+    ("low_memory_available_pct: -1\n", "low_memory_available_pct"),
+    ("target_util_pct: 0\n", "target_util_pct"),
+    ("fp8_min_speedup_pct: .nan\n", "fp8_min_speedup_pct"),
+    ("pin_min_free_gib: [8]\n", "pin_min_free_gib"),
+])
+def test_every_threshold_is_type_and_range_checked_on_load(tmp_path: Path, text: str, field: str) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_thresholds(path)
+    message = str(info.value)
+    assert message.startswith(f"--thresholds: {path}: {field}: ") and "\n" not in message, message
+
+
+def test_a_whole_number_is_accepted_for_a_float_threshold(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("pin_min_free_gib: 4\ntarget_util_pct: 90\n")
+    loaded = load_thresholds(path)
+    assert loaded.pin_min_free_gib == 4.0 and isinstance(loaded.pin_min_free_gib, float)
+    assert loaded.target_util_pct == 90.0
+
+
+def test_thresholds_file_error_reaches_the_cli_as_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from launcher.cli import app
+
+    path = tmp_path / "t.yaml"
+    path.write_text("max_workers: 2.5\n")
+    result = CliRunner().invoke(app, ["plain", "--device", "cpu", "--preset", "tiny", "--thresholds", str(path),
+                                      "--run-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "max_workers" in lines[0] and str(path) in " ".join(result.output.split())
+    assert not (tmp_path / "runs").exists()
