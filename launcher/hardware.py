@@ -1,13 +1,16 @@
 """Facts about this machine: GPUs (pynvml, else torch) and host memory/CPUs (psutil).
 
 `detect()` is the only function here with side effects; the dataclasses are plain values the
-planner reads, so tests build them by hand.
+planner reads, so tests build them by hand. torch's devices are paired with NVML's by UUID
+(r2gen.gpu_map, shared with the training loop's GPU monitor).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+
+from r2gen.gpu_map import map_torch_to_nvml, nvml_text
 
 GIB = 2**30
 
@@ -52,58 +55,68 @@ def _host() -> HostFacts:
     return HostFacts(vm.total / GIB, vm.available / GIB, swap.total / GIB, swap.used / GIB, cpus)
 
 
-def _gpus_nvml() -> tuple[GpuFacts, ...]:
+def _gpu_nvml(handle, index: int) -> GpuFacts:
+    import pynvml
+
+    mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+    name = nvml_text(pynvml.nvmlDeviceGetName(handle))
+    cap = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+    others = 0
+    try:
+        procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        own_pid = os.getpid()
+        others = sum((p.usedGpuMemory or 0) for p in procs if p.pid != own_pid)
+    except pynvml.NVMLError:
+        others = mem.used  # no per-process view (containers): count all used memory
+    return GpuFacts(index, name, (int(cap[0]), int(cap[1])), mem.total / GIB, mem.free / GIB, others / GIB)
+
+
+def _gpus_nvml() -> tuple[tuple[GpuFacts, ...], str]:
+    """torch's GPUs in torch's order (index = torch's), each read from the NVML device it is; and the note.
+
+    A device NVML has no match for (a MIG instance) gets torch's facts."""
     import pynvml
 
     pynvml.nvmlInit()
     try:
-        own_pid = os.getpid()
-        gpus = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            name = pynvml.nvmlDeviceGetName(handle)
-            name = name.decode() if isinstance(name, bytes) else name
-            cap = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-            others = 0
-            try:
-                procs = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-                others = sum((p.usedGpuMemory or 0) for p in procs if p.pid != own_pid)
-            except pynvml.NVMLError:
-                others = mem.used  # no per-process view (containers): count all used memory
-            gpus.append(GpuFacts(i, name, (int(cap[0]), int(cap[1])), mem.total / GIB, mem.free / GIB, others / GIB))
-        return tuple(gpus)
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        mapping = map_torch_to_nvml(handles)
+        gpus = tuple(_gpu_torch(t) if n is None else _gpu_nvml(handles[n], t) for t, n in enumerate(mapping.indices))
+        pairs = ", ".join(f"cuda:{t} via torch" if n is None else f"cuda:{t} = NVML GPU {n}"
+                          for t, n in enumerate(mapping.indices))
+        return gpus, f"{len(gpus)} GPU(s) via NVML ({pairs}; matched {mapping.how})"
     finally:
         pynvml.nvmlShutdown()
+
+
+def _gpu_torch(index: int) -> GpuFacts:
+    import torch
+
+    free, total = torch.cuda.mem_get_info(index)
+    props = torch.cuda.get_device_properties(index)
+    return GpuFacts(index, props.name, (props.major, props.minor), total / GIB, free / GIB, (total - free) / GIB)
 
 
 def _gpus_torch() -> tuple[GpuFacts, ...]:
     import torch
 
-    gpus = []
-    for i in range(torch.cuda.device_count()):
-        free, total = torch.cuda.mem_get_info(i)
-        props = torch.cuda.get_device_properties(i)
-        gpus.append(GpuFacts(i, props.name, (props.major, props.minor), total / GIB, free / GIB,
-                             (total - free) / GIB))
-    return tuple(gpus)
+    return tuple(_gpu_torch(i) for i in range(torch.cuda.device_count()))
 
 
 def detect() -> Facts:
-    """Look at this machine. Never raises for a missing GPU or driver: it says so in gpu_note."""
+    """Look at this machine. Never raises for a missing GPU or driver: it says so in gpu_note.
+
+    `gpus` are the GPUs torch sees, in torch's order (index = torch's cuda index), each with the
+    facts of the NVML device it is (matched by UUID); torch's facts only where NVML is missing or broken.
+    """
     import torch
 
     host = _host()
     if not torch.cuda.is_available():
         return Facts((), host, "no CUDA GPU visible to torch: CPU only")
     try:
-        gpus = _gpus_nvml()
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible is None or len(gpus) == torch.cuda.device_count():
-            return Facts(gpus, host, f"{len(gpus)} GPU(s) via NVML")
+        gpus, note = _gpus_nvml()
     except Exception as err:  # noqa: BLE001 - NVML missing or broken: torch still knows the basics
-        note = f"NVML unavailable ({type(err).__name__}); "
-    else:
-        note = "CUDA_VISIBLE_DEVICES limits the GPUs; "
-    gpus = _gpus_torch()
-    return Facts(gpus, host, f"{note}{len(gpus)} GPU(s) via torch")
+        gpus = _gpus_torch()
+        return Facts(gpus, host, f"NVML unavailable ({type(err).__name__}); {len(gpus)} GPU(s) via torch")
+    return Facts(gpus, host, note)

@@ -1,8 +1,10 @@
 """What the host, the GPU and the process are doing, as metrics.jsonl keys (read every --log-every steps).
 
 `system_metrics` reads psutil (host CPU, RAM, swap, this process's RSS), torch's allocator and, on a
-GPU, NVML (utilization, memory, temperature, power, SM and memory clocks); a reading that fails
-is left out rather than stopping the run. `data_wait_warning` is the rule for the loader warning.
+GPU, NVML (utilization, memory, temperature, power, SM and memory clocks) of the NVML device that is
+torch's (matched by UUID once per process: NVML ignores CUDA_VISIBLE_DEVICES); a reading that fails,
+or a device NVML has no match for, is left out rather than stopping the run. `data_wait_warning` is
+the rule for the loader warning.
 """
 
 from __future__ import annotations
@@ -32,12 +34,30 @@ def system_metrics(device: torch.device) -> dict[str, float]:
 
 
 @functools.cache
-def _nvml_handle(index: int):
-    """NVML initialised once per process, not at every reading."""
-    import pynvml
+def _nvml_handles() -> tuple:
+    """NVML's handle of each of torch's devices (None: no match), found once per process; () if NVML fails.
 
-    pynvml.nvmlInit()
-    return pynvml.nvmlDeviceGetHandleByIndex(index)
+    NVML ignores CUDA_VISIBLE_DEVICES (with CUDA_VISIBLE_DEVICES=3 torch's cuda:0 is NVML's GPU 3), so
+    the devices are paired by UUID, as the launcher's hardware facts pair them. NVML stays initialised.
+    """
+    try:
+        import pynvml
+
+        from r2gen.gpu_map import map_torch_to_nvml
+
+        pynvml.nvmlInit()
+        nvml = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        return tuple(None if n is None else nvml[n] for n in map_torch_to_nvml(nvml).indices)
+    except Exception:  # noqa: BLE001 - no NVML: the readings are left out
+        return ()
+
+
+def _nvml_handle(index: int):
+    """NVML's handle of torch's cuda:`index`; LookupError when NVML failed or has no such GPU."""
+    handles = _nvml_handles()
+    if index >= len(handles) or handles[index] is None:
+        raise LookupError(f"no NVML device for cuda:{index}")
+    return handles[index]
 
 
 def _nvml(index: int) -> dict[str, float]:
