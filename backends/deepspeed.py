@@ -1,4 +1,4 @@
-"""DeepSpeed: ZeRO stage 1 or 2, optimizer offload to the CPU, bf16 or fp16 (dynamic loss scaling).
+"""DeepSpeed: ZeRO stage 1 or 2, optimizer offload to the CPU, bf16, fp16 (dynamic loss scaling) or fp32.
 
 The engine's JSON comes from the plan (launcher.engine_config.deepspeed_config) through
 `configure` before `prepare`. Three things keep it R2Gen's:
@@ -9,7 +9,8 @@ The engine's JSON comes from the plan (launcher.engine_config.deepspeed_config) 
   last micro-batch as the boundary (`set_gradient_accumulation_boundary`) and DeepSpeed does not
   divide the losses again by its accumulation count.
 - BatchNorm: the JSON asks for buffers in the weights' dtype (`data_types.buffer_dtype`), as the
-  parameters are cast to bf16/fp16 and batch_norm needs its running statistics in the same dtype.
+  parameters are cast to bf16/fp16 and batch_norm needs its running statistics in the same dtype
+  (fp32: nothing is cast).
 - autocast: DeepSpeed disables an outer torch.autocast inside its forward; the JSON's `torch_autocast`
   section keeps it on there, so the forward computes as under the other engines.
 With offload the optimizer is DeepSpeedCPUAdam, which has no AMSGrad: the one deviation from
@@ -18,6 +19,7 @@ R2Gen's Adam(amsgrad=True), stated by `describe()`; `--offload none` keeps torch
 
 from __future__ import annotations
 
+import contextlib
 import os
 import types
 from contextlib import AbstractContextManager
@@ -28,14 +30,14 @@ from backends.base import Backend
 from backends.plain import check_precision, resolve_device
 from r2gen.errors import BackendError, ConfigError
 
-PRECISIONS = ("bf16", "fp16")
+PRECISIONS = ("bf16", "fp16", "fp32")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_deepspeed_precision(precision: str) -> None:
     if precision not in PRECISIONS:
-        raise BackendError(f"--precision {precision}: the deepspeed backend trains in bf16 or fp16 "
-                           "(fp32 runs on the plain backend)")
+        raise BackendError(f"--precision {precision}: the deepspeed backend trains in bf16, fp16 or fp32 "
+                           "(fp8 is its own engine)")
 
 
 class DeepSpeedBackend(Backend):
@@ -130,6 +132,8 @@ class DeepSpeedBackend(Backend):
 
     def autocast(self) -> AbstractContextManager:
         # The engine holds bf16/fp16 weights; autocast casts the fp32 inputs and runs the loss in fp32.
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
 
     def backward_and_step(self, loss, model, optimizer, clip_value, step=True) -> bool:

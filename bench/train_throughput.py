@@ -103,7 +103,7 @@ def run_row(which: str, preset_name: str, device: str, steps: int, warmup: int, 
         if plan.backend == "deepspeed":
             from launcher.engine_config import Topology, engine_config_for
 
-            prep.backend.configure(engine_config_for(plan, Topology(), "bench").config)
+            prep.backend.configure(engine_config_for(plan, Topology(), Path("bench-run")).config)  # nothing written
         prep.cfg = cfg = apply_plan(prep.cfg, plan)
         if which == "auto-eager":
             prep.cfg = cfg = cfg.without_speedups()

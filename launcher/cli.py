@@ -176,12 +176,18 @@ def _run_training(backend_name: str, device: str, precision: str, preset_name: s
                   ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
                   thresholds_path: Optional[Path], run_dir: Path, name: Optional[str], dry_run: bool,
                   topology=None, engine: Optional[dict] = None, hostfile: Optional[Path] = None,
-                  keep_training: bool = False, preset_given: Optional[str] = None) -> None:
+                  keep_training: bool = False, preset_given: Optional[str] = None,
+                  user_file: tuple = (None, None)) -> None:
+    """A new run (or, with keep_training, the continued one). `user_file`: the settings and path of
+    --ds-config / --accelerate-config, merged into the engine config the plan generates."""
     from launcher.engine_config import Topology, engine_config_for
     from launcher.plan import apply_plan
     from r2gen.train import train
 
     if keep_training:
+        if user_file[1] is not None:
+            raise ConfigError(f"--keep-training: a continued run keeps its own engine config (in its run directory); "
+                              f"drop {user_file[1]}")
         _continue_training(backend_name, overrides, options, run_dir, name, dry_run, topology, hostfile, preset_given,
                            thresholds_path)
         return
@@ -191,7 +197,7 @@ def _run_training(backend_name: str, device: str, precision: str, preset_name: s
                                       world_size=topology.world_size, gpus_here=topology.gpus_per_node,
                                       engine=engine)
     _print_plan(plan)
-    engine_file = engine_config_for(plan, topology, target.name)
+    engine_file = engine_config_for(plan, topology, target, *user_file)
     if topology.world_size > 1:
         _launch_processes(prep, apply_plan(prep.cfg, plan), plan, target, visual_weights, topology, engine_file,
                           hostfile, dry_run)
@@ -214,7 +220,7 @@ def _continue_training(backend_name: str, overrides: dict, options, run_dir: Pat
     from dataclasses import replace
 
     from backends.registry import build_backend
-    from launcher.engine_config import engine_config_for
+    from launcher.engine_config import engine_config_for, stored_engine_file
     from launcher.resume import check_request, continued_config, find_run, read_run, resume_batch
     from r2gen.data.datasets import load_annotation
     from r2gen.train import prepare, train
@@ -257,7 +263,7 @@ def _continue_training(backend_name: str, overrides: dict, options, run_dir: Pat
         check_wandb(prep.cfg.wandb_mode)
     _print_plan(plan)
     err.print(f"continuing {run.path} from {run.checkpoint.name}", highlight=False)
-    engine_file = engine_config_for(plan, topology, run.path.name)
+    engine_file = engine_config_for(plan, topology, run.path, stored_engine_file(plan, run.path))
     if topology.world_size > 1:
         _launch_processes(prep, prep.cfg, plan, run.path, None, topology, engine_file, hostfile, dry_run,
                           resume=run.checkpoint)
@@ -377,14 +383,32 @@ def _guarded(run) -> None:
 
 
 
+def _keyword(name: str, default, annotation) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
 ENGINE_OPTIONS: dict[str, list[inspect.Parameter]] = {
-    "deepspeed": [inspect.Parameter("zero", inspect.Parameter.KEYWORD_ONLY, default=2, annotation=Zero),
-                  inspect.Parameter("offload", inspect.Parameter.KEYWORD_ONLY, default="cpu", annotation=Offload),
-                  inspect.Parameter("hostfile", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Hostfile)],
-    "fp8": [inspect.Parameter("fp8_impl", inspect.Parameter.KEYWORD_ONLY, default="auto", annotation=Fp8Impl)],
+    "deepspeed": [_keyword("zero", None, TrainZero), _keyword("offload", None, TrainOffload),
+                  _keyword("ds_config", None, DsConfig), _keyword("hostfile", None, Hostfile)],
+    "accelerate": [_keyword("accelerate_config", None, AccelerateConfig)],
+    "fp8": [_keyword("fp8_impl", "auto", Fp8Impl)],
 }
 """Each engine's own options, added to its command's signature (and so to its help page); all but
---hostfile (the launcher's) go to the plan as its engine options."""
+the launcher's (--hostfile, and the user's own engine file) go to the plan as its engine options."""
+ENGINE_FILE_FLAGS = {"ds_config": "--ds-config", "accelerate_config": "--accelerate-config"}
+
+
+def _user_engine_file(engine: dict) -> tuple[Optional[dict], Optional[Path], dict]:
+    """--ds-config / --accelerate-config (popped from the engine options): the file's settings, its path,
+    and the choices it makes for the flags left out (precision, --zero, --offload)."""
+    from launcher.engine_config import engine_file_choices, read_engine_file
+
+    for key, flag in ENGINE_FILE_FLAGS.items():
+        path = engine.pop(key, None)
+        if path is not None:
+            user = read_engine_file(path, flag)
+            return user, path, engine_file_choices(user, flag)
+    return None, None, {}
 
 
 def _wandb_overrides(wandb: Optional[bool], mode: Optional[str], project: Optional[str],
@@ -453,10 +477,17 @@ def _training_command(backend_name: str, summary: str):
                              **_speedup_overrides(speedups))
             chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
             hostfile = engine.pop("hostfile", None)
-            _run_training(backend_name, chosen, precision or _default_precision(backend_name, chosen),
+            user_file = _user_engine_file(engine)
+            file_choices = user_file[2]
+            for key, default in (("zero", 2), ("offload", "cpu")):  # a flag, else the user's file, else the default
+                if key in engine and engine[key] is None:
+                    engine[key] = file_choices.get(key, default)
+            _run_training(backend_name, chosen,
+                          precision or file_choices.get("precision") or _default_precision(backend_name, chosen),
                           preset or "iu_xray", overrides, options, ann_path, image_dir, visual_weights, thresholds,
                           run_dir, name, dry_run, _topology(gpus, nodes, node_rank, master_addr, master_port,
-                                                            keep_training), engine, hostfile, keep_training, preset)
+                                                            keep_training), engine, hostfile, keep_training, preset,
+                          user_file[:2])
 
         _guarded(run)
 

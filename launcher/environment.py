@@ -18,7 +18,7 @@ from launcher.plan import GPU_ENGINES
 PACKAGES = ("torch", "torchvision", "accelerate", "deepspeed", "transformer-engine", "torchao", "wandb",
             "pycocoevalcap", "nvidia-ml-py")
 ENGINE_PRECISIONS = {"plain": ("fp32", "bf16", "fp16"), "accelerate": ("fp32", "bf16", "fp16"),
-                     "deepspeed": ("bf16", "fp16"), "fp8": ("fp8",)}
+                     "deepspeed": ("fp32", "bf16", "fp16"), "fp8": ("fp8",)}
 
 
 def versions() -> dict[str, str | None]:

@@ -126,6 +126,11 @@ Zero = Annotated[int, _opt("ZeRO stage: 1 (optimizer states partitioned over pro
                            "3 is refused.", "--zero")]
 Offload = Annotated[str, _opt("cpu: optimizer states and step on the CPU (DeepSpeedCPUAdam, without AMSGrad); "
                               "none: on the GPU (Adam with AMSGrad, as R2Gen).")]
+TrainZero = Annotated[Optional[int], _opt("ZeRO stage: 1 (optimizer states partitioned over processes) or 2 (and "
+                                          "gradients); 3 is refused.", "--zero", shown="2, or --ds-config's")]
+TrainOffload = Annotated[Optional[str], _opt("cpu: optimizer states and step on the CPU (DeepSpeedCPUAdam, without "
+                                             "AMSGrad); none: on the GPU (Adam with AMSGrad, as R2Gen).",
+                                             shown="cpu, or --ds-config's")]
 Fp8Impl = Annotated[str, _opt("auto: Transformer Engine where installed, else torchao float8; te; torchao.",
                               "--fp8-impl")]
 DsConfig = Annotated[Optional[Path], _opt(
