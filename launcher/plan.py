@@ -173,6 +173,44 @@ class PlanOptions:
 
 
 @dataclass(frozen=True)
+class DiskSpace:
+    """Where the run writes its checkpoints: free bytes there when planning (a fact gathered at the
+    edge: shutil.disk_usage), one resumable checkpoint's bytes (r2gen.checkpoint.checkpoint_bytes)
+    and how many the run keeps (--keep-last)."""
+
+    folder: str
+    free_bytes: int
+    checkpoint_bytes: int
+    keep_last: int = 3
+
+
+def checkpoints_held(keep_last: int) -> int:
+    """The most checkpoints on disk at once: the newest `keep_last` resumable states, best.pt (a hard
+    link to one of them, free until that state is pruned, then it alone holds the data) and the one
+    being written (atomic: complete before the oldest is removed)."""
+    return keep_last + 2
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 / 10 else f"{n / 2**20:.0f} MiB"
+
+
+def disk_reason(disk: DiskSpace) -> tuple[bool, str]:
+    """(whether the free space holds every checkpoint the run keeps at once, the sentence to read)."""
+    keep_last = disk.keep_last
+    held, each = checkpoints_held(keep_last), disk.checkpoint_bytes
+    what = (f"{_gib(disk.free_bytes)} free in {disk.folder}, a checkpoint is ~{_gib(each)} and the run keeps "
+            f"{keep_last} (--keep-last) + best.pt + 1 being written = {held} ({_gib(held * each)})")
+    if disk.free_bytes >= held * each:
+        return True, what
+    fits = disk.free_bytes // each if each > 0 else held
+    advice = (f"free space or lower --keep-last to {fits - 2}" if fits >= checkpoints_held(1)
+              else f"free at least {_gib(checkpoints_held(1) * each - disk.free_bytes)} (--keep-last 1 needs "
+                   f"{_gib(checkpoints_held(1) * each)})")
+    return False, f"too little: {what}; {advice}, or the run stops with 'disk full' at a checkpoint"
+
+
+@dataclass(frozen=True)
 class Plan:
     backend: str
     device: str
@@ -185,6 +223,14 @@ class Plan:
     max_vram_gib: float | None = None
     probe: dict[str, Any] | None = None   # the probe's measurements (launcher.probe.ProbeResult)
     engine: dict[str, Any] = field(default_factory=dict)  # engine options: zero, offload (deepspeed); fp8_impl
+    disk: DiskSpace | None = None     # free space for checkpoints when planned (None: not checked)
+
+    def disk_warning(self) -> str | None:
+        """The sentence to print before the run when its checkpoints will not fit the free space."""
+        if self.disk is None:
+            return None
+        enough, why = disk_reason(self.disk)
+        return None if enough else f"disk: {why}"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -194,7 +240,8 @@ class Plan:
         data = json.loads(text)
         if data.get("probe"):
             data["probe"] = _tuples(data["probe"])
-        return cls(**{**data, "batch": BatchPlan(**data["batch"]), "loader": LoaderPlan(**data["loader"])})
+        return cls(**{**data, "batch": BatchPlan(**data["batch"]), "loader": LoaderPlan(**data["loader"]),
+                      "disk": DiskSpace(**data["disk"]) if data.get("disk") else None})
 
     def rows(self) -> list[tuple[str, str, str]]:
         """(decision, value, reason) rows for the console table."""
@@ -215,6 +262,9 @@ class Plan:
                          f"{self.reasons.get('memory', '')}; peak at the micro-batch {peak}"))
         if "probe" in self.reasons:
             rows.append(("probe", "on" if self.probe else "off", self.reasons["probe"]))
+        if self.disk is not None:
+            enough, why = disk_reason(self.disk)
+            rows.append(("disk", "ok" if enough else "too little", why))
         return rows
 
 
@@ -243,12 +293,13 @@ def gpu_budget(facts: Facts, options: PlanOptions, thresholds: Thresholds, devic
 
 def make_plan(backend: str, device: str, precision: str, cfg: TrainConfig, facts: Facts, thresholds: Thresholds,
               options: PlanOptions, studies: int, probe: dict[str, Any] | None = None,
-              world_size: int = 1, engine: dict[str, Any] | None = None, choice: EngineChoice | None = None
-              ) -> Plan:
+              world_size: int = 1, engine: dict[str, Any] | None = None, choice: EngineChoice | None = None,
+              disk: DiskSpace | None = None) -> Plan:
     """Every decision of a run from plain values: hardware facts, thresholds, flags, probe results.
 
     `studies` sizes the image cache (all splits). `probe` is ProbeResult.to_dict() when the probe ran (or verified
     --batch-size), None otherwise. `choice` is auto's engine choice (backend, precision and engine agree with it).
+    `disk`: the run directory's free space and one checkpoint's size, checked against --keep-last.
     """
     effective = options.effective_for(cfg)
     reasons = {"backend": f"{backend}: as asked",
@@ -313,7 +364,8 @@ def make_plan(backend: str, device: str, precision: str, cfg: TrainConfig, facts
         reasons.setdefault("engine", "as asked" + (": DeepSpeedCPUAdam has no AMSGrad (R2Gen's Adam has)"
                                                    if engine.get("offload") == "cpu" else ""))
     return Plan(backend, device, precision, batch, loader, budget, predicted_peak, reasons,
-                max_vram_gib=options.max_vram_gib, probe=probe, engine=engine)
+                max_vram_gib=options.max_vram_gib, probe=probe, engine=engine,
+                disk=replace(disk, keep_last=cfg.keep_last) if disk else None)
 
 
 def apply_plan(cfg: TrainConfig, plan: Plan) -> TrainConfig:

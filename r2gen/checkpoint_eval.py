@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from r2gen.checkpoint import CheckpointStore, load_checkpoint, write_json
+from r2gen.checkpoint import CheckpointStore, UnreadableCheckpoint, load_checkpoint, write_json
 from r2gen.config import TrainConfig
 from r2gen.errors import ConfigError
 
@@ -57,9 +57,9 @@ def resolve_checkpoint(path: Path) -> tuple[Path, Path | None]:
 
 def read_state(state_path: Path) -> dict:
     try:
-        state = load_checkpoint(state_path)
-    except Exception as exc:  # truncated, foreign or not a torch file at all
-        raise ConfigError(f"--checkpoint: {state_path} is not a readable checkpoint ({type(exc).__name__})") from None
+        state = load_checkpoint(state_path)  # weights-only: a foreign pickle's code never runs
+    except UnreadableCheckpoint as exc:  # truncated, foreign, not a torch file at all, or code in it
+        raise ConfigError(f"--checkpoint: {exc}") from None
     if not isinstance(state, dict) or not {"model", "config", "tokenizer"} <= state.keys():
         raise ConfigError(f"--checkpoint: {state_path} is not an r2gen-launch checkpoint (no model, config and "
                           "vocabulary)")

@@ -31,7 +31,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from backends.base import Backend
-from r2gen.checkpoint import CheckpointStore, load_checkpoint, save_checkpoint, write_json, write_text
+from r2gen.checkpoint import (CheckpointStore, UnreadableCheckpoint, load_checkpoint, save_checkpoint, tensor_bytes,
+                              write_json, write_text)
 from r2gen.config import TrainConfig
 from r2gen.data.datasets import Annotation, ReportDataset, build_transform, collate, images_to_device
 from r2gen.data.sampling import EpochBatchSampler, EpochSampler, chunk_sizes
@@ -367,9 +368,27 @@ def release_memory(backend: Backend, optimizer: torch.optim.Optimizer | None = N
 
 
 def _progress(console: Console) -> Progress:
+    # Not a terminal (nohup, a batch scheduler's log): no bar, which would print only at the end;
+    # the loop prints one epoch_line per epoch instead.
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                    TimeRemainingColumn(), console=console, transient=False)
+                    TimeRemainingColumn(), console=console, transient=False, disable=not console.is_terminal)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def epoch_line(epoch: int, epochs: int, steps: int, loss: float, samples_per_s: float, data_wait_pct: float,
+               epoch_s: float, scores: dict[str, float | None] | None = None) -> str:
+    """The plain line printed after each epoch when the output is not a terminal; ETA from this
+    epoch's wall time (evaluation and checkpoints included) times the epochs left."""
+    line = (f"epoch {epoch}/{epochs} | step {steps} | loss {loss:.4f} | {samples_per_s:.1f} samples/s | "
+            f"data wait {data_wait_pct:.0f}% | {epoch_s:.1f} s")
+    if scores:
+        line += " | " + " ".join(f"val {k} {v:.4f}" for k, v in scores.items() if v is not None)
+    return line + f" | ETA {_clock(epoch_s * (epochs - epoch))}"
 
 
 @dataclass
@@ -466,11 +485,13 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
     metrics_path = run_dir / "metrics.jsonl"
     loop = LoopState()
     if resume is not None:
+        try:  # weights-only: a file that is not our own state is refused before any of its code runs
+            state = load_checkpoint(resume / "loop.pt" if resume.is_dir() else resume)
+        except UnreadableCheckpoint as exc:
+            raise ConfigError(f"--keep-training: {exc}") from None
         if resume.is_dir():  # an engine checkpoint (DeepSpeed, Accelerate): weights and optimizer from it
-            state = load_checkpoint(resume / "loop.pt")
             backend.load_engine(model, resume)
         else:
-            state = load_checkpoint(resume)
             backend.unwrap(model).load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -504,11 +525,14 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
         an engine with its own checkpoint (DeepSpeed) has every process write its part first."""
         if backend.saves_engine:
             staged = store.staging(loop.steps)
+            # The engine's files (fp32 weights, three Adam states) and loop.pt's weights: ~5x the weights.
+            needed = store.needed_bytes(5 * tensor_bytes(backend.unwrap(model).state_dict()))
             if main:
                 shutil.rmtree(staged, ignore_errors=True)
                 staged.mkdir(parents=True)
             backend.barrier()
-            backend.save_engine(model, staged)
+            with store.writing(staged, needed, discard=staged):  # a full disk: one line, the staged part removed
+                backend.save_engine(model, staged)
             backend.barrier()
         rngs = backend.gather(rng_state())  # each process's own: they drew differently (dropout on its rows)
         if not main:
@@ -516,7 +540,8 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
         loop.metrics_bytes = metrics_path.stat().st_size if metrics_path.is_file() else 0
         state = _state(backend, model, optimizer, scheduler, cfg, tokenizer, loop, plan_json, rngs)
         if backend.saves_engine:
-            save_checkpoint(state, staged / "loop.pt")
+            with store.writing(staged / "loop.pt", tensor_bytes(state), discard=staged):
+                save_checkpoint(state, staged / "loop.pt")
             path = store.commit(staged, loop.steps, loop.epoch)
         else:
             path = store.save(state, loop.steps, loop.epoch)
@@ -540,13 +565,16 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
         task = progress.add_task("train", total=cfg.epochs * steps_per_epoch, completed=loop.steps, info="")
         while loop.epoch <= cfg.epochs:
             epoch = loop.epoch
-            epoch_start = time.perf_counter()
+            epoch_start = epoch_began = time.perf_counter()
+            epoch_wait = 0.0
             window_samples, window_tokens, window_wait = 0, 0, 0.0
             window_start = ready = time.perf_counter()
             warned_wait = False
             while loop.position < steps_per_epoch:
                 batch = next(train_batches)
-                window_wait += time.perf_counter() - ready  # the step waited this long for the loader
+                waited = time.perf_counter() - ready  # the step waited this long for the loader
+                window_wait += waited
+                epoch_wait += waited
                 try:
                     loss_value, stepped = oom.step(model, optimizer, backend, batch, cfg.clip_value)
                     loop.nonfinite_run = 0
@@ -618,17 +646,20 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
                         raise Stopped(f"stopped by {name} after step {loop.steps}; saved {path}. Continue with "
                                       "the same command and --keep-training", stop.signal or 15)
             loop.train_time_s += time.perf_counter() - epoch_start
+            train_s = max(time.perf_counter() - epoch_began, 1e-9)
             epoch_samples = int(backend.all_reduce_sum(torch.tensor(float(loop.epoch_samples))).item())
+            epoch_loss = loop.epoch_loss / max(steps_per_epoch, 1)
             scheduler.step()
             result.epochs_run = epoch
             log.write({"step": loop.steps, "epoch": epoch,
-                       "train/loss_epoch": loop.epoch_loss / max(steps_per_epoch, 1),
+                       "train/loss_epoch": epoch_loss,
                        "train/skipped_steps": loop.skipped, "train/nonfinite_steps": loop.nonfinite,
                        "train/samples": epoch_samples,
                        "train/micro_batch": oom.micro_batch, "oom/recoveries": oom.recoveries})
 
             last = epoch == cfg.epochs
             stop_early = False
+            val_scores = None  # this epoch's, for the plain epoch line
             improved = False
             if main and ((cfg.val_every and epoch % cfg.val_every == 0) or last):
                 progress.update(task, info=f"epoch {epoch}/{cfg.epochs} evaluating val and test")
@@ -641,6 +672,7 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
                     getattr(result, split).clear()
                     getattr(result, split).update(scores)
                 log.write(record)
+                val_scores = {k: result.val.get(k) for k in ("BLEU_4", "CIDEr")}
                 score = record[f"val/{MONITOR}"]
                 improved = score is not None and score > loop.best_score
                 if improved:
@@ -650,6 +682,10 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
                     stop_early = True
             loop.next_epoch()
             save_state(best_of_epoch=epoch if improved else 0)  # the start of the next epoch
+            if not console.is_terminal:
+                console.print(epoch_line(epoch, cfg.epochs, loop.steps, epoch_loss, epoch_samples / train_s,
+                                         100 * epoch_wait / train_s, time.perf_counter() - epoch_began, val_scores),
+                              highlight=False, soft_wrap=True)
             if backend.broadcast_flag(stop_early):
                 break
             backend.barrier()

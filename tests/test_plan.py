@@ -172,3 +172,55 @@ def test_several_accelerate_processes_on_a_cpu_are_refused() -> None:
         check_engine_device("accelerate", "cpu", 2)
     check_engine_device("accelerate", "cuda", 2)
     check_engine_device("plain", "cpu", 2)
+
+
+# -- disk: the run directory's free space against the checkpoints the run keeps at once ----------------
+from launcher.plan import DiskSpace, checkpoints_held, disk_reason  # noqa: E402
+from r2gen.checkpoint import checkpoint_bytes  # noqa: E402
+
+GIB = 2**30
+
+
+def test_a_checkpoint_is_fp32_weights_and_three_amsgrad_states() -> None:
+    assert checkpoint_bytes(1000, 10, overhead_bytes=0) == 4 * 1010 + 4 * 3 * 1000
+    assert checkpoint_bytes(1000, 0, optimizer_states=2, overhead_bytes=0) == 12_000  # Adam without AMSGrad
+    assert checkpoint_bytes(1000, 0, weight_copies=2, overhead_bytes=0) == 20_000  # an engine's files + loop.pt
+    assert checkpoint_bytes(75_000_000) == 1_200_000_000 + 2**20  # ~1.1 GiB: 75 M parameters
+
+
+def test_the_run_holds_keep_last_plus_best_plus_one_being_written() -> None:
+    assert [checkpoints_held(k) for k in (1, 3, 10)] == [3, 5, 12]
+
+
+@pytest.mark.parametrize("free_gib,each_gib,keep,enough,advice", [
+    (10.0, 1.0, 3, True, None),
+    (5.0, 1.0, 3, True, None),                                    # exactly 5 fit
+    (4.9, 1.0, 3, False, "lower --keep-last to 2"),               # 4 fit: keep 2 + best + 1 in flight
+    (0.6, 1.2, 3, False, "free at least 3.0 GiB (--keep-last 1 needs 3.6 GiB)"),  # not even one
+])
+def test_disk_reason_counts_the_checkpoints(free_gib: float, each_gib: float, keep: int, enough: bool,
+                                            advice: str | None) -> None:
+    ok, why = disk_reason(DiskSpace("runs", int(free_gib * GIB), int(each_gib * GIB), keep))
+    assert ok is enough
+    assert f"{free_gib:.1f} GiB free in runs" in why and f"a checkpoint is ~{each_gib:.1f} GiB" in why
+    assert f"keeps {keep} (--keep-last) + best.pt + 1 being written = {keep + 2}" in why
+    if advice:
+        assert why.startswith("too little:") and advice in why and "disk full" in why
+
+
+def test_make_plan_checks_the_disk_against_keep_last_and_round_trips() -> None:
+    facts = Facts((H100,), SERVER, "")
+    disk = DiskSpace("runs", int(0.6 * GIB), int(1.2 * GIB))
+    plan = make_plan("plain", "cuda", "bf16", preset("iu_xray").replace(keep_last=2), facts, Thresholds(),
+                     PlanOptions(), studies=400, probe=_probe(16), disk=disk)
+    assert plan.disk.keep_last == 2  # the run's --keep-last, not the fact's default
+    decision, value, reason = plan.rows()[-1]
+    assert (decision, value) == ("disk", "too little") and "keeps 2 (--keep-last)" in reason
+    assert plan.disk_warning() == f"disk: {reason}"
+    assert Plan.from_json(plan.to_json()) == plan
+    roomy = make_plan("plain", "cuda", "bf16", preset("iu_xray"), facts, Thresholds(), PlanOptions(), studies=400,
+                      probe=_probe(16), disk=DiskSpace("runs", 100 * GIB, GIB))
+    assert roomy.rows()[-1][:2] == ("disk", "ok") and roomy.disk_warning() is None
+    unchecked = make_plan("plain", "cuda", "bf16", preset("iu_xray"), facts, Thresholds(), PlanOptions(), studies=400,
+                          probe=_probe(16))
+    assert unchecked.disk is None and all(row[0] != "disk" for row in unchecked.rows())
