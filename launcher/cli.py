@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
+import time
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -14,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from launcher.options import *  # noqa: F403 - every option's Annotated type, defined once
+from launcher.runlock import RunLock
 from r2gen.errors import BackendError, ConfigError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -83,7 +86,7 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
     target = None
     if run_dir is not None:
         target = run_dir / (name or f"{cfg.preset}-{backend_name}-{datetime.now():%Y%m%d-%H%M%S}")
-        if target.exists() and any(target.iterdir()):
+        if _holds_a_run(target):
             raise ConfigError(f"--run-dir/--name: {target} already holds a run; choose another --name")
     embedded = ann_path is None
     if embedded:
@@ -120,7 +123,7 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
                                options.probe_cap(cfg, n["train"], world_size), backend=backend.name,
                                verify=options.batch_size or 0, others_gib=facts.gpus[0].used_by_others_gib,
                                engine=engine)
-        with err.status("probing GPU memory with real training steps..."):
+        with _status("probing GPU memory with real training steps..."):
             probe = probe_in_subprocess(request).to_dict()
     choice = None
     if auto:
@@ -132,8 +135,21 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
             prep.backend = build_backend(backend_name, device, precision, fp8_impl=engine.get("fp8_impl", "auto"))
         err.print(f"auto: {choice.reason}", highlight=False)
     plan = make_plan(backend_name, device, precision, cfg, facts, thresholds, options, sum(n.values()), probe,
-                     world_size=world_size, engine=engine, choice=choice)
+                     world_size=world_size, engine=engine, choice=choice,
+                     disk=_disk_space(run_dir, prep) if run_dir is not None else None)
     return prep, plan, target
+
+
+def _disk_space(run_dir: Path, prep):
+    """The run directory's free space and one resumable checkpoint's size, for the plan's disk row."""
+    from launcher.plan import DiskSpace
+    from r2gen.checkpoint import checkpoint_bytes, free_bytes
+
+    model = prep.model
+    each = checkpoint_bytes(sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers()),
+                            optimizer_states=3 if prep.cfg.amsgrad else 2,
+                            weight_copies=2 if prep.backend.saves_engine else 1)
+    return DiskSpace(str(run_dir), free_bytes(run_dir), each, prep.cfg.keep_last)
 
 
 def _auto_engine(request, probe: dict, facts, thresholds):
@@ -150,7 +166,7 @@ def _auto_engine(request, probe: dict, facts, thresholds):
         return choose_auto_engine(request.precision, micro, thresholds), probe
     if micro < thresholds.useful_micro_batch:
         offload = replace(request, backend="deepspeed", engine={"zero": 2, "offload": "cpu"})
-        with err.status("probing DeepSpeed ZeRO-2 with CPU offload..."):
+        with _status("probing DeepSpeed ZeRO-2 with CPU offload..."):
             offload_probe = probe_in_subprocess(offload).to_dict()
         choice = choose_auto_engine(request.precision, micro, thresholds, offload_probe["micro_batch"])
         return choice, offload_probe if choice.backend == "deepspeed" else probe
@@ -158,9 +174,23 @@ def _auto_engine(request, probe: dict, facts, thresholds):
     if (request.precision == "bf16" and facts.gpus[0].capability >= MIN_CAPABILITY
             and (installed("transformer_engine") or installed("torchao"))):
         engines = (("plain", "bf16", {}), ("fp8", "fp8", {"fp8_impl": "auto"}))
-        with err.status(f"timing bf16 against fp8 at micro-batch {micro}..."):
+        with _status(f"timing bf16 against fp8 at micro-batch {micro}..."):
             speeds = in_subprocess(measure_speeds, request, engines, micro)
     return choose_auto_engine(request.precision, micro, thresholds, speeds=speeds), probe
+
+
+@contextlib.contextmanager
+def _status(text: str):
+    """A spinner on a terminal; plain lines (start, and how long it took) in a log file, where rich's
+    spinner would print nothing."""
+    if err.is_terminal:
+        with err.status(text):
+            yield
+        return
+    began = time.perf_counter()
+    err.print(text, highlight=False, soft_wrap=True)
+    yield
+    err.print(f"{text.rstrip('.')}: done in {time.perf_counter() - began:.1f} s", highlight=False, soft_wrap=True)
 
 
 def _print_plan(plan) -> None:
@@ -170,6 +200,8 @@ def _print_plan(plan) -> None:
     for row in plan.rows():
         table.add_row(*row)
     err.print(table)
+    if warning := plan.disk_warning():
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
 
 def _run_training(backend_name: str, device: str, precision: str, preset_name: str, overrides: dict, options,
@@ -198,35 +230,85 @@ def _run_training(backend_name: str, device: str, precision: str, preset_name: s
                                       engine=engine)
     _print_plan(plan)
     engine_file = engine_config_for(plan, topology, target, *user_file)
-    if topology.world_size > 1:
-        _launch_processes(prep, apply_plan(prep.cfg, plan), plan, target, visual_weights, topology, engine_file,
-                          hostfile, dry_run)
-        return
     if dry_run:
-        out.print(f"engine config: {_describe_config(engine_file)}\n"
-                  f"launch: this process, one {plan.device} device; run directory {target} (not created)",
-                  highlight=False)
+        if topology.world_size > 1:
+            _launch_processes(prep, apply_plan(prep.cfg, plan), plan, target, visual_weights, topology, engine_file,
+                              hostfile, dry_run)
+        else:
+            out.print(f"engine config: {_describe_config(engine_file)}\n"
+                      f"launch: this process, one {plan.device} device; run directory {target} (not created)",
+                      highlight=False)
         return
-    _start_engine(prep, plan, engine_file)
-    prep.cfg = apply_plan(prep.cfg, plan)
-    result = train(prep, target, err, plan.to_json())
+    with RunLock(target):
+        if _holds_a_run(target):  # another command started this run while we planned
+            raise ConfigError(f"--run-dir/--name: {target} already holds a run; choose another --name")
+        _write_versions(target)
+        if topology.world_size > 1:
+            _launch_processes(prep, apply_plan(prep.cfg, plan), plan, target, visual_weights, topology, engine_file,
+                              hostfile, dry_run)
+            return
+        _start_engine(prep, plan, engine_file)
+        prep.cfg = apply_plan(prep.cfg, plan)
+        result = train(prep, target, err, plan.to_json())
     _print_result(result)
+
+
+def _holds_a_run(target: Path) -> bool:
+    from launcher.runlock import LOCK_NAME
+
+    return target.is_dir() and any(p.name != LOCK_NAME for p in target.iterdir())
+
+
+def _write_versions(target: Path) -> None:
+    """<run>/versions.json: this package, Python, torch, CUDA and the engines a run was made with."""
+    import platform
+
+    from launcher.environment import versions
+    from r2gen.checkpoint import write_json
+
+    write_json(target / "versions.json", {"r2gen-launch": _own_version(), "python": platform.python_version(),
+                                          **versions()})
+
+
+def _own_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("r2gen-launch")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout without installing
+        return "unknown (not installed)"
 
 
 def _continue_training(backend_name: str, overrides: dict, options, run_dir: Path, name: Optional[str],
                        dry_run: bool, topology, hostfile: Optional[Path], preset_given: Optional[str],
                        thresholds_path: Optional[Path]) -> None:
-    """--keep-training: check the run, rebuild it from its own files, re-plan the micro-batch, continue."""
+    """--keep-training: take the run's lock, check the run, rebuild it from its own files, re-plan the
+    micro-batch, continue."""
+    from launcher.resume import find_run
+
+    target = find_run(run_dir, name)
+    if dry_run:
+        _continue_locked(target, backend_name, overrides, options, dry_run, topology, hostfile, preset_given,
+                         thresholds_path)
+        return
+    with RunLock(target):  # before reading it: the run's files are ours until we exit
+        _write_versions(target)
+        _continue_locked(target, backend_name, overrides, options, dry_run, topology, hostfile, preset_given,
+                         thresholds_path)
+
+
+def _continue_locked(target: Path, backend_name: str, overrides: dict, options, dry_run: bool, topology,
+                     hostfile: Optional[Path], preset_given: Optional[str], thresholds_path: Optional[Path]) -> None:
     from dataclasses import replace
 
     from backends.registry import build_backend
     from launcher.engine_config import engine_config_for, stored_engine_file
-    from launcher.resume import check_request, continued_config, find_run, read_run, resume_batch
+    from launcher.resume import check_request, continued_config, read_run, resume_batch
     from r2gen.data.datasets import load_annotation
     from r2gen.train import prepare, train
     from r2gen.wandb_log import check_wandb
 
-    run = read_run(find_run(run_dir, name))
+    run = read_run(target)
     check_request(run, backend_name, preset_given, overrides)
     plan = run.plan
     if topology is None:  # neither --gpus nor --nodes: as many processes as the run had, on this machine
@@ -255,7 +337,7 @@ def _continue_training(backend_name: str, overrides: dict, options, run_dir: Pat
         window = plan.batch.micro_batch * plan.batch.accumulation
         request = ProbeRequest(run.cfg, len(prep.tokenizer), plan.precision, budget, window, backend=plan.backend,
                                others_gib=facts.gpus[0].used_by_others_gib, engine=plan.engine)
-        with err.status("re-probing GPU memory..."):
+        with _status("re-probing GPU memory..."):
             probe = probe_in_subprocess(request).to_dict()
         plan = replace(plan, batch=resume_batch(plan.batch, probe["micro_batch"]), probe=probe)
     prep.cfg = continued_config(run, overrides, plan.batch.micro_batch)
