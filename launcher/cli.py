@@ -24,6 +24,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 data_app = typer.Typer(no_args_is_help=True, help="Data sets: the embedded synthetic set; a set prepared at training resolution.")
 app.add_typer(data_app, name="data")
 
+
+@app.callback()
+def _main_options(version: Version = False) -> None:
+    """Train R2Gen (radiology report generation) as fast as the hardware allows."""
+
 out = Console()
 err = Console(stderr=True)
 
@@ -263,20 +268,11 @@ def _write_versions(target: Path) -> None:
     """<run>/versions.json: this package, Python, torch, CUDA and the engines a run was made with."""
     import platform
 
-    from launcher.environment import versions
+    from launcher.environment import own_version, versions
     from r2gen.checkpoint import write_json
 
-    write_json(target / "versions.json", {"r2gen-launch": _own_version(), "python": platform.python_version(),
+    write_json(target / "versions.json", {"r2gen-launch": own_version(), "python": platform.python_version(),
                                           **versions()})
-
-
-def _own_version() -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("r2gen-launch")
-    except importlib.metadata.PackageNotFoundError:  # run from a checkout without installing
-        return "unknown (not installed)"
 
 
 def _continue_training(backend_name: str, overrides: dict, options, run_dir: Path, name: Optional[str],
@@ -784,11 +780,11 @@ def env_command(
 ) -> None:
     """Show this machine (GPUs, host memory, CPUs), the versions of torch, CUDA, accelerate, deepspeed,
     transformer-engine, torchao, wandb and Java, and which engines and precisions can run here."""
-    from launcher.environment import installed_modules, usable, versions
+    from launcher.environment import installed_modules, own_version, usable, versions
     from launcher.hardware import detect
 
     facts = detect()
-    found = versions()
+    found = {"r2gen-launch": own_version(), **versions()}
     engines = usable(facts, installed_modules())
     machine = Table(title="machine", title_justify="left")
     for column in ("what", "value"):

@@ -21,6 +21,14 @@ ENGINE_PRECISIONS = {"plain": ("fp32", "bf16", "fp16"), "accelerate": ("fp32", "
                      "deepspeed": ("fp32", "bf16", "fp16"), "fp8": ("fp8",)}
 
 
+def own_version() -> str:
+    """This package's installed version."""
+    try:
+        return importlib.metadata.version("r2gen-launch")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout without installing
+        return "unknown (not installed)"
+
+
 def versions() -> dict[str, str | None]:
     """Installed version of each package (None: not installed), CUDA and cuDNN as torch sees them,
     and Java's (METEOR needs it)."""

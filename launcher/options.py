@@ -35,6 +35,18 @@ def _per_preset_model(field: str) -> str:
     return "the preset's: " + ", ".join(f"{name} {getattr(cfg.model, field)}" for name, cfg in PRESETS.items())
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from launcher.environment import own_version
+
+        print(f"r2gen-launch {own_version()}")
+        raise typer.Exit()
+
+
+Version = Annotated[bool, typer.Option("--version", help="Print this package's version and exit.", is_eager=True,
+                                       show_default="off", callback=_print_version)]
+
+
 # -- what to train ------------------------------------------------------------------------------------
 Preset = Annotated[Optional[str], _opt(f"Hyper-parameter preset: {', '.join(PRESETS)} (iu_xray and mimic_cxr are "
                                        "the paper's; tiny is for CPU smoke runs).", shown="iu_xray")]

@@ -82,7 +82,7 @@ def evaluate_checkpoint(checkpoint: Path, split: str = "test", beam_size: int | 
     if split not in SPLITS:
         raise ConfigError(f"--split: unknown {split!r}; choose one of {', '.join(SPLITS)}")
     if beam_size is not None and beam_size < 1:
-        raise ConfigError(f"--beam: must be at least 1, got {beam_size}")
+        raise ConfigError(f"--beam-size: must be at least 1, got {beam_size}")
     state_path, run_dir = resolve_checkpoint(checkpoint)
     state = read_state(state_path)
     if ann_path is None and run_dir is None:

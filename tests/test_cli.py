@@ -221,3 +221,19 @@ def test_probe_command_on_cpu_prints_the_plan_and_writes_json(tmp_path: Path) ->
     plan = Plan.from_json(out.read_text())
     assert plan.device == "cpu" and plan.probe is None and plan.batch.micro_batch == 8
     assert "no GPU: nothing to measure" in " ".join(result.output.split())
+
+
+def test_version_and_env_name_this_package() -> None:
+    import importlib.metadata
+
+    version = importlib.metadata.version("r2gen-launch")
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"r2gen-launch {version}"
+    shown = runner.invoke(app, ["env"], terminal_width=250)
+    assert shown.exit_code == 0 and f"r2gen-launch" in shown.output and version in shown.output
+
+
+@pytest.mark.parametrize("flag", ["--beam-size", "--beam"])
+def test_evaluate_takes_beam_size_and_its_alias(tmp_path: Path, flag: str) -> None:
+    result = runner.invoke(app, ["evaluate", "--checkpoint", str(tmp_path), flag, "0"])
+    assert result.exit_code == 2 and "--beam-size: must be at least 1" in result.output, result.output
