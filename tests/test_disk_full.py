@@ -90,7 +90,7 @@ rm {q(str(mount / 'filler'))}
 echo $? > {q(str(logs / 'second.rc'))}
 {inspect} {q(str(logs / 'after_resume.json'))}
 """
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "400"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "COLUMNS": "400"}
     done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], env=env,
                           capture_output=True, text=True, timeout=600)
     if done.returncode == 97:
@@ -167,7 +167,7 @@ def test_the_store_on_a_full_tmpfs_says_so_in_one_line_and_keeps_the_last_state(
     script = (f"mount -t tmpfs -o size=8m tmpfs {q(str(mount))} || exit 97; "
               f"{q(sys.executable)} -c {q(STORE)} {q(str(mount))} {q(str(report))}")
     done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
     if done.returncode == 97:
         pytest.skip(f"mounting the tmpfs is refused here: {done.stderr.strip()[:200]}")
     assert done.returncode == 0, done.stderr[-3000:]

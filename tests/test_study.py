@@ -27,7 +27,7 @@ ROW_FIELDS = {"precision", "status", "reason", "run_dir", "micro_batch", "wall_s
 
 
 def _study(tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "R2GEN_LAUNCH_CACHE": str(tmp_path / "cache"), "COLUMNS": "200",
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "R2GEN_LAUNCH_CACHE": str(tmp_path / "cache"), "COLUMNS": "200",
            "PATH": str(Path(sys.executable).parent)}  # no java: METEOR n/a, half the time saved
     return subprocess.run([sys.executable, "-m", "launcher.cli", *STUDY, "--run-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=900, env=env)
