@@ -50,7 +50,12 @@ def test_torchao_conversion_keeps_the_parameters_and_trains_like_bf16() -> None:
         backend = PlainBackend("cpu", "bf16")
         model, optimizer = backend.prepare(model, optimizer_factory(CFG))
         losses[fp8] = [train_step(model, optimizer, backend, batch, CFG.clip_value, 3)[0] for _ in range(3)]
-    assert losses[True] == pytest.approx(losses[False], rel=0.05)  # measured: 0.3% at step 1, 2.5% at step 4
+    # One unit of e4m3 roundoff (3 significant bits: 2^-4). Step 1 is the forward on the same weights:
+    # float8's rounding of the converted layers' inputs and weights is elementwise, the same on any CPU
+    # (only the bf16-level noise, 2e-5 of the loss, differs between machines); seen 0.42%. Steps 2-3 follow
+    # Adam's first, sign-like updates, which turn rounding noise into drift: bf16 against fp32 on one CPU
+    # drifts 1.1% by step 3, a machine change less; seen 0.21% and 0.41%, so 2^-4 holds 5x that drift.
+    assert losses[True] == pytest.approx(losses[False], rel=2.0**-4)
     assert losses[True][0] != losses[False][0]  # float8 really computed something different
     assert losses[True][-1] < losses[True][0]
 
@@ -83,5 +88,7 @@ def test_fp8_trains_the_full_model_on_a_gpu_like_bf16() -> None:
         losses[name] = [train_step(model, optimizer, backend, batch, cfg.clip_value, 16)[0] for _ in range(5)]
         del model, optimizer
     assert all(torch.isfinite(torch.tensor(losses["fp8"])))
+    # Not run on a CPU-only machine: 5% is 0.8 units of e4m3 roundoff (2^-4), the CPU test's reasoning
+    # (step 1: float8's rounding on the same weights; later steps: Adam's drift), not a GPU measurement.
     assert losses["fp8"] == pytest.approx(losses["plain"], rel=0.05)
     assert losses["fp8"][-1] < losses["fp8"][0]

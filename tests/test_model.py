@@ -72,6 +72,7 @@ def test_relational_memory_computes_the_published_recurrence(train: bool):
                                     [inputs, *rm.parameters()])
         results.append((out, grads))
     (fast, fast_grads), (published, published_grads) = results
+    # float64 (2^-53 = 1.1e-16 per operation), values of order 1 through 9 recurrent steps: ~1e-15 apart.
     torch.testing.assert_close(fast, published, rtol=1e-12, atol=1e-12)
     for a, b in zip(fast_grads, published_grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

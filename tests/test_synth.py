@@ -188,7 +188,7 @@ def test_priors() -> None:
     rng = np.random.default_rng(2024)
     draws = [sample_findings(rng) for _ in range(6000)]
     normal = np.mean([f.normal for f in draws])
-    assert 0.35 <= normal <= 0.41
+    assert 0.35 <= normal <= 0.41  # 0.3788: default_rng's draws are the same on every platform
     for name in FINDING_NAMES:
         freq = collections.Counter(getattr(f, name) for f in draws)
         assert len(freq) == len(synth.PRIORS[name])
@@ -223,6 +223,9 @@ def test_findings_change_only_their_own_region(render) -> None:
         weight = np.abs(d).sum(axis=1)
         return float((weight * (np.arange(size) + 0.5)).sum() / weight.sum() / size)
 
+    # Seeded renders, the same on every machine up to a rare 1-level pixel flip (numpy's SIMD exp/cos),
+    # and every threshold clears the 8 seeds' closest value by far more (closest: opacity mean 0.84 > 0.8,
+    # i.e. ~170 pixel levels of 4096 pixels; lower-zone centre 0.526 > 0.5).
     for seed in range(8):
         # Effusion: fluid whitens the bases; a large one much more than a small one.
         small, large = diff(Findings(effusion="small"), seed), diff(Findings(effusion="large"), seed)
