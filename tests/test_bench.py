@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from child_env import repo_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "R2GEN_LAUNCH_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath(), "R2GEN_LAUNCH_CACHE": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

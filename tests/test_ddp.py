@@ -18,6 +18,7 @@ from launcher.spawn import free_port
 from r2gen.config import preset
 from r2gen.model.r2gen import R2GenModel
 from r2gen.train import train_step
+from child_env import repo_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +75,7 @@ def test_ddp_step_equals_the_single_process_window(tmp_path: Path) -> None:
 
 
 def test_two_processes_train_through_the_cli(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "R2GEN_LAUNCH_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath(), "R2GEN_LAUNCH_CACHE": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-m", "launcher.cli", "plain", "--preset", "tiny", "--device", "cpu",
                              "--gpus", "2", "--studies", "20", "--epochs", "2", "--beam-size", "1",
                              "--effective-batch", "8", "--log-every", "1", "--run-dir", str(tmp_path / "runs"),

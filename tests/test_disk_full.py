@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from child_env import repo_pythonpath
 from r2gen.checkpoint import checkpoint_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ rm {q(str(mount / 'filler'))}
 echo $? > {q(str(logs / 'second.rc'))}
 {inspect} {q(str(logs / 'after_resume.json'))}
 """
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "COLUMNS": "400"}
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath(), "COLUMNS": "400"}
     done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], env=env,
                           capture_output=True, text=True, timeout=600)
     if done.returncode == 97:
@@ -167,7 +168,7 @@ def test_the_store_on_a_full_tmpfs_says_so_in_one_line_and_keeps_the_last_state(
     script = (f"mount -t tmpfs -o size=8m tmpfs {q(str(mount))} || exit 97; "
               f"{q(sys.executable)} -c {q(STORE)} {q(str(mount))} {q(str(report))}")
     done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": repo_pythonpath()})
     if done.returncode == 97:
         pytest.skip(f"mounting the tmpfs is refused here: {done.stderr.strip()[:200]}")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -18,6 +18,7 @@ import torch
 from launcher.plan import BatchPlan
 from launcher.resume import resume_batch
 from r2gen.checkpoint import CheckpointStore, load_checkpoint
+from child_env import repo_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 # 14 train studies, windows of 4: 4 steps per epoch, 8 in all; a resumable checkpoint after every step.
@@ -30,7 +31,7 @@ def _cli(args: list[str], tmp_path: Path, whole_path: bool = False, **popen) -> 
     # No java on PATH: METEOR (a JVM start per evaluation, half of these runs' time) is reported as n/a.
     # whole_path keeps the PATH (DeepSpeedCPUAdam JIT-builds with ninja and a C++ compiler from it).
     path = os.environ.get("PATH", "") if whole_path else str(Path(sys.executable).parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath(),
            "R2GEN_LAUNCH_CACHE": str(tmp_path / "cache"), "COLUMNS": "400", "PATH": path}
     return subprocess.Popen([sys.executable, "-m", "launcher.cli", *args, "--run-dir", str(tmp_path / "runs")],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from launcher.cli import app
 from launcher.runlock import RunLock
 from r2gen.errors import ConfigError
+from child_env import repo_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 HOLD = "import sys, time; from launcher.runlock import RunLock; RunLock(__import__('pathlib').Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(600)"
@@ -27,7 +28,7 @@ RUN = ["plain", "--preset", "tiny", "--device", "cpu", "--studies", "20", "--bea
 
 
 def _env(tmp_path: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    return {**os.environ, "PYTHONPATH": repo_pythonpath(),
             "R2GEN_LAUNCH_CACHE": str(tmp_path / "cache"), "COLUMNS": "300"}
 
 

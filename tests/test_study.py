@@ -17,6 +17,7 @@ from browser import assert_renders
 from launcher.cli import app
 from launcher.study import STUDY_PRECISIONS, StudyRequest, parse_precisions, recommend, run_command, skip_reason
 from r2gen.metrics import METRIC_KEYS
+from child_env import repo_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ["study", "--precisions", "fp32,bf16,fp8", "--device", "cpu", "--epochs", "1", "--studies", "20",
@@ -27,7 +28,7 @@ ROW_FIELDS = {"precision", "status", "reason", "run_dir", "micro_batch", "wall_s
 
 
 def _study(tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "R2GEN_LAUNCH_CACHE": str(tmp_path / "cache"), "COLUMNS": "200",
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath(), "R2GEN_LAUNCH_CACHE": str(tmp_path / "cache"), "COLUMNS": "200",
            "PATH": str(Path(sys.executable).parent)}  # no java: METEOR n/a, half the time saved
     return subprocess.run([sys.executable, "-m", "launcher.cli", *STUDY, "--run-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=900, env=env)

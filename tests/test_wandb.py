@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from launcher.cli import app
+from child_env import repo_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["plain", "--preset", "tiny", "--device", "cpu", "--studies", "20", "--epochs", "1", "--beam-size", "1",
@@ -48,7 +49,7 @@ def _wandb_records(path: Path) -> Iterator:
 
 def _cli(args: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **env})
+                          env={**os.environ, "PYTHONPATH": repo_pythonpath(), **env})
 
 
 def test_offline_run_files_hold_the_logged_keys_and_the_plan_but_never_the_key(tmp_path: Path) -> None:
@@ -102,7 +103,7 @@ BLOCK_WANDB = "import sys; sys.modules['wandb'] = None; from launcher.cli import
 
 
 def test_without_wandb_installed_training_runs_and_wandb_is_refused_clearly(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "R2GEN_LAUNCH_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath(), "R2GEN_LAUNCH_CACHE": str(tmp_path / "cache")}
     plain = subprocess.run([sys.executable, "-c", BLOCK_WANDB, *RUN, "--epochs", "1", "--max-steps-per-epoch", "1",
                             "--val-every", "last", "--run-dir", str(tmp_path), "--name", "no-wandb"],
                            capture_output=True, text=True, timeout=600, env=env)
