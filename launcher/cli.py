@@ -148,12 +148,9 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
 def _disk_space(run_dir: Path, prep):
     """The run directory's free space and one resumable checkpoint's size, for the plan's disk row."""
     from launcher.plan import DiskSpace
-    from r2gen.checkpoint import checkpoint_bytes, free_bytes
+    from r2gen.checkpoint import free_bytes, model_checkpoint_bytes
 
-    model = prep.model
-    each = checkpoint_bytes(sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers()),
-                            optimizer_states=3 if prep.cfg.amsgrad else 2,
-                            weight_copies=2 if prep.backend.saves_engine else 1)
+    each = model_checkpoint_bytes(prep.model, prep.cfg.amsgrad, prep.backend.saves_engine)
     return DiskSpace(str(run_dir), free_bytes(run_dir), each, prep.cfg.keep_last)
 
 

@@ -132,6 +132,13 @@ def checkpoint_bytes(parameters: int, buffers: int = 0, optimizer_states: int = 
     return 4 * ((parameters + buffers) * weight_copies + parameters * optimizer_states) + overhead_bytes
 
 
+def model_checkpoint_bytes(model: torch.nn.Module, amsgrad: bool, engine_saves: bool) -> int:
+    """checkpoint_bytes for this model: AMSGrad keeps 3 states per parameter (Adam 2); an engine that
+    writes its own checkpoint (DeepSpeed) stores the weights twice (its files and loop.pt)."""
+    return checkpoint_bytes(sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers()),
+                            optimizer_states=3 if amsgrad else 2, weight_copies=2 if engine_saves else 1)
+
+
 def write_text(path: Path, text: str) -> None:
     """UTF-8 text, written atomically."""
     _atomic_write(path, lambda f: f.write(text.encode("utf-8")))

@@ -31,8 +31,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from backends.base import Backend
-from r2gen.checkpoint import (CheckpointStore, UnreadableCheckpoint, load_checkpoint, save_checkpoint, tensor_bytes,
-                              write_json, write_text)
+from r2gen.checkpoint import (CheckpointStore, UnreadableCheckpoint, load_checkpoint, model_checkpoint_bytes,
+                              save_checkpoint, tensor_bytes, write_json, write_text)
 from r2gen.config import TrainConfig
 from r2gen.data.datasets import Annotation, ReportDataset, build_transform, collate, images_to_device
 from r2gen.data.sampling import EpochBatchSampler, EpochSampler, chunk_sizes
@@ -525,8 +525,7 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
         an engine with its own checkpoint (DeepSpeed) has every process write its part first."""
         if backend.saves_engine:
             staged = store.staging(loop.steps)
-            # The engine's files (fp32 weights, three Adam states) and loop.pt's weights: ~5x the weights.
-            needed = store.needed_bytes(5 * tensor_bytes(backend.unwrap(model).state_dict()))
+            needed = store.needed_bytes(model_checkpoint_bytes(backend.unwrap(model), cfg.amsgrad, engine_saves=True))
             if main:
                 shutil.rmtree(staged, ignore_errors=True)
                 staged.mkdir(parents=True)
