@@ -277,15 +277,14 @@ def _continue_training(backend_name: str, overrides: dict, options, run_dir: Pat
                        thresholds_path: Optional[Path]) -> None:
     """--keep-training: take the run's lock, check the run, rebuild it from its own files, re-plan the
     micro-batch, continue."""
-    from launcher.resume import find_run
+    from launcher.resume import find_run, is_run
 
     target = find_run(run_dir, name)
-    if dry_run:
+    if dry_run or not is_run(target):  # writes nothing; a folder that is not a run is refused there, unlocked
         _continue_locked(target, backend_name, overrides, options, dry_run, topology, hostfile, preset_given,
                          thresholds_path)
         return
     with RunLock(target):  # before reading it: the run's files are ours until we exit
-        _write_versions(target)
         _continue_locked(target, backend_name, overrides, options, dry_run, topology, hostfile, preset_given,
                          thresholds_path)
 
@@ -339,6 +338,8 @@ def _continue_locked(target: Path, backend_name: str, overrides: dict, options, 
     _print_plan(plan)
     err.print(f"continuing {run.path} from {run.checkpoint.name}", highlight=False)
     engine_file = engine_config_for(plan, topology, run.path, stored_engine_file(plan, run.path))
+    if not dry_run:  # every check passed: the run goes on
+        _write_versions(run.path)
     if topology.world_size > 1:
         _launch_processes(prep, prep.cfg, plan, run.path, None, topology, engine_file, hostfile, dry_run,
                           resume=run.checkpoint)

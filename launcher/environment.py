@@ -52,7 +52,10 @@ def _java_version() -> str | None:
 
     if not java_available():
         return None
-    done = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=20, check=False)
+    try:  # java_available is cached per process: PATH may have changed since
+        done = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
     first = (done.stderr or done.stdout).splitlines()
     return first[0].strip() if first else "present"
 

@@ -42,10 +42,15 @@ def find_run(run_dir: Path, name: str | None) -> Path:
     return max(runs, key=lambda p: (p / "plan.json").stat().st_mtime)
 
 
+def is_run(target: Path) -> bool:
+    """Whether a folder holds an r2gen-launch run (its plan.json and config.json)."""
+    return (target / "plan.json").is_file() and (target / "config.json").is_file()
+
+
 def read_run(target: Path) -> RunToContinue:
     """The run's plan, configuration and newest intact checkpoint, or a refusal."""
     plan_path, config_path = target / "plan.json", target / "config.json"
-    if not plan_path.is_file() or not config_path.is_file():
+    if not is_run(target):
         raise ConfigError(f"--keep-training: {target} is not an r2gen-launch run (no plan.json and config.json)")
     try:
         plan = Plan.from_json(plan_path.read_text(encoding="utf-8"))

@@ -78,7 +78,7 @@ def test_bad_evaluate_requests(runs: dict[str, Path], tmp_path: Path) -> None:
              (["--checkpoint", str(garbage)], "is not a readable checkpoint"),
              (["--checkpoint", str(tmp_path / "empty")], "neither a checkpoint nor a run directory"),
              (["--checkpoint", str(runs["plain"]), "--split", "dev"], "--split: unknown 'dev'"),
-             (["--checkpoint", str(runs["plain"]), "--beam", "0"], "--beam: must be at least 1")]
+             (["--checkpoint", str(runs["plain"]), "--beam", "0"], "--beam-size: must be at least 1")]
     for args, needle in cases:
         result = CliRunner().invoke(app, ["evaluate", *args])
         lines = [line for line in result.output.splitlines() if line.strip()]
