@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from r2gen.errors import ConfigError, RunFailed
+from r2gen.findings import FINDINGS_KEYS
 from r2gen.metrics import METRIC_KEYS
 
 STUDY_PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
@@ -92,6 +93,11 @@ def _last(records: list[dict], key: str) -> float | None:
     return next((r[key] for r in reversed(records) if r.get(key) is not None), None)
 
 
+def _present(name: str, scores: dict) -> dict:
+    """{name: scores} when any score was logged, else {} (the key absent, not zeros)."""
+    return {name: scores} if any(v is not None for v in scores.values()) else {}
+
+
 def collect(run_dir: Path) -> dict:
     """A finished run's numbers, from its metrics.jsonl, plan.json and last test reports."""
     records = _records(run_dir)
@@ -106,6 +112,9 @@ def collect(run_dir: Path) -> dict:
         "train_loss": _last(records, "train/loss_epoch"), "val_loss": _last(records, "val/loss"),
         "test_loss": _last(records, "test/loss"),
         "metrics": {k: _last(records, f"test/{k}") for k in METRIC_KEYS},
+        # the embedded set's findings scores where its labels exist; absent on user data
+        **_present("findings", {k: _last(records, f"test/{k}") for k in FINDINGS_KEYS[:2]}),
+        "baseline": {k: _last(records, f"baseline_test/{k}") for k in ("BLEU_4", *FINDINGS_KEYS[:2])},
         "generation_samples_per_s": _last(records, "perf/test_generate_samples_per_s"),
         "loss_curve": [[r["step"], r["train/loss"]] for r in records if r.get("train/loss") is not None],
         "test_reports": json.loads(tests[-1].read_text(encoding="utf-8")) if tests else [],

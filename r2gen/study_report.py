@@ -143,9 +143,9 @@ def _recommendation(summary: Mapping[str, Any], done: Sequence[Mapping[str, Any]
 Column = tuple[str, Callable[[Mapping[str, Any]], object], int]
 
 
-def _metric(key: str) -> Callable[[Mapping[str, Any]], object]:
+def _metric(key: str, group: str = "metrics") -> Callable[[Mapping[str, Any]], object]:
     def get(entry: Mapping[str, Any]) -> object:
-        metrics = entry.get("metrics")
+        metrics = entry.get(group)
         return metrics.get(key) if isinstance(metrics, Mapping) else None
     return get
 
@@ -161,6 +161,8 @@ COLUMNS: tuple[Column, ...] = (
     ("GPU\nutil (%)", _field("gpu_util_pct"), 0), ("Train\nloss", _field("train_loss"), 3),
     ("Val\nloss", _field("val_loss"), 3), ("Test\nloss", _field("test_loss"), 3),
     *((label, _metric(key), 3) for key, label in METRICS),
+    ("Findings\nF1", _metric("findings_macro_f1", "findings"), 3),
+    ("Findings\nexact", _metric("findings_exact_match", "findings"), 3),
     ("Generation\nsamples/s", _field("generation_samples_per_s"), 1),
 )
 
@@ -190,7 +192,21 @@ def _results_table(summary: Mapping[str, Any], precisions: Sequence[Mapping[str,
         rows.append(f"<tr><td colspan=\"{len(COLUMNS) + 2}\">No precision was asked for.</td></tr>")
     return ("<section>\n<h2>Results</h2>\n<div class=\"scroll\"><table id=\"results\">\n"
             f"<thead><tr><th>Precision</th><th>Status</th>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows)
-            + "\n</tbody></table></div>\n</section>")
+            + "\n</tbody></table></div>\n" + _baseline_note(precisions) + "</section>")
+
+
+def _baseline_note(precisions: Sequence[Mapping[str, Any]]) -> str:
+    """The constant-report baseline on test (the same data for every precision: the first run's)."""
+    baseline = next((p["baseline"] for p in precisions if isinstance(p.get("baseline"), Mapping)), None)
+    if not baseline or baseline.get("BLEU_4") is None:
+        return ""
+    parts = [f"BLEU-4 {_fmt(baseline.get('BLEU_4'), 3)}"]
+    if baseline.get("findings_macro_f1") is not None:
+        parts += [f"findings F1 {_fmt(baseline.get('findings_macro_f1'), 3)}",
+                  f"findings exact {_fmt(baseline.get('findings_exact_match'), 3)}"]
+    return (f"<p class=\"note\" id=\"baseline\">Constant-report baseline on test (always the most frequent "
+            f"train report): {_esc(', '.join(parts))}. Findings: macro F1 over the 8 abnormal findings and the "
+            "share of studies with all 5 right, read from each report with the embedded set's phrase tables.</p>\n")
 
 
 def _charts(done: Sequence[Mapping[str, Any]]) -> str:

@@ -39,6 +39,7 @@ from r2gen.data.sampling import EpochBatchSampler, EpochSampler, chunk_sizes
 from r2gen.data.tokenizer import Tokenizer
 from r2gen.errors import ConfigError, RunFailed
 from r2gen.wandb_log import WandbSink, wandb_config
+from r2gen.findings import findings_scores, labelled
 from r2gen.metrics import compute_scores
 from r2gen.monitor import data_wait_warning, system_metrics
 from r2gen.model.r2gen import R2GenModel, masked_nll, target_tokens
@@ -69,6 +70,7 @@ class RunResult:
     best_epoch: int
     val: dict[str, float | None] = field(default_factory=dict)
     test: dict[str, float | None] = field(default_factory=dict)
+    baseline_val: dict[str, float | None] = field(default_factory=dict)
     baseline_test: dict[str, float | None] = field(default_factory=dict)
     samples_per_s: float = 0.0
     peak_memory_gib: float | None = None
@@ -196,19 +198,28 @@ def evaluate(model: R2GenModel, loader: DataLoader, backend: Backend, tokenizer:
         torch.cuda.empty_cache()  # generation's blocks have other shapes than training's: give them back
     scores = compute_scores([r["ground_truth"] for r in records], [r["generated"] for r in records])
     scores["loss"] = nll / max(tokens, 1.0)
-    return scores, records, speed
+    return {**scores, **split_findings_scores(loader.dataset.studies, records)}, records, speed
 
 
-def constant_report_baseline(prep: Prepared) -> dict[str, float | None]:
-    """Scores on test of always answering the most frequent train report (the bar to clear)."""
+def split_findings_scores(studies, records: list[dict]) -> dict[str, float | None]:
+    """Findings accuracy and F1 of the records' generated reports (r2gen.findings), where every study of
+    the split has the embedded set's labels; {} on other data (the keys are absent, not zero)."""
+    truth = {s.id: s.findings for s in studies}
+    truths = labelled([truth.get(r["id"]) for r in records])
+    return findings_scores(truths, [r["generated"] for r in records]) if truths else {}
+
+
+def constant_report_baseline(prep: Prepared, split: str = "test") -> dict[str, float | None]:
+    """Scores on `split` of always answering the most frequent train report (the bar to clear)."""
     max_len = prep.cfg.model.max_seq_length
     as_truth = [prep.tokenizer.decode(prep.tokenizer.encode(s.report)[:max_len][1:])
                 for s in prep.annotation.splits["train"]]
     counts = Counter(as_truth)
     constant = min(counts, key=lambda r: (-counts[r], r))
-    truths = [prep.tokenizer.decode(prep.tokenizer.encode(s.report)[:max_len][1:])
-              for s in prep.annotation.splits["test"]]
-    return compute_scores(truths, [constant] * len(truths))
+    studies = prep.annotation.splits[split]
+    truths = [prep.tokenizer.decode(prep.tokenizer.encode(s.report)[:max_len][1:]) for s in studies]
+    records = [{"id": s.id, "generated": constant} for s in studies]
+    return {**compute_scores(truths, [constant] * len(truths)), **split_findings_scores(studies, records)}
 
 
 def micro_batch_sizes(total: int, micro_batch: int, smallest: int = 1) -> list[int]:
@@ -698,8 +709,10 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
         result.peak_memory_gib = torch.cuda.max_memory_allocated(backend.device) / 2**30
     if not main:
         return result
-    result.baseline_test = constant_report_baseline(prep)
+    result.baseline_val = constant_report_baseline(prep, "val")
+    result.baseline_test = constant_report_baseline(prep, "test")
     log.write({"step": loop.steps, "epoch": result.epochs_run,
+               **{f"baseline_val/{k}": v for k, v in result.baseline_val.items()},
                **{f"baseline_test/{k}": v for k, v in result.baseline_test.items()},
                "perf/train_samples_per_s": result.samples_per_s,
                **({"memory/peak_allocated_gib": result.peak_memory_gib} if result.peak_memory_gib else {})})

@@ -31,6 +31,8 @@ def _done(precision: str, speed: float, vram: float | None, shift: float) -> dic
         "gpu_util_pct": 91.0, "train_loss": 0.61 + shift, "val_loss": 0.7, "test_loss": 0.72,
         "metrics": {"BLEU_1": 0.4, "BLEU_2": 0.3, "BLEU_3": 0.2, "BLEU_4": 0.15 - shift, "METEOR": None,
                     "ROUGE_L": 0.35, "CIDEr": 0.4},
+        "findings": {"findings_macro_f1": 0.91 - shift, "findings_exact_match": 0.8},
+        "baseline": {"BLEU_4": 0.552, "findings_macro_f1": 0.0, "findings_exact_match": 0.39},
         "generation_samples_per_s": 120.0,
         "loss_curve": [[step, 3.2 - 0.1 * step + shift] for step in range(1, 30)],
         "samples": [{"id": i, "ground_truth": t, "generated": f"{precision} report {n}: {t}"}
@@ -81,10 +83,12 @@ def test_page_has_header_rows_reason_and_recommendation(summary: dict[str, Any])
     rows = re.findall(r'<tr[^>]*data-precision="([^"]+)"', page)
     assert rows == ["fp32", "bf16", "fp8"]
     fp8_row = re.search(r'<tr[^>]*data-precision="fp8".*?</tr>', page, re.S).group(0)
-    assert "skipped" in fp8_row and fp8_row.count(">n/a<") == 16
+    assert "skipped" in fp8_row and fp8_row.count(">n/a<") == 18
     fp32_row = re.search(r'<tr[^>]*data-precision="fp32".*?</tr>', page, re.S).group(0)
     assert ">58.7<" in fp32_row and ">3.68<" in fp32_row and ">0.150<" in fp32_row and ">n/a<" in fp32_row  # METEOR
     assert 'class="recommended" data-precision="bf16"' in page
+    assert ">0.910<" in fp32_row and ">0.800<" in fp32_row  # findings macro F1 and exact match
+    assert "Constant-report baseline on test" in page and "BLEU-4 0.552, findings F1 0.000, findings exact 0.390" in page
 
 
 def test_samples_table_has_every_study_and_precision(summary: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from r2gen.checkpoint import CheckpointStore, load_checkpoint, save_checkpoint, 
 from r2gen.config import PRESETS, TrainConfig, preset
 from r2gen.data.datasets import load_annotation
 from r2gen.errors import BackendError, ConfigError
+from r2gen.findings import FINDINGS_KEYS
 from r2gen.metrics import METRIC_KEYS
 from r2gen.train import build_optimizer, prepare, train
 
@@ -41,12 +42,15 @@ def test_tiny_loss_falls_and_run_dir_is_complete(small_set: Path, tmp_path: Path
     assert epoch_loss[-1] < 0.6 * epoch_loss[0], epoch_loss
 
     assert result.epochs_run == 6 and result.steps == 6 * 3
-    assert set(result.val) == set(result.test) == {*METRIC_KEYS, "loss"}  # loss: teacher-forced, no dropout
-    assert set(result.baseline_test) == set(METRIC_KEYS)
+    # loss: teacher-forced, no dropout; findings: the synthetic set's labels read back from the reports
+    assert set(result.val) == set(result.test) == {*METRIC_KEYS, *FINDINGS_KEYS, "loss"}
+    assert set(result.baseline_val) == set(result.baseline_test) == {*METRIC_KEYS, *FINDINGS_KEYS}
+    assert result.baseline_test["findings_macro_f1"] == 0.0  # the most frequent report is the normal one
     assert 0 < result.test["loss"] < epoch_loss[0]
     final = next(r for r in records if "test/BLEU_4" in r)
     assert final["epoch"] == 6 and final["val/BLEU_4"] == result.val["BLEU_4"]
-    assert any("baseline_test/BLEU_4" in r for r in records)
+    assert any("baseline_test/BLEU_4" in r and "baseline_val/findings_macro_f1" in r for r in records)
+    assert final["test/findings_macro_f1"] == result.test["findings_macro_f1"]
     steps = [r for r in records if "train/loss" in r]
     for key in ("perf/samples_per_s", "perf/tokens_per_s", "perf/data_wait_pct", "system/cpu_pct",
                 "system/process_rss_gib"):

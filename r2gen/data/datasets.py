@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from r2gen.data.synth import Findings, synth_findings
 from r2gen.data.tokenizer import Tokenizer
 from r2gen.errors import DataError
 from r2gen.model.r2gen import DATASETS
@@ -36,6 +37,7 @@ class Study:
     id: str
     report: str
     images: tuple[Path, ...]
+    findings: Findings | None = None  # the embedded synthetic set's labels (its "findings" field); None elsewhere
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ def _parse_study(path: Path, split: str, index: int, entry: object, image_dir: P
     if len(image_paths) < views:
         raise DataError(f"{where}: field 'image_path' has {len(image_paths)} image(s), "
                         f"this data set needs {views} per study")
-    return Study(str(study_id), report, tuple(image_dir / p for p in image_paths[:views]))
+    return Study(str(study_id), report, tuple(image_dir / p for p in image_paths[:views]),
+                 synth_findings(entry.get("findings")))
 
 
 def check_image(image: Path, study: Study, ann_path: Path) -> None:

@@ -39,6 +39,7 @@ from PIL import Image, ImageDraw
 
 __all__ = [
     "Findings",
+    "synth_findings",
     "sample_findings",
     "write_report",
     "render_frontal",
@@ -91,6 +92,16 @@ class Findings:
 
     def as_dict(self) -> dict[str, str]:
         return asdict(self)
+
+
+def synth_findings(value: object) -> Findings | None:
+    """An annotation entry's ``findings`` field as Findings when it holds exactly this set's labels
+    (each finding one of its values), else None: other data sets' fields of that name mean other things."""
+    if not isinstance(value, dict) or set(value) != set(PRIORS):
+        return None
+    if not all(isinstance(v, str) and v in PRIORS[k] for k, v in value.items()):
+        return None
+    return Findings(**value)
 
 
 def _choice(rng: np.random.Generator, table: dict[str, float]) -> str:
