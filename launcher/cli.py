@@ -125,7 +125,8 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
 
         budget, _ = gpu_budget(facts, options, thresholds)
         request = ProbeRequest(cfg, len(prep.tokenizer), precision, budget,
-                               options.probe_cap(cfg, n["train"], world_size), backend=backend.name,
+                               options.probe_cap(cfg, n["train"], world_size, thresholds.min_steps_per_epoch),
+                               backend=backend.name,
                                verify=options.batch_size or 0, others_gib=facts.gpus[0].used_by_others_gib,
                                engine=engine)
         with _status("probing GPU memory with real training steps..."):
@@ -141,7 +142,7 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
         err.print(f"auto: {choice.reason}", highlight=False)
     plan = make_plan(backend_name, device, precision, cfg, facts, thresholds, options, sum(n.values()), probe,
                      world_size=world_size, engine=engine, choice=choice,
-                     disk=_disk_space(run_dir, prep) if run_dir is not None else None)
+                     disk=_disk_space(run_dir, prep) if run_dir is not None else None, train_studies=n["train"])
     return prep, plan, target
 
 
@@ -202,7 +203,7 @@ def _print_plan(plan) -> None:
     for row in plan.rows():
         table.add_row(*row)
     err.print(table)
-    if warning := plan.disk_warning():
+    for warning in plan.warnings():
         err.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
 
 
@@ -413,26 +414,25 @@ def _fmt(value: Optional[float]) -> str:
 
 
 def _print_result(result) -> None:
+    from r2gen.findings import FINDINGS_KEYS
     from r2gen.metrics import METRIC_KEYS
 
-    rows = (("val", result.val), ("test", result.test), ("baseline val", result.baseline_val),
-            ("baseline test", result.baseline_test))
-    # Findings scores exist on the embedded set only (its labels); on user data the columns are left out.
-    findings = [(k, label) for k, label in (("findings_macro_f1", "findings F1"), ("findings_exact_match", "exact"))
-                if any(scores.get(k) is not None for _, scores in rows)]
+    columns = [(label, scores) for label, scores in (("val", result.val), ("test", result.test),
+                                                    ("baseline val", result.baseline_val),
+                                                    ("baseline test", result.baseline_test)) if scores]
+    # Findings scores exist on the embedded set only (its labels); on user data the rows are left out.
+    keys = [*METRIC_KEYS, *(k for k in FINDINGS_KEYS if any(s.get(k) is not None for _, s in columns))]
     table = Table(title=f"R2Gen scores after {result.epochs_run} epochs ({result.steps} steps); "
                         f"best val epoch {result.best_epoch}",
                   caption="baseline: always answering the most frequent train report"
-                          + ("; findings F1: macro F1 over the 8 abnormal findings, read from each report with the "
-                             "embedded set's phrase tables; exact: all 5 findings right" if findings else ""))
-    table.add_column("split")
-    for key in METRIC_KEYS:
-        table.add_column(key, justify="right")
-    for _, label in findings:
+                          + ("; findings_*: read from each report with the embedded set's phrase tables, macro F1 "
+                             "over its 8 abnormal findings, exact match of all 5" if len(keys) > len(METRIC_KEYS)
+                             else ""))
+    table.add_column("score")
+    for label, _ in columns:
         table.add_column(label, justify="right")
-    for label, scores in rows:
-        if scores:
-            table.add_row(label, *(_fmt(scores.get(k)) for k in (*METRIC_KEYS, *(k for k, _ in findings))))
+    for key in keys:
+        table.add_row(key, *(_fmt(scores.get(key)) for _, scores in columns))
     out.print(table)
     speed = f"train {result.samples_per_s:.1f} samples/s"
     if result.peak_memory_gib is not None:
@@ -626,8 +626,9 @@ def auto(
 ) -> None:
     """Pick device, engine, precision and a preset that fits, plan, then train and evaluate.
 
-    On a GPU: the iu_xray preset (full ResNet-101 model), bf16 where supported (else fp16), the
-    throughput batch policy (the largest micro-batch the probe finds), all visible GPUs. The engine
+    On a GPU: the iu_xray preset (full ResNet-101 model), bf16 where supported (else fp16), the auto
+    batch policy (the largest micro-batch the probe finds while an epoch keeps `min_steps_per_epoch`
+    optimizer steps, else R2Gen's batch of 16), all visible GPUs. The engine
     follows measurements: plain PyTorch; DeepSpeed ZeRO-2 with CPU offload when model and optimizer
     states leave room for fewer than `useful_micro_batch` studies; FP8 when a short timed run shows
     it faster than bf16 by `fp8_min_speedup_pct`. On a CPU-only machine: the tiny preset in fp32,
@@ -637,7 +638,7 @@ def auto(
 
     def run() -> None:
         options = _options(batch_size, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling,
-                           num_workers, "throughput")
+                           num_workers, "auto")
         if torch.cuda.is_available():
             device, preset = "cuda", "iu_xray"
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

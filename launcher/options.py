@@ -82,7 +82,9 @@ EffectiveBatch = Annotated[Optional[int], _opt(
     shown=_per_preset("batch_size") + " (R2Gen's 16)")]
 BatchPolicy = Annotated[Optional[str], _opt(
     "faithful: keep the effective batch (and the learning rates); throughput: grow it to the largest micro-batch "
-    "that fits and scale the learning rates.", shown="faithful; auto and probe: throughput")]
+    "that fits and scale the learning rates (warmed up over one epoch); auto: throughput while an epoch keeps "
+    f"{_T.min_steps_per_epoch} optimizer steps (thresholds: min_steps_per_epoch), else faithful.",
+    shown="faithful; auto: auto; probe: throughput")]
 LrScaling = Annotated[str, _opt("How learning rates follow a changed effective batch: linear, sqrt (suits Adam) "
                                 "or none.")]
 TargetUtil = Annotated[Optional[float], _opt("Share of the GPU's memory the plan may fill, %.",

@@ -16,7 +16,7 @@ from launcher.thresholds import LoaderPlan, Thresholds, decoded_size_gib, plan_l
 from r2gen.config import TrainConfig
 from r2gen.errors import BackendError, ConfigError
 
-BATCH_POLICIES = ("faithful", "throughput")
+BATCH_POLICIES = ("auto", "faithful", "throughput")
 
 
 GPU_ENGINES = ("deepspeed", "fp8")
@@ -81,24 +81,51 @@ class BatchPlan:
     lr_ve: float
     lr_ed: float
     reasons: dict[str, str]
+    warmup_steps: int = 0     # optimizer steps of linear learning-rate warm-up (after a scaled-up rate)
+    steps_per_epoch: int | None = None  # optimizer steps per epoch (None: the train split's size not known)
+    warning: str | None = None  # printed before the run: an epoch with few optimizer steps
+
+
+def steps_per_epoch(train_studies: int, effective_batch: int) -> int:
+    """Optimizer steps in one epoch of `train_studies` (the last window shorter)."""
+    return -(-train_studies // effective_batch)
 
 
 def plan_batch(largest_micro: int, world_size: int, policy: str, effective_batch: int, lr_scaling: str,
-               lr_ve: float, lr_ed: float) -> BatchPlan:
-    """Micro-batch, accumulation and learning rates from the largest micro-batch that fits.
+               lr_ve: float, lr_ed: float, train_studies: int | None = None, min_steps_per_epoch: int = 32,
+               max_warmup_steps: int = 200) -> BatchPlan:
+    """Micro-batch, accumulation, learning rates and warm-up from the largest micro-batch that fits.
 
     faithful: keep `effective_batch` (R2Gen's 16) exactly or, when it is not a multiple of
     micro x world, as the nearest larger one; learning rates unchanged. throughput: one micro-batch
     per step at the largest size, learning rates scaled from `effective_batch` by `lr_scaling`.
+    auto (time to a good model): throughput, but at no micro-batch so large that an epoch of
+    `train_studies` keeps fewer than `min_steps_per_epoch` optimizer steps; where that leaves no
+    batch above `effective_batch`, faithful. A scaled-up learning rate warms up linearly over one
+    epoch's steps (at most `max_warmup_steps`).
     """
     if policy not in BATCH_POLICIES:
         raise ValueError(f"--batch-policy: unknown {policy!r}; choose one of {', '.join(BATCH_POLICIES)}")
     if largest_micro < 1:
         raise ValueError("no micro-batch fits in memory")
+    share = -(-effective_batch // world_size)  # one process's share of the effective batch
+    auto_why = ""
+    if policy == "auto":
+        cap = train_studies // (world_size * min_steps_per_epoch) if train_studies else largest_micro
+        if min(largest_micro, cap) > share:
+            micro = min(largest_micro, cap)
+            auto_why = (f"auto: the largest that fits is {largest_micro}" + (
+                f", capped at {cap} so that an epoch of {train_studies} studies keeps >= {min_steps_per_epoch} "
+                "optimizer steps (thresholds: min_steps_per_epoch)" if cap < largest_micro else ""))
+            policy, largest_micro = "throughput", micro
+        else:
+            auto_why = (f"auto: faithful, as a batch above {effective_batch} would leave an epoch of {train_studies} "
+                        f"studies fewer than {min_steps_per_epoch} optimizer steps (thresholds: min_steps_per_epoch)"
+                        if cap <= share else f"auto: faithful, as no more than {largest_micro} studies fit")
+            policy = "faithful"
     reasons: dict[str, str] = {}
     if policy == "faithful":
         # No use in a micro-batch larger than one process's share of the effective batch.
-        share = -(-effective_batch // world_size)
         micro = min(largest_micro, share)
         accumulation = accumulation_steps(effective_batch, micro, world_size)
         effective = micro * world_size * accumulation
@@ -113,19 +140,34 @@ def plan_batch(largest_micro: int, world_size: int, policy: str, effective_batch
             new_ve = scale_lr(lr_ve, effective_batch, effective, lr_scaling)
             new_ed = scale_lr(lr_ed, effective_batch, effective, lr_scaling)
             reasons["lr"] = f"scaled {lr_scaling} by {effective}/{effective_batch}"
-        return BatchPlan(micro, accumulation, world_size, effective, new_ve, new_ed, reasons)
-
-    micro, accumulation = largest_micro, 1
-    effective = micro * world_size
-    reasons["micro_batch"] = f"{micro}: the largest that fits the memory budget"
-    reasons["accumulation"] = "1: throughput policy steps after every micro-batch"
-    reasons["effective_batch"] = f"{effective}: {micro} x {world_size} process(es) (preset: {effective_batch})"
-    new_ve = scale_lr(lr_ve, effective_batch, effective, lr_scaling)
-    new_ed = scale_lr(lr_ed, effective_batch, effective, lr_scaling)
-    reasons["lr"] = ("unchanged: the effective batch is the preset's" if effective == effective_batch else
-                     f"scaled {lr_scaling} by {effective}/{effective_batch}: visual extractor {lr_ve:g} -> "
-                     f"{new_ve:.3g}, encoder-decoder {lr_ed:g} -> {new_ed:.3g}")
-    return BatchPlan(micro, accumulation, world_size, effective, new_ve, new_ed, reasons)
+    else:
+        micro, accumulation = largest_micro, 1
+        effective = micro * world_size
+        reasons["micro_batch"] = f"{micro}: the largest that fits the memory budget"
+        reasons["accumulation"] = "1: throughput policy steps after every micro-batch"
+        reasons["effective_batch"] = f"{effective}: {micro} x {world_size} process(es) (preset: {effective_batch})"
+        new_ve = scale_lr(lr_ve, effective_batch, effective, lr_scaling)
+        new_ed = scale_lr(lr_ed, effective_batch, effective, lr_scaling)
+        reasons["lr"] = ("unchanged: the effective batch is the preset's" if effective == effective_batch else
+                         f"scaled {lr_scaling} by {effective}/{effective_batch}: visual extractor {lr_ve:g} -> "
+                         f"{new_ve:.3g}, encoder-decoder {lr_ed:g} -> {new_ed:.3g}")
+    if auto_why:
+        reasons["micro_batch"] = f"{micro}: {auto_why}"
+    steps = steps_per_epoch(train_studies, effective) if train_studies else None
+    warmup = 0
+    if new_ve > lr_ve or new_ed > lr_ed:
+        warmup = min(steps or max_warmup_steps, max_warmup_steps)
+        reasons["warmup"] = (f"{warmup} steps: the learning rates are scaled up, reached linearly over "
+                             + ("one epoch" if warmup == steps else f"{max_warmup_steps} steps (thresholds: "
+                                "max_warmup_steps)"))
+    else:
+        reasons["warmup"] = "none: the learning rates are not scaled up"
+    warning = None
+    if steps is not None and steps < min_steps_per_epoch and effective > effective_batch:
+        warning = (f"batch: an effective batch of {effective} leaves {steps} optimizer step(s) per epoch of "
+                   f"{train_studies} studies (fewer than min_steps_per_epoch {min_steps_per_epoch}): the model learns "
+                   "little per epoch; --batch-policy auto keeps enough steps")
+    return BatchPlan(micro, accumulation, world_size, effective, new_ve, new_ed, reasons, warmup, steps, warning)
 
 
 @dataclass(frozen=True)
@@ -156,12 +198,16 @@ class PlanOptions:
         if self.num_workers is not None and self.num_workers < 0:
             raise ConfigError(f"--num-workers: must not be negative, got {self.num_workers}")
 
-    def probe_cap(self, cfg: TrainConfig, train_studies: int, world_size: int = 1) -> int:
-        """The largest micro-batch worth probing: the train split (throughput), or one process's share of
-        the effective batch (faithful)."""
+    def probe_cap(self, cfg: TrainConfig, train_studies: int, world_size: int = 1, min_steps_per_epoch: int = 32
+                  ) -> int:
+        """The largest micro-batch worth probing: the train split (throughput), one process's share of
+        the effective batch (faithful), or the largest that keeps `min_steps_per_epoch` (auto)."""
         if self.batch_policy == "throughput":
             return train_studies
-        return min(-(-self.effective_for(cfg) // world_size), train_studies)
+        share = min(-(-self.effective_for(cfg) // world_size), train_studies)
+        if self.batch_policy == "auto":  # no batch beyond plan_batch's cap for steps per epoch
+            return max(train_studies // (world_size * min_steps_per_epoch), share)
+        return share
 
     def effective_for(self, cfg: TrainConfig) -> int:
         """The effective batch for this preset; checks --batch-size against it."""
@@ -232,6 +278,10 @@ class Plan:
         enough, why = disk_reason(self.disk)
         return None if enough else f"disk: {why}"
 
+    def warnings(self) -> list[str]:
+        """Every sentence to print before the run: too little disk, an epoch with few optimizer steps."""
+        return [w for w in (self.batch.warning, self.disk_warning()) if w]
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
@@ -254,6 +304,10 @@ class Plan:
                  ("accumulation", str(b.accumulation), b.reasons["accumulation"]),
                  ("effective_batch", str(b.effective_batch), b.reasons["effective_batch"]),
                  ("lr (visual / rest)", f"{b.lr_ve:.3g} / {b.lr_ed:.3g}", b.reasons["lr"])]
+        if "warmup" in b.reasons:
+            rows.append(("warm-up steps", str(b.warmup_steps), b.reasons["warmup"]))
+        if b.steps_per_epoch is not None:
+            rows.append(("steps per epoch", str(b.steps_per_epoch), b.warning or "optimizer steps in one epoch"))
         rows += [(k, str(getattr(lo, k)), lo.reasons.get(k, ""))
                  for k in ("num_workers", "pin_memory", "persistent_workers", "cache_images", "low_memory")]
         if self.memory_budget_gib is not None:
@@ -294,10 +348,11 @@ def gpu_budget(facts: Facts, options: PlanOptions, thresholds: Thresholds, devic
 def make_plan(backend: str, device: str, precision: str, cfg: TrainConfig, facts: Facts, thresholds: Thresholds,
               options: PlanOptions, studies: int, probe: dict[str, Any] | None = None,
               world_size: int = 1, engine: dict[str, Any] | None = None, choice: EngineChoice | None = None,
-              disk: DiskSpace | None = None) -> Plan:
+              disk: DiskSpace | None = None, train_studies: int | None = None) -> Plan:
     """Every decision of a run from plain values: hardware facts, thresholds, flags, probe results.
 
-    `studies` sizes the image cache (all splits). `probe` is ProbeResult.to_dict() when the probe ran (or verified
+    `studies` sizes the image cache (all splits); `train_studies` (the train split) the optimizer steps
+    per epoch, which --batch-policy auto keeps at thresholds.min_steps_per_epoch or more. `probe` is ProbeResult.to_dict() when the probe ran (or verified
     --batch-size), None otherwise. `choice` is auto's engine choice (backend, precision and engine agree with it).
     `disk`: the run directory's free space and one checkpoint's size, checked against --keep-last.
     """
@@ -338,7 +393,8 @@ def make_plan(backend: str, device: str, precision: str, cfg: TrainConfig, facts
     else:
         largest = options.batch_size or -(-effective // world_size)
         reasons["probe"] = "no GPU: nothing to measure"
-    batch = plan_batch(largest, world_size, options.batch_policy, effective, options.lr_scaling, cfg.lr_ve, cfg.lr_ed)
+    batch = plan_batch(largest, world_size, options.batch_policy, effective, options.lr_scaling, cfg.lr_ve, cfg.lr_ed,
+                       train_studies, thresholds.min_steps_per_epoch, thresholds.max_warmup_steps)
     if options.batch_size:
         batch = replace(batch, reasons={**batch.reasons, "micro_batch": f"{batch.micro_batch}: --batch-size"})
     elif probe is None:
@@ -372,6 +428,6 @@ def apply_plan(cfg: TrainConfig, plan: Plan) -> TrainConfig:
     """The loop's configuration with the plan's batch, learning rates and loader settings."""
     b, lo = plan.batch, plan.loader
     return cfg.replace(batch_size=b.micro_batch * b.accumulation, micro_batch=b.micro_batch, lr_ve=b.lr_ve,
-                       lr_ed=b.lr_ed, num_workers=lo.num_workers, pin_memory=lo.pin_memory,
+                       lr_ed=b.lr_ed, warmup_steps=b.warmup_steps, num_workers=lo.num_workers, pin_memory=lo.pin_memory,
                        prefetch_factor=lo.prefetch_factor or cfg.prefetch_factor, cache_images=lo.cache_images,
                        max_vram_gib=plan.max_vram_gib or 0.0)

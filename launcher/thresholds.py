@@ -37,6 +37,8 @@ class Thresholds:
     target_util_pct: Annotated[float, Field(gt=0, le=100)] = 85.0   # share of a GPU's memory the probe plans to use
     useful_micro_batch: Annotated[int, Field(ge=1)] = 8             # auto: below this micro-batch, try ZeRO-2 CPU offload
     fp8_min_speedup_pct: Annotated[float, Field(ge=0)] = 5.0        # auto: FP8 only when this much faster than bf16
+    min_steps_per_epoch: Annotated[int, Field(ge=1)] = 32           # auto: a batch larger than the preset's only while an epoch keeps this many optimizer steps
+    max_warmup_steps: Annotated[int, Field(ge=0)] = 200             # learning-rate warm-up after a scaled-up rate: one epoch's steps, at most this many
 
     def to_dict(self) -> dict:
         return asdict(self)

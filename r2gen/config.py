@@ -36,6 +36,7 @@ class TrainConfig:
     lr_ed: float = 1e-4                # encoder-decoder learning rate
     weight_decay: float = 5e-5
     amsgrad: bool = True
+    warmup_steps: int = 0              # optimizer steps of linear learning-rate warm-up (the plan sets it after a scaled-up rate)
     step_size: int = 50                # StepLR period, epochs
     gamma: float = 0.1                 # StepLR factor
     clip_value: float = 0.1            # clip_grad_value_
@@ -76,7 +77,7 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
         for name in ("weight_decay", "early_stop", "val_every", "num_workers", "max_steps_per_epoch", "micro_batch",
-                     "max_vram_gib", "oom_retries", "save_every"):
+                     "max_vram_gib", "oom_retries", "save_every", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must not be negative, got {getattr(self, name)}")
         if self.micro_batch > self.batch_size:

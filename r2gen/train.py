@@ -14,6 +14,7 @@ random states, the resumable data order of r2gen.data.sampling).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import shutil
@@ -286,6 +287,29 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, backend
             raise NonFiniteLoss(f"the loss is {total.item()} (not finite) on at least one process")
         stepped = backend.backward_and_step(loss, model, optimizer, clip_value, step=last)
     return total.item(), stepped
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The learning-rate factor of optimizer step `step` (0-based) in a linear warm-up over
+    `warmup_steps`: 1/warmup_steps, 2/warmup_steps, ..., then 1."""
+    return 1.0 if step >= warmup_steps else (step + 1) / warmup_steps
+
+
+@contextlib.contextmanager
+def warmed_up(optimizer: torch.optim.Optimizer, factor: float):
+    """The optimizer's rates times `factor` for one step, then the scheduler's own again (StepLR reads and
+    sets them per epoch, so they must be its values between steps)."""
+    if factor == 1.0:
+        yield
+        return
+    scheduled = [group["lr"] for group in optimizer.param_groups]
+    for group, lr in zip(optimizer.param_groups, scheduled):
+        group["lr"] = lr * factor
+    try:
+        yield
+    finally:
+        for group, lr in zip(optimizer.param_groups, scheduled):
+            group["lr"] = lr
 
 
 class NonFiniteLoss(RuntimeError):
@@ -586,7 +610,8 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
                 window_wait += waited
                 epoch_wait += waited
                 try:
-                    loss_value, stepped = oom.step(model, optimizer, backend, batch, cfg.clip_value)
+                    with warmed_up(optimizer, warmup_factor(loop.steps, cfg.warmup_steps)):
+                        loss_value, stepped = oom.step(model, optimizer, backend, batch, cfg.clip_value)
                     loop.nonfinite_run = 0
                 except NonFiniteLoss as exc:
                     # The window is consumed without a step; the weights are those after the last good step.
@@ -628,9 +653,10 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
                     now = time.perf_counter()
                     elapsed = max(now - window_start, 1e-9)
                     wait_pct = 100 * window_wait / elapsed
+                    factor = warmup_factor(loop.steps - 1, cfg.warmup_steps)  # the rate this step used
                     log.write({"step": loop.steps, "epoch": epoch, "train/loss": loss_value,
-                               "lr/visual_extractor": optimizer.param_groups[0]["lr"],
-                               "lr/encoder_decoder": optimizer.param_groups[1]["lr"],
+                               "lr/visual_extractor": optimizer.param_groups[0]["lr"] * factor,
+                               "lr/encoder_decoder": optimizer.param_groups[1]["lr"] * factor,
                                "perf/samples_per_s": window_samples / elapsed,
                                "perf/tokens_per_s": window_tokens / elapsed, "perf/data_wait_pct": wait_pct,
                                **system_metrics(backend.device)})

@@ -28,6 +28,53 @@ def test_throughput_grows_the_batch_and_scales_lr() -> None:
     assert none.lr_ed == 1e-4
 
 
+@pytest.mark.parametrize("largest,train,world,micro,policy", [
+    (737, 2100, 1, 65, "throughput"),    # 2100 // 32 = 65: an epoch keeps 33 steps
+    (48, 2100, 1, 48, "throughput"),     # memory is the limit, an epoch keeps 44 steps
+    (737, 280, 1, 16, "faithful"),       # 280 // 32 = 8 <= 16: no batch above R2Gen's keeps 32 steps
+    (737, 14000, 2, 218, "throughput"),  # 14000 // (2 x 32)
+    (10, 2100, 1, 10, "faithful"),       # not even R2Gen's batch fits: accumulate
+])
+def test_auto_grows_the_batch_only_while_an_epoch_keeps_enough_steps(largest, train, world, micro, policy) -> None:
+    b = plan_batch(largest, world, "auto", 16, "sqrt", 5e-5, 1e-4, train, 32, 200)
+    assert b.micro_batch == micro and b.reasons["micro_batch"].startswith(f"{micro}: auto: ")
+    assert b.steps_per_epoch == -(-train // b.effective_batch)
+    if policy == "throughput":
+        assert b.accumulation == 1 and b.steps_per_epoch >= 32 and b.effective_batch == micro * world
+        assert b.lr_ed == pytest.approx(1e-4 * (micro * world / 16) ** 0.5)
+        # warm-up over one epoch's steps (at most 200), as the rates are scaled up
+        assert b.warmup_steps == min(b.steps_per_epoch, 200) and b.warmup_steps > 0
+    else:
+        assert b.effective_batch == (16 if micro != 10 else 20) and b.warmup_steps in (0, b.steps_per_epoch)
+    assert b.warning is None
+
+
+def test_throughput_warns_when_an_epoch_keeps_few_steps_and_warms_up_at_most_max_warmup_steps() -> None:
+    b = plan_batch(280, 1, "throughput", 16, "sqrt", 5e-5, 1e-4, 280, 32, 200)
+    assert b.steps_per_epoch == 1 and b.warmup_steps == 1
+    assert b.warning is not None and "1 optimizer step(s) per epoch of 280 studies" in b.warning
+    long = plan_batch(64, 1, "throughput", 16, "sqrt", 5e-5, 1e-4, 64 * 500, 32, 200)
+    assert long.warmup_steps == 200 and long.warning is None and "max_warmup_steps" in long.reasons["warmup"]
+    same = plan_batch(16, 1, "throughput", 16, "sqrt", 5e-5, 1e-4, 2100, 32, 200)
+    assert same.warmup_steps == 0 and same.reasons["warmup"].startswith("none")
+
+
+def test_warmup_factor_is_linear_then_one_and_the_rates_come_back() -> None:
+    import torch
+
+    from r2gen.train import warmed_up, warmup_factor
+
+    assert [warmup_factor(i, 4) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_factor(0, 0) == 1.0
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [w], "lr": 0.5}])
+    w.grad = torch.ones(1)
+    with warmed_up(opt, 0.25):
+        assert opt.param_groups[0]["lr"] == 0.125
+        opt.step()
+    assert w.item() == -0.125 and opt.param_groups[0]["lr"] == 0.5  # exact: powers of two
+
+
 def test_bad_policy_and_nothing_fits() -> None:
     with pytest.raises(ValueError, match="--batch-policy"):
         plan_batch(8, 1, "greedy", 16, "linear", 1e-4, 1e-4)
@@ -137,6 +184,8 @@ def test_probe_cap_follows_the_policy() -> None:
     assert PlanOptions(batch_policy="throughput").probe_cap(cfg, 2069) == 2069
     assert PlanOptions().probe_cap(cfg, 2069) == 16 and PlanOptions().probe_cap(cfg, 10) == 10
     assert PlanOptions(effective_batch=64).probe_cap(cfg, 2069, world_size=4) == 16
+    assert PlanOptions(batch_policy="auto").probe_cap(cfg, 2100) == 65  # the most that keeps 32 steps
+    assert PlanOptions(batch_policy="auto").probe_cap(cfg, 280) == 16
 
 
 @pytest.mark.parametrize("micro,offload,speeds,expected", [
