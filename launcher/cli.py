@@ -417,14 +417,17 @@ def _print_result(result) -> None:
     from r2gen.findings import FINDINGS_KEYS
     from r2gen.metrics import METRIC_KEYS
 
+    best = result.best_test if result.best_test and result.best_epoch != result.epochs_run else {}
     columns = [(label, scores) for label, scores in (("val", result.val), ("test", result.test),
+                                                    (f"test, epoch {result.best_epoch}", best),
                                                     ("baseline val", result.baseline_val),
                                                     ("baseline test", result.baseline_test)) if scores]
     # Findings scores exist on the embedded set only (its labels); on user data the rows are left out.
     keys = [*METRIC_KEYS, *(k for k in FINDINGS_KEYS if any(s.get(k) is not None for _, s in columns))]
     table = Table(title=f"R2Gen scores after {result.epochs_run} epochs ({result.steps} steps); "
                         f"best val epoch {result.best_epoch}",
-                  caption="baseline: always answering the most frequent train report"
+                  caption="val and test: the last model; test, epoch N: the best val epoch's (R2Gen's pick); "
+                          "baseline: always answering the most frequent train report"
                           + ("; findings_*: read from each report with the embedded set's phrase tables, macro F1 "
                              "over its 8 abnormal findings, exact match of all 5" if len(keys) > len(METRIC_KEYS)
                              else ""))
@@ -544,7 +547,8 @@ def _training_command(backend_name: str, summary: str):
         beam_size: BeamSize = None, lr_ve: LrVe = None, lr_ed: LrEd = None, seed: Seed = None,
         num_workers: NumWorkers = None, max_steps_per_epoch: MaxSteps = None, log_every: LogEvery = None,
         gpus: Gpus = None, nodes: Nodes = 1, node_rank: NodeRank = 0, master_addr: MasterAddr = "127.0.0.1",
-        master_port: MasterPort = None, save_every: SaveEvery = None, keep_last: KeepLast = None,
+        master_port: MasterPort = None, save_every: SaveEvery = None, checkpoint_every: CheckpointEvery = None,
+        test_every: TestEvery = None, keep_last: KeepLast = None,
         wandb: Wandb = None, wandb_mode: WandbMode = None, wandb_project: WandbProject = None,
         wandb_name: WandbName = None, keep_training: KeepTraining = False, thresholds: ThresholdsFile = None,
         run_dir: RunDir = Path("runs"), name: Name = None, dry_run: DryRun = False, speedups: Speedups = True,
@@ -559,6 +563,7 @@ def _training_command(backend_name: str, summary: str):
                              studies=studies, backbone=backbone, val_every=_parse_val_every(val_every),
                              early_stop=early_stop, beam_size=beam_size, lr_ve=lr_ve, lr_ed=lr_ed, seed=seed,
                              max_steps_per_epoch=max_steps_per_epoch, log_every=log_every, save_every=save_every,
+                             checkpoint_every_min=checkpoint_every, test_every=test_every,
                              keep_last=keep_last, **_wandb_overrides(wandb, wandb_mode, wandb_project, wandb_name),
                              **_speedup_overrides(speedups))
             chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -619,7 +624,8 @@ def auto(
     studies: Studies = None, visual_weights: VisualWeights = None, val_every: ValEvery = None,
     seed: Seed = None, num_workers: NumWorkers = None,
     gpus: AutoGpus = None,
-    save_every: SaveEvery = None, keep_last: KeepLast = None, wandb: Wandb = None, wandb_mode: WandbMode = None,
+    save_every: SaveEvery = None, checkpoint_every: CheckpointEvery = None, test_every: TestEvery = None,
+    keep_last: KeepLast = None, wandb: Wandb = None, wandb_mode: WandbMode = None,
     wandb_project: WandbProject = None, wandb_name: WandbName = None, keep_training: KeepTraining = False,
     thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"), name: Name = None, dry_run: DryRun = False,
     speedups: Speedups = True,
@@ -648,7 +654,8 @@ def auto(
             processes = gpus or 1
         err.print(f"auto: {device}, {precision}, {preset} preset, {processes} process(es)", highlight=False)
         overrides = dict(epochs=epochs, studies=studies, val_every=_parse_val_every(val_every), seed=seed,
-                         save_every=save_every, keep_last=keep_last,
+                         save_every=save_every, checkpoint_every_min=checkpoint_every, test_every=test_every,
+                         keep_last=keep_last,
                          **_wandb_overrides(wandb, wandb_mode, wandb_project, wandb_name), **_speedup_overrides(speedups))
         _run_training("auto", device, precision, preset, overrides, options, ann_path, image_dir, visual_weights,
                       thresholds, run_dir, name, dry_run,

@@ -169,6 +169,13 @@ KeepTraining = Annotated[bool, _opt(
     shown="off: a new run")]
 SaveEvery = Annotated[Optional[int], _opt("Optimizer steps between resumable checkpoints; 0: at epoch ends only.",
                                           shown=str(_DEFAULTS.save_every))]
+CheckpointEvery = Annotated[Optional[float], _opt(
+    "Wall minutes between resumable checkpoints, written at the first epoch end after that long (and always at the "
+    "end, before an early stop and on SIGTERM/Ctrl-C); 0: at every epoch end. best.pt (weights only) follows every "
+    "val improvement.", shown=_per_preset("checkpoint_every_min"))]
+TestEvery = Annotated[Optional[int], _opt(
+    "Also evaluate the test split every N epochs; 0: only the best model (by val BLEU-4) and the last one.",
+    shown=str(_DEFAULTS.test_every))]
 KeepLast = Annotated[Optional[int], _opt("Resumable checkpoints kept, the newest ones.",
                                          shown=str(_DEFAULTS.keep_last))]
 DryRun = Annotated[bool, _opt("Print the plan, engine config and launch command, then stop (nothing is written).",

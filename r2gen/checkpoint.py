@@ -164,7 +164,7 @@ def sha256_of(path: Path, chunk: int = 1 << 22) -> str:
 class CheckpointStore:
     """A run's checkpoints/ folder: resumable states `step-<step>.pt` (or, for an engine that writes
     its own checkpoint, a folder `step-<step>/` with it and our `loop.pt`; the newest `keep_last` kept),
-    `best.pt` (best validation score), and manifest.json listing each with its size and SHA-256.
+    `best.pt` (weights only, of the best validation score), and manifest.json listing each with its size and SHA-256.
 
     Every file is written atomically and entered in the manifest only once complete; the manifest
     itself is replaced atomically. `newest_intact` returns the newest state whose file still matches
@@ -276,27 +276,15 @@ class CheckpointStore:
             path = self.folder / old["file"]
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
-    def mark_best(self, saved: Path, epoch: int) -> Path:
-        """`best.pt` becomes the state just saved at `saved` (a step file, or a step folder's loop.pt):
-        a hard link, so the state is neither serialized nor hashed a second time, and it outlives
-        the step's pruning."""
+    def save_best(self, state: dict[str, Any], epoch: int) -> Path:
+        """`best.pt`: the weights after a val improvement (with the configuration and vocabulary that
+        `evaluate` reads, no optimizer: a third of a resumable state), atomically, in the manifest."""
+        path = self.folder / "best.pt"
+        with self.writing(path, tensor_bytes(state)):
+            save_checkpoint(state, path)
         manifest = self.manifest()
-        entry = next(e for e in manifest["states"] if e["file"] == saved.name)
-        source, facts = (saved / "loop.pt", entry["files"]["loop.pt"]) if "files" in entry else (saved, entry)
-        path, staged = self.folder / "best.pt", self.folder / ".best.pt.tmp"
-        staged.unlink(missing_ok=True)
-        try:
-            os.link(source, staged)
-        except OSError:  # a filesystem without hard links
-            with self.writing(path, facts["bytes"]):
-                try:
-                    shutil.copyfile(source, staged)
-                except BaseException:
-                    staged.unlink(missing_ok=True)
-                    raise
-        os.replace(staged, path)
-        manifest["best"] = {"file": path.name, "bytes": facts["bytes"], "sha256": facts["sha256"],
-                            "step": entry["step"], "epoch": epoch}
+        manifest["best"] = {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_of(path),
+                            "step": state.get("step"), "epoch": epoch}
         with self.writing(self.folder / MANIFEST, self._manifest_bytes()):
             write_json(self.folder / MANIFEST, manifest)
         return path

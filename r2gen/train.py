@@ -71,6 +71,7 @@ class RunResult:
     best_epoch: int
     val: dict[str, float | None] = field(default_factory=dict)
     test: dict[str, float | None] = field(default_factory=dict)
+    best_test: dict[str, float | None] = field(default_factory=dict)  # the best val epoch's model on test
     baseline_val: dict[str, float | None] = field(default_factory=dict)
     baseline_test: dict[str, float | None] = field(default_factory=dict)
     samples_per_s: float = 0.0
@@ -555,9 +556,9 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
                          wandb_config(cfg.to_dict(), plan_json))
     log = MetricsLog(metrics_path if main else None, sink)
 
-    def save_state(best_of_epoch: int = 0) -> Path | None:
-        """A resumable checkpoint of this moment, also as best.pt after a best epoch. Rank 0 writes it;
-        an engine with its own checkpoint (DeepSpeed) has every process write its part first."""
+    def save_state() -> Path | None:
+        """A resumable checkpoint of this moment. Rank 0 writes it; an engine with its own checkpoint
+        (DeepSpeed) has every process write its part first."""
         if backend.saves_engine:
             staged = store.staging(loop.steps)
             needed = store.needed_bytes(model_checkpoint_bytes(backend.unwrap(model), cfg.amsgrad, engine_saves=True))
@@ -579,9 +580,14 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
             path = store.commit(staged, loop.steps, loop.epoch)
         else:
             path = store.save(state, loop.steps, loop.epoch)
-        if best_of_epoch:
-            store.mark_best(path, best_of_epoch)
         return path
+
+    def evaluate_split(split: str, epoch: int, name: str | None = None) -> dict:
+        """Reports and scores of `split` with the model as it is; the records under `name/` (default: split)."""
+        scores, reports, speed = evaluate(backend.unwrap(model), loaders[split], backend, tokenizer, cfg)
+        name = name or split
+        write_json(run_dir / "reports" / f"{name}_epoch{epoch:03d}.json", reports)
+        return {**{f"{name}/{k}": v for k, v in scores.items()}, f"perf/{split}_generate_samples_per_s": speed}
 
     if backend.device.type == "cuda":
         cap_gpu_memory(backend.device, cfg.max_vram_gib)
@@ -594,6 +600,7 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
     train_batches = iter(loaders["train"])
     result = RunResult(run_dir=run_dir, epochs_run=loop.epoch - 1, steps=loop.steps, best_epoch=loop.best_epoch)
     oom = OomRecovery(cfg.micro_batch or cfg.batch_size, retries=cfg.oom_retries)
+    last_save = time.perf_counter()
     model.train()
     with _progress(console) as progress, StopRequest() as stop:
         task = progress.add_task("train", total=cfg.epochs * steps_per_epoch, completed=loop.steps, info="")
@@ -698,17 +705,9 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
             val_scores = None  # this epoch's, for the plain epoch line
             improved = False
             if main and ((cfg.val_every and epoch % cfg.val_every == 0) or last):
-                progress.update(task, info=f"epoch {epoch}/{cfg.epochs} evaluating val and test")
-                record: dict = {"step": loop.steps, "epoch": epoch}
-                for split in ("val", "test"):
-                    scores, reports, speed = evaluate(backend.unwrap(model), loaders[split], backend, tokenizer, cfg)
-                    write_json(run_dir / "reports" / f"{split}_epoch{epoch:03d}.json", reports)
-                    record.update({f"{split}/{k}": v for k, v in scores.items()})
-                    record[f"perf/{split}_generate_samples_per_s"] = speed
-                    getattr(result, split).clear()
-                    getattr(result, split).update(scores)
-                log.write(record)
-                val_scores = {k: result.val.get(k) for k in ("BLEU_4", "CIDEr")}
+                progress.update(task, info=f"epoch {epoch}/{cfg.epochs} evaluating val")
+                record: dict = {"step": loop.steps, "epoch": epoch, **evaluate_split("val", epoch)}
+                val_scores = {k: record.get(f"val/{k}") for k in ("BLEU_4", "CIDEr", "findings_macro_f1")}
                 score = record[f"val/{MONITOR}"]
                 improved = score is not None and score > loop.best_score
                 if improved:
@@ -716,13 +715,30 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
                 if epoch - loop.best_epoch > cfg.early_stop:
                     console.print(f"early stop: val {MONITOR} did not improve for {epoch - loop.best_epoch} epochs")
                     stop_early = True
+                # Test: the last model (and, after the loop, the best one), or every test_every epochs.
+                if last or stop_early or (cfg.test_every and epoch % cfg.test_every == 0):
+                    progress.update(task, info=f"epoch {epoch}/{cfg.epochs} evaluating test")
+                    record.update(evaluate_split("test", epoch))
+                result.val = {k.removeprefix("val/"): v for k, v in record.items() if k.startswith("val/")}
+                if "test/BLEU_4" in record:
+                    result.test = {k.removeprefix("test/"): v for k, v in record.items() if k.startswith("test/")}
+                log.write(record)
+            stop_now = backend.broadcast_flag(stop_early)
+            # Resumable states on a wall-time cadence, and always at the end and before an early stop;
+            # rank 0's clock decides for every process (an engine's checkpoint is written by all).
+            due = backend.broadcast_flag(last or stop_now or not cfg.checkpoint_every_min
+                                         or time.perf_counter() - last_save >= 60 * cfg.checkpoint_every_min)
             loop.next_epoch()
-            save_state(best_of_epoch=epoch if improved else 0)  # the start of the next epoch
+            if due:
+                save_state()  # the start of the next epoch
+                last_save = time.perf_counter()
+            if main and improved:
+                store.save_best(_weights(backend, model, cfg, tokenizer, loop, plan_json), epoch)
             if not console.is_terminal:
                 console.print(epoch_line(epoch, cfg.epochs, loop.steps, epoch_loss, epoch_samples / train_s,
                                          100 * epoch_wait / train_s, time.perf_counter() - epoch_began, val_scores),
                               highlight=False, soft_wrap=True)
-            if backend.broadcast_flag(stop_early):
+            if stop_now:
                 break
             backend.barrier()
         if result.epochs_run < cfg.epochs:
@@ -735,6 +751,17 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
         result.peak_memory_gib = torch.cuda.max_memory_allocated(backend.device) / 2**30
     if not main:
         return result
+    best_pt = run_dir / "checkpoints" / "best.pt"
+    if result.test and loop.best_epoch and loop.best_epoch != result.epochs_run and best_pt.is_file():
+        # R2Gen reports the test scores of the model with the best val score: its weights, on test.
+        console.print(f"evaluating the best model (epoch {loop.best_epoch}) on test", highlight=False)
+        backend.unwrap(model).load_state_dict(load_checkpoint(best_pt)["model"])
+        record = {"step": loop.steps, "epoch": result.epochs_run, "best_epoch": loop.best_epoch,
+                  **evaluate_split("test", loop.best_epoch, "best_test")}
+        result.best_test = {k.removeprefix("best_test/"): v for k, v in record.items() if k.startswith("best_test/")}
+        log.write(record)
+    elif result.test:
+        result.best_test = dict(result.test)  # the last model is the best one
     result.baseline_val = constant_report_baseline(prep, "val")
     result.baseline_test = constant_report_baseline(prep, "test")
     log.write({"step": loop.steps, "epoch": result.epochs_run,
@@ -744,6 +771,14 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
                **({"memory/peak_allocated_gib": result.peak_memory_gib} if result.peak_memory_gib else {})})
     log.close()
     return result
+
+
+def _weights(backend: Backend, model, cfg: TrainConfig, tokenizer: Tokenizer, loop: LoopState,
+             plan_json: str | None) -> dict:
+    """best.pt: what `evaluate` and `generate` read (weights, configuration, vocabulary), no optimizer."""
+    return {"model": backend.unwrap(model).state_dict(), "config": cfg.to_dict(), "tokenizer": tokenizer.to_json(),
+            "plan": plan_json, "epoch": loop.epoch - 1, "step": loop.steps, "monitor": f"val/{MONITOR}",
+            "best_score": loop.best_score}
 
 
 def _state(backend: Backend, model, optimizer, scheduler, cfg: TrainConfig, tokenizer: Tokenizer,

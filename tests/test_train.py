@@ -93,6 +93,45 @@ def test_val_every_evaluates_on_schedule(small_set: Path, tmp_path: Path) -> Non
     assert evaluated == ["val_epoch002.json", "val_epoch003.json"]  # every 2nd epoch and the last
 
 
+def test_test_split_is_scored_for_the_last_and_the_best_model_or_every_n_epochs(small_set: Path,
+                                                                                tmp_path: Path) -> None:
+    prep = prepare(_cfg(epochs=4, val_every=1, beam_size=1, max_steps_per_epoch=1), PlainBackend("cpu"),
+                   load_annotation(small_set), None)
+    result = train(prep, tmp_path / "run", _quiet())
+    reports = tmp_path / "run" / "reports"
+    assert sorted(p.name for p in reports.glob("val_*")) == [f"val_epoch00{e}.json" for e in (1, 2, 3, 4)]
+    assert sorted(p.name for p in reports.glob("test_*")) == ["test_epoch004.json"]  # the last model
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    if result.best_epoch != 4:  # the best model's weights (best.pt) scored on test after the loop
+        assert sorted(p.name for p in reports.glob("best_test_*")) == [f"best_test_epoch00{result.best_epoch}.json"]
+        best = next(r for r in records if "best_test/BLEU_4" in r)
+        assert best["best_epoch"] == result.best_epoch and best["best_test/BLEU_4"] == result.best_test["BLEU_4"]
+    else:
+        assert result.best_test == result.test
+    prep = prepare(_cfg(epochs=4, val_every=1, test_every=2, beam_size=1, max_steps_per_epoch=1), PlainBackend("cpu"),
+                   load_annotation(small_set), None)
+    train(prep, tmp_path / "every2", _quiet())
+    assert sorted(p.name for p in (tmp_path / "every2" / "reports").glob("test_*")) == [
+        "test_epoch002.json", "test_epoch004.json"]
+
+
+def test_resumable_states_follow_the_wall_clock_cadence_and_best_holds_weights_only(small_set: Path,
+                                                                                   tmp_path: Path) -> None:
+    ann = load_annotation(small_set)
+    for minutes, states in ((0.0, [1, 2, 3]), (60.0, [3])):  # every epoch; or only at the end of a short run
+        prep = prepare(_cfg(epochs=3, val_every=1, beam_size=1, max_steps_per_epoch=1, checkpoint_every_min=minutes),
+                       PlainBackend("cpu"), ann, None)
+        run = tmp_path / f"every{minutes:g}"
+        train(prep, run, _quiet())
+        store = CheckpointStore(run / "checkpoints")
+        assert [e["step"] for e in store.manifest()["states"]] == states
+        best = load_checkpoint(run / "checkpoints" / "best.pt")
+        assert "optimizer" not in best and {"model", "config", "tokenizer"} <= best.keys()
+        assert store.manifest()["best"]["sha256"] == sha256_of(run / "checkpoints" / "best.pt")
+        resumable = load_checkpoint(run / "checkpoints" / f"step-{states[-1]:08d}.pt")
+        assert resumable["optimizer"] is not None
+
+
 def test_optimizer_matches_r2gen(small_set: Path) -> None:
     cfg = preset("iu_xray")
     assert (cfg.lr_ve, cfg.lr_ed, cfg.weight_decay, cfg.amsgrad) == (5e-5, 1e-4, 5e-5, True)
