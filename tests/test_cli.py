@@ -12,6 +12,7 @@ from typer.core import TyperCommand, TyperOption
 from typer.testing import CliRunner
 
 from launcher.cli import app
+from r2gen.data.synth import DATASET_VERSION
 
 runner = CliRunner()
 COMMANDS = [["plain"], ["accelerate"], ["deepspeed"], ["fp8"], ["auto"], ["probe"], ["evaluate"], ["study"], ["env"],
@@ -175,7 +176,7 @@ def test_auto_on_the_embedded_set_prints_scores_and_baseline(tmp_path: Path, mon
     plan = Plan.from_json((tmp_path / "quick" / "plan.json").read_text())
     assert config["train"]["micro_batch"] == plan.batch.micro_batch
     assert config["train"]["batch_size"] == plan.batch.micro_batch * plan.batch.accumulation
-    assert config["train"]["studies"] == 20 and "synth-v1-n20" in config["annotation"]
+    assert config["train"]["studies"] == 20 and f"synth-v{DATASET_VERSION}-n20" in config["annotation"]
     assert secret not in text
     for path in tmp_path.rglob("*"):
         assert not path.is_file() or secret.encode() not in path.read_bytes(), path

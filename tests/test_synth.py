@@ -18,6 +18,7 @@ from PIL import Image
 
 from r2gen.data import synth
 from r2gen.data.synth import (
+    DATASET_VERSION,
     Findings,
     default_dataset,
     plan_studies,
@@ -293,7 +294,7 @@ def test_findings_are_learnable_from_pixels(learn_set: Path) -> None:
 
 def test_default_dataset_generates_once(tmp_path: Path) -> None:
     ann = default_dataset(studies=10, seed=2, cache_dir=tmp_path)
-    assert ann == tmp_path / "synth-v1-n10-s2-i256" / "annotation.json"
+    assert ann == tmp_path / f"synth-v{DATASET_VERSION}-n10-s2-i256" / "annotation.json"
     assert ann.is_file()
     data = json.loads(ann.read_text())
     with Image.open(ann.parent / "images" / data["train"][0]["image_path"][0]) as im:
@@ -303,13 +304,13 @@ def test_default_dataset_generates_once(tmp_path: Path) -> None:
     before = ann.stat().st_mtime_ns
     assert default_dataset(studies=10, seed=2, cache_dir=tmp_path) == ann
     assert ann.stat().st_mtime_ns == before
-    assert [p.name for p in tmp_path.iterdir()] == ["synth-v1-n10-s2-i256"]  # no temp dir left
+    assert [p.name for p in tmp_path.iterdir()] == [f"synth-v{DATASET_VERSION}-n10-s2-i256"]  # no temp dir left
 
 
 def test_default_dataset_env_cache_and_lost_race(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("R2GEN_LAUNCH_CACHE", str(tmp_path / "env-cache"))
     assert synth.cache_root() == tmp_path / "env-cache"
-    final = tmp_path / "env-cache" / "synth-v1-n10-s0-i256"
+    final = tmp_path / "env-cache" / f"synth-v{DATASET_VERSION}-n10-s0-i256"
 
     # Simulate another process publishing the set while this one is generating.
     real_write = synth._write_set

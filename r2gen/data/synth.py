@@ -54,7 +54,7 @@ __all__ = [
 ]
 
 # Bump when the rendering or the reports change, so stale caches are not reused.
-DATASET_VERSION = 1
+DATASET_VERSION = 2
 # With fewer studies the 70/10/20 split degenerates (val/test of a single study
 # and a train split too small to hold every report word).
 MIN_STUDIES = 10
@@ -339,7 +339,7 @@ def _bezier(p0: tuple[float, float], p1: tuple[float, float], p2: tuple[float, f
 def _pacemaker(fr: _Frame, rng: np.random.Generator, gen_uv: tuple[float, float],
                lead_ends: Iterable[tuple[float, float]], gen_wh: tuple[float, float]) -> np.ndarray:
     """Generator can plus leads running to the heart, as a [0, 1] layer."""
-    wire = max(2, round(fr.size / 110))  # width on the 2x canvas: >= 1 px after downsampling
+    wire = max(2, round(fr.size / 40))  # width on the 2x canvas: >= 1 px after downsampling
     bends = [(0.02 + rng.uniform(-0.03, 0.03), gen_uv[1] + 0.05) for _ in lead_ends]
 
     def draw(d: ImageDraw.ImageDraw, k: int) -> None:
@@ -359,7 +359,7 @@ def _sternotomy(fr: _Frame, rng: np.random.Generator, cu: float, v0: float, v1: 
     """5-6 twisted wire loops stacked along the sternum, as a [0, 1] layer."""
     n = int(rng.integers(5, 7))
     jitter = rng.uniform(-0.008, 0.008, n)
-    wire = max(2, round(fr.size / 70))
+    wire = max(2, round(fr.size / 24))
 
     def draw(d: ImageDraw.ImageDraw, k: int) -> None:
         a, b = ru * fr.scale * fr.size * k, rv * fr.scale * fr.size * k
@@ -444,7 +444,7 @@ def render_frontal(findings: Findings, rng: np.random.Generator, size: int = 256
     # rim of pleural air at the apex and lateral wall, edged by the visceral pleural line.
     if f.pneumothorax == "present":
         L = lungs[int(lesion.integers(2))]
-        k = lesion.uniform(0.56, 0.64)
+        k = lesion.uniform(0.44, 0.5)
         hu, hv = L.c - L.side * 0.06, 0.56
         # The collapsed lung is the outline shrunk by k about (hu, hv): evaluate the
         # outline at each pixel's pre-image under that shrink.
@@ -483,8 +483,8 @@ def render_frontal(findings: Findings, rng: np.random.Generator, size: int = 256
         L = lungs[int(lesion.integers(2))]
         cu = L.c + L.side * lesion.uniform(0.0, 0.04)
         cv = lesion.uniform(0.25, 0.34) if f.opacity == "upper" else lesion.uniform(0.56, 0.64)
-        blob = _blob(L.w, lesion, cu, cv, lesion.uniform(0.08, 0.095))
-        _add(img, L.w, lesion.uniform(0.32, 0.38) * blob * L.shape)
+        blob = _blob(L.w, lesion, cu, cv, lesion.uniform(0.1, 0.115))
+        _add(img, L.w, lesion.uniform(0.4, 0.46) * blob * L.shape)
 
     # Bones: posterior ribs as curved bands, cos(a + b) = cos a cos b - sin a sin b
     # so the 2-D cosine is two outer products of 1-D ones.
@@ -506,11 +506,11 @@ def render_frontal(findings: Findings, rng: np.random.Generator, size: int = 256
         s = 1 if lesion.random() < 0.5 else -1
         gen = (s * lesion.uniform(0.24, 0.29), lesion.uniform(0.17, 0.21))
         ends = [(hc_u + 0.25 * hr_u, hc_v + 0.5 * hr_v), (hc_u - 0.45 * hr_u, hc_v - 0.2 * hr_v)]
-        layer = _pacemaker(fr, lesion, gen, ends[: int(lesion.integers(1, 3))], (0.10, 0.065))
+        layer = _pacemaker(fr, lesion, gen, ends[: int(lesion.integers(1, 3))], (0.17, 0.12))
         np.maximum(img, 0.97 * layer, out=img)
     elif f.device == "sternotomy":
         v0, v1 = lesion.uniform(0.24, 0.28), lesion.uniform(0.56, 0.62)
-        layer = _sternotomy(fr, lesion, 0.0, v0, v1, 0.034, 0.017)
+        layer = _sternotomy(fr, lesion, 0.0, v0, v1, 0.05, 0.026)
         np.maximum(img, 0.97 * layer, out=img)
     return _finish(img, fr, film)
 
@@ -549,12 +549,12 @@ def render_lateral(findings: Findings, rng: np.random.Generator, size: int = 256
     if f.opacity != "none":
         cu = lesion.uniform(-0.02, 0.14)
         cv = lesion.uniform(0.25, 0.33) if f.opacity == "upper" else lesion.uniform(0.56, 0.63)
-        blob = _blob(w, lesion, cu, cv, lesion.uniform(0.08, 0.095))
-        _add(img, w, lesion.uniform(0.28, 0.34) * blob * shape)
+        blob = _blob(w, lesion, cu, cv, lesion.uniform(0.1, 0.115))
+        _add(img, w, lesion.uniform(0.36, 0.42) * blob * shape)
 
     if f.pneumothorax == "present":
         # Apical lucency above the collapsed lung's apex, with its pleural line.
-        apex = top + lesion.uniform(0.13, 0.16) + 0.25 * (w.u - lc) ** 2
+        apex = top + lesion.uniform(0.2, 0.24) + 0.25 * (w.u - lc) ** 2
         _paint(img, w, 0.04, lung * _ramp(apex - w.v, 2 * px))
         _add(img, w, 0.12 * lung * _ramp(0.012 - np.abs(w.v - apex), 2 * px))
 
@@ -582,12 +582,12 @@ def render_lateral(findings: Findings, rng: np.random.Generator, size: int = 256
     if f.device == "pacemaker":
         gen = (lesion.uniform(-0.31, -0.27), lesion.uniform(0.17, 0.21))
         ends = [(hc_u - 0.3 * hr_u, hc_v + 0.6 * hr_v), (hc_u + 0.1 * hr_u, hc_v - 0.3 * hr_v)]
-        layer = _pacemaker(fr, lesion, gen, ends[: int(lesion.integers(1, 3))], (0.035, 0.08))
+        layer = _pacemaker(fr, lesion, gen, ends[: int(lesion.integers(1, 3))], (0.07, 0.14))
         np.maximum(img, 0.97 * layer, out=img)
     elif f.device == "sternotomy":
         # Wires seen edge-on along the sternum: short bright loops.
         v0, v1 = lesion.uniform(0.24, 0.28), lesion.uniform(0.56, 0.6)
-        layer = _sternotomy(fr, lesion, -0.315, v0, v1, 0.016, 0.022)
+        layer = _sternotomy(fr, lesion, -0.315, v0, v1, 0.03, 0.034)
         np.maximum(img, 0.97 * layer, out=img)
     return _finish(img, fr, film)
 
@@ -650,22 +650,60 @@ def plan_studies(studies: int, seed: int) -> list[dict]:
     return plan
 
 
-def _write_set(root: Path, studies: int, seed: int, image_size: int, progress: bool) -> None:
-    plan = plan_studies(studies, seed)
-    (root / "images").mkdir(parents=True)
-    indices: Iterable[int] = range(studies)
-    if progress:
-        from rich.progress import track  # only needed for the interactive bar
-
-        indices = track(indices, description="Synthesizing chest X-rays", total=studies)
+def _render_studies(root: Path, entries: list[dict], indices: range, seed: int, image_size: int) -> int:
+    """Both views of the studies `indices` into root/images; returns how many were written."""
     for i in indices:
-        entry = plan[i]
+        entry = entries[i - indices.start]
         findings = Findings(**entry["findings"])
         pix_rng = np.random.default_rng([seed, i, 1])
         (root / "images" / entry["id"]).mkdir()
         for view, render in enumerate((render_frontal, render_lateral)):
             png = _png_bytes(render(findings, pix_rng, image_size))
             (root / "images" / entry["image_path"][view]).write_bytes(png)
+    return len(indices)
+
+
+PARALLEL_MIN_STUDIES = 200
+"""From this many studies the set is drawn by one process per usable CPU (each study has its own seed,
+so the files are the same whoever draws them)."""
+
+
+def _write_set(root: Path, studies: int, seed: int, image_size: int, progress: bool) -> None:
+    plan = plan_studies(studies, seed)
+    (root / "images").mkdir(parents=True)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    step = max(16, -(-studies // (cpus * 8))) if cpus > 1 and studies >= PARALLEL_MIN_STUDIES else studies
+    chunks = [range(a, min(a + step, studies)) for a in range(0, studies, step)]
+    bar = None
+    if progress:
+        from rich.console import Console  # only needed for the interactive bar
+        from rich.progress import Progress
+
+        console = Console(stderr=True)
+        bar = Progress(console=console, transient=False, disable=not console.is_terminal)
+        bar.start()
+        task = bar.add_task("Synthesizing chest X-rays", total=studies)
+    try:
+        if len(chunks) == 1:
+            for chunk in chunks:
+                _render_studies(root, plan[chunk.start:chunk.stop], chunk, seed, image_size)
+                if bar is not None:
+                    bar.update(task, advance=len(chunk))
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            # fork: the children need only numpy and PIL, and start in milliseconds
+            with ProcessPoolExecutor(min(cpus, len(chunks)), mp_context=multiprocessing.get_context("fork")) as pool:
+                futures = [pool.submit(_render_studies, root, plan[c.start:c.stop], c, seed, image_size)
+                           for c in chunks]
+                for done in as_completed(futures):
+                    n = done.result()
+                    if bar is not None:
+                        bar.update(task, advance=n)
+    finally:
+        if bar is not None:
+            bar.stop()
     annotation: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
     for entry in plan:
         annotation[entry["split"]].append(entry)
