@@ -44,6 +44,7 @@ class TrainConfig:
     val_every: int = 1                 # epochs between evaluations; 0 = only after the last epoch
     beam_size: int = 3
     block_trigrams: bool = True
+    reference_generation: bool = False  # evaluate with the published code's step-by-step decoding (A/B runs; same reports, slower)
     seed: int = 9223
     num_workers: int = 2
     pin_memory: bool = True            # page-locked host batches (used on a GPU only)

@@ -44,7 +44,7 @@ from r2gen.findings import findings_scores, labelled
 from r2gen.metrics import compute_scores
 from r2gen.monitor import data_wait_warning, system_metrics
 from r2gen.model.r2gen import R2GenModel, masked_nll, target_tokens
-from r2gen.model.sampling import generate_from_features
+from r2gen.model.sampling import beam_search, generate_from_features, greedy
 from r2gen.model.visual_extractor import init_visual_weights, smallest_micro_batch
 
 MONITOR = "BLEU_4"
@@ -152,6 +152,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if self.path is None:
             return
+        record = {**record, "time/unix_s": round(time.time(), 3)}  # wall clock: time to a score, across resumes
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
         if self.sink is not None:
@@ -181,8 +182,13 @@ def evaluate(model: R2GenModel, loader: DataLoader, backend: Backend, tokenizer:
             with backend.autocast():
                 att_feats, _ = model.extract(images)  # once, for the loss and the reports
                 logprobs = model.forward_features(att_feats, targets)
-                out += generate_from_features(model, att_feats, beam_size=cfg.beam_size,
-                                              block_trigrams=cfg.block_trigrams).cpu().tolist()
+                if cfg.reference_generation:  # the published decoding, from the images (bench/time_to_quality.py)
+                    seqs = (beam_search(model, images, cfg.beam_size) if cfg.beam_size > 1
+                            else greedy(model, images, cfg.block_trigrams))
+                else:
+                    seqs = generate_from_features(model, att_feats, beam_size=cfg.beam_size,
+                                                  block_trigrams=cfg.block_trigrams)
+                out += seqs.cpu().tolist()
             summed += masked_nll(logprobs.float(), targets, chunk["masks"].to(backend.device), 1.0).item()
         return out, summed
 
@@ -423,7 +429,8 @@ def epoch_line(epoch: int, epochs: int, steps: int, loss: float, samples_per_s: 
     line = (f"epoch {epoch}/{epochs} | step {steps} | loss {loss:.4f} | {samples_per_s:.1f} samples/s | "
             f"data wait {data_wait_pct:.0f}% | {epoch_s:.1f} s")
     if scores:
-        line += " | " + " ".join(f"val {k} {v:.4f}" for k, v in scores.items() if v is not None)
+        names = {"findings_macro_f1": "findings F1"}
+        line += " | val " + " ".join(f"{names.get(k, k)} {v:.4f}" for k, v in scores.items() if v is not None)
     return line + f" | ETA {_clock(epoch_s * (epochs - epoch))}"
 
 

@@ -36,7 +36,7 @@ def test_a_run_into_a_log_file_prints_one_plain_line_per_epoch(tmp_path: Path) -
     lines = [line for line in text.splitlines() if line.startswith("epoch ")]
     assert len(lines) == 2, text
     pattern = (r"epoch {e}/2 \| step {s} \| loss \d+\.\d{{4}} \| \d+\.\d samples/s \| data wait \d+% \| \d+\.\d s \| "
-               r"val BLEU_4 \d\.\d{{4}} val CIDEr \d+\.\d{{4}} \| ETA \d:\d\d:\d\d")
+               r"val BLEU_4 \d\.\d{{4}} CIDEr \d+\.\d{{4}} findings F1 \d\.\d{{4}} \| ETA \d:\d\d:\d\d")
     for epoch, line in enumerate(lines, 1):
         assert re.fullmatch(pattern.format(e=epoch, s=2 * epoch), line), line
     # No progress bar drawn into the file (rich's "train ━━━━ 4/4" line, or its carriage returns).

@@ -1,0 +1,170 @@
+"""Time to a good model: the published R2Gen configuration against `r2gen-launch auto`, on the same data.
+
+    python bench/time_to_quality.py --studies 3000 --budget-s 480 --json time_to_quality.json     # one GPU
+    python bench/time_to_quality.py --device cpu --preset tiny --studies 60 --budget-s 90           # CPU smoke
+
+Rows, each a plainly started process timed from its start (set-up, caching, evaluation and
+checkpoints included), both on the embedded synthetic set of --studies:
+- published: the published code's configuration through the shared loop: fp32, batch 16, R2Gen's
+  learning rates, images decoded and normalized on the host (no cache, float batches), 2 workers,
+  none of the step speed-ups, the published (reference) beam search on val and test after every
+  epoch, a resumable checkpoint every epoch. It is slow, so it runs under --budget-s (then stopped
+  by SIGTERM, which the loop honours after the step: what it measured so far stays).
+- auto: `r2gen-launch auto` as a user types it (plus --studies), under --auto-budget-s if given.
+
+The target is the best val findings macro-F1 the published row reached within its budget; each row's
+time to target is the wall time from its start to its first val evaluation at or above it, and the
+ratio is published's time over auto's. Also each row's last test findings F1 and BLEU-4 (auto: of
+its best val epoch's model) and the constant-report baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PUBLISHED = dict(batch_size=16, micro_batch=0, num_workers=2, pin_memory=False, cache_images=False,
+                 uint8_images=False, val_every=1, test_every=1, checkpoint_every_min=0.0,
+                 reference_generation=True)
+"""The published trainer's settings (fp32, no step speed-ups: TrainConfig.without_speedups)."""
+
+
+def run_published(preset_name: str, device: str, studies: int, epochs: int | None, run_dir: Path) -> None:
+    """The published configuration's run, in this process (the bench starts it as a child)."""
+    from backends.registry import build_backend
+    from r2gen.config import preset
+    from r2gen.data.datasets import load_annotation
+    from r2gen.data.synth import default_dataset
+    from r2gen.train import prepare, train
+
+    cfg = preset(preset_name).replace(studies=studies, **PUBLISHED, **({"epochs": epochs} if epochs else {}))
+    cfg = cfg.without_speedups()
+    annotation = load_annotation(default_dataset(studies=studies))
+    prep = prepare(cfg, build_backend("plain", device, "fp32"), annotation, None)
+    train(prep, run_dir, Console(stderr=True))
+
+
+def _timed(cmd: list[str], budget_s: float | None, log: Path) -> float:
+    """Run cmd to its end or until budget_s (then SIGTERM, and SIGKILL 120 s later); its wall seconds."""
+    began = time.time()
+    with log.open("w") as out:
+        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                 env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                     p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)})
+        try:
+            child.wait(timeout=budget_s)
+        except subprocess.TimeoutExpired:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+    return began
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def summarize(name: str, run_dir: Path, began: float) -> dict:
+    records = _records(run_dir)
+    curve = [(r["time/unix_s"] - began, r["val/findings_macro_f1"]) for r in records
+             if r.get("val/findings_macro_f1") is not None]
+    last = {}
+    for r in records:
+        last.update(r)
+    test = "best_test" if "best_test/BLEU_4" in last else "test"
+    return {"row": name, "run_dir": str(run_dir), "curve": curve, "wall_s": (last.get("time/unix_s", began) - began),
+            "epochs": last.get("epoch"), "steps": last.get("step"),
+            "best_val_f1": max((f for _, f in curve), default=None),
+            "test_f1": last.get(f"{test}/findings_macro_f1"), "test_bleu4": last.get(f"{test}/BLEU_4"),
+            "baseline_bleu4": last.get("baseline_test/BLEU_4"), "samples_per_s": last.get("perf/train_samples_per_s")}
+
+
+def time_to(curve: list[tuple[float, float]], target: float | None) -> float | None:
+    """Seconds to the first val score at or above target (None: never reached)."""
+    if target is None:
+        return None
+    return next((t for t, f in curve if f >= target), None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--studies", type=int, default=3000, help="embedded synthetic set size")
+    parser.add_argument("--preset", default=None, help="published row's preset (default: iu_xray on a GPU, tiny on a CPU)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda where available)")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="wall budget of the published row, s")
+    parser.add_argument("--auto-budget-s", type=float, default=None, help="wall budget of the auto row, s (default: none)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of both rows (default: each preset's)")
+    parser.add_argument("--run-dir", type=Path, default=Path("/tmp/time_to_quality"), help="where the runs go")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows and ratio here")
+    parser.add_argument("--row", choices=("published",), help=argparse.SUPPRESS)  # the child process
+    args = parser.parse_args()
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    preset_name = args.preset or ("iu_xray" if device == "cuda" else "tiny")
+    if args.row == "published":
+        run_published(preset_name, device, args.studies, args.epochs, args.run_dir / "published")
+        return
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    for old in ("published", "auto"):
+        if (args.run_dir / old).exists():
+            sys.exit(f"--run-dir: {args.run_dir / old} exists; remove it or choose another --run-dir")
+    from r2gen.data.synth import default_dataset
+
+    default_dataset(studies=args.studies)  # generated once, before either row's clock starts
+    epochs = ["--epochs", str(args.epochs)] if args.epochs else []
+    published_cmd = [sys.executable, __file__, "--row", "published", "--studies", str(args.studies), "--preset",
+                     preset_name, "--device", device, "--run-dir", str(args.run_dir), *epochs]
+    auto_cmd = [sys.executable, "-c", "from launcher.cli import main; main()", "auto", "--studies", str(args.studies),
+                "--run-dir", str(args.run_dir), "--name", "auto", *epochs]
+    rows = []
+    for name, cmd, budget in (("published", published_cmd, args.budget_s), ("auto", auto_cmd, args.auto_budget_s)):
+        began = _timed(cmd, budget, args.run_dir / f"{name}.log")
+        rows.append(summarize(name, args.run_dir / name, began))
+    published, auto = rows
+    target = published["best_val_f1"]
+    for row in rows:
+        row["time_to_target_s"] = time_to(row["curve"], target)
+    ratio = (published["time_to_target_s"] / auto["time_to_target_s"]
+             if published["time_to_target_s"] and auto["time_to_target_s"] else None)
+    baseline = auto["baseline_bleu4"] or published["baseline_bleu4"]
+
+    def fmt(v, d=3):
+        return "n/a" if v is None else f"{v:.{d}f}"
+
+    table = Table(title=f"time to val findings-F1 {fmt(target)} (the published row's best within {args.budget_s:g} s), "
+                        f"{args.studies} studies, {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}",
+                  caption=f"constant-report baseline: test BLEU-4 {fmt(baseline)}, findings F1 0; ratio "
+                          f"published / auto time to target: {fmt(ratio, 1)}x")
+    for col in ("row", "time to target s", "wall s", "epochs", "steps", "train samples/s", "best val F1",
+                "test findings F1", "test BLEU-4"):
+        table.add_column(col, justify="left" if col == "row" else "right")
+    for r in rows:
+        table.add_row(r["row"], fmt(r["time_to_target_s"], 0), fmt(r["wall_s"], 0), str(r["epochs"]), str(r["steps"]),
+                      fmt(r["samples_per_s"], 1), fmt(r["best_val_f1"]), fmt(r["test_f1"]), fmt(r["test_bleu4"]))
+    Console().print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"target_val_f1": target, "ratio": ratio, "baseline_bleu4": baseline,
+                                         "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
