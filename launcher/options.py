@@ -57,7 +57,9 @@ Device = Annotated[Optional[str], _opt("cpu or cuda.", shown="cuda when a GPU is
 Precision = Annotated[Optional[str], _opt(
     "fp32, or autocast bf16 / fp16 (fp16 with loss scaling); fp8 is its own command.",
     shown="plain fp32; accelerate and deepspeed bf16 on a GPU (fp16 where unsupported); accelerate fp32 on a CPU")]
-Epochs = Annotated[Optional[int], _opt("Training epochs.", shown=_per_preset("epochs"))]
+Epochs = Annotated[Optional[int], _opt("Training epochs.", shown="the preset's: " + ", ".join(
+    f"{n} {c.epochs}" + (f" ({c.embedded_epochs} on the embedded set)" if c.embedded_epochs else "")
+    for n, c in PRESETS.items()))]
 Dataset = Annotated[Optional[str], _opt("Annotation format: iu_xray (two views per study) or mimic_cxr (one).",
                                         shown=_per_preset_model("dataset"))]
 AnnPath = Annotated[Optional[Path], _opt("R2Gen annotation.json of your data set.",
@@ -65,7 +67,7 @@ AnnPath = Annotated[Optional[Path], _opt("R2Gen annotation.json of your data set
 ImageDir = Annotated[Optional[Path], _opt("Folder the annotation's image paths are relative to.",
                                           shown="images/ beside the annotation")]
 Studies = Annotated[Optional[int], _opt("Studies in the embedded synthetic set (used when no --ann-path is given).",
-                                        shown=str(_DEFAULTS.studies))]
+                                        shown=_per_preset("studies"))]
 ImageSize = Annotated[Optional[int], _opt("Training image side, px.", shown=_per_preset("image_size"))]
 Backbone = Annotated[Optional[str], _opt("Visual extractor: resnet18, resnet34, resnet50 or resnet101 (R2Gen's).",
                                          shown=_per_preset_model("backbone"))]
@@ -99,8 +101,8 @@ ThresholdsFile = Annotated[Optional[Path], _opt("YAML file overriding the host/V
                                                 "--thresholds", shown="the built-in table")]
 
 # -- schedule, evaluation, optimisation ---------------------------------------------------------------
-ValEvery = Annotated[Optional[str], _opt("Evaluate val and test every N epochs, or 'last' for only after the final "
-                                         "epoch.", shown="the preset's: " + ", ".join(
+ValEvery = Annotated[Optional[str], _opt("Evaluate val every N epochs (the best val model is kept; the test split: "
+                                         "--test-every), or 'last' for only after the final epoch.", shown="the preset's: " + ", ".join(
                                              f"{n} {c.val_every or 'last'}" for n, c in PRESETS.items()))]
 EarlyStop = Annotated[Optional[int], _opt("Stop after this many epochs without val BLEU_4 improvement.",
                                           shown=_per_preset("early_stop"))]

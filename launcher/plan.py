@@ -45,11 +45,11 @@ class EngineChoice:
 
 
 def choose_auto_engine(precision: str, micro: int, thresholds: Thresholds, offload_micro: int | None = None,
-                       speeds: dict[str, float | None] | None = None) -> EngineChoice:
+                       speeds: dict[str, float | None] | None = None, untimed: str = "") -> EngineChoice:
     """From measurements only: `micro` is the largest micro-batch of the plain engine in `precision`,
     `offload_micro` DeepSpeed ZeRO-2 + CPU offload's (measured when `micro` was not useful), `speeds`
     samples/s of short runs of `precision` and "fp8" at the same micro-batch (None: not measured or
-    out of memory)."""
+    out of memory); `untimed` says why FP8 was not timed, where it could run."""
     useful = thresholds.useful_micro_batch
     if micro < useful:
         if offload_micro is not None and offload_micro > micro:
@@ -69,7 +69,8 @@ def choose_auto_engine(precision: str, micro: int, thresholds: Thresholds, offlo
         return EngineChoice("plain", precision, {}, f"plain: states fit on the GPU; {measured}, under the "
                                                     f"{thresholds.fp8_min_speedup_pct:g}% needed")
     return EngineChoice("plain", precision, {}, "plain: model and optimizer states fit on the GPU "
-                        f"({micro} studies per micro-batch)" + ("" if speeds is None else "; fp8 did not run"))
+                        f"({micro} studies per micro-batch)" + ("" if speeds is None else "; fp8 did not run")
+                        + (f"; {untimed}" if untimed else ""))
 
 
 @dataclass(frozen=True)

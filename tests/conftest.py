@@ -1,7 +1,9 @@
-"""Shared fixtures: a small synthetic data set, GPU skipping, an isolated cache."""
+"""Shared fixtures: a small synthetic data set, GPU skipping, an isolated cache, a PATH without java."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,46 @@ def restored_environment():
 def isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never touch the user's ~/.cache from tests."""
     monkeypatch.setenv("R2GEN_LAUNCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def path_without_java(tmp_path_factory: pytest.TempPathFactory):
+    """The suite runs with a PATH that finds no `java` (so METEOR is n/a): starting METEOR's JVM, which
+    loads its paraphrase tables, takes ~12 s per process on 2 cores, most of a short CLI run's time.
+    A folder on PATH that holds java is replaced by a mirror of links to everything else in it (the
+    compilers DeepSpeed's JIT builds need stay). Tests of METEOR itself ask for `java_on_path`.
+    Yields the original PATH."""
+    from r2gen import metrics
+
+    original = os.environ.get("PATH", "")
+    if shutil.which("java") is None:
+        yield original
+        return
+    mirrors = tmp_path_factory.mktemp("path-without-java")
+    folders = []
+    for i, folder in enumerate(original.split(os.pathsep)):
+        if folder and (Path(folder) / "java").exists():
+            mirror = mirrors / str(i)
+            mirror.mkdir()
+            for entry in Path(folder).iterdir():
+                if entry.name != "java":
+                    (mirror / entry.name).symlink_to(entry)
+            folder = str(mirror)
+        folders.append(folder)
+    os.environ["PATH"] = os.pathsep.join(folders)
+    assert shutil.which("java") is None, os.environ["PATH"]
+    metrics.java_available.cache_clear()
+    yield original
+    os.environ["PATH"] = original
+    metrics.java_available.cache_clear()
+
+
+@pytest.fixture
+def java_on_path(path_without_java: str, monkeypatch: pytest.MonkeyPatch):
+    """The machine's own PATH (with its java, where it has one) for this test and its child processes."""
+    from r2gen import metrics
+
+    monkeypatch.setenv("PATH", path_without_java)
+    metrics.java_available.cache_clear()
+    yield
+    metrics.java_available.cache_clear()

@@ -32,12 +32,12 @@ def test_generate_compares_the_reference_and_the_fast_generator(tmp_path: Path, 
     assert all(r["identical"] == 4 and r["samples_per_s"] > 0 for r in rows)
 
 
-def test_train_throughput_runs_the_reference_and_both_auto_rows(tmp_path: Path, small_set: Path) -> None:
-    out = tmp_path / "train.json"
+def test_train_throughput_runs_the_reference_and_the_auto_row(tmp_path: Path, small_set: Path) -> None:
+    out = tmp_path / "train.json"  # (auto-eager is auto without the GPU step speed-ups: on a CPU, the same step)
     _run("train_throughput.py", "--device", "cpu", "--steps", "2", "--warmup", "1", "--ann-path", str(small_set),
-         "--json", str(out), tmp_path=tmp_path)
+         "--rows", "reference,auto", "--json", str(out), tmp_path=tmp_path)
     rows = json.loads(out.read_text())
-    assert [r["config"] for r in rows] == ["reference", "auto-eager", "auto"]
+    assert [r["config"] for r in rows] == ["reference", "auto"]
     assert all(r["samples_per_s"] > 0 and r["train_gflops_per_sample"] > 0 and r["mfu_pct"] > 0 for r in rows)
 
 

@@ -150,7 +150,8 @@ def test_run_dir_that_holds_a_run_is_refused(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "already holds a run" in result.output
 
 
-def test_auto_on_the_embedded_set_prints_scores_and_baseline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_on_the_embedded_set_prints_scores_and_baseline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              java_on_path: None) -> None:
     """The Quickstart command, shrunk: embedded set from the (isolated) cache; tiny preset on CPU.
     A WANDB_API_KEY in the environment reaches no file of the run and no output."""
     import torch

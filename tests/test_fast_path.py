@@ -1,4 +1,4 @@
-"""100 training steps of the fast path track the plain (published) path on the same seed.
+"""15 training steps of the fast path track the plain (published) path on the same seed.
 
 Fast: uint8 batches normalized on the device and the relational memory with its projections
 hoisted out of the token loop (the defaults). Plain: R2Gen's host transforms (float batches) and
@@ -31,13 +31,14 @@ from r2gen.data.datasets import load_annotation
 from r2gen.train import prepare, train
 from reference import published_relational_memory
 
-STEPS = 30  # float64 on a CPU: 30 steps keep the test near two minutes
+STEPS = 15  # float64 on a CPU: 15 steps (5 epochs) keep the test under a minute
 FP32_LOSS_REL = 64 * 2.0**-24  # the logged loss is an fp32 sum; the float64 trajectories agree far below that
 
 
 def _losses(small_set: Path, run: Path, fast: bool) -> list[float]:
     cfg = preset("tiny").replace(image_size=32, batch_size=7, num_workers=0, log_every=1, val_every=0, beam_size=1,
-                                 epochs=-(-STEPS // 3), uint8_images=fast)  # 21 train studies: 3 steps an epoch
+                                 epochs=-(-STEPS // 3), uint8_images=fast,
+                                 checkpoint_every_min=60.0)  # 21 train studies: 3 steps an epoch; one checkpoint, at the end
     prep = prepare(cfg, PlainBackend("cpu"), load_annotation(small_set), None)
     prep.model.double()  # before train() builds the optimizer: its state is float64 too
     extractor = prep.model.visual_extractor
@@ -51,10 +52,10 @@ def _losses(small_set: Path, run: Path, fast: bool) -> list[float]:
 
 
 @pytest.mark.slow
-def test_the_fast_path_tracks_the_plain_path_for_30_steps(small_set: Path, tmp_path: Path) -> None:
+def test_the_fast_path_tracks_the_plain_path_for_15_steps(small_set: Path, tmp_path: Path) -> None:
     fast, plain = _losses(small_set, tmp_path / "fast", True), _losses(small_set, tmp_path / "plain", False)
     assert len(fast) == len(plain) == STEPS
     for step in range(STEPS):
         assert fast[step] == pytest.approx(plain[step], rel=FP32_LOSS_REL), (step, fast[step], plain[step])
-    # Both really trained: 0.14 in float64 (the same number on any machine, to far below the margin).
-    assert sum(fast[-10:]) < 0.7 * sum(fast[:10])
+    # Both really trained: 0.58 in float64 (the same number on any machine, to far below the margin).
+    assert sum(fast[-5:]) < 0.7 * sum(fast[:5])

@@ -144,6 +144,18 @@ def test_a_cap_within_the_probe_sizes_is_tried_first() -> None:
     assert result.micro_batch == small.truth() < 16
 
 
+def test_autos_cap_for_steps_per_epoch_is_tried_first_too() -> None:
+    """65 studies (2100 train studies / 32 steps per epoch): warm-up and cap, two steps instead of five."""
+    gpu = FakeGpu(fixed=3.1, per_sample=0.27, budget=68)
+    assert search_micro_batch(gpu.step, 68, 65).micro_batch == 65 and gpu.calls == [1, 65]
+    small = FakeGpu(fixed=3.1, per_sample=0.27, budget=12.0)  # 65 does not fit: the fit below it decides
+    assert search_micro_batch(small.step, small.budget, 65).micro_batch == small.truth() < 65
+    assert small.calls[:2] == [1, 65] and max(small.calls[2:]) < 65
+    whole = FakeGpu(fixed=3.1, per_sample=0.27, budget=68)  # the train split (throughput): not tried first
+    search_micro_batch(whole.step, 68, 2100)
+    assert whole.calls[:4] == [1, 4, 8, 16]
+
+
 def test_search_costs_few_steps_when_the_fit_is_right() -> None:
     gpu = FakeGpu(fixed=3.1, per_sample=0.27, budget=68)
     result = search_micro_batch(gpu.step, 68, 10_000)

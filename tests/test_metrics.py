@@ -7,6 +7,7 @@ cases are grouped to keep the number of calls small.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import psutil
@@ -16,6 +17,17 @@ from r2gen import metrics
 from r2gen.metrics import METRIC_KEYS, MeteorUnavailableWarning, compute_scores
 
 needs_java = pytest.mark.skipif(not metrics.java_available(), reason="METEOR needs a Java runtime")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def machine_path(path_without_java: str):
+    """This module tests METEOR: the machine's own PATH, with its java (conftest.py hides it elsewhere)."""
+    saved = os.environ["PATH"]
+    os.environ["PATH"] = path_without_java
+    metrics.java_available.cache_clear()
+    yield
+    os.environ["PATH"] = saved
+    metrics.java_available.cache_clear()
 
 REPORTS = [
     "the heart size is normal .",

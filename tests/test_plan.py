@@ -273,3 +273,8 @@ def test_make_plan_checks_the_disk_against_keep_last_and_round_trips() -> None:
     unchecked = make_plan("plain", "cuda", "bf16", preset("iu_xray"), facts, Thresholds(), PlanOptions(), studies=400,
                           probe=_probe(16))
     assert unchecked.disk is None and all(row[0] != "disk" for row in unchecked.rows())
+
+
+def test_auto_says_why_fp8_was_not_timed() -> None:
+    choice = choose_auto_engine("bf16", 65, Thresholds(), untimed="fp8 not timed: torchao only")
+    assert choice.backend == "plain" and choice.reason.endswith("; fp8 not timed: torchao only")
