@@ -18,6 +18,7 @@ import contextlib
 import json
 import random
 import shutil
+import signal
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -121,6 +122,15 @@ def prepare_model(backend: Backend, model: R2GenModel, cfg: TrainConfig):
     return model, optimizer
 
 
+def _worker_leaves_stop_signals_to_the_loop(_: int) -> None:
+    """A loader worker ignores SIGTERM and Ctrl-C: `timeout`, a scheduler's job kill (SLURM signals
+    every process of the job) and Ctrl-C reach the whole process group, and a worker that died of it
+    crashed the loop ("DataLoader worker ... is killed by signal: Terminated", seen on the GPU host)
+    before it could finish the step and save. The loop acts on the signal and ends its workers."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _loader(prep: Prepared, split: str, train: bool) -> DataLoader:
     cfg = prep.cfg
     dataset = ReportDataset(prep.annotation.splits[split], prep.tokenizer, cfg.model.max_seq_length,
@@ -138,6 +148,7 @@ def _loader(prep: Prepared, split: str, train: bool) -> DataLoader:
     return DataLoader(dataset, **batching, num_workers=workers,
                       collate_fn=collate, pin_memory=cfg.pin_memory and prep.backend.device.type == "cuda",
                       persistent_workers=workers > 0, prefetch_factor=cfg.prefetch_factor if workers else None,
+                      worker_init_fn=_worker_leaves_stop_signals_to_the_loop if workers else None,
                       generator=torch.Generator().manual_seed(cfg.seed))
 
 

@@ -26,8 +26,11 @@ def test_probe_finds_a_micro_batch_that_trains_and_cleans_up() -> None:
     # Nothing of the probe is left behind (the model alone is 0.3 GiB); cuBLAS keeps its workspaces.
     assert torch.cuda.memory_allocated() - before <= 128 * 2**20
     assert 1 <= result.micro_batch <= 64 and result.peak_gib is not None and result.peak_gib <= 10
-    assert result.fixed_gib is not None and result.per_sample_gib > 0 and result.seconds < 120
-    assert [b for b, *_ in result.tried][:4] == [1, 4, 8, 16]
+    assert result.seconds < 120
+    tried = [b for b, *_ in result.tried]
+    assert tried[:2] == [1, 64]  # the cap (up to CAP_FIRST_MAX) right after the warm-up
+    if result.micro_batch < 64:  # (64 at 10 GiB does not fit in bf16: ~12.7 GiB on an H200) the fit below it
+        assert tried[2:5] == [4, 8, 16] and result.fixed_gib is not None and result.per_sample_gib > 0
 
     # Training at the probed micro-batch under the same cap does not run out of memory.
     cap_gpu_memory(torch.device("cuda"), 10)

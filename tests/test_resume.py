@@ -168,6 +168,25 @@ def test_sigkill_mid_epoch_then_keep_training_is_bitwise_identical(reference, tm
     _assert_same_run(run, whole)
 
 
+def test_sigterm_to_the_whole_process_group_stops_cleanly_with_loader_workers(tmp_path: Path) -> None:
+    """timeout(1), a scheduler's job kill and Ctrl-C signal every process of the group, the loader's
+    workers too: the loop still finishes the step, saves and exits 143 (a worker that died of the
+    signal crashed it before, with no checkpoint)."""
+    assert RUN[-2:] == ["--num-workers", "0"]
+    run = tmp_path / "runs" / "group"
+    process = _cli([*RUN[:-2], "--num-workers", "1", "--name", "group"], tmp_path, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if (run / "metrics.jsonl").is_file() and any(s >= 2 for s, _ in _steps(run)):
+            os.killpg(process.pid, signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    code, output = _finish(process)
+    assert code == 128 + signal.SIGTERM, _report(output)
+    assert "stopped by SIGTERM after step" in output and "killed by signal" not in output
+    assert load_checkpoint(CheckpointStore(run / "checkpoints").newest_intact()[0])["step"] >= 2
+
+
 def test_sigterm_saves_stops_and_continues_identically(reference, tmp_path: Path) -> None:
     _, whole = reference
     run = tmp_path / "runs" / "term"
