@@ -160,7 +160,7 @@ def main() -> None:
     for r in rows:
         table.add_row(r["row"], fmt(r["time_to_target_s"], 0), fmt(r["wall_s"], 0), str(r["epochs"]), str(r["steps"]),
                       fmt(r["samples_per_s"], 1), fmt(r["best_val_f1"]), fmt(r["test_f1"]), fmt(r["test_bleu4"]))
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)  # a log file gets the whole table
     if args.json:
         args.json.write_text(json.dumps({"target_val_f1": target, "ratio": ratio, "baseline_bleu4": baseline,
                                          "rows": rows}, indent=1))
