@@ -239,3 +239,16 @@ def test_version_and_env_name_this_package() -> None:
 def test_evaluate_takes_beam_size_and_its_alias(tmp_path: Path, flag: str) -> None:
     result = runner.invoke(app, ["evaluate", "--checkpoint", str(tmp_path), flag, "0"])
     assert result.exit_code == 2 and "--beam-size: must be at least 1" in result.output, result.output
+
+
+@pytest.mark.parametrize("overrides, own_data, epochs", [({}, False, 30), ({"epochs": 7}, False, 7), ({}, True, 100)])
+def test_the_embedded_set_trains_the_presets_embedded_epochs(small_set: Path, overrides: dict, own_data: bool,
+                                                              epochs: int) -> None:
+    """iu_xray: 30 epochs on the embedded set (its 3000 studies are learned by then), the paper's 100 on
+    the user's own data; --epochs wins either way."""
+    from launcher.cli import _options, _prepare_run
+
+    options = _options(None, False, None, None, None, None, "sqrt", 0, "faithful")
+    prep, _, _ = _prepare_run("plain", "cpu", "fp32", "iu_xray", {"studies": 20, **overrides}, options,
+                              small_set if own_data else None, None, None, None)
+    assert prep.cfg.epochs == epochs
