@@ -90,7 +90,7 @@ def test_top_level_help_lists_commands() -> None:
     (["accelerate", "--device", "cpu", "--precision", "fp16"], "--precision fp16"),
     (["probe", "--device", "cpu", "--backend", "deepspeedy"], "--backend"),
     (["plain", "--device", "cpu", "--preset", "tiny", "--batch-size", "0"], "--batch-size"),
-    (["plain", "--device", "cpu", "--preset", "tiny", "--batch-size", "32"], "--batch-size 32 is larger"),
+    (["plain", "--device", "cpu", "--preset", "tiny", "--batch-size", "64"], "--batch-size 64 is larger"),
     (["plain", "--device", "cpu", "--preset", "tiny", "--effective-batch", "-2"], "--effective-batch"),
     (["plain", "--device", "cpu", "--preset", "tiny", "--target-util", "150"], "--target-util"),
     (["plain", "--device", "cpu", "--preset", "tiny", "--max-vram", "0"], "--max-vram"),
@@ -221,7 +221,7 @@ def test_probe_command_on_cpu_prints_the_plan_and_writes_json(tmp_path: Path) ->
                                  "--json", str(out)], terminal_width=250)
     assert result.exit_code == 0, result.output
     plan = Plan.from_json(out.read_text())
-    assert plan.device == "cpu" and plan.probe is None and plan.batch.micro_batch == 8
+    assert plan.device == "cpu" and plan.probe is None and plan.batch.micro_batch == 32  # the tiny preset's batch (its window)
     assert "no GPU: nothing to measure" in " ".join(result.output.split())
 
 

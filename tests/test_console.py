@@ -28,7 +28,7 @@ def test_a_run_into_a_log_file_prints_one_plain_line_per_epoch(tmp_path: Path) -
     log = tmp_path / "train.log"
     with log.open("w") as f:  # a file, as `nohup ... > train.log 2>&1` gives
         done = subprocess.run([sys.executable, "-m", "launcher.cli", "plain", "--preset", "tiny", "--device", "cpu",
-                               "--studies", "20", "--epochs", "2", "--max-steps-per-epoch", "2", "--beam-size", "1",
+                               "--studies", "20", "--epochs", "2", "--effective-batch", "4", "--max-steps-per-epoch", "2", "--beam-size", "1",
                                "--val-every", "1", "--num-workers", "0", "--run-dir", str(tmp_path / "runs")],
                               env=env, stdout=f, stderr=subprocess.STDOUT, timeout=600)
     text = log.read_text()

@@ -204,5 +204,5 @@ def test_plain_trains_on_cuda_bf16(small_set: Path, tmp_path: Path) -> None:
 
 
 def test_micro_batch_larger_than_the_window_is_refused() -> None:
-    with pytest.raises(ConfigError, match="--batch-size: the micro-batch 9 is larger than the 8"):
-        preset("tiny").replace(micro_batch=9)
+    with pytest.raises(ConfigError, match="--batch-size: the micro-batch 33 is larger than the 32"):
+        preset("tiny").replace(micro_batch=33)
