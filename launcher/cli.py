@@ -97,9 +97,9 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
         if _holds_a_run(target):
             raise ConfigError(f"--run-dir/--name: {target} already holds a run; choose another --name")
     embedded = ann_path is None
-    if embedded and overrides.get("epochs") is None and cfg.embedded_epochs:
-        cfg = cfg.replace(epochs=cfg.embedded_epochs)
     if embedded:
+        if overrides.get("epochs") is None and cfg.embedded_epochs:
+            cfg = cfg.replace(epochs=cfg.embedded_epochs)
         if image_dir is not None:
             raise ConfigError("--image-dir needs --ann-path (the embedded set has its own images)")
         err.print(f"No --ann-path: using the embedded synthetic set ({cfg.studies} studies).")

@@ -23,8 +23,7 @@ def test_epoch_line_says_where_the_run_is_and_when_it_ends() -> None:
 
 
 def test_a_run_into_a_log_file_prints_one_plain_line_per_epoch(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": repo_pythonpath(),
-           "R2GEN_LAUNCH_CACHE": str(tmp_path / "cache"), "PATH": str(Path(sys.executable).parent)}
+    env = {**os.environ, "PYTHONPATH": repo_pythonpath(), "R2GEN_LAUNCH_CACHE": str(tmp_path / "cache")}
     log = tmp_path / "train.log"
     with log.open("w") as f:  # a file, as `nohup ... > train.log 2>&1` gives
         done = subprocess.run([sys.executable, "-m", "launcher.cli", "plain", "--preset", "tiny", "--device", "cpu",
