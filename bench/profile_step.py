@@ -9,6 +9,11 @@ synchronization around each of its parts run alone: the visual extractor (forwar
 the encoder-decoder on fixed features, its relational memory alone, and the whole step. Then
 torch.profiler on one whole step: the operators that take the most device time and how many
 kernels (GPU) or operator calls (CPU) one step launches. Measure here before optimizing a part.
+
+    python bench/profile_step.py --new-shapes 65,20 [--speedups-off cudnn_benchmark]
+
+What a new batch shape costs instead: the first step at each size in turn (on a GPU: CUDA graph
+capture and cuDNN's autotuning of that shape) against its steady step, with some speed-ups off.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.plain import PlainBackend  # noqa: E402
 from launcher.probe import synthetic_batch  # noqa: E402
-from r2gen.config import preset  # noqa: E402
+from r2gen.config import STEP_SPEEDUPS, preset  # noqa: E402
 from r2gen.model.r2gen import R2GenModel, masked_nll  # noqa: E402
 from r2gen.train import prepare_model, train_step  # noqa: E402
 
@@ -48,6 +53,30 @@ def _timed(fn, device: torch.device, reps: int) -> float:
     return 1000 * (time.perf_counter() - start) / reps
 
 
+def new_shapes(model, optimizer, backend, cfg, sizes: list[int], reps: int, off: list[str]) -> None:
+    """The first training step at each size in turn, then that size's steady step."""
+    device = backend.device
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    table = Table(title=f"{cfg.preset} preset, {backend.precision}, speed-ups off: {', '.join(off) or 'none'}; "
+                        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}")
+    for column in ("micro-batch", "first step s", "steady step ms", "first - steady s"):
+        table.add_column(column, justify="right")
+    for size in sizes:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in synthetic_batch(cfg, VOCAB, size).items()}
+        sync()
+        start = time.perf_counter()
+        train_step(model, optimizer, backend, batch, cfg.clip_value)
+        sync()
+        first = time.perf_counter() - start
+        steady = _timed(lambda: train_step(model, optimizer, backend, batch, cfg.clip_value), device, reps)
+        table.add_row(str(size), f"{first:.2f}", f"{steady:.1f}", f"{first - steady / 1000:.2f}")
+    Console(width=160).print(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -58,11 +87,18 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15, help="operators listed")
     parser.add_argument("--no-speedups", action="store_true",
                         help="without the GPU step speed-ups (channels_last, cuDNN autotuning, fused Adam, CUDA graphs)")
+    parser.add_argument("--speedups-off", default="", help=f"comma-separated, of {', '.join(STEP_SPEEDUPS)}")
+    parser.add_argument("--new-shapes", default="", help="comma-separated micro-batches: each one's first step "
+                        "against its steady step, in this order (the parts and the profiler are skipped)")
     args = parser.parse_args()
     on_gpu = args.device == "cuda"
     cfg = preset(args.preset or ("iu_xray" if on_gpu else "tiny"))
     if args.no_speedups:
         cfg = cfg.without_speedups()
+    off = [name for name in args.speedups_off.split(",") if name]
+    if unknown := sorted(set(off) - set(STEP_SPEEDUPS)):
+        parser.error(f"--speedups-off: unknown {', '.join(unknown)} (choose from {', '.join(STEP_SPEEDUPS)})")
+    cfg = cfg.replace(**{name: False for name in off})
     backend = PlainBackend(args.device, args.precision or ("bf16" if on_gpu else "fp32"))
     device = backend.device
     with warnings.catch_warnings():
@@ -70,6 +106,9 @@ def main() -> None:
         torch.manual_seed(0)
         model, optimizer = prepare_model(backend, R2GenModel(cfg.model, VOCAB), cfg)
     model.train()
+    if args.new_shapes:
+        new_shapes(model, optimizer, backend, cfg, [int(b) for b in args.new_shapes.split(",")], args.reps, off)
+        return
     batch = synthetic_batch(cfg, VOCAB, args.batch_size)
     on_device = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     images, targets, masks = on_device["images"], on_device["targets"], on_device["masks"]

@@ -118,23 +118,26 @@ class ProbeSearch:
 
 
 def search_micro_batch(step: Callable[[int], StepResult], budget_gib: float, max_micro: int,
-                       points: Sequence[int] = PROBE_POINTS, smallest: int = 1) -> ProbeSearch:
+                       points: Sequence[int] = PROBE_POINTS, smallest: int = 1,
+                       measure: Callable[[int], StepResult] | None = None) -> ProbeSearch:
     """Measure a few sizes, fit, predict the largest micro-batch under the budget, confirm it.
 
     `step(b)` runs one real training step at micro-batch b and reports its peak; the first call (at
     `smallest`, see r2gen.model.visual_extractor.smallest_micro_batch) also warms up (optimizer
     state, kernels). Sizes above `max_micro` are never tried. A cap within the fit's sizes (the
     published batch of 16, say) or up to CAP_FIRST_MAX is tried first, right after the warm-up: when
-    it fits, that one step is the answer.
+    it fits, that one step is the answer. `measure(b)` (default: `step`) runs the steps whose size is
+    not a candidate answer, the warm-up and the fit's points (on a GPU: without cuDNN's costly
+    autotuning of a shape training will not use); every candidate runs as `step`.
     """
     tried: list[tuple[int, StepResult]] = []
 
-    def run(b: int) -> StepResult:
-        result = step(b)
+    def run(b: int, candidate: bool = True) -> StepResult:
+        result = step(b) if candidate or measure is None else measure(b)
         tried.append((b, result))
         return result
 
-    if not run(smallest).fits:
+    if not run(smallest, candidate=False).fits:
         return ProbeSearch((), None, 0, 0, tuple(tried))
     known_bad = None
     if smallest < max_micro <= max(CAP_FIRST_MAX, *points):
@@ -146,7 +149,7 @@ def search_micro_batch(step: Callable[[int], StepResult], budget_gib: float, max
     sizes = {min(p, max_micro) for p in points}
     measured: list[tuple[int, float]] = []
     for b in sorted(b for b in sizes if b > smallest and (known_bad is None or b < known_bad)):
-        result = run(b)
+        result = run(b, candidate=False)  # below the cap (a cap within the points was tried first)
         if not result.fits:
             known_bad = b
             break

@@ -123,6 +123,14 @@ class ProbeSession:
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(1.0, self.device)
 
+    def measure(self, micro: int) -> StepResult:
+        """`step` at a size training will not use (the warm-up, the fit's points): cuDNN's heuristics
+        instead of its autotuning, which costs ~8 s per new shape on an H200."""
+        from r2gen.speedups import cudnn_autotuning
+
+        with cudnn_autotuning(False):
+            return self.step(micro)
+
     def step(self, micro: int) -> StepResult:
         import torch
 
@@ -206,12 +214,13 @@ def run_probe(request: ProbeRequest) -> ProbeResult:
         if session.allocator_gib <= 0:
             search = None
         elif request.verify:
-            session.step(smallest)  # warm-up: optimizer state and kernels, as the search's first step
+            session.measure(smallest)  # warm-up: optimizer state and kernels, as the search's first step
             result = session.step(request.verify)
             search = ProbeSearch((), None, request.verify, request.verify if result.fits else 0,
                                  ((request.verify, result),))
         else:
-            search = search_micro_batch(session.step, session.allocator_gib, request.max_micro, smallest=smallest)
+            search = search_micro_batch(session.step, session.allocator_gib, request.max_micro, smallest=smallest,
+                                        measure=session.measure)
         return _finish(request, session.name, session.overhead_gib, search, start)
 
 

@@ -19,6 +19,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 STEP_SPEEDUPS = ("channels_last", "cudnn_benchmark", "fused_optimizer", "cuda_graphs")
 """TrainConfig's switches of the training step's GPU speed-ups (r2gen.speedups), all on by default."""
 DEVICES = ("cpu", "cuda")
+EVAL_MICRO_BATCHES, EVAL_BATCH_MAX = 4, 256
+"""Generation batches: this many training micro-batches, at most this many studies (TrainConfig.eval_batch)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class TrainConfig:
     early_stop: int = 50               # epochs without val BLEU_4 improvement before stopping
     val_every: int = 1                 # epochs between evaluations; 0 = only after the last epoch
     beam_size: int = 3
+    eval_batch_size: int = 0           # studies per generation batch on val/test; 0 = eval_batch()'s rule
     block_trigrams: bool = True
     reference_generation: bool = False  # evaluate with the published code's step-by-step decoding (A/B runs; same reports, slower)
     seed: int = 9223
@@ -81,7 +84,7 @@ class TrainConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
         for name in ("weight_decay", "early_stop", "val_every", "num_workers", "max_steps_per_epoch", "micro_batch",
-                     "max_vram_gib", "oom_retries", "save_every", "warmup_steps", "checkpoint_every_min", "test_every"):
+                     "max_vram_gib", "oom_retries", "eval_batch_size", "save_every", "warmup_steps", "checkpoint_every_min", "test_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must not be negative, got {getattr(self, name)}")
         if self.micro_batch > self.batch_size:
@@ -95,6 +98,15 @@ class TrainConfig:
             raise ConfigError(f"--wandb-mode: unknown {self.wandb_mode!r}; choose one of {', '.join(WANDB_MODES)}")
         if self.studies < 10:
             raise ConfigError(f"--studies: the synthetic set needs at least 10 studies, got {self.studies}")
+
+    def eval_batch(self, studies: int) -> int:
+        """Studies per generation batch on a split of `studies`: eval_batch_size where set, else
+        EVAL_MICRO_BATCHES training micro-batches (generation keeps no activations for a backward pass)
+        up to EVAL_BATCH_MAX, balanced so that the split's batches have one size (the last one at most
+        a few studies smaller): beam search is latency-bound, and each new shape costs cuDNN's autotuning."""
+        cap = self.eval_batch_size or min(EVAL_BATCH_MAX, EVAL_MICRO_BATCHES * (self.micro_batch or self.batch_size))
+        batches = -(-max(studies, 1) // cap)
+        return -(-max(studies, 1) // batches)
 
     def without_speedups(self) -> "TrainConfig":
         """This configuration with the training step's GPU speed-ups off (the plain path, for A/B runs)."""

@@ -68,6 +68,22 @@ def speed_up(model: torch.nn.Module, backend, cfg) -> list[str]:
     return applied
 
 
+@contextmanager
+def cudnn_autotuning(on: bool) -> Iterator[None]:
+    """cuDNN's autotuning (cudnn_benchmark) only where `on` and already enabled; its heuristics otherwise.
+
+    Autotuning a new shape of the step costs ~9-17 s on an H200 (measured by bench/profile_step.py
+    --new-shapes) and saves at most ~20 ms per step: worth it for the micro-batch, which every step
+    has, not for an epoch's shorter last batch (one step per epoch), generation batches or the
+    probe's warm-up. Blocks nest: the inner one cannot turn autotuning back on."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = before and on
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def release_graphs(model: torch.nn.Module) -> None:
     """Drop a model's captured graphs, if any (after an out-of-memory error, between probe sizes)."""
     graphed = CudaGraphedFeatures.installed(model)

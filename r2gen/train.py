@@ -46,6 +46,7 @@ from r2gen.metrics import compute_scores
 from r2gen.monitor import data_wait_warning, system_metrics
 from r2gen.model.r2gen import R2GenModel, masked_nll, target_tokens
 from r2gen.model.sampling import beam_search, generate_from_features, greedy
+from r2gen.speedups import cudnn_autotuning
 from r2gen.model.visual_extractor import init_visual_weights, smallest_micro_batch
 
 MONITOR = "BLEU_4"
@@ -142,7 +143,7 @@ def _loader(prep: Prepared, split: str, train: bool) -> DataLoader:
     batching = (dict(batch_sampler=EpochBatchSampler(
         EpochSampler(len(dataset), cfg.seed, prep.backend.rank, prep.backend.world_size), cfg.batch_size,
         cfg.max_steps_per_epoch, cfg.epochs, smallest_micro_batch(cfg.image_size))) if train
-        else dict(batch_size=cfg.batch_size))
+        else dict(batch_size=cfg.eval_batch(len(dataset))))
     # A private generator: starting an iteration must not draw from the global RNG, or a resumed
     # run's dropout would drift from the uninterrupted one's.
     return DataLoader(dataset, **batching, num_workers=workers,
@@ -204,7 +205,7 @@ def evaluate(model: R2GenModel, loader: DataLoader, backend: Backend, tokenizer:
         return out, summed
 
     for batch in loader:
-        with torch.no_grad():
+        with torch.no_grad(), cudnn_autotuning(False):  # generation's shapes are not worth autotuning
             seqs, summed = guard.run(lambda micro: generate_in_chunks(batch, micro), lambda: release_memory(backend))
         nll += summed
         tokens += float(target_tokens(batch["masks"]))
@@ -285,7 +286,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, backend
     """
     # In training mode BatchNorm needs more than one study behind a 1x1 feature map (32 px or less).
     smallest = smallest_micro_batch(batch["images"].shape[-1]) if model.training else 1
-    chunks = split_batch(batch, micro_batch or len(batch["ids"]), smallest)
+    micro = micro_batch or len(batch["ids"])
+    chunks = split_batch(batch, micro, smallest)
     # DDP averages gradients over processes: divide by the mean token count per process, so the
     # update is the per-token mean over every process's window.
     tokens = backend.all_reduce_sum(target_tokens(batch["masks"]).to(backend.device)) / backend.world_size
@@ -295,7 +297,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, backend
         images = images_to_device(chunk["images"], backend.device)
         targets = chunk["targets"].to(backend.device, non_blocking=True)
         masks = chunk["masks"].to(backend.device, non_blocking=True)
-        with backend.autocast():
+        with backend.autocast(), cudnn_autotuning(len(chunk["ids"]) == micro):  # a shorter chunk: heuristics
             logprobs = model(images, targets)
         loss = masked_nll(logprobs.float(), targets, masks, tokens)
         total += loss.detach()

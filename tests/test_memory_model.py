@@ -167,3 +167,25 @@ def test_search_reports_nothing_fits() -> None:
     gpu = FakeGpu(fixed=7.0, per_sample=1.0, budget=6.0)
     result = search_micro_batch(gpu.step, 6.0, 100)
     assert result.micro_batch == 0 and gpu.calls == [1]
+
+
+@pytest.mark.parametrize("max_micro, points, measured, stepped", [
+    (10_000, (4, 8, 16), [1, 4, 8, 16], None),  # the fit's points measured; the prediction (the answer) stepped
+    (65, (4, 8, 16), [1], [65]),                 # auto's cap right after the warm-up: the answer
+    (16, (4, 8, 16), [1], [16]),                 # the published batch as the cap: the answer
+    (12, (4, 8, 16), [1, 4, 8], [12, 11]),       # 12 does not fit: the points below it measured, 11 stepped
+])
+def test_only_candidate_answers_take_the_training_path(max_micro: int, points: tuple[int, ...], measured: list[int],
+                                                        stepped: list[int] | None) -> None:
+    """The warm-up and the fit's points go to `measure` (on a GPU: no cuDNN autotuning of a shape that
+    training will not use, ~8 s each on an H200); every size that may be the answer goes to `step`."""
+    gpu = FakeGpu(fixed=3.1, per_sample=0.27, budget=68 if max_micro != 12 else 6.1)
+    steps: list[int] = []
+
+    def step(b: int) -> StepResult:
+        steps.append(b)
+        return gpu.step(b)
+
+    result = search_micro_batch(step, gpu.budget, max_micro, points, measure=gpu.step)
+    assert [b for b in gpu.calls if b not in steps] == measured
+    assert steps == (stepped if stepped is not None else [gpu.truth()]) and result.micro_batch == steps[-1]

@@ -22,7 +22,7 @@ from backends.plain import PlainBackend
 from r2gen.config import preset
 from r2gen.data.datasets import load_annotation
 from r2gen.model.r2gen import R2GenModel, masked_nll
-from r2gen.speedups import CudaGraphedFeatures, eager_path, planned_speedups, speed_up
+from r2gen.speedups import CudaGraphedFeatures, cudnn_autotuning, eager_path, planned_speedups, speed_up
 from r2gen.train import prepare, prepare_model, train
 
 VOCAB = 40
@@ -297,3 +297,27 @@ def test_every_speed_up_tracks_the_plain_path_for_100_steps_on_a_gpu(small_set: 
         a, b = sum(fast[start:start + 10]) / 10, sum(plain[start:start + 10]) / 10
         assert a == pytest.approx(b, rel=0.05), (start, a, b)
     assert sum(fast[-10:]) < 0.7 * sum(fast[:10])
+
+
+def test_cudnn_autotuning_turns_off_inside_and_restores_the_setting() -> None:
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = True
+        with cudnn_autotuning(False):
+            assert torch.backends.cudnn.benchmark is False
+            with cudnn_autotuning(True):  # an inner block cannot turn it back on
+                assert torch.backends.cudnn.benchmark is False
+            assert torch.backends.cudnn.benchmark is False
+        assert torch.backends.cudnn.benchmark is True
+        with cudnn_autotuning(True):
+            assert torch.backends.cudnn.benchmark is True
+        torch.backends.cudnn.benchmark = False
+        with cudnn_autotuning(True):  # never turns on what the run left off
+            assert torch.backends.cudnn.benchmark is False
+        torch.backends.cudnn.benchmark = True
+        with pytest.raises(RuntimeError):
+            with cudnn_autotuning(False):
+                raise RuntimeError("out of memory")
+        assert torch.backends.cudnn.benchmark is True  # restored on an error too
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -206,3 +206,24 @@ def test_plain_trains_on_cuda_bf16(small_set: Path, tmp_path: Path) -> None:
 def test_micro_batch_larger_than_the_window_is_refused() -> None:
     with pytest.raises(ConfigError, match="--batch-size: the micro-batch 33 is larger than the 32"):
         preset("tiny").replace(micro_batch=33)
+
+
+@pytest.mark.parametrize("changes,studies,expected", [
+    ({"batch_size": 16}, 300, 60),                   # cap 64 -> 5 batches of 60: one shape for the split
+    ({"batch_size": 16}, 64, 64),                    # the cap exactly: one batch
+    ({"batch_size": 128, "micro_batch": 32}, 300, 100),  # 4 micro-batches of 32 -> cap 128 -> 3 x 100
+    ({"batch_size": 128}, 1000, 250),                # 4 x 128 -> EVAL_BATCH_MAX 256 -> 4 x 250
+    ({"batch_size": 16, "eval_batch_size": 7}, 20, 7),  # asked for: 3 batches of 7, 7, 6
+    ({"batch_size": 16}, 0, 1),                      # an empty split still gets a valid batch size
+])
+def test_generation_batches_are_balanced_up_to_four_micro_batches(changes: dict, studies: int, expected: int) -> None:
+    cfg = preset("tiny").replace(**changes)
+    size = cfg.eval_batch(studies)
+    assert size == expected
+    batches = -(-max(studies, 1) // size)
+    assert batches * size - max(studies, 1) < batches  # the last batch is at most one study short per batch
+
+
+def test_a_negative_eval_batch_size_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--eval-batch-size"):
+        preset("tiny").replace(eval_batch_size=-1)
