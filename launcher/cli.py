@@ -888,6 +888,18 @@ def prepare_data(
               highlight=False)
 
 
+def _flow_help(*apps: typer.Typer) -> None:
+    """Each command's help from its docstring, paragraphs joined into single lines: rich keeps a
+    docstring's line breaks, and a help page wraps at the terminal's width, not the source's."""
+    for group in apps:
+        for info in group.registered_commands:
+            doc = inspect.getdoc(info.callback) or ""
+            info.help = info.help or "\n\n".join(" ".join(paragraph.split()) for paragraph in doc.split("\n\n"))
+
+
+_flow_help(app, data_app)
+
+
 def main() -> None:
     try:
         app()

@@ -69,6 +69,16 @@ def test_help_page_lists_every_option_with_its_default(path: list[str], monkeypa
     assert _command(path).help
 
 
+@pytest.mark.parametrize("path", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
+def test_command_help_wraps_at_the_terminal_not_at_the_source(path: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    help_text = _command(path).help
+    assert help_text and all("\n" not in paragraph for paragraph in help_text.split("\n\n")), help_text
+    monkeypatch.setenv("COLUMNS", "250")
+    page = runner.invoke(app, [*path, "--help"]).output
+    last = help_text.split("\n\n")[-1]
+    assert last[:200] in " ".join(page.split())  # the last paragraph is shown, joined
+
+
 def test_top_level_help_lists_commands() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
