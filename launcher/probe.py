@@ -1,9 +1,11 @@
 """The memory probe: real training steps on the GPU, in the run's backend and precision, on inputs
 of maximum report length, to find the largest micro-batch under the memory budget.
 
-The only planning code that touches CUDA. `probe_in_subprocess` runs it in a fresh, spawned
-process, so that every byte it allocated (and its CUDA context) is gone when training starts;
-`run_probe` is the body, which also cleans up after itself when called in-process (GPU tests).
+The only planning code that touches CUDA. `probe_memory` runs it in the process that trains next (one
+process: the launcher trains itself), so that cuDNN's autotuning of the chosen micro-batch and the
+CUDA context carry over into training (~20 s of an H200 run's start); `run_probe` frees every
+tensor it allocated. Where training runs in other processes (torchrun, several GPUs) it runs in a
+fresh, spawned process instead, so that the launcher holds no CUDA context while they train.
 The search itself is pure (launcher.memory_model.search_micro_batch).
 """
 
@@ -118,8 +120,11 @@ class ProbeSession:
     def __exit__(self, *exc: object) -> None:
         import torch
 
+        from r2gen.speedups import release_workspaces
+
         del self.model, self.optimizer
-        gc.collect()
+        gc.collect()  # the model's captured graphs go with it
+        release_workspaces()
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(1.0, self.device)
 
@@ -253,3 +258,8 @@ def in_subprocess(function, *args):
 
 def probe_in_subprocess(request: ProbeRequest) -> ProbeResult:
     return in_subprocess(run_probe, request)
+
+
+def probe_memory(request: ProbeRequest, trains_here: bool) -> ProbeResult:
+    """run_probe in this process when it trains next (`trains_here`), else in a spawned one."""
+    return run_probe(request) if trains_here else probe_in_subprocess(request)
