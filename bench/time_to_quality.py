@@ -2,6 +2,8 @@
 
     python bench/time_to_quality.py --studies 3000 --budget-s 480 --json time_to_quality.json     # one GPU
     python bench/time_to_quality.py --device cpu --preset tiny --studies 60 --budget-s 90           # CPU smoke
+    python bench/time_to_quality.py --rows published --json pub.json   # one row per GPU command, then
+    python bench/time_to_quality.py --merge pub.json auto.json          # the table of both
 
 Rows, each a plainly started process timed from its start (set-up, caching, evaluation and
 checkpoints included), both on the embedded synthetic set of --studies:
@@ -104,54 +106,22 @@ def time_to(curve: list[tuple[float, float]], target: float | None) -> float | N
     return next((t for t, f in curve if f >= target), None)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--studies", type=int, default=3000, help="embedded synthetic set size")
-    parser.add_argument("--preset", default=None, help="published row's preset (default: iu_xray on a GPU, tiny on a CPU)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda where available)")
-    parser.add_argument("--budget-s", type=float, default=480.0, help="wall budget of the published row, s")
-    parser.add_argument("--auto-budget-s", type=float, default=None, help="wall budget of the auto row, s (default: none)")
-    parser.add_argument("--epochs", type=int, default=None, help="epochs of both rows (default: each preset's)")
-    parser.add_argument("--run-dir", type=Path, default=Path("/tmp/time_to_quality"), help="where the runs go")
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows and ratio here")
-    parser.add_argument("--row", choices=("published",), help=argparse.SUPPRESS)  # the child process
-    args = parser.parse_args()
-    import torch
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    preset_name = args.preset or ("iu_xray" if device == "cuda" else "tiny")
-    if args.row == "published":
-        run_published(preset_name, device, args.studies, args.epochs, args.run_dir / "published")
-        return
-    args.run_dir.mkdir(parents=True, exist_ok=True)
-    for old in ("published", "auto"):
-        if (args.run_dir / old).exists():
-            sys.exit(f"--run-dir: {args.run_dir / old} exists; remove it or choose another --run-dir")
-    from r2gen.data.synth import default_dataset
-
-    default_dataset(studies=args.studies)  # generated once, before either row's clock starts
-    epochs = ["--epochs", str(args.epochs)] if args.epochs else []
-    published_cmd = [sys.executable, __file__, "--row", "published", "--studies", str(args.studies), "--preset",
-                     preset_name, "--device", device, "--run-dir", str(args.run_dir), *epochs]
-    auto_cmd = [sys.executable, "-c", "from launcher.cli import main; main()", "auto", "--studies", str(args.studies),
-                "--run-dir", str(args.run_dir), "--name", "auto", *epochs]
-    rows = []
-    for name, cmd, budget in (("published", published_cmd, args.budget_s), ("auto", auto_cmd, args.auto_budget_s)):
-        began = _timed(cmd, budget, args.run_dir / f"{name}.log")
-        rows.append(summarize(name, args.run_dir / name, began))
-    published, auto = rows
-    target = published["best_val_f1"]
+def compare(rows: list[dict]) -> tuple[float | None, float | None]:
+    """Each row's time to the published row's best val F1 (set in place); the target and the ratio."""
+    by_name = {r["row"]: r for r in rows}
+    target = by_name["published"]["best_val_f1"] if "published" in by_name else None
     for row in rows:
         row["time_to_target_s"] = time_to(row["curve"], target)
-    ratio = (published["time_to_target_s"] / auto["time_to_target_s"]
-             if published["time_to_target_s"] and auto["time_to_target_s"] else None)
-    baseline = auto["baseline_bleu4"] or published["baseline_bleu4"]
+    times = [by_name.get(name, {}).get("time_to_target_s") for name in ("published", "auto")]
+    return target, (times[0] / times[1] if all(times) else None)
 
+
+def print_table(rows: list[dict], target: float | None, ratio: float | None, title: str) -> None:
     def fmt(v, d=3):
         return "n/a" if v is None else f"{v:.{d}f}"
 
-    table = Table(title=f"time to val findings-F1 {fmt(target)} (the published row's best within {args.budget_s:g} s), "
-                        f"{args.studies} studies, {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}",
+    baseline = next((r["baseline_bleu4"] for r in rows if r["baseline_bleu4"] is not None), None)
+    table = Table(title=f"time to val findings-F1 {fmt(target)} (the published row's best within its budget), {title}",
                   caption=f"constant-report baseline: test BLEU-4 {fmt(baseline)}, findings F1 0; ratio "
                           f"published / auto time to target: {fmt(ratio, 1)}x")
     for col in ("row", "time to target s", "wall s", "epochs", "steps", "train samples/s", "best val F1",
@@ -161,9 +131,66 @@ def main() -> None:
         table.add_row(r["row"], fmt(r["time_to_target_s"], 0), fmt(r["wall_s"], 0), str(r["epochs"]), str(r["steps"]),
                       fmt(r["samples_per_s"], 1), fmt(r["best_val_f1"]), fmt(r["test_f1"]), fmt(r["test_bleu4"]))
     Console(width=None if sys.stdout.isatty() else 160).print(table)  # a log file gets the whole table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--studies", type=int, default=3000, help="embedded synthetic set size")
+    parser.add_argument("--preset", default=None, help="published row's preset (default: iu_xray on a GPU, tiny on a CPU)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda where available)")
+    parser.add_argument("--rows", default="published,auto",
+                        help="rows to run, comma-separated (one per call where one GPU command cannot hold both)")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="run nothing: the table of the rows in these earlier --json files")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="wall budget of the published row, s")
+    parser.add_argument("--auto-budget-s", type=float, default=None, help="wall budget of the auto row, s (default: none)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of both rows (default: each preset's)")
+    parser.add_argument("--run-dir", type=Path, default=Path("/tmp/time_to_quality"), help="where the runs go")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows and ratio here")
+    parser.add_argument("--row", choices=("published",), help=argparse.SUPPRESS)  # the child process
+    args = parser.parse_args()
+    if args.merge:
+        loaded = [json.loads(path.read_text()) for path in args.merge]
+        rows = [row for data in loaded for row in data["rows"]]
+        target, ratio = compare(rows)
+        print_table(rows, target, ratio, " + ".join(data.get("title", "?") for data in loaded))
+        if args.json:
+            args.json.write_text(json.dumps({"target_val_f1": target, "ratio": ratio, "rows": rows}, indent=1))
+        return
+    names = [name.strip() for name in args.rows.split(",") if name.strip()]
+    if not names or set(names) - {"published", "auto"}:
+        parser.error(f"--rows: {args.rows!r}; choose from published, auto")
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    preset_name = args.preset or ("iu_xray" if device == "cuda" else "tiny")
+    if args.row == "published":
+        run_published(preset_name, device, args.studies, args.epochs, args.run_dir / "published")
+        return
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    for old in names:
+        if (args.run_dir / old).exists():
+            sys.exit(f"--run-dir: {args.run_dir / old} exists; remove it or choose another --run-dir")
+    from r2gen.data.synth import default_dataset
+
+    default_dataset(studies=args.studies)  # generated once, before either row's clock starts
+    epochs = ["--epochs", str(args.epochs)] if args.epochs else []
+    commands = {
+        "published": ([sys.executable, __file__, "--row", "published", "--studies", str(args.studies), "--preset",
+                       preset_name, "--device", device, "--run-dir", str(args.run_dir), *epochs], args.budget_s),
+        "auto": ([sys.executable, "-c", "from launcher.cli import main; main()", "auto", "--studies",
+                  str(args.studies), "--run-dir", str(args.run_dir), "--name", "auto", *epochs], args.auto_budget_s)}
+    rows = []
+    for name in names:
+        cmd, budget = commands[name]
+        began = _timed(cmd, budget, args.run_dir / f"{name}.log")
+        rows.append(summarize(name, args.run_dir / name, began) | {"budget_s": budget})
+    target, ratio = compare(rows)
+    title = f"{args.studies} studies, {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}"
+    print_table(rows, target, ratio, title)
     if args.json:
-        args.json.write_text(json.dumps({"target_val_f1": target, "ratio": ratio, "baseline_bleu4": baseline,
-                                         "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"title": title, "target_val_f1": target, "ratio": ratio, "rows": rows},
+                                        indent=1))
 
 
 if __name__ == "__main__":

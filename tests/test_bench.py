@@ -46,3 +46,24 @@ def test_train_throughput_runs_the_reference_and_the_auto_row(tmp_path: Path, sm
 def test_profiling_scripts_print_their_tables(tmp_path: Path, script: str, args: list[str]) -> None:
     result = _run(script, *args, tmp_path=tmp_path)
     assert "ms" in result.stdout
+
+
+def _row(name: str, curve: list[tuple[float, float]]) -> dict:
+    return {"row": name, "run_dir": "-", "curve": curve, "wall_s": curve[-1][0], "epochs": len(curve), "steps": 1,
+            "best_val_f1": max(f for _, f in curve), "test_f1": 0.5, "test_bleu4": 0.6, "baseline_bleu4": 0.55,
+            "samples_per_s": 10.0}
+
+
+def test_time_to_quality_merges_rows_measured_in_separate_commands(tmp_path: Path) -> None:
+    (tmp_path / "pub.json").write_text(json.dumps({"title": "H200 a", "rows": [
+        _row("published", [(70.0, 0.08), (136.0, 0.30), (193.0, 0.25)])]}))
+    (tmp_path / "auto.json").write_text(json.dumps({"title": "H200 b", "rows": [
+        _row("auto", [(20.0, 0.1), (27.0, 0.29), (34.0, 0.31), (40.0, 0.9)])]}))
+    out = tmp_path / "both.json"
+    result = _run("time_to_quality.py", "--merge", str(tmp_path / "pub.json"), str(tmp_path / "auto.json"),
+                  "--json", str(out), tmp_path=tmp_path)
+    both = json.loads(out.read_text())
+    assert both["target_val_f1"] == 0.30  # the published row's best
+    assert [r["time_to_target_s"] for r in both["rows"]] == [136.0, 34.0]  # first val at or above it
+    assert both["ratio"] == 136.0 / 34.0
+    assert "4.0x" in result.stdout
