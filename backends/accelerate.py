@@ -22,6 +22,7 @@ MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 class AccelerateBackend(Backend):
     name = "accelerate"
+    cuda_graphs = True  # the step runs the model's own forward here
 
     def __init__(self, device: str = "cuda", precision: str = "bf16"):
         from accelerate import Accelerator

@@ -1,7 +1,8 @@
-"""The one small surface the shared loop uses to drive an engine.
+"""The one small surface the shared loop uses to drive an engine (r2gen.engine.TrainingEngine).
 
 The loop never asks which backend it runs on: it calls `prepare`, `autocast`, `backward_and_step`,
-`state_dict`/`load_state_dict`, and reads `device`, `is_main`, `world_size`.
+`state_dict`/`load_state_dict`, and reads `device`, `is_main`, `world_size` and the capabilities
+(`can_redo_step`, `saves_engine`, `cuda_graphs`, `flat_parameters`) each adapter sets on its class.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ from pathlib import Path
 
 import torch
 
-OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
-"""Builds the run's optimizer for a model (r2gen.train.optimizer_factory): adapters that swap
-modules (FP8) or optimizers (DeepSpeed offload) call it at the right moment."""
+from r2gen.engine import OptimizerFactory
 
 
 def step_was_taken(scaler: torch.amp.GradScaler | None, step: Callable[[], object]) -> bool:
@@ -40,6 +39,12 @@ class Backend(ABC):
     can_redo_step: bool = True
     """After an out-of-memory error, dropping the gradients (optimizer.zero_grad) undoes the failed
     step's partial work, so the loop may redo it in smaller micro-batches."""
+    cuda_graphs: bool = False
+    """The step calls the model's own forward in this process, so r2gen.speedups may capture its
+    encoder-decoder in CUDA graphs (one process only); an adapter that wraps or swaps modules does not."""
+    flat_parameters: bool = False
+    """The engine owns the parameters' storage (views of one flat buffer), so their layout must not
+    change after prepare: no channels_last."""
 
     @property
     def is_main(self) -> bool:

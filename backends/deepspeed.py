@@ -28,10 +28,10 @@ import torch
 
 from backends.base import Backend
 from backends.plain import check_precision, resolve_device
+from r2gen.engine import AUTOCAST_DTYPES
 from r2gen.errors import BackendError, ConfigError
 
 PRECISIONS = ("bf16", "fp16", "fp32")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_deepspeed_precision(precision: str) -> None:
@@ -46,6 +46,10 @@ class DeepSpeedBackend(Backend):
     # (and, offloaded, CPU buffers) that no public call discards: an out-of-memory error stops the
     # run with a checkpoint instead of redoing the step on top of half a window (tested).
     can_redo_step = False
+    # ZeRO-2 makes every parameter a view of one flat buffer at initialize: a layout change afterwards
+    # (channels_last) would unlink the model's tensors from what the optimizer steps; its gradient
+    # buckets' view(-1) fails on them first (seen on an H200).
+    flat_parameters = True
 
     def __init__(self, device: str = "cuda", precision: str = "bf16"):
         check_deepspeed_precision(precision)
@@ -134,7 +138,7 @@ class DeepSpeedBackend(Backend):
         # The engine holds bf16/fp16 weights; autocast casts the fp32 inputs and runs the loss in fp32.
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
     def backward_and_step(self, loss, model, optimizer, clip_value, step=True) -> bool:
         self.clip_value = clip_value

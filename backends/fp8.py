@@ -103,6 +103,7 @@ class Fp8Backend(PlainBackend):
     """The plain adapter (bf16 autocast, DDP under torchrun) with FP8 Linear layers."""
 
     name = "fp8"
+    cuda_graphs = False  # its swapped Linear layers are not captured
 
     def __init__(self, device: str = "cuda", precision: str = "fp8", fp8_impl: str = "auto"):
         if precision != "fp8":

@@ -9,9 +9,8 @@ import torch
 
 from backends.base import Backend, step_was_taken
 from r2gen.config import DEVICES, PRECISIONS
+from r2gen.engine import AUTOCAST_DTYPES
 from r2gen.errors import BackendError
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -52,6 +51,7 @@ class PlainBackend(Backend):
     """Plain PyTorch; under torchrun (WORLD_SIZE > 1) DistributedDataParallel, one process per GPU."""
 
     name = "plain"
+    cuda_graphs = True  # the step runs the model's own forward here
 
     def __init__(self, device: str = "cpu", precision: str = "fp32"):
         self.device = resolve_device(device)
@@ -78,7 +78,7 @@ class PlainBackend(Backend):
     def autocast(self) -> AbstractContextManager:
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=_DTYPES[self.precision])
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
     def backward_and_step(self, loss, model, optimizer, clip_value, step=True) -> bool:
         if not step and self.world_size > 1:

@@ -28,6 +28,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import time_training  # noqa: E402
 
 DEFAULT_ENGINES = "plain:bf16,accelerate:fp16,accelerate:bf16,deepspeed:bf16,fp8:fp8"
 
@@ -37,11 +38,13 @@ def run_engine(backend_name: str, precision: str, steps: int, warmup: int, batch
     """One engine's run (in a fresh process)."""
     from backends.registry import build_backend
     from launcher.engine_config import DeepSpeedOptions, deepspeed_json
+    from r2gen.build import prepare, prepare_model
     from r2gen.config import preset
     from r2gen.data.datasets import load_annotation
+    from r2gen.data.loader import build_loader
     from r2gen.data.synth import default_dataset
     from r2gen.errors import UsageError
-    from r2gen.train import _loader, prepare, prepare_model, train_step
+    from r2gen.step import train_step
 
     began = time.perf_counter()
     setup: dict[str, float] = {}  # seconds per start-up phase
@@ -69,34 +72,24 @@ def run_engine(backend_name: str, precision: str, steps: int, warmup: int, batch
     model, optimizer = prepare_model(backend, prep.model, cfg)
     model.train()
     phase("engine_prepare")
-    loader = _loader(prep, "train", train=True)
+    loader = build_loader(prep, "train", train=True)
     phase("loader_and_image_cache")
-    losses, skipped, wait, samples, start = [], 0, 0.0, 0, 0.0
-    torch.cuda.reset_peak_memory_stats(backend.device)
-    while len(losses) < steps:
-        fetched = time.perf_counter()
-        for batch in loader:
-            if len(losses) == warmup:
-                torch.cuda.synchronize(backend.device)
-                start, samples, wait, fetched = time.perf_counter(), 0, 0.0, time.perf_counter()
-            wait += time.perf_counter() - fetched
-            loss, stepped = train_step(model, optimizer, backend, batch, cfg.clip_value)
-            if not losses:
-                phase("first_step")
-            losses.append(loss)
-            skipped += not stepped
-            samples += len(batch["ids"])
-            if len(losses) == steps:
-                break
-            fetched = time.perf_counter()
-    torch.cuda.synchronize(backend.device)
-    elapsed = time.perf_counter() - start
+    losses, stepped = [], []
+
+    def step(batch: dict) -> None:
+        loss, applied = train_step(model, optimizer, backend, batch, cfg.clip_value)
+        if not losses:
+            phase("first_step")
+        losses.append(loss)
+        stepped.append(applied)
+
+    timing = time_training(loader, step, backend.device, warmup, steps - warmup)  # --steps counts the warm-up
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
-    return {**row, "describe": backend.describe(), "samples_per_s": samples / elapsed,
-            "ms_per_step": 1000 * elapsed / (steps - warmup), "data_wait_pct": 100 * wait / elapsed,
-            "peak_allocated_gib": torch.cuda.max_memory_allocated(backend.device) / 2**30,
+    return {**row, "describe": backend.describe(), "samples_per_s": timing.samples_per_s,
+            "ms_per_step": timing.ms_per_step, "data_wait_pct": timing.data_wait_pct,
+            "peak_allocated_gib": timing.peak_allocated_gib,
             "loss_first10": first, "loss_last10": last, "finite": all(math.isfinite(x) for x in losses),
-            "falling": last < first, "skipped_steps": skipped, "losses": losses,
+            "falling": last < first, "skipped_steps": stepped.count(False), "losses": losses,
             "gpu": torch.cuda.get_device_name(backend.device), "torch": torch.__version__}
 
 

@@ -28,20 +28,16 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.plain import PlainBackend  # noqa: E402
+from bench.timing import peak_allocated_gib, reset_peak, sync  # noqa: E402
 from r2gen.checkpoint_eval import read_state, resolve_checkpoint  # noqa: E402
 from r2gen.config import TrainConfig, preset  # noqa: E402
 from r2gen.data.datasets import ReportDataset, build_transform, load_annotation  # noqa: E402
 from r2gen.data.synth import default_dataset  # noqa: E402
 from r2gen.data.tokenizer import Tokenizer  # noqa: E402
+from r2gen.model.generation import beam_search, generate, greedy  # noqa: E402
 from r2gen.model.r2gen import R2GenModel  # noqa: E402
-from r2gen.model.sampling import beam_search, generate, greedy  # noqa: E402
 
 REFERENCE_BATCH = 16
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _model(args: argparse.Namespace, tokenizer: Tokenizer | None) -> tuple[R2GenModel, TrainConfig, Tokenizer, str]:
@@ -67,15 +63,14 @@ def run(label: str, fn, images: torch.Tensor, batch: int, backend: PlainBackend)
     device = backend.device
     with torch.no_grad(), backend.autocast():
         fn(images[:min(batch, len(images))].to(device))  # warm-up: kernels, allocator
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        _sync(device)
+        reset_peak(device)
+        sync(device)
         start, outputs = time.perf_counter(), []
         for i in range(0, len(images), batch):
             outputs.append(fn(images[i:i + batch].to(device)).cpu())
-        _sync(device)
+        sync(device)
     elapsed = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    peak = peak_allocated_gib(device)
     return {"generator": label, "batch_size": batch, "samples_per_s": len(images) / elapsed,
             "seconds": elapsed, "peak_allocated_gib": peak}, torch.cat(outputs)
 

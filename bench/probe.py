@@ -29,12 +29,13 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import sync  # noqa: E402
 from launcher.hardware import detect  # noqa: E402
 from launcher.plan import PlanOptions, gpu_budget  # noqa: E402
 from launcher.probe import ProbeRequest, ProbeSession, probe_in_subprocess, synthetic_batch  # noqa: E402
 from launcher.thresholds import Thresholds  # noqa: E402
 from r2gen.config import preset  # noqa: E402
-from r2gen.train import OomRecovery  # noqa: E402
+from r2gen.step import OomRecovery  # noqa: E402
 
 
 def exhaustive(session: ProbeSession, cap: int) -> tuple[int, int]:
@@ -122,10 +123,10 @@ def main() -> None:
         guard = OomRecovery(probe.micro_batch, retries=0, wait_s=0)
         batch = synthetic_batch(cfg, args.vocab, probe.micro_batch)
         torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
+        start = time.perf_counter()  # no warm-up: the out-of-memory check covers the first step at this size
         for _ in range(args.train_steps):
             guard.step(session.model, session.optimizer, session.backend, batch, cfg.clip_value)
-        torch.cuda.synchronize()
+        sync(session.device)
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_reserved() / 2**30 + session.overhead_gib
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,48 +31,28 @@ from rich.table import Table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.plain import PlainBackend  # noqa: E402
+from bench.timing import ms_per_call, sync  # noqa: E402
 from launcher.probe import synthetic_batch  # noqa: E402
+from r2gen.build import prepare_model  # noqa: E402
 from r2gen.config import STEP_SPEEDUPS, preset  # noqa: E402
 from r2gen.model.r2gen import R2GenModel, masked_nll  # noqa: E402
-from r2gen.train import prepare_model, train_step  # noqa: E402
+from r2gen.step import train_step  # noqa: E402
 
 VOCAB = 60
-
-
-def _timed(fn, device: torch.device, reps: int) -> float:
-    """Milliseconds per call, after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 1000 * (time.perf_counter() - start) / reps
 
 
 def new_shapes(model, optimizer, backend, cfg, sizes: list[int], reps: int, off: list[str]) -> None:
     """The first training step at each size in turn, then that size's steady step."""
     device = backend.device
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     table = Table(title=f"{cfg.preset} preset, {backend.precision}, speed-ups off: {', '.join(off) or 'none'}; "
                         f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}")
     for column in ("micro-batch", "first step s", "steady step ms", "first - steady s"):
         table.add_column(column, justify="right")
     for size in sizes:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in synthetic_batch(cfg, VOCAB, size).items()}
-        sync()
-        start = time.perf_counter()
-        train_step(model, optimizer, backend, batch, cfg.clip_value)
-        sync()
-        first = time.perf_counter() - start
-        steady = _timed(lambda: train_step(model, optimizer, backend, batch, cfg.clip_value), device, reps)
+        step = partial(train_step, model, optimizer, backend, batch, cfg.clip_value)
+        first = ms_per_call(step, device, reps=1, warmup=0) / 1000  # seconds
+        steady = ms_per_call(step, device, reps)
         table.add_row(str(size), f"{first:.2f}", f"{steady:.1f}", f"{first - steady / 1000:.2f}")
     Console(width=160).print(table)
 
@@ -137,7 +117,7 @@ def main() -> None:
 
     parts = [("visual extractor (fwd+bwd)", extractor), ("encoder-decoder on features (fwd+bwd)", encoder_decoder),
              ("  of which relational memory (fwd+bwd)", relational_memory), ("whole step (with Adam)", step)]
-    times = [(name, _timed(fn, device, args.reps)) for name, fn in parts]
+    times = [(name, ms_per_call(fn, device, args.reps)) for name, fn in parts]
     model.zero_grad(set_to_none=True)
 
     from torch.profiler import ProfilerActivity, profile
@@ -145,8 +125,7 @@ def main() -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as prof:
         step()
-        if on_gpu:
-            torch.cuda.synchronize(device)
+        sync(device)
     events = prof.key_averages()
     if on_gpu:
         kernels = sum(e.count for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)

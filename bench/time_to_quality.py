@@ -46,10 +46,11 @@ PUBLISHED = dict(batch_size=16, micro_batch=0, num_workers=2, pin_memory=False, 
 def run_published(preset_name: str, device: str, studies: int, epochs: int | None, run_dir: Path) -> None:
     """The published configuration's run, in this process (the bench starts it as a child)."""
     from backends.registry import build_backend
+    from r2gen.build import prepare
     from r2gen.config import preset
     from r2gen.data.datasets import load_annotation
     from r2gen.data.synth import default_dataset
-    from r2gen.train import prepare, train
+    from r2gen.train import train
 
     cfg = preset(preset_name).replace(studies=studies, **PUBLISHED, **({"epochs": epochs} if epochs else {}))
     cfg = cfg.without_speedups()

@@ -2,8 +2,9 @@
 
     python bench/train_throughput.py --steps 60 --studies 4000 --json train_throughput.json
     python bench/train_throughput.py --device cpu --preset tiny --steps 8 --studies 200   # CPU smoke
+    python bench/train_throughput.py --rows plain:fp32:16,plain:bf16:64 --steps 30 --warmup 5 --studies 400
 
-Both rows train the same preset on the same embedded set (or --ann-path), each in its own plainly
+Every row trains the same preset on the same embedded set (or --ann-path), each in its own plainly
 started Python process, through the shared loop's loader and step:
 - reference: the published code's configuration: fp32, batch 16, images decoded and normalized on
   the host by R2Gen's transforms (no cache, float batches), 2 workers, not pinned, no compilation;
@@ -11,7 +12,10 @@ started Python process, through the shared loop's loader and step:
   micro-batch under the throughput policy, workers, pinning, the image cache, uint8 batches) with
   the step's GPU speed-ups (channels_last, cuDNN autotuning, fused Adam, CUDA graphs of the
   encoder-decoder);
-- auto-eager: the same plan without those speed-ups (what they add).
+- auto-eager: the same plan without those speed-ups (what they add);
+- plain:PRECISION:BATCH: the plain backend at that precision and batch with the preset's own
+  settings (loader, step speed-ups), what bench/plain_throughput.py measured (its defaults:
+  --steps 30 --warmup 5 --studies 400).
 Each row: samples/s, ms per optimizer step, the share of time waiting for data, peak GPU memory,
 model FLOPs utilization (the model's training FLOPs per sample, counted by torch's FlopCounterMode,
 times samples/s, over a large matrix product's measured rate in the row's precision) and the
@@ -34,13 +38,17 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.timing import ms_per_call, time_training  # noqa: E402
+
 REFERENCE = dict(precision="fp32", batch_size=16, num_workers=2, pin_memory=False, cache_images=False,
                  uint8_images=False)  # and none of the step speed-ups (TrainConfig.without_speedups)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def plain_row(which: str) -> tuple[str, int] | None:
+    """(precision, batch size) of a plain:PRECISION:BATCH row name; None for any other name."""
+    kind, _, rest = which.partition(":")
+    precision, _, batch = rest.partition(":")
+    return (precision, int(batch)) if kind == "plain" and precision and batch.isdigit() else None
 
 
 def matmul_tflops(device: torch.device, precision: str) -> float:
@@ -48,14 +56,7 @@ def matmul_tflops(device: torch.device, precision: str) -> float:
     dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(precision, torch.bfloat16)
     n = 8192 if device.type == "cuda" else 1024
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    start, reps = time.perf_counter(), 10
-    for _ in range(reps):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+    return 2 * n**3 / (ms_per_call(lambda: a @ b, device, reps=10, warmup=3) / 1000) / 1e12
 
 
 def train_flops_per_sample(model: torch.nn.Module, batch: dict, device: torch.device) -> float:
@@ -79,20 +80,29 @@ def run_row(which: str, preset_name: str, device: str, steps: int, warmup: int, 
     from backends.registry import build_backend
     from launcher.cli import _options, _prepare_run
     from launcher.plan import apply_plan
+    from r2gen.build import prepare, prepare_model
     from r2gen.config import preset
     from r2gen.data.datasets import load_annotation
+    from r2gen.data.loader import build_loader
     from r2gen.data.synth import default_dataset
-    from r2gen.train import _loader, prepare, prepare_model, train_step
+    from r2gen.step import train_step
 
-    if which == "reference":
-        cfg = preset(preset_name).replace(studies=studies, **{k: v for k, v in REFERENCE.items() if k != "precision"}
-                                          ).without_speedups()
-        backend = build_backend("plain", device, REFERENCE["precision"])
+    if which not in ("auto", "auto-eager"):  # reference or plain:PRECISION:BATCH: the plain backend, not planned
+        if which == "reference":
+            precision = REFERENCE["precision"]
+            cfg = preset(preset_name).replace(studies=studies, **{k: v for k, v in REFERENCE.items()
+                                                                  if k != "precision"}).without_speedups()
+            plan_summary = "fp32, batch 16, host transforms, 2 workers, not pinned"
+        else:
+            precision, batch_size = plain_row(which)
+            cfg = preset(preset_name).replace(batch_size=batch_size, studies=studies)
+            plan_summary = (f"plain {precision}, batch {batch_size}, the preset's {cfg.num_workers} workers, pinned "
+                            f"{cfg.pin_memory}, cache {cfg.cache_images}, uint8 {cfg.uint8_images}, step speed-ups")
+        backend = build_backend("plain", device, precision)
         annotation = load_annotation(ann_path or default_dataset(studies=studies), None, cfg.model.dataset)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             prep = prepare(cfg, backend, annotation, None)
-        plan_summary = "fp32, batch 16, host transforms, 2 workers, not pinned"
     else:
         options = _options(None, True, None, None, None, None, "sqrt", None, "throughput")
         precision = "fp32" if device == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
@@ -117,36 +127,22 @@ def run_row(which: str, preset_name: str, device: str, steps: int, warmup: int, 
         warmup = first_epoch + 2 if cfg.cuda_graphs or cfg.cudnn_benchmark else 5
     model, optimizer = prepare_model(backend, prep.model, cfg)
     model.train()
-    loader = _loader(prep, "train", train=True)
+    loader = build_loader(prep, "train", train=True)
     micro = cfg.micro_batch or cfg.batch_size
-    flops = None
-    done, samples, wait, start, losses = 0, 0, 0.0, 0.0, []
-    if backend.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(backend.device)
-    while done < warmup + steps:
-        fetched = time.perf_counter()
-        for batch in loader:
-            if flops is None:
-                flops = train_flops_per_sample(backend.unwrap(model), batch, backend.device)
-            if done == warmup:
-                _sync(backend.device)
-                start, samples, wait, fetched = time.perf_counter(), 0, 0.0, time.perf_counter()
-            wait += time.perf_counter() - fetched
-            loss, _ = train_step(model, optimizer, backend, batch, cfg.clip_value, micro)
-            losses.append(loss)
-            samples += len(batch["ids"])
-            done += 1
-            if done == warmup + steps:
-                break
-            fetched = time.perf_counter()
-    _sync(backend.device)
-    elapsed = time.perf_counter() - start
-    samples_per_s = samples / elapsed
+    flops, losses = [], []  # FLOPs per sample (counted on the first batch, before its step); every step's loss
+
+    def count_flops(batch: dict) -> None:
+        flops.append(train_flops_per_sample(backend.unwrap(model), batch, backend.device))
+
+    def step(batch: dict) -> None:
+        losses.append(train_step(model, optimizer, backend, batch, cfg.clip_value, micro)[0])
+
+    timing = time_training(loader, step, backend.device, warmup, steps, first_batch=count_flops)
+    flops, samples_per_s = flops[0], timing.samples_per_s
     peak = matmul_tflops(backend.device, backend.precision if backend.precision != "fp8" else "bf16")
     return {"config": which, "plan": plan_summary, "preset": preset_name, "samples_per_s": samples_per_s,
-            "ms_per_step": 1000 * elapsed / steps, "data_wait_pct": 100 * wait / elapsed,
-            "peak_allocated_gib": torch.cuda.max_memory_allocated(backend.device) / 2**30
-            if backend.device.type == "cuda" else None,
+            "ms_per_step": timing.ms_per_step, "data_wait_pct": timing.data_wait_pct,
+            "peak_allocated_gib": timing.peak_allocated_gib,
             "train_gflops_per_sample": flops / 1e9, "matmul_tflops": peak,
             "mfu_pct": 100 * flops * samples_per_s / (peak * 1e12), "loss_first": losses[0], "loss_last": losses[-1],
             "device": torch.cuda.get_device_name(backend.device) if backend.device.type == "cuda" else "CPU",
@@ -168,10 +164,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--rows", default="reference,auto-eager,auto",
                         help="rows, the first is the ratio's base: reference, auto-eager (auto's plan without the "
-                             "step speed-ups: channels_last, cuDNN autotuning, fused Adam, CUDA graphs), auto")
+                             "step speed-ups: channels_last, cuDNN autotuning, fused Adam, CUDA graphs), auto, "
+                             "plain:PRECISION:BATCH (the plain backend with the preset's settings, e.g. plain:bf16:64)")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # in the child process: run this row, print it
     args = parser.parse_args()
     args.preset = args.preset or ("iu_xray" if args.device == "cuda" else "tiny")
+    if unknown := [r for r in args.rows.split(",") if r not in ("reference", "auto-eager", "auto") and not plain_row(r)]:
+        parser.error(f"--rows: unknown {', '.join(unknown)}")
     if args.one:
         print(json.dumps(run_row(args.one, args.preset, args.device, args.steps, args.warmup, args.studies,
                                  args.ann_path)))

@@ -126,7 +126,7 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
     facts = detect()
     probe = None
     if backend.device.type == "cuda" and options.probe:
-        from launcher.probe import ProbeRequest, probe_memory
+        from launcher.probe import ProbeRequest, probe_in_subprocess
 
         budget, _ = gpu_budget(facts, options, thresholds)
         request = ProbeRequest(cfg, len(prep.tokenizer), precision, budget,
@@ -135,7 +135,7 @@ def _prepare_run(backend_name: str, device: str, precision: str, preset_name: st
                                verify=options.batch_size or 0, others_gib=facts.gpus[0].used_by_others_gib,
                                engine=engine)
         with _status("probing GPU memory with real training steps..."):
-            probe = probe_memory(request, trains_here=world_size == 1).to_dict()
+            probe = probe_in_subprocess(request).to_dict()
     choice = None
     if auto:
         choice, probe = _auto_engine(request, probe, facts, thresholds) if probe else (EngineChoice(
@@ -329,7 +329,7 @@ def _continue_locked(target: Path, backend_name: str, overrides: dict, options, 
     if plan.device == "cuda" and options.probe:
         from launcher.hardware import detect
         from launcher.plan import gpu_budget
-        from launcher.probe import ProbeRequest, probe_memory
+        from launcher.probe import ProbeRequest, probe_in_subprocess
         from launcher.thresholds import load_thresholds
 
         facts = detect()
@@ -338,7 +338,7 @@ def _continue_locked(target: Path, backend_name: str, overrides: dict, options, 
         request = ProbeRequest(run.cfg, len(prep.tokenizer), plan.precision, budget, window, backend=plan.backend,
                                others_gib=facts.gpus[0].used_by_others_gib, engine=plan.engine)
         with _status("re-probing GPU memory..."):
-            probe = probe_memory(request, trains_here=topology.world_size == 1).to_dict()
+            probe = probe_in_subprocess(request).to_dict()
         plan = replace(plan, batch=resume_batch(plan.batch, probe["micro_batch"]), probe=probe)
     prep.cfg = continued_config(run, overrides, plan.batch.micro_batch)
     if prep.cfg.wandb:

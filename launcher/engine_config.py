@@ -17,7 +17,7 @@ from pathlib import Path
 
 from backends.accelerate import MIXED_PRECISION
 from launcher.plan import Plan
-from r2gen.checkpoint import write_text
+from r2gen.atomic import write_text
 from r2gen.errors import BackendError, ConfigError
 
 ZERO_STAGES = (1, 2)

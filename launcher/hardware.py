@@ -11,8 +11,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from r2gen.gpu_map import map_torch_to_nvml, nvml_text
-
-GIB = 2**30
+from r2gen.units import GIB
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-GIB = 2**30
+from r2gen.units import GIB
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,9 @@
 """The memory probe: real training steps on the GPU, in the run's backend and precision, on inputs
 of maximum report length, to find the largest micro-batch under the memory budget.
 
-The only planning code that touches CUDA. `probe_memory` runs it in the process that trains next (one
-process: the launcher trains itself), so that cuDNN's autotuning of the chosen micro-batch and the
-CUDA context carry over into training (~20 s of an H200 run's start); `run_probe` frees every
-tensor it allocated. Where training runs in other processes (torchrun, several GPUs) it runs in a
-fresh, spawned process instead, so that the launcher holds no CUDA context while they train.
+The only planning code that touches CUDA. `probe_in_subprocess` runs it in a fresh, spawned
+process, so that every byte it allocated (and its CUDA context) is gone when training starts;
+`run_probe` is the body, which also cleans up after itself when called in-process (GPU tests).
 The search itself is pure (launcher.memory_model.search_micro_batch).
 """
 
@@ -17,9 +15,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from launcher.memory_model import GIB, ProbeSearch, StepResult, search_micro_batch
+from launcher.memory_model import ProbeSearch, StepResult, search_micro_batch
 from r2gen.config import TrainConfig
 from r2gen.model.visual_extractor import smallest_micro_batch
+from r2gen.units import GIB
 
 CONTEXT_GIB_MIN, CONTEXT_GIB_MAX = 0.25, 2.0
 """Bounds on the measured GPU memory outside torch's allocator (CUDA context, cuBLAS/cuDNN handles):
@@ -87,7 +86,7 @@ class ProbeSession:
 
         from backends.registry import build_backend
         from r2gen.model.r2gen import R2GenModel
-        from r2gen.train import prepare_model
+        from r2gen.build import prepare_model
 
         self.request = request
         self.device = torch.device("cuda", request.device_index)
@@ -140,7 +139,7 @@ class ProbeSession:
         import torch
 
         from r2gen.speedups import release_graphs
-        from r2gen.train import release_memory, train_step
+        from r2gen.step import release_memory, train_step
 
         batch = synthetic_batch(self.request.cfg, self.request.vocab_size, micro)
         release_graphs(self.backend.unwrap(self.model))  # each size is measured with its own graphs alone
@@ -172,7 +171,7 @@ class ProbeSession:
         it does not fit."""
         import torch
 
-        from r2gen.train import release_memory, train_step
+        from r2gen.step import release_memory, train_step
 
         batch = {k: v.to(self.device) if torch.is_tensor(v) else v
                  for k, v in synthetic_batch(self.request.cfg, self.request.vocab_size, micro).items()}
@@ -259,7 +258,3 @@ def in_subprocess(function, *args):
 def probe_in_subprocess(request: ProbeRequest) -> ProbeResult:
     return in_subprocess(run_probe, request)
 
-
-def probe_memory(request: ProbeRequest, trains_here: bool) -> ProbeResult:
-    """run_probe in this process when it trains next (`trains_here`), else in a spawned one."""
-    return run_probe(request) if trains_here else probe_in_subprocess(request)

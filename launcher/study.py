@@ -160,7 +160,7 @@ def _hardware(device: str) -> str:
 
 
 def _write(request: StudyRequest, rows: list[dict], epochs: int | None, hardware: str) -> dict:
-    from r2gen.checkpoint import write_json
+    from r2gen.atomic import write_json
     from r2gen.study_report import write_report
 
     summary = {"title": "r2gen-launch precision study", "created": datetime.now(timezone.utc).isoformat(),

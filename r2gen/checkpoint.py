@@ -1,8 +1,9 @@
-"""Checkpoint files written atomically: a temporary file in the same folder, flushed, then renamed.
+"""Checkpoints: state files written atomically (r2gen.atomic), read back weights-only; the loop's checkpoints.
 
 Read back weights-only (tensors, containers, plain values and numpy's RNG state): a foreign file's
 pickled code never runs. A full disk while writing is one line (RunFailed, exit 1) naming the file,
-the bytes needed and free, and the newest intact checkpoint to continue from.
+the bytes needed and free, and the newest intact checkpoint to continue from. `CheckpointStore` is a
+run's checkpoints/ folder; `LoopCheckpoints` is what the training loop saves there and resumes from.
 """
 
 from __future__ import annotations
@@ -12,43 +13,29 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+# write_text only for the launcher's and r2gen/study_report.py's imports from here (their home is r2gen.atomic).
+from r2gen.atomic import write_file, write_json, write_text  # noqa: F401
 from r2gen.errors import ConfigError, RunFailed
+from r2gen.state import MONITOR, LoopState, rng_state, set_rng_state
+from r2gen.units import GIB
 
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp's own 0600 hides runs from colleagues
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, _FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+if TYPE_CHECKING:  # annotations only: the launcher imports this module without the model's code
+    from r2gen.config import TrainConfig
+    from r2gen.data.tokenizer import Tokenizer
+    from r2gen.engine import TrainingEngine
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    _atomic_write(path, lambda f: torch.save(state, f))
+    write_file(path, lambda f: torch.save(state, f))
 
 
 class UnreadableCheckpoint(ConfigError):
@@ -119,7 +106,7 @@ def is_disk_full(exc: BaseException, folder: Path, needed: int) -> bool:
 
 
 def _size(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
 def checkpoint_bytes(parameters: int, buffers: int = 0, optimizer_states: int = 3, weight_copies: int = 1,
@@ -137,15 +124,6 @@ def model_checkpoint_bytes(model: torch.nn.Module, amsgrad: bool, engine_saves: 
     writes its own checkpoint (DeepSpeed) stores the weights twice (its files and loop.pt)."""
     return checkpoint_bytes(sum(p.numel() for p in model.parameters()), sum(b.numel() for b in model.buffers()),
                             optimizer_states=3 if amsgrad else 2, weight_copies=2 if engine_saves else 1)
-
-
-def write_text(path: Path, text: str) -> None:
-    """UTF-8 text, written atomically."""
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 MANIFEST = "manifest.json"
@@ -301,3 +279,104 @@ class CheckpointStore:
             else:
                 return path, warnings
         return None, warnings
+
+
+class LoopCheckpoints:
+    """What the training loop keeps in a run's checkpoints/ (a CheckpointStore): resumable states of
+    this moment (`save`; on the wall-time cadence: `save_if_due`), best.pt after a val improvement
+    (`save_best`), and continuing from a saved state (`resume`)."""
+
+    def __init__(self, run_dir: Path, backend: TrainingEngine, model: torch.nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig, tokenizer: Tokenizer,
+                 plan_json: str | None):
+        self.store = CheckpointStore(run_dir / "checkpoints", cfg.keep_last)
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.backend, self.model, self.optimizer, self.scheduler = backend, model, optimizer, scheduler
+        self.cfg, self.tokenizer, self.plan_json = cfg, tokenizer, plan_json
+        self.last_save = time.perf_counter()
+
+    def resume(self, path: Path) -> LoopState:
+        """Model, optimizer, scheduler, engine and random states as saved at `path` (a state file, or an
+        engine's checkpoint folder with our loop.pt), metrics.jsonl cut back to that moment; the
+        LoopState to continue from."""
+        backend = self.backend
+        try:  # weights-only: a file that is not our own state is refused before any of its code runs
+            state = load_checkpoint(path / "loop.pt" if path.is_dir() else path)
+        except UnreadableCheckpoint as exc:
+            raise ConfigError(f"--keep-training: {exc}") from None
+        if path.is_dir():  # an engine checkpoint (DeepSpeed, Accelerate): weights and optimizer from it
+            backend.load_engine(self.model, path)
+        else:
+            backend.unwrap(self.model).load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        backend.load_state_dict(state["backend"])
+        loop = LoopState(**state["loop"])
+        if len(state["rng"]) != backend.world_size:
+            raise ConfigError(f"--keep-training: {path} was saved by {len(state['rng'])} process(es), "
+                              f"this run has {backend.world_size}")
+        set_rng_state(state["rng"][backend.rank])
+        if backend.is_main and self.metrics_path.is_file():
+            with self.metrics_path.open("r+b") as f:  # records after the save happen again
+                f.truncate(loop.metrics_bytes)
+        return loop
+
+    def save(self, loop: LoopState) -> Path | None:
+        """A resumable checkpoint of this moment. Rank 0 writes it; an engine with its own checkpoint
+        (DeepSpeed) has every process write its part first."""
+        backend, store, model = self.backend, self.store, self.model
+        if backend.saves_engine:
+            staged = store.staging(loop.steps)
+            needed = store.needed_bytes(model_checkpoint_bytes(backend.unwrap(model), self.cfg.amsgrad,
+                                                               engine_saves=True))
+            if backend.is_main:
+                shutil.rmtree(staged, ignore_errors=True)
+                staged.mkdir(parents=True)
+            backend.barrier()
+            with store.writing(staged, needed, discard=staged):  # a full disk: one line, the staged part removed
+                backend.save_engine(model, staged)
+            backend.barrier()
+        rngs = backend.gather(rng_state())  # each process's own: they drew differently (dropout on its rows)
+        if not backend.is_main:
+            return None
+        loop.metrics_bytes = self.metrics_path.stat().st_size if self.metrics_path.is_file() else 0
+        state = self.state(loop, rngs)
+        if backend.saves_engine:
+            with store.writing(staged / "loop.pt", tensor_bytes(state), discard=staged):
+                save_checkpoint(state, staged / "loop.pt")
+            return store.commit(staged, loop.steps, loop.epoch)
+        return store.save(state, loop.steps, loop.epoch)
+
+    def start_cadence(self) -> None:
+        """The wall-time cadence counts from now (the first step)."""
+        self.last_save = time.perf_counter()
+
+    def save_if_due(self, loop: LoopState, final: bool) -> None:
+        """A resumable state on the wall-time cadence (checkpoint_every_min; 0: every call), and always
+        when `final` (the end, an early stop); rank 0's clock decides for every process (an engine's
+        checkpoint is written by all)."""
+        every = self.cfg.checkpoint_every_min
+        if self.backend.broadcast_flag(final or not every or time.perf_counter() - self.last_save >= 60 * every):
+            self.save(loop)
+            self.last_save = time.perf_counter()
+
+    def save_best(self, loop: LoopState, epoch: int) -> Path:
+        return self.store.save_best(self.weights(loop), epoch)
+
+    def weights(self, loop: LoopState) -> dict:
+        """best.pt: what `evaluate` and `generate` read (weights, configuration, vocabulary), no optimizer."""
+        return {"model": self.backend.unwrap(self.model).state_dict(), "config": self.cfg.to_dict(),
+                "tokenizer": self.tokenizer.to_json(), "plan": self.plan_json, "epoch": loop.epoch - 1,
+                "step": loop.steps, "monitor": f"val/{MONITOR}", "best_score": loop.best_score}
+
+    def state(self, loop: LoopState, rngs: list[dict]) -> dict:
+        """A resumable state: the full weights always (best.pt and `evaluate` read any engine's checkpoint
+        the same way); the optimizer only where the engine's own checkpoint does not hold it."""
+        backend = self.backend
+        return {"model": backend.unwrap(self.model).state_dict(),
+                "optimizer": None if backend.saves_engine else self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "backend": backend.state_dict(),
+                "config": self.cfg.to_dict(), "tokenizer": self.tokenizer.to_json(), "loop": asdict(loop),
+                "rng": rngs, "plan": self.plan_json,
+                "epoch": loop.epoch - 1 if loop.position == 0 else loop.epoch, "step": loop.steps,
+                "monitor": f"val/{MONITOR}"}

@@ -14,7 +14,8 @@ import os
 
 import torch
 
-GIB = 2**30
+from r2gen.units import GIB
+
 DATA_WAIT_WARN_PCT = 10.0
 
 

@@ -11,7 +11,10 @@
   shape; trailing padding changes nothing (the decoder is causal and padded keys are masked), and
   the outputs are sliced back to the batch's width.
 - the fused Adam (one kernel for the whole update, on a GPU or the CPU) is chosen in
-  r2gen.train.build_optimizer.
+  r2gen.build.build_optimizer.
+
+Which of them an engine allows, it says with its capabilities (r2gen.engine.TrainingEngine:
+`cuda_graphs`, `flat_parameters`); this module never asks for an engine's name.
 
 Each is numerically the same function as the plain path (tests/test_speedups.py); dropout draws
 other random numbers inside a graph, so training runs are compared by their loss curves.
@@ -27,15 +30,6 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-GRAPH_BACKENDS = ("plain", "accelerate")
-"""Adapters whose step calls the model's own forward in this process (DeepSpeed and FP8 wrap or
-swap modules; their graphs are not captured)."""
-
-FLAT_PARAMETER_BACKENDS = ("deepspeed",)
-"""Adapters that own the parameters' storage: ZeRO-2 makes every parameter a view of one flat buffer
-at initialize, so a layout change afterwards (channels_last) would unlink the model's tensors from
-what the optimizer steps; its gradient buckets' view(-1) fails on them first (seen on an H200)."""
-
 MAX_GRAPHS = 2
 """Captured shapes kept per model: the micro-batch and an epoch's shorter last batch."""
 
@@ -44,21 +38,22 @@ WARMUP_STEPS = 3
 torch.cuda.make_graphed_callables does)."""
 
 
-def planned_speedups(cfg, backend_name: str, device_type: str, world_size: int) -> list[str]:
-    """The speed-ups that cfg (a TrainConfig) asks for and this backend, device and process count allow,
-    in the order speed_up applies them (fused Adam is build_optimizer's choice, not listed here)."""
+def planned_speedups(cfg, engine, device_type: str, world_size: int) -> list[str]:
+    """The speed-ups that cfg (a TrainConfig) asks for and this engine (its capabilities: an adapter or
+    its class), device and process count allow, in the order speed_up applies them (fused Adam is
+    build_optimizer's choice, not listed here)."""
     if device_type != "cuda":
         return []
-    wanted = [("channels_last", cfg.channels_last and backend_name not in FLAT_PARAMETER_BACKENDS),
+    wanted = [("channels_last", cfg.channels_last and not engine.flat_parameters),
               ("cudnn_benchmark", cfg.cudnn_benchmark),
-              ("cuda_graphs", cfg.cuda_graphs and backend_name in GRAPH_BACKENDS and world_size == 1)]
+              ("cuda_graphs", cfg.cuda_graphs and engine.cuda_graphs and world_size == 1)]
     return [name for name, allowed in wanted if allowed]
 
 
 def speed_up(model: torch.nn.Module, backend, cfg) -> list[str]:
     """Apply planned_speedups to the (unwrapped) model; the names of those applied."""
     device = getattr(backend, "device", torch.device("cpu"))
-    applied = planned_speedups(cfg, backend.name, device.type, backend.world_size)
+    applied = planned_speedups(cfg, backend, device.type, backend.world_size)
     if "channels_last" in applied:
         model.visual_extractor.to(memory_format=torch.channels_last)
     if "cudnn_benchmark" in applied:

@@ -12,12 +12,14 @@ import torch
 from rich.console import Console
 
 from backends.plain import PlainBackend
+from r2gen.build import prepare
 from r2gen.checkpoint import CheckpointStore, load_checkpoint
 from r2gen.config import preset
 from r2gen.data.datasets import ReportDataset, build_transform, collate, load_annotation
 from r2gen.errors import RunFailed
 from r2gen.model.r2gen import masked_nll
-from r2gen.train import OomRecovery, OutOfMemoryAtOne, prepare, split_batch, train, train_step
+from r2gen.step import OomRecovery, OutOfMemoryAtOne, split_batch, train_step
+from r2gen.train import train
 
 
 def _quiet() -> Console:
@@ -205,11 +207,12 @@ def test_image_cache_gives_identical_items(small_set: Path, train_split: bool) -
 
 
 def test_generation_recovers_from_oom_with_identical_reports(small_set: Path) -> None:
-    from r2gen.train import _loader, evaluate
+    from r2gen.data.loader import build_loader
+    from r2gen.evaluate import evaluate
 
     ann = load_annotation(small_set)
     prep = prepare(_cfg(beam_size=2), PlainBackend("cpu"), ann, None)
-    loader = _loader(prep, "test", train=False)
+    loader = build_loader(prep, "test", train=False)
     _, reference, _ = evaluate(prep.model, loader, prep.backend, prep.tokenizer, prep.cfg)
     encode = prep.model.encode_features  # generation's first step
     sizes: list[int] = []

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from child_env import repo_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,13 +33,27 @@ def test_generate_compares_the_reference_and_the_fast_generator(tmp_path: Path, 
     assert all(r["identical"] == 4 and r["samples_per_s"] > 0 for r in rows)
 
 
-def test_train_throughput_runs_the_reference_and_the_auto_row(tmp_path: Path, small_set: Path) -> None:
+def test_train_throughput_runs_the_reference_the_auto_and_a_plain_row(tmp_path: Path, small_set: Path) -> None:
     out = tmp_path / "train.json"  # (auto-eager is auto without the GPU step speed-ups: on a CPU, the same step)
     _run("train_throughput.py", "--device", "cpu", "--steps", "2", "--warmup", "1", "--ann-path", str(small_set),
-         "--rows", "reference,auto", "--json", str(out), tmp_path=tmp_path)
+         "--rows", "reference,auto,plain:fp32:4", "--json", str(out), tmp_path=tmp_path)
     rows = json.loads(out.read_text())
-    assert [r["config"] for r in rows] == ["reference", "auto"]
+    assert [r["config"] for r in rows] == ["reference", "auto", "plain:fp32:4"]
     assert all(r["samples_per_s"] > 0 and r["train_gflops_per_sample"] > 0 and r["mfu_pct"] > 0 for r in rows)
+
+
+def test_timed_training_leaves_the_warm_up_off_the_clock_and_repeats_epochs() -> None:
+    if str(ROOT) not in sys.path:  # bench/ is not an installed package
+        sys.path.insert(0, str(ROOT))
+    from bench.timing import time_training
+
+    loader = [{"ids": list(range(n))} for n in (4, 4, 3)]  # an epoch: two full batches and a shorter last one
+    seen, stepped = [], []
+    timing = time_training(loader, lambda batch: stepped.append(len(batch["ids"])), torch.device("cpu"), warmup=2,
+                           steps=4, first_batch=lambda batch: seen.append(len(batch["ids"])))
+    assert stepped == [4, 4, 3, 4, 4, 3] and seen == [4]  # into the second epoch; the first batch seen once
+    assert (timing.steps, timing.samples) == (4, 3 + 4 + 4 + 3)  # the studies of the timed steps only
+    assert timing.samples_per_s > 0 and timing.peak_allocated_gib is None
 
 
 @pytest.mark.parametrize("script, args", [("loader.py", ["--studies", "4", "--image-size", "32"]),

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from r2gen.train import epoch_line
+from r2gen.run_log import epoch_line
 from child_env import repo_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]

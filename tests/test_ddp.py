@@ -17,7 +17,7 @@ from launcher.probe import synthetic_batch
 from launcher.spawn import free_port
 from r2gen.config import preset
 from r2gen.model.r2gen import R2GenModel
-from r2gen.train import train_step
+from r2gen.step import train_step
 from child_env import repo_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]

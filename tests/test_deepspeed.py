@@ -15,10 +15,11 @@ from backends.deepspeed import DeepSpeedBackend
 from backends.plain import PlainBackend
 from launcher.engine_config import DeepSpeedOptions, deepspeed_json
 from launcher.probe import synthetic_batch
+from r2gen.build import optimizer_factory
 from r2gen.config import preset
 from r2gen.errors import BackendError
 from r2gen.model.r2gen import R2GenModel
-from r2gen.train import optimizer_factory, train_step
+from r2gen.step import train_step
 
 CFG = preset("tiny").replace(image_size=64)
 VOCAB = 50
@@ -169,7 +170,7 @@ def test_precisions_deepspeed_cannot_serve_are_refused() -> None:
 def test_out_of_memory_stops_instead_of_redoing_on_top_of_partial_gradients() -> None:
     """ZeRO keeps the window's partial gradients inside the engine: redoing the step smaller would
     count the first micro-batch twice (measured: the update off by 70%), so the loop stops cleanly."""
-    from r2gen.train import OomRecovery, OutOfMemoryAtOne
+    from r2gen.step import OomRecovery, OutOfMemoryAtOne
 
     ds = _deepspeed(3, 2, untested_ok=True)
     engine, optimizer = ds.prepare(_model(), lambda m: torch.optim.SGD(m.parameters(), lr=1.0))
@@ -198,7 +199,8 @@ def test_a_deepspeed_run_continues_from_its_engine_checkpoint(small_set, tmp_pat
 
     from r2gen.checkpoint import CheckpointStore, load_checkpoint
     from r2gen.data.datasets import load_annotation
-    from r2gen.train import prepare, train
+    from r2gen.build import prepare
+    from r2gen.train import train
 
     annotation = load_annotation(small_set)
     cfg = preset("tiny").replace(image_size=32, batch_size=7, num_workers=0, log_every=1, val_every=0, beam_size=1,

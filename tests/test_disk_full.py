@@ -56,7 +56,7 @@ def _checkpoint_estimate() -> int:
     from r2gen.config import preset
     from r2gen.data.datasets import load_annotation
     from r2gen.data.synth import default_dataset
-    from r2gen.train import prepare
+    from r2gen.build import prepare
 
     cfg = preset("tiny").replace(studies=20)
     prep = prepare(cfg, PlainBackend("cpu"), load_annotation(default_dataset(studies=20)), None)

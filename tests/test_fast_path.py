@@ -26,9 +26,10 @@ import pytest
 from rich.console import Console
 
 from backends.plain import PlainBackend
+from r2gen.build import prepare
 from r2gen.config import preset
 from r2gen.data.datasets import load_annotation
-from r2gen.train import prepare, train
+from r2gen.train import train
 from reference import published_relational_memory
 
 STEPS = 15  # float64 on a CPU: 15 steps (5 epochs) keep the test under a minute

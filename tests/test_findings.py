@@ -13,7 +13,7 @@ from r2gen.data.datasets import Study, load_annotation
 from r2gen.data.synth import PRIORS, Findings, synth_findings, write_report
 from r2gen.data.tokenizer import Tokenizer
 from r2gen.findings import ABNORMAL, FINDINGS_KEYS, findings_scores, labelled, read_findings
-from r2gen.train import split_findings_scores
+from r2gen.evaluate import split_findings_scores
 
 ALL = [Findings(*values) for values in itertools.product(*(list(t) for t in PRIORS.values()))]
 

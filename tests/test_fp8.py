@@ -10,10 +10,11 @@ from torch import nn
 from backends.fp8 import Fp8Backend, convert_to_fp8, eligible_linears, installed, resolve_fp8_impl
 from backends.plain import PlainBackend
 from launcher.probe import synthetic_batch
+from r2gen.build import optimizer_factory
 from r2gen.config import preset
 from r2gen.errors import BackendError, ConfigError
 from r2gen.model.r2gen import R2GenModel
-from r2gen.train import optimizer_factory, train_step
+from r2gen.step import train_step
 
 CFG = preset("tiny").replace(image_size=64)
 VOCAB = 50

@@ -20,7 +20,7 @@ import torch
 from r2gen.config import preset
 from r2gen.model.decoding import DecoderState
 from r2gen.model.r2gen import R2GenModel
-from r2gen.model.sampling import (_trigram_penalty, beam_search, fast_beam_search, fast_greedy, generate,
+from r2gen.model.generation import (_trigram_penalty, beam_search, fast_beam_search, fast_greedy, generate,
                                   greedy, trigram_penalty)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from r2gen.config import preset
 from r2gen.model.r2gen import ModelConfig, R2GenModel, masked_nll
-from r2gen.model.sampling import beam_search, generate, greedy
+from r2gen.model.generation import beam_search, generate, greedy
 from r2gen.model.transformer import ConditionalLayerNorm, LayerNorm, RelationalMemory, subsequent_mask
 from reference import published_relational_memory
 
@@ -137,7 +137,7 @@ def test_generation_is_padded_after_end_token(tiny_model):
 
 
 def test_trigram_blocking_penalises_repeats():
-    from r2gen.model.sampling import TRIGRAM_PENALTY, _trigram_penalty
+    from r2gen.model.generation import TRIGRAM_PENALTY, _trigram_penalty
 
     seq = torch.tensor([[4, 5, 6, 4, 5, 0]])
     trigrams: list[dict] = [{}]

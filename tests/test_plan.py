@@ -62,7 +62,7 @@ def test_throughput_warns_when_an_epoch_keeps_few_steps_and_warms_up_at_most_max
 def test_warmup_factor_is_linear_then_one_and_the_rates_come_back() -> None:
     import torch
 
-    from r2gen.train import warmed_up, warmup_factor
+    from r2gen.step import warmed_up, warmup_factor
 
     assert [warmup_factor(i, 4) for i in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_factor(0, 0) == 1.0

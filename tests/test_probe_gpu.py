@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from backends.plain import PlainBackend
-from launcher.memory_model import GIB
 from launcher.probe import ProbeRequest, probe_in_subprocess, run_probe, synthetic_batch
+from r2gen.build import optimizer_factory
 from r2gen.config import preset
 from r2gen.model.r2gen import R2GenModel
-from r2gen.train import OomRecovery, cap_gpu_memory, optimizer_factory
+from r2gen.step import OomRecovery, cap_gpu_memory
+from r2gen.units import GIB
 
 pytestmark = pytest.mark.gpu
 VOCAB = 760  # IU X-Ray's vocabulary size with R2Gen's threshold of 3

@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from r2gen.data.datasets import ReportDataset, build_transform, collate
-from r2gen.data.sampling import EpochSampler
+from r2gen.data.order import EpochSampler
 
 
 def test_order_follows_seed_and_epoch_only() -> None:
@@ -64,7 +64,7 @@ def test_augmented_images_do_not_depend_on_the_worker(small_set, cache: bool) ->
 
 
 def test_windows_run_epoch_after_epoch_as_the_per_epoch_order_cut_in_batches() -> None:
-    from r2gen.data.sampling import EpochBatchSampler
+    from r2gen.data.order import EpochBatchSampler
 
     def per_epoch(epoch: int, start: int = 0) -> list[list[tuple[int, int]]]:
         sampler = EpochSampler(23, seed=4)
@@ -89,7 +89,7 @@ def test_windows_run_epoch_after_epoch_as_the_per_epoch_order_cut_in_batches() -
 def test_a_last_window_the_model_cannot_train_on_joins_the_one_before() -> None:
     """32 px images: BatchNorm cannot train on one study (the tiny preset crashed at an epoch's end
     whose last window held one)."""
-    from r2gen.data.sampling import EpochBatchSampler
+    from r2gen.data.order import EpochBatchSampler
 
     sampler = EpochSampler(21, seed=4)
     sampler.set_epoch(1)
@@ -110,13 +110,13 @@ def test_a_last_window_the_model_cannot_train_on_joins_the_one_before() -> None:
 ])
 def test_micro_batches_never_end_under_the_smallest_size(total: int, micro: int, smallest: int,
                                                          sizes: list[int]) -> None:
-    from r2gen.train import micro_batch_sizes
+    from r2gen.step import micro_batch_sizes
 
     assert micro_batch_sizes(total, micro, smallest) == sizes
 
 
 def test_split_batch_keeps_micro_batches_at_the_smallest_size() -> None:
-    from r2gen.train import split_batch
+    from r2gen.step import split_batch
 
     def batch(size: int) -> dict:
         return {"ids": [str(i) for i in range(9)], "images": torch.zeros(9, 2, 3, size, size),

@@ -18,12 +18,16 @@ import pytest
 import torch
 from rich.console import Console
 
+from backends.accelerate import AccelerateBackend
+from backends.deepspeed import DeepSpeedBackend
+from backends.fp8 import Fp8Backend
 from backends.plain import PlainBackend
+from r2gen.build import prepare, prepare_model
 from r2gen.config import preset
 from r2gen.data.datasets import load_annotation
 from r2gen.model.r2gen import R2GenModel, masked_nll
 from r2gen.speedups import CudaGraphedFeatures, cudnn_autotuning, eager_path, planned_speedups, speed_up
-from r2gen.train import prepare, prepare_model, train
+from r2gen.train import train
 
 VOCAB = 40
 FP32_GRADIENT_RULE = 2.0**-16
@@ -98,15 +102,15 @@ def test_fused_adam_on_a_cpu_takes_the_per_tensor_steps() -> None:
 
 
 @pytest.mark.parametrize("backend,world_size,expected", [
-    ("plain", 1, ["channels_last", "cudnn_benchmark", "cuda_graphs"]),
-    ("accelerate", 1, ["channels_last", "cudnn_benchmark", "cuda_graphs"]),
-    ("accelerate", 2, ["channels_last", "cudnn_benchmark"]),  # graphs: one process only
-    ("fp8", 1, ["channels_last", "cudnn_benchmark"]),  # its swapped Linear layers are not captured
+    (PlainBackend, 1, ["channels_last", "cudnn_benchmark", "cuda_graphs"]),
+    (AccelerateBackend, 1, ["channels_last", "cudnn_benchmark", "cuda_graphs"]),
+    (AccelerateBackend, 2, ["channels_last", "cudnn_benchmark"]),  # graphs: one process only
+    (Fp8Backend, 1, ["channels_last", "cudnn_benchmark"]),  # its swapped Linear layers are not captured
     # ZeRO-2's parameters are views of its flat buffer: a layout change after initialize unlinks them
     # (an H200 run of the deepspeed engine failed in its gradient buckets' view(-1)).
-    ("deepspeed", 1, ["cudnn_benchmark"]),
-])
-def test_planned_speedups_per_backend(backend: str, world_size: int, expected: list[str]) -> None:
+    (DeepSpeedBackend, 1, ["cudnn_benchmark"]),
+], ids=["plain", "accelerate", "accelerate-2", "fp8", "deepspeed"])
+def test_planned_speedups_per_backend(backend: type, world_size: int, expected: list[str]) -> None:
     cfg = preset("iu_xray")
     assert planned_speedups(cfg, backend, "cuda", world_size) == expected
     assert planned_speedups(cfg, backend, "cpu", world_size) == []

@@ -11,13 +11,14 @@ import torch
 from rich.console import Console
 
 from backends.plain import PlainBackend
+from r2gen.build import build_optimizer, prepare
 from r2gen.checkpoint import CheckpointStore, load_checkpoint, save_checkpoint, sha256_of
 from r2gen.config import PRESETS, TrainConfig, preset
 from r2gen.data.datasets import load_annotation
 from r2gen.errors import BackendError, ConfigError
 from r2gen.findings import FINDINGS_KEYS
 from r2gen.metrics import METRIC_KEYS
-from r2gen.train import build_optimizer, prepare, train
+from r2gen.train import train
 
 
 def _quiet() -> Console:

@@ -38,7 +38,7 @@ def _run(rank: int, world: int, engine: str, device: str, port: int, out: str) -
     from backends.registry import build_backend
     from launcher.engine_config import DeepSpeedOptions, deepspeed_json
     from r2gen.model.r2gen import R2GenModel
-    from r2gen.train import train_step
+    from r2gen.step import train_step
 
     if world > 1:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",

@@ -245,7 +245,7 @@ class ReportDataset(Dataset):
         return len(self.studies)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[str, torch.Tensor, list[int]]:
-        """`key` is an index, or (index, seed) from r2gen.data.sampling.EpochSampler: the random
+        """`key` is an index, or (index, seed) from r2gen.data.order.EpochSampler: the random
         crop and flip then draw from that seed, whichever process or worker runs them."""
         index, seed = key if isinstance(key, tuple) else (key, None)
         if seed is None:

@@ -19,8 +19,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from r2gen.atomic import write_dir_atomically
 from r2gen.data.datasets import SPLITS, Annotation, build_transform, load_annotation, open_image
-from r2gen.data.synth import write_dir_atomically
 from r2gen.errors import ConfigError, DataError
 from r2gen.model.r2gen import DATASETS
 

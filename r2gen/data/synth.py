@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import secrets
 import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,6 +34,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from r2gen.atomic import write_dir_atomically
 
 __all__ = [
     "Findings",
@@ -708,36 +708,6 @@ def _write_set(root: Path, studies: int, seed: int, image_size: int, progress: b
     for entry in plan:
         annotation[entry["split"]].append(entry)
     (root / "annotation.json").write_text(json.dumps(annotation, indent=1) + "\n", encoding="utf-8")
-
-
-def _publish(tmp: Path, final: Path) -> bool:
-    """Atomically rename tmp to final; False (tmp removed) if final got filled meanwhile."""
-    try:
-        os.replace(tmp, final)  # POSIX rename: succeeds onto a missing or empty directory
-        return True
-    except OSError:
-        if final.is_dir() and any(final.iterdir()):
-            shutil.rmtree(tmp, ignore_errors=True)
-            return False
-        raise
-
-
-def write_dir_atomically(final: Path, write: Callable[[Path], None]) -> bool:
-    """write(folder) into a hidden sibling of final, then rename it to final; False (nothing
-    left behind) if final got filled meanwhile. On any error the partial folder is removed."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # A hidden sibling on the same file system, so the final rename is atomic and a
-    # half-written set is never visible under the real name. os.mkdir rather than
-    # tempfile.mkdtemp, whose 0700 mode would survive the rename; the pid + random
-    # suffix keeps racing processes apart.
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        return _publish(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _generate_atomically(final: Path, studies: int, seed: int, image_size: int, progress: bool) -> bool:

@@ -120,7 +120,7 @@ class R2GenModel(nn.Module):
         out = self.encoder_decoder.model(att_feats, seq, att_masks, seq_mask)
         return F.log_softmax(self.encoder_decoder.logit(out), dim=-1)
 
-    # -- generation primitives (used by r2gen.model.sampling) -----------------------------------------
+    # -- generation primitives (used by r2gen.model.generation) -----------------------------------------
     def prepare_generation(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encode the images once: (encoder memory (B, L, d), source mask (B, 1, L))."""
         return self.encode_features(self.extract(images)[0])

@@ -105,6 +105,10 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
         """Iterate from `epoch`, skipping this process's first `start` samples of it."""
         self.epochs.set_epoch(epoch, start)
 
+    def start_at(self, epoch: int, window: int) -> None:
+        """Iterate from window `window` of `epoch` (a resumed run: the first window not yet trained)."""
+        self.set_epoch(epoch, start=min(window * self.batch_size, self.per_process))
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, start = self.epochs.epoch, self.epochs.start
         while not self.last_epoch or epoch <= self.last_epoch:
