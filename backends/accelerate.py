@@ -4,16 +4,21 @@ Accumulation stays in the shared loop (one loader batch is one window, split int
 whose losses are divided by the window's token count): Accelerate's own `gradient_accumulation_steps`
 divides every micro-batch loss by the number of micro-batches, which is per-call, not per-token,
 normalization. Non-final micro-batches run under `accelerator.no_sync`, so several processes
-all-reduce once per window, as Accelerate's accumulation does.
+all-reduce once per window, as Accelerate's accumulation does. Its SPEC (at the end) writes the
+YAML `accelerate launch --config_file` reads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 from backends.base import Backend, step_was_taken
 from backends.plain import check_precision, resolve_device
+from backends.spec import EngineFile, EngineSpec, Topology, get_dotted
 from r2gen.errors import BackendError, ConfigError
 
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -74,3 +79,69 @@ class AccelerateBackend(Backend):
         if not (folder / "optimizer.bin").is_file():
             raise ConfigError(f"--keep-training: {folder} holds no Accelerate state (optimizer.bin missing)")
         self.accelerator.load_state(str(folder))
+
+
+# -- the spec --------------------------------------------------------------------------------------------
+
+ACCELERATE_LAUNCH = (sys.executable, "-m", "accelerate.commands.launch")
+"""`accelerate launch`, run by this interpreter (a venv that is not on PATH still finds it)."""
+
+
+def accelerate_launch_command(topology: Topology, module: str, worker_args: Sequence[str],
+                              engine_file: Path | None = None, hostfile: Path | None = None) -> list[str]:
+    """accelerate launch with the generated YAML, which holds the topology."""
+    if engine_file is None:
+        raise ConfigError("accelerate launch needs the generated accelerate_configs/<run>.yaml")
+    return [*ACCELERATE_LAUNCH, "--config_file", str(engine_file), "-m", module, *worker_args]
+
+
+def accelerate_yaml(device: str, precision: str, topology: Topology) -> dict:
+    """The YAML mapping `accelerate launch --config_file` reads (the keys `accelerate config` writes)."""
+    multi = topology.world_size > 1
+    return {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": ("MULTI_GPU" if device == "cuda" else "MULTI_CPU") if multi else "NO",
+        "mixed_precision": MIXED_PRECISION[precision],
+        "use_cpu": device == "cpu",
+        "num_processes": topology.world_size,
+        "num_machines": topology.nodes,
+        "machine_rank": topology.node_rank,
+        "main_process_ip": topology.master_addr if topology.nodes > 1 else None,
+        "main_process_port": topology.master_port if multi else None,
+        "gpu_ids": "all",
+        "rdzv_backend": "static",
+        "same_network": True,
+        "main_training_function": "main",
+        "downcast_bf16": "no",
+        "debug": False,
+    }
+
+
+ACCELERATE_PLANNED: dict[str, str] = {
+    "compute_environment": "nothing: runs start on this machine (LOCAL_MACHINE)",
+    "distributed_type": "--gpus and --nodes", "mixed_precision": "--precision", "use_cpu": "--device",
+    "num_processes": "--gpus and --nodes", "num_machines": "--nodes", "machine_rank": "--node-rank",
+    "main_process_ip": "--master-addr", "main_process_port": "--master-port",
+}
+"""Accelerate fields the plan decides, and the flag that sets them."""
+
+
+def accelerate_file_choices(user: dict) -> dict:
+    """The precision a user's YAML asks for (its mixed_precision), for a run without --precision."""
+    precision = {value: key for key, value in MIXED_PRECISION.items()}.get(get_dotted(user, "mixed_precision"))
+    return {"precision": precision} if precision else {}
+
+
+SPEC = EngineSpec(
+    name="accelerate", title="Accelerate",
+    adapter=lambda device, precision, options: AccelerateBackend(device, precision),
+    devices=("cuda", "cpu"), precisions=("fp32", "bf16", "fp16"),
+    default_precisions={"cuda": "bf16", "cpu": "fp32"}, gpu_only_precisions=("fp16",),
+    # accelerate launch starts several CPU processes only through MPI; it would silently run one.
+    one_cpu_process="accelerate launch runs one process on a CPU (several need MPI)",
+    packages=("accelerate",),
+    launch=accelerate_launch_command,
+    file=EngineFile(name="accelerate_config.yaml", flag="--accelerate-config", option="accelerate_config",
+                    format="yaml", build=lambda i: accelerate_yaml(i.device, i.precision, i.topology),
+                    planned=ACCELERATE_PLANNED, choices=accelerate_file_choices),
+)

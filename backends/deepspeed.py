@@ -1,7 +1,7 @@
 """DeepSpeed: ZeRO stage 1 or 2, optimizer offload to the CPU, bf16, fp16 (dynamic loss scaling) or fp32.
 
-The engine's JSON comes from the plan (launcher.engine_config.deepspeed_config) through
-`configure` before `prepare`. Three things keep it R2Gen's:
+The engine's JSON (`deepspeed_json`, from the plan's values; its SPEC, at the end, says so) reaches
+the adapter through `configure` before `prepare`. Three things keep it R2Gen's:
 - clipping: R2Gen clips gradient *values* (clip_grad_value_ 0.1); DeepSpeed only clips norms. The
   client optimizer's `step` clamps the gradients it receives, which under ZeRO are the reduced,
   unscaled fp32 partitions: clamping is elementwise, so per partition equals the whole gradient.
@@ -21,13 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import types
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from backends.base import Backend
 from backends.plain import check_precision, resolve_device
+from backends.spec import EngineFile, EngineSpec, Topology, get_dotted
 from r2gen.engine import AUTOCAST_DTYPES
 from r2gen.errors import BackendError, ConfigError
 
@@ -170,3 +175,131 @@ class DeepSpeedBackend(Backend):
         optimizer = "DeepSpeedCPUAdam on the CPU (no AMSGrad)" if self.offload else "Adam(amsgrad) on the GPU"
         return (f"deepspeed ZeRO-{zero}, {optimizer}, on {self.device} ({self.precision}, "
                 f"{self.world_size} process(es))")
+
+
+# -- the spec --------------------------------------------------------------------------------------------
+
+ZERO_STAGES = (1, 2)
+OFFLOADS = ("cpu", "none")
+
+
+@dataclass(frozen=True)
+class DeepSpeedOptions:
+    """`r2gen-launch deepspeed` engine options."""
+
+    zero: int = 2            # ZeRO stage: 1 (optimizer states) or 2 (+ gradients) partitioned
+    offload: str = "cpu"     # optimizer states and step on the CPU (DeepSpeedCPUAdam), or none
+
+    def __post_init__(self) -> None:
+        if self.zero == 3:
+            raise BackendError("--zero 3: not supported: R2Gen's 78M parameters fit on any GPU this launcher "
+                               "targets, and stage 3's parameter partitioning only slows it; use --zero 2")
+        if self.zero not in ZERO_STAGES:
+            raise ConfigError(f"--zero: unknown stage {self.zero}; choose 1 or 2")
+        if self.offload not in OFFLOADS:
+            raise ConfigError(f"--offload: unknown {self.offload!r}; choose one of {', '.join(OFFLOADS)}")
+
+
+def deepspeed_json(precision: str, micro_batch: int, accumulation: int, world_size: int, pin_memory: bool,
+                   options: DeepSpeedOptions) -> dict:
+    """DeepSpeed's JSON from plain values (the probe's engine has no plan yet: micro-batch 1). Optimizer
+    and clipping are left to the adapter: R2Gen clips gradient values (clip_grad_value_), which
+    DeepSpeed's norm-based `gradient_clipping` is not."""
+    check_deepspeed_precision(precision)
+    zero: dict = {"stage": options.zero, "contiguous_gradients": True, "overlap_comm": True,
+                  "reduce_scatter": True, "reduce_bucket_size": 200_000_000, "allgather_bucket_size": 200_000_000}
+    if options.offload == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
+    mixed = precision != "fp32"
+    return {
+        "train_batch_size": micro_batch * accumulation * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        # BatchNorm needs its running statistics in the weights' dtype (the parameters become bf16/fp16).
+        "data_types": {"buffer_dtype": precision if mixed else None},
+        # Autocast inside the engine too (DeepSpeed turns an outer one off): tensors the model creates in fp32
+        # (the relational memory's first state) meet bf16/fp16 weights, and norms and softmax run in fp32.
+        "torch_autocast": {"enabled": True, "dtype": precision} if mixed else {"enabled": False},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+DEEPSPEED_PLANNED: dict[str, str] = {
+    "train_batch_size": "--effective-batch",
+    "train_micro_batch_size_per_gpu": "--batch-size",
+    "gradient_accumulation_steps": "--effective-batch and --batch-size",
+    "gradient_clipping": "nothing: R2Gen clips gradient values (0.1) in the adapter; leave it 0",
+    "bf16.enabled": "--precision", "fp16.enabled": "--precision",
+    "data_types.buffer_dtype": "--precision", "torch_autocast.enabled": "--precision",
+    "torch_autocast.dtype": "--precision",
+    "zero_optimization.stage": "--zero", "zero_optimization.offload_optimizer.device": "--offload",
+}
+"""DeepSpeed fields the plan decides (dotted paths), and the flag that sets them."""
+DEEPSPEED_REFUSED: dict[str, str] = {
+    "optimizer": "R2Gen's Adam (AMSGrad, two learning rates) comes from the run's settings",
+    "scheduler": "R2Gen's StepLR comes from the run's settings",
+    "zero_optimization.offload_param": "parameter offload is ZeRO-3's, which is refused",
+}
+
+
+def deepspeed_file_choices(user: dict) -> dict:
+    """What a user's JSON says about precision, --zero and --offload, for the flags left out."""
+    choices: dict = {}
+    if get_dotted(user, "bf16.enabled") is True:
+        choices["precision"] = "bf16"
+    elif get_dotted(user, "fp16.enabled") is True:
+        choices["precision"] = "fp16"
+    stage = get_dotted(user, "zero_optimization.stage")
+    if isinstance(stage, int) and not isinstance(stage, bool):
+        choices["zero"] = stage
+    device = get_dotted(user, "zero_optimization.offload_optimizer.device")
+    if device in OFFLOADS:
+        choices["offload"] = device
+    return choices
+
+
+DEEPSPEED = (sys.executable, "-m", "deepspeed.launcher.runner")
+"""The `deepspeed` launcher, run by this interpreter (a venv that is not on PATH still finds it)."""
+
+
+def deepspeed_launch_command(topology: Topology, module: str, worker_args: Sequence[str],
+                             engine_file: Path | None = None, hostfile: Path | None = None) -> list[str]:
+    """The deepspeed launcher with its JSON; a hostfile starts the other nodes over ssh."""
+    t = topology
+    if engine_file is None:
+        raise ConfigError("the deepspeed launcher needs the generated ds_configs/<run>.json")
+    command = [*DEEPSPEED]
+    if hostfile is not None:
+        if not hostfile.is_file():
+            raise ConfigError(f"--hostfile: {hostfile} does not exist")
+        command += ["--hostfile", str(hostfile)]
+    elif t.nodes > 1:
+        # Without a hostfile every node is started by hand with its rank (no ssh from the launcher).
+        command += ["--no_ssh", f"--node_rank={t.node_rank}"]
+    # The worker reads LOCAL_RANK from its environment, as under torchrun: no --local_rank argument.
+    command += [f"--num_nodes={t.nodes}", f"--num_gpus={t.gpus_per_node}", f"--master_addr={t.master_addr}",
+                f"--master_port={t.master_port}", "--no_local_rank", "--module", module, *worker_args,
+                "--deepspeed_config", str(engine_file)]
+    return command
+
+
+SPEC = EngineSpec(
+    name="deepspeed", title="DeepSpeed",
+    adapter=lambda device, precision, options: DeepSpeedBackend(device, precision),  # options: its JSON
+    # ZeRO-2's offload has nothing to offer a CPU (the adapter runs there for tests only).
+    devices=("cuda",), precisions=("fp32", "bf16", "fp16"),
+    default_precisions={"cuda": "bf16", "cpu": "fp32"}, gpu_only_precisions=("fp16",),
+    options=DeepSpeedOptions, packages=("deepspeed",),
+    launch=deepspeed_launch_command,
+    file=EngineFile(name="ds_config.json", flag="--ds-config", option="ds_config", format="json",
+                    build=lambda i: deepspeed_json(i.precision, i.micro_batch, i.accumulation, i.world_size,
+                                                   i.pin_memory, DeepSpeedOptions(**i.options)),
+                    planned=DEEPSPEED_PLANNED, refused=DEEPSPEED_REFUSED, choices=deepspeed_file_choices),
+    on_configure=lambda adapter, config: adapter.configure(config),
+)

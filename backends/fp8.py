@@ -10,7 +10,7 @@ ResNet's convolutions and the vocabulary-sized logit layer stay bf16):
   scaling, the same Parameter objects), with the GEMM's inner dimension padded to 16 because the
   number of tokens in a batch varies.
 Everything else is the plain adapter under bf16 autocast (DDP under torchrun included). The model
-code knows nothing of this: conversion is a function applied from outside.
+code knows nothing of this: conversion is a function applied from outside. Its SPEC is at the end.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from backends.plain import PlainBackend
+from backends.plain import PlainBackend, torchrun_command
+from backends.spec import EngineSpec
 from r2gen.errors import BackendError, ConfigError
 
 FP8_IMPLS = ("auto", "te", "torchao")
@@ -139,3 +141,28 @@ class Fp8Backend(PlainBackend):
         impl = "Transformer Engine" if self.impl == "te" else "torchao float8"
         return (f"fp8 ({impl}: {len(self.converted) or 'eligible'} Linear layers in float8, the rest bf16) "
                 f"on {self.device}" + (f", {self.world_size} processes" if self.world_size > 1 else ""))
+
+
+# -- the spec --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Fp8Options:
+    """`r2gen-launch fp8` engine options."""
+
+    fp8_impl: str = "auto"   # auto: Transformer Engine where installed, else torchao; te; torchao
+
+    def __post_init__(self) -> None:
+        if self.fp8_impl not in FP8_IMPLS:
+            raise ConfigError(f"--fp8-impl: unknown {self.fp8_impl!r}; choose one of {', '.join(FP8_IMPLS)}")
+
+
+SPEC = EngineSpec(
+    name="fp8", title="FP8",
+    adapter=lambda device, precision, options: Fp8Backend(device, precision, options["fp8_impl"]),
+    devices=("cuda",), precisions=("fp8",),
+    default_precisions={"cuda": "fp8", "cpu": "fp8"},  # on a CPU refused with its reason (needs_gpu)
+    options=Fp8Options,
+    implementations={"transformer_engine": "Transformer Engine", "torchao": "torchao"},  # auto's order
+    min_capability=MIN_CAPABILITY,
+    launch=torchrun_command,  # the plain adapter's DDP under torchrun
+)

@@ -1,13 +1,18 @@
-"""Plain PyTorch: fp32, or autocast bf16/fp16 (fp16 with a dynamic GradScaler), on CPU or one GPU."""
+"""Plain PyTorch: fp32, or autocast bf16/fp16 (fp16 with a dynamic GradScaler), on CPU or one GPU;
+several processes under torchrun (DDP). Its SPEC is at the end."""
 
 from __future__ import annotations
 
 import contextlib
+import sys
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 
 import torch
 
 from backends.base import Backend, step_was_taken
+from backends.spec import EngineSpec, Topology
 from r2gen.config import DEVICES, PRECISIONS
 from r2gen.engine import AUTOCAST_DTYPES
 from r2gen.errors import BackendError
@@ -111,3 +116,26 @@ class PlainBackend(Backend):
     def load_state_dict(self, state: dict) -> None:
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+
+
+# -- the spec --------------------------------------------------------------------------------------------
+
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
+"""torchrun's entry point, run by this interpreter (a venv that is not on PATH still finds it)."""
+
+
+def torchrun_command(topology: Topology, module: str, worker_args: Sequence[str], engine_file: Path | None = None,
+                     hostfile: Path | None = None) -> list[str]:
+    """torchrun with the topology's multi-node options (no engine file; a hostfile is DeepSpeed's)."""
+    t = topology
+    return [*TORCHRUN, f"--nproc_per_node={t.gpus_per_node}", f"--nnodes={t.nodes}", f"--node_rank={t.node_rank}",
+            f"--master_addr={t.master_addr}", f"--master_port={t.master_port}", "-m", module, *worker_args]
+
+
+SPEC = EngineSpec(
+    name="plain", title="plain PyTorch",
+    adapter=lambda device, precision, options: PlainBackend(device, precision),
+    devices=("cuda", "cpu"), precisions=("fp32", "bf16", "fp16"),
+    default_precisions={"cuda": "fp32", "cpu": "fp32"},  # fp32, as R2Gen
+    launch=torchrun_command,
+)

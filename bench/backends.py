@@ -36,8 +36,8 @@ DEFAULT_ENGINES = "plain:bf16,accelerate:fp16,accelerate:bf16,deepspeed:bf16,fp8
 def run_engine(backend_name: str, precision: str, steps: int, warmup: int, batch_size: int, num_workers: int,
                studies: int) -> dict:
     """One engine's run (in a fresh process)."""
-    from backends.registry import build_backend
-    from launcher.engine_config import DeepSpeedOptions, deepspeed_json
+    from backends.registry import spec
+    from backends.spec import ConfigInputs
     from r2gen.build import prepare, prepare_model
     from r2gen.config import preset
     from r2gen.data.datasets import load_annotation
@@ -57,11 +57,12 @@ def run_engine(backend_name: str, precision: str, steps: int, warmup: int, batch
     cfg = preset("iu_xray").replace(batch_size=batch_size, num_workers=num_workers, pin_memory=True,
                                     studies=studies, cache_images=True)
     try:
-        backend = build_backend(backend_name, "cuda", precision)
+        engine = spec(backend_name)
+        backend = engine.build("cuda", precision)  # the engine's default options (deepspeed: ZeRO-2, CPU offload)
     except (UsageError, ImportError) as exc:
         return {**row, "skipped": str(exc)}
-    if backend_name == "deepspeed":
-        backend.configure(deepspeed_json(precision, batch_size, 1, 1, True, DeepSpeedOptions(zero=2, offload="cpu")))
+    engine.configure(backend, engine.generate_config(ConfigInputs("cuda", precision, engine.engine_options(),
+                                                                  micro_batch=batch_size, pin_memory=True)))
     phase("imports_and_backend")
     annotation = load_annotation(default_dataset(studies=studies), None, cfg.model.dataset)
     phase("data_set")

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.plain import PlainBackend  # noqa: E402
 from bench.timing import peak_allocated_gib, reset_peak, sync  # noqa: E402
-from r2gen.checkpoint_eval import read_state, resolve_checkpoint  # noqa: E402
+from launcher.evaluate import read_state, resolve_checkpoint  # noqa: E402
 from r2gen.config import TrainConfig, preset  # noqa: E402
 from r2gen.data.datasets import ReportDataset, build_transform, load_annotation  # noqa: E402
 from r2gen.data.synth import default_dataset  # noqa: E402

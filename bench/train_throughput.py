@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -46,9 +47,8 @@ REFERENCE = dict(precision="fp32", batch_size=16, num_workers=2, pin_memory=Fals
 
 def plain_row(which: str) -> tuple[str, int] | None:
     """(precision, batch size) of a plain:PRECISION:BATCH row name; None for any other name."""
-    kind, _, rest = which.partition(":")
-    precision, _, batch = rest.partition(":")
-    return (precision, int(batch)) if kind == "plain" and precision and batch.isdigit() else None
+    found = re.fullmatch(r"plain:([^:]+):(\d+)", which)  # a row's name, parsed (not a question to an engine)
+    return (found[1], int(found[2])) if found else None
 
 
 def matmul_tflops(device: torch.device, precision: str) -> float:
@@ -77,8 +77,9 @@ def train_flops_per_sample(model: torch.nn.Module, batch: dict, device: torch.de
 def run_row(which: str, preset_name: str, device: str, steps: int, warmup: int, studies: int,
             ann_path: Path | None) -> dict:
     """One configuration's timed training (in a fresh process)."""
-    from backends.registry import build_backend
-    from launcher.cli import _options, _prepare_run
+    from backends.registry import build_backend, spec
+    from launcher.options import plan_options
+    from launcher.run import prepare_run
     from launcher.plan import apply_plan
     from r2gen.build import prepare, prepare_model
     from r2gen.config import preset
@@ -104,16 +105,16 @@ def run_row(which: str, preset_name: str, device: str, steps: int, warmup: int, 
             warnings.simplefilter("ignore")
             prep = prepare(cfg, backend, annotation, None)
     else:
-        options = _options(None, True, None, None, None, None, "sqrt", None, "throughput")
+        options = plan_options(None, True, None, None, None, None, "sqrt", None, "throughput")
         precision = "fp32" if device == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            prep, plan, _ = _prepare_run("auto", device, precision, preset_name, {"studies": studies}, options,
+            prep, plan, _ = prepare_run("auto", device, precision, preset_name, {"studies": studies}, options,
                                          ann_path, None, None, None)
-        if plan.backend == "deepspeed":
-            from launcher.engine_config import Topology, engine_config_for
+        from launcher.engine_config import Topology, engine_config_for
 
-            prep.backend.configure(engine_config_for(plan, Topology(), Path("bench-run")).config)  # nothing written
+        engine_file = engine_config_for(plan, Topology(), Path("bench-run"))  # nothing written
+        spec(plan.backend).configure(prep.backend, engine_file.config if engine_file else None)
         prep.cfg = cfg = apply_plan(prep.cfg, plan)
         if which == "auto-eager":
             prep.cfg = cfg = cfg.without_speedups()

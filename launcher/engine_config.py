@@ -1,8 +1,10 @@
-"""Engine configs generated from the Plan: DeepSpeed JSON and Accelerate YAML, as plain dicts.
+"""Engine configs generated from the Plan (DeepSpeed JSON, Accelerate YAML), as plain dicts.
 
 Pure: the values follow from the plan (train_batch_size = micro x accumulation x world size, the
-precision, the loader's pinning) and from the engine options; a user's own file (--ds-config,
---accelerate-config) adds its other settings, and a field the plan decides must agree with it.
+precision, the loader's pinning) and from the engine options; the engine's spec (backends/, its
+EngineFile) builds the mapping from those plain values and names its file, its user flag and the
+fields the plan decides. A user's own file (--ds-config, --accelerate-config) adds its other
+settings, and a field the plan decides must agree with it: that merge is here, for every engine.
 `engine_config_for` places the run's file in its run directory (`<run>/ds_config.json`,
 `<run>/accelerate_config.yaml`: reproducible, and found again by --keep-training) and
 `write_engine_config` writes it atomically. Each dict is what the engine's own loader accepts (tested against DeepSpeed's DeepSpeedConfig and accelerate's
@@ -15,116 +17,31 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends.accelerate import MIXED_PRECISION
+from backends.accelerate import accelerate_yaml
+from backends.deepspeed import DeepSpeedOptions, deepspeed_json  # DeepSpeedOptions: also the commands' import
+from backends.registry import engine_file, spec
+from backends.spec import ConfigInputs, Topology, get_dotted  # Topology: the launcher's import of it
 from launcher.plan import Plan
 from r2gen.atomic import write_text
-from r2gen.errors import BackendError, ConfigError
-
-ZERO_STAGES = (1, 2)
-OFFLOADS = ("cpu", "none")
+from r2gen.errors import ConfigError
 
 
-@dataclass(frozen=True)
-class DeepSpeedOptions:
-    """`r2gen-launch deepspeed` engine options."""
-
-    zero: int = 2            # ZeRO stage: 1 (optimizer states) or 2 (+ gradients) partitioned
-    offload: str = "cpu"     # optimizer states and step on the CPU (DeepSpeedCPUAdam), or none
-
-    def __post_init__(self) -> None:
-        if self.zero == 3:
-            raise BackendError("--zero 3: not supported: R2Gen's 78M parameters fit on any GPU this launcher "
-                               "targets, and stage 3's parameter partitioning only slows it; use --zero 2")
-        if self.zero not in ZERO_STAGES:
-            raise ConfigError(f"--zero: unknown stage {self.zero}; choose 1 or 2")
-        if self.offload not in OFFLOADS:
-            raise ConfigError(f"--offload: unknown {self.offload!r}; choose one of {', '.join(OFFLOADS)}")
-
-
-@dataclass(frozen=True)
-class Topology:
-    """Processes of a run: GPUs per node and nodes (multi-node options passed to the launchers)."""
-
-    gpus_per_node: int = 1
-    nodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-
-    def __post_init__(self) -> None:
-        if self.gpus_per_node < 1:
-            raise ConfigError(f"--gpus: must be at least 1, got {self.gpus_per_node}")
-        if self.nodes < 1:
-            raise ConfigError(f"--nodes: must be at least 1, got {self.nodes}")
-        if not 0 <= self.node_rank < self.nodes:
-            raise ConfigError(f"--node-rank: must be in 0..{self.nodes - 1}, got {self.node_rank}")
-        if not 1 <= self.master_port <= 65535:
-            raise ConfigError(f"--master-port: must be a TCP port (1-65535), got {self.master_port}")
-        if not self.master_addr:
-            raise ConfigError("--master-addr: must not be empty")
-
-    @property
-    def world_size(self) -> int:
-        return self.gpus_per_node * self.nodes
+def config_inputs(plan: Plan, topology: Topology) -> ConfigInputs:
+    """The plain values an engine's config is built from: the plan's, and the processes launched."""
+    b = plan.batch
+    return ConfigInputs(plan.device, plan.precision, spec(plan.backend).engine_options(plan.engine), b.micro_batch,
+                        b.accumulation, b.world_size, plan.loader.pin_memory, topology)
 
 
 def deepspeed_config(plan: Plan, options: DeepSpeedOptions) -> dict:
-    """DeepSpeed's JSON for the plan. Optimizer and clipping are left to the adapter: R2Gen clips
-    gradient values (clip_grad_value_), which DeepSpeed's norm-based `gradient_clipping` is not."""
+    """DeepSpeed's JSON for the plan, with these engine options."""
     b = plan.batch
     return deepspeed_json(plan.precision, b.micro_batch, b.accumulation, b.world_size, plan.loader.pin_memory, options)
 
 
-def deepspeed_json(precision: str, micro_batch: int, accumulation: int, world_size: int, pin_memory: bool,
-                   options: DeepSpeedOptions) -> dict:
-    """The JSON from plain values (the probe's engine has no plan yet: micro-batch 1)."""
-    from backends.deepspeed import check_deepspeed_precision
-
-    check_deepspeed_precision(precision)
-    zero: dict = {"stage": options.zero, "contiguous_gradients": True, "overlap_comm": True,
-                  "reduce_scatter": True, "reduce_bucket_size": 200_000_000, "allgather_bucket_size": 200_000_000}
-    if options.offload == "cpu":
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
-    mixed = precision != "fp32"
-    return {
-        "train_batch_size": micro_batch * accumulation * world_size,
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": accumulation,
-        "gradient_clipping": 0.0,
-        "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
-        # BatchNorm needs its running statistics in the weights' dtype (the parameters become bf16/fp16).
-        "data_types": {"buffer_dtype": precision if mixed else None},
-        # Autocast inside the engine too (DeepSpeed turns an outer one off): tensors the model creates in fp32
-        # (the relational memory's first state) meet bf16/fp16 weights, and norms and softmax run in fp32.
-        "torch_autocast": {"enabled": True, "dtype": precision} if mixed else {"enabled": False},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
 def accelerate_config(plan: Plan, topology: Topology) -> dict:
-    """The YAML mapping `accelerate launch --config_file` reads (the keys `accelerate config` writes)."""
-    multi = topology.world_size > 1
-    return {
-        "compute_environment": "LOCAL_MACHINE",
-        "distributed_type": ("MULTI_GPU" if plan.device == "cuda" else "MULTI_CPU") if multi else "NO",
-        "mixed_precision": MIXED_PRECISION[plan.precision],
-        "use_cpu": plan.device == "cpu",
-        "num_processes": topology.world_size,
-        "num_machines": topology.nodes,
-        "machine_rank": topology.node_rank,
-        "main_process_ip": topology.master_addr if topology.nodes > 1 else None,
-        "main_process_port": topology.master_port if multi else None,
-        "gpu_ids": "all",
-        "rdzv_backend": "static",
-        "same_network": True,
-        "main_training_function": "main",
-        "downcast_bf16": "no",
-        "debug": False,
-    }
+    """The YAML mapping `accelerate launch --config_file` reads, for the plan and its processes."""
+    return accelerate_yaml(plan.device, plan.precision, topology)
 
 
 @dataclass(frozen=True)
@@ -136,44 +53,8 @@ class EngineConfig:
     text: str
 
 
-DEEPSPEED_FILE, ACCELERATE_FILE = "ds_config.json", "accelerate_config.yaml"
-
-
-def deepspeed_text(config: dict) -> str:
-    return json.dumps(config, indent=2, sort_keys=True) + "\n"
-
-
-def accelerate_text(config: dict, run_name: str) -> str:
-    import yaml
-
-    return (f"# written by r2gen-launch for run {run_name}: the plan's values (with your --accelerate-config's)\n"
-            + yaml.safe_dump(config, sort_keys=True))
-
-
 # -- a user's own engine file: fields the plan decides must agree, the rest is theirs -------------------
 
-DEEPSPEED_PLANNED: dict[str, str] = {
-    "train_batch_size": "--effective-batch",
-    "train_micro_batch_size_per_gpu": "--batch-size",
-    "gradient_accumulation_steps": "--effective-batch and --batch-size",
-    "gradient_clipping": "nothing: R2Gen clips gradient values (0.1) in the adapter; leave it 0",
-    "bf16.enabled": "--precision", "fp16.enabled": "--precision",
-    "data_types.buffer_dtype": "--precision", "torch_autocast.enabled": "--precision",
-    "torch_autocast.dtype": "--precision",
-    "zero_optimization.stage": "--zero", "zero_optimization.offload_optimizer.device": "--offload",
-}
-"""DeepSpeed fields the plan decides (dotted paths), and the flag that sets them."""
-DEEPSPEED_REFUSED: dict[str, str] = {
-    "optimizer": "R2Gen's Adam (AMSGrad, two learning rates) comes from the run's settings",
-    "scheduler": "R2Gen's StepLR comes from the run's settings",
-    "zero_optimization.offload_param": "parameter offload is ZeRO-3's, which is refused",
-}
-ACCELERATE_PLANNED: dict[str, str] = {
-    "compute_environment": "nothing: runs start on this machine (LOCAL_MACHINE)",
-    "distributed_type": "--gpus and --nodes", "mixed_precision": "--precision", "use_cpu": "--device",
-    "num_processes": "--gpus and --nodes", "num_machines": "--nodes", "machine_rank": "--node-rank",
-    "main_process_ip": "--master-addr", "main_process_port": "--master-port",
-}
 AUTO = "auto"  # DeepSpeed's and the HF integration's word for "let the launcher decide"
 
 
@@ -181,14 +62,13 @@ def read_engine_file(path: Path, flag: str) -> dict:
     """A user's DeepSpeed JSON or accelerate YAML, as data (safe loaders: nothing in it runs)."""
     import yaml
 
+    file = engine_file(flag)
     if not path.is_file():
         raise ConfigError(f"{flag}: {path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if flag == "--ds-config" else yaml.safe_load(text)
+        data = file.parse(path.read_text(encoding="utf-8"))
     except (ValueError, yaml.YAMLError, UnicodeDecodeError) as err:
-        kind = "JSON" if flag == "--ds-config" else "YAML"
-        raise ConfigError(f"{flag}: {path} is not valid {kind} ({type(err).__name__})") from None
+        raise ConfigError(f"{flag}: {path} is not valid {file.format.upper()} ({type(err).__name__})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{flag}: {path} must hold a mapping of settings")
     return data
@@ -203,14 +83,6 @@ def _leaves(data: dict, prefix: str = "") -> dict[str, object]:
         else:
             out[dotted] = value
     return out
-
-
-def _get(data: dict, dotted: str) -> object:
-    for part in dotted.split("."):
-        if not isinstance(data, dict) or part not in data:
-            return None
-        data = data[part]
-    return data
 
 
 def _set(data: dict, dotted: str, value: object) -> None:
@@ -236,7 +108,7 @@ def merge_engine_file(generated: dict, user: dict, planned: dict[str, str], refu
             continue
         covered = next((f for f in planned if dotted == f or f.startswith(dotted + ".")), None)
         if covered is not None:
-            wanted = _get(generated, dotted)
+            wanted = get_dotted(generated, dotted)
             if value != wanted:
                 raise ConfigError(f"{flag}: {path}: {dotted} is {value!r}, the plan's is {wanted!r}; set it with "
                                   f"{planned[covered]}, or write \"auto\" (or leave it out) to take the plan's")
@@ -248,23 +120,7 @@ def merge_engine_file(generated: dict, user: dict, planned: dict[str, str], refu
 def engine_file_choices(user: dict, flag: str) -> dict:
     """What a user's file says about the choices its flags make, for the flags the user left out:
     precision, and DeepSpeed's zero and offload."""
-    choices: dict = {}
-    if flag == "--ds-config":
-        if _get(user, "bf16.enabled") is True:
-            choices["precision"] = "bf16"
-        elif _get(user, "fp16.enabled") is True:
-            choices["precision"] = "fp16"
-        stage = _get(user, "zero_optimization.stage")
-        if isinstance(stage, int) and not isinstance(stage, bool):
-            choices["zero"] = stage
-        device = _get(user, "zero_optimization.offload_optimizer.device")
-        if device in OFFLOADS:
-            choices["offload"] = device
-    else:
-        precision = {value: key for key, value in MIXED_PRECISION.items()}.get(_get(user, "mixed_precision"))
-        if precision:
-            choices["precision"] = precision
-    return choices
+    return engine_file(flag).choices(user)
 
 
 def without_planned(config: dict, planned: dict[str, str]) -> dict:
@@ -272,7 +128,7 @@ def without_planned(config: dict, planned: dict[str, str]) -> dict:
     kept = json.loads(json.dumps(config))
     for dotted in planned:
         *parents, last = dotted.split(".")
-        parent = _get(kept, ".".join(parents)) if parents else kept
+        parent = get_dotted(kept, ".".join(parents)) if parents else kept
         if isinstance(parent, dict):
             parent.pop(last, None)
     return kept
@@ -280,31 +136,25 @@ def without_planned(config: dict, planned: dict[str, str]) -> dict:
 
 def engine_config_for(plan: Plan, topology: Topology, run_dir: Path, user: dict | None = None,
                       user_path: Path | None = None) -> EngineConfig | None:
-    """`<run>/ds_config.json` for deepspeed, `<run>/accelerate_config.yaml` for accelerate (the plan's
-    values, merged with `user`, the user's own file, where given), None for plain and fp8."""
-    if plan.backend == "deepspeed":
-        config = deepspeed_config(plan, DeepSpeedOptions(**plan.engine))
-        if user is not None:
-            config = merge_engine_file(config, user, DEEPSPEED_PLANNED, DEEPSPEED_REFUSED, "--ds-config",
-                                       user_path or run_dir / DEEPSPEED_FILE)
-        return EngineConfig(config, run_dir / DEEPSPEED_FILE, deepspeed_text(config))
-    if plan.backend == "accelerate":
-        config = accelerate_config(plan, topology)
-        if user is not None:
-            config = merge_engine_file(config, user, ACCELERATE_PLANNED, {}, "--accelerate-config",
-                                       user_path or run_dir / ACCELERATE_FILE)
-        return EngineConfig(config, run_dir / ACCELERATE_FILE, accelerate_text(config, run_dir.name))
-    return None
+    """The engine's file in the run directory (`<run>/ds_config.json`, `<run>/accelerate_config.yaml`:
+    the plan's values, merged with `user`, the user's own file, where given); None for an engine
+    without one (plain, fp8)."""
+    file = spec(plan.backend).file
+    if file is None:
+        return None
+    config = file.build(config_inputs(plan, topology))
+    if user is not None:
+        config = merge_engine_file(config, user, dict(file.planned), dict(file.refused), file.flag,
+                                   user_path or run_dir / file.name)
+    return EngineConfig(config, run_dir / file.name, file.text(config, run_dir.name))
 
 
 def stored_engine_file(plan: Plan, run_dir: Path) -> dict | None:
     """--keep-training: the run's own engine file (the user's settings in it), without the plan's fields."""
-    name, planned = {"deepspeed": (DEEPSPEED_FILE, DEEPSPEED_PLANNED),
-                     "accelerate": (ACCELERATE_FILE, ACCELERATE_PLANNED)}.get(plan.backend, (None, None))
-    if name is None or not (run_dir / name).is_file():
+    file = spec(plan.backend).file
+    if file is None or not (run_dir / file.name).is_file():
         return None
-    flag = "--ds-config" if plan.backend == "deepspeed" else "--accelerate-config"
-    return without_planned(read_engine_file(run_dir / name, flag), planned)
+    return without_planned(read_engine_file(run_dir / file.name, file.flag), dict(file.planned))
 
 
 def write_engine_config(engine: EngineConfig) -> Path:
@@ -350,7 +200,7 @@ def example_text(path: str) -> str:
     comment, build = EXAMPLES[path]
     config = build()  # type: ignore[operator]
     if path.endswith(".json"):
-        return deepspeed_text(config)
+        return spec("deepspeed").file.text(config, "example")  # type: ignore[union-attr]
     return (f"# Example generated by r2gen-launch (launcher/engine_config.py, EXAMPLES). {comment}\n"
             "# Runs write their own <run>/accelerate_config.yaml from their plan.\n"
             + yaml.safe_dump(config, sort_keys=True))

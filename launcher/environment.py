@@ -11,14 +11,11 @@ import importlib.metadata
 import importlib.util
 import subprocess
 
-from backends.fp8 import MIN_CAPABILITY
+from backends.registry import SPECS
 from launcher.hardware import Facts
-from launcher.plan import GPU_ENGINES
 
 PACKAGES = ("torch", "torchvision", "accelerate", "deepspeed", "transformer-engine", "torchao", "wandb",
             "pycocoevalcap", "nvidia-ml-py")
-ENGINE_PRECISIONS = {"plain": ("fp32", "bf16", "fp16"), "accelerate": ("fp32", "bf16", "fp16"),
-                     "deepspeed": ("fp32", "bf16", "fp16"), "fp8": ("fp8",)}
 
 
 def own_version() -> str:
@@ -61,32 +58,37 @@ def _java_version() -> str | None:
 
 
 def usable(facts: Facts, installed: dict[str, bool]) -> dict[str, dict[str, str]]:
-    """For each engine and precision: "yes", or why not, on this machine (the first GPU decides)."""
+    """For each engine and precision: "yes", or why not, on this machine (the first GPU decides), from
+    each engine's spec: its packages, devices, compute capability and GPU-only precisions."""
     gpu = facts.gpus[0] if facts.gpus else None
     bf16_gpu = gpu is not None and gpu.capability >= (8, 0)
     verdict: dict[str, dict[str, str]] = {}
-    for engine, precisions in ENGINE_PRECISIONS.items():
-        verdict[engine] = {}
-        for precision in precisions:
-            if engine in ("accelerate", "deepspeed") and not installed.get(engine, False):
-                why = f"{engine} is not installed"
-            elif engine in GPU_ENGINES and gpu is None:
+    for engine in SPECS.values():
+        verdict[engine.name] = {}
+        missing = [module for module in engine.packages if not installed.get(module, False)]
+        found = [label for module, label in engine.implementations.items() if installed.get(module)]
+        least = engine.min_capability
+        for precision in engine.precisions:
+            if missing:
+                why = f"{missing[0]} is not installed"
+            elif engine.needs_gpu and gpu is None:
                 why = "needs a CUDA GPU"
-            elif engine == "fp8" and gpu.capability < MIN_CAPABILITY:
-                why = f"needs compute capability 8.9+ ({gpu.name} has {gpu.capability[0]}.{gpu.capability[1]})"
-            elif engine == "fp8" and not (installed.get("transformer_engine") or installed.get("torchao")):
-                why = "needs transformer-engine or torchao"
-            elif precision == "fp16" and gpu is None and engine == "accelerate":
-                why = "Accelerate runs fp16 on GPUs only"
+            elif least is not None and gpu is not None and gpu.capability < least:
+                major, minor = gpu.capability
+                why = f"needs compute capability {least[0]}.{least[1]}+ ({gpu.name} has {major}.{minor})"
+            elif engine.implementations and not found:
+                why = "needs " + " or ".join(module.replace("_", "-") for module in engine.implementations)
+            elif precision in engine.gpu_only_precisions and gpu is None:
+                why = f"{engine.title} runs {precision} on GPUs only"
             elif precision == "bf16" and gpu is not None and not bf16_gpu:
                 why = f"{gpu.name} has no bfloat16 (compute capability below 8.0)"
             else:
-                why = "yes" + (f" ({'Transformer Engine' if installed.get('transformer_engine') else 'torchao'})"
-                               if engine == "fp8" else "")
-            verdict[engine][precision] = why
+                why = "yes" + (f" ({found[0]})" if found else "")
+            verdict[engine.name][precision] = why
     return verdict
 
 
 def installed_modules() -> dict[str, bool]:
-    return {m: importlib.util.find_spec(m) is not None
-            for m in ("accelerate", "deepspeed", "transformer_engine", "torchao", "wandb")}
+    """Whether each module an engine needs (and wandb) can be imported here."""
+    modules = [m for engine in SPECS.values() for m in (*engine.packages, *engine.implementations)] + ["wandb"]
+    return {m: importlib.util.find_spec(m) is not None for m in dict.fromkeys(modules)}

@@ -8,6 +8,7 @@ rule as its default, written from the same tables the decision reads (`r2gen.con
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -15,6 +16,7 @@ import typer
 
 from launcher.thresholds import Thresholds
 from r2gen.config import PRESETS, TrainConfig
+from r2gen.errors import ConfigError
 
 _DEFAULTS = TrainConfig(preset="defaults", model=PRESETS["iu_xray"].model)
 _T = Thresholds()
@@ -97,7 +99,7 @@ Probe = Annotated[bool, _opt("Measure GPU memory with real steps before training
                              "--probe/--no-probe")]
 NumWorkers = Annotated[Optional[int], _opt("Data-loader worker processes.",
                                            shown="from usable CPUs and available RAM (--thresholds)")]
-ThresholdsFile = Annotated[Optional[Path], _opt("YAML file overriding the host/VRAM thresholds (README: Thresholds).",
+ThresholdsFile = Annotated[Optional[Path], _opt("YAML file overriding the host/VRAM thresholds (docs/planning.md: host thresholds).",
                                                 "--thresholds", shown="the built-in table")]
 
 # -- schedule, evaluation, optimisation ---------------------------------------------------------------
@@ -120,7 +122,7 @@ LogEvery = Annotated[Optional[int], _opt("Optimizer steps between metrics.jsonl 
                                          shown=str(_DEFAULTS.log_every))]
 Speedups = Annotated[bool, _opt(
     "The training step's GPU speed-ups: channels_last and cuDNN autotuning for the ResNet, fused Adam, CUDA graphs "
-    "of the encoder-decoder (the same function; README: Speed). --no-speedups: the plain step. On a CPU only the "
+    "of the encoder-decoder (the same function; docs/speed.md). --no-speedups: the plain step. On a CPU only the "
     "fused Adam applies.", "--speedups/--no-speedups")]
 
 # -- processes ----------------------------------------------------------------------------------------
@@ -218,3 +220,81 @@ PrepareDataset = Annotated[str, _opt("iu_xray (two views per study) or mimic_cxr
 PrepareImageSize = Annotated[int, _opt("The training --image-size, px: train images get R2Gen's "
                                        "Resize(size*256/224), val/test images Resize(size, size).")]
 PrepareWorkers = Annotated[Optional[int], _opt("Decoding processes.", shown="the usable CPUs, at most 16")]
+
+
+# From the options to what the run needs
+
+def parse_val_every(value: Optional[str]) -> Optional[int]:
+    if value is None:
+        return None
+    if value == "last":
+        return 0
+    try:
+        n = int(value)
+    except ValueError:
+        raise ConfigError(f"--val-every: expected a number of epochs or 'last', got {value!r}") from None
+    if n < 1:
+        raise ConfigError(f"--val-every: must be at least 1 (or 'last'), got {n}")
+    return n
+
+
+
+def plan_options(batch_size, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling, num_workers,
+             default_policy: str):
+    from launcher.plan import PlanOptions
+
+    return PlanOptions(batch_size=batch_size, probe=probe, target_util_pct=target_util, max_vram_gib=max_vram,
+                       effective_batch=effective_batch, batch_policy=batch_policy or default_policy,
+                       lr_scaling=lr_scaling, num_workers=num_workers)
+
+
+
+def engine_option(name: str, default, annotation) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+
+ENGINE_OPTIONS: dict[str, list[inspect.Parameter]] = {
+    "deepspeed": [engine_option("zero", None, TrainZero), engine_option("offload", None, TrainOffload),
+                  engine_option("ds_config", None, DsConfig), engine_option("hostfile", None, Hostfile)],
+    "accelerate": [engine_option("accelerate_config", None, AccelerateConfig)],
+    "fp8": [engine_option("fp8_impl", "auto", Fp8Impl)],
+}
+"""Each engine's own options, added to its command's signature (and so to its help page); all but
+the launcher's (--hostfile, and the user's own engine file) go to the plan as its engine options."""
+
+
+
+def wandb_overrides(wandb: Optional[bool], mode: Optional[str], project: Optional[str],
+                     name: Optional[str]) -> dict:
+    """The --wandb options as config overrides; a W&B detail without --wandb is a mistake worth a line."""
+    if wandb is False or (wandb is None and (mode or project or name)):
+        given = [flag for flag, value in (("--wandb-mode", mode), ("--wandb-project", project),
+                                          ("--wandb-name", name)) if value]
+        if given:
+            raise ConfigError(f"{given[0]}: needs --wandb")
+    return dict(wandb=wandb, wandb_mode=mode, wandb_project=project, wandb_name=name)
+
+
+
+def make_topology(gpus: Optional[int], nodes: int, node_rank: int, master_addr: str, master_port: Optional[int],
+              keep_training: bool = False):
+    """The processes asked for; None where --keep-training should take the continued run's own
+    (neither --gpus nor --nodes given)."""
+    from launcher.engine_config import Topology
+    from launcher.spawn import free_port
+
+    if gpus is None and nodes == 1 and keep_training:
+        return None
+    if master_port is None:
+        master_port = free_port() if nodes == 1 else 29500
+    return Topology(gpus_per_node=1 if gpus is None else gpus, nodes=nodes, node_rank=node_rank,
+                    master_addr=master_addr, master_port=master_port)
+
+
+
+def speedup_overrides(speedups: bool) -> dict:
+    """--no-speedups as config overrides (--speedups keeps the configuration's own, on by default)."""
+    from r2gen.config import STEP_SPEEDUPS
+
+    return {} if speedups else {name: False for name in STEP_SPEEDUPS}

@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from backends.registry import SPECS
 from launcher.hardware import Facts
 from launcher.memory_model import LR_SCALING, accumulation_steps, memory_budget_gib, scale_lr
 from launcher.thresholds import LoaderPlan, Thresholds, decoded_size_gib, plan_loader
@@ -19,19 +20,20 @@ from r2gen.errors import BackendError, ConfigError
 BATCH_POLICIES = ("auto", "faithful", "throughput")
 
 
-GPU_ENGINES = ("deepspeed", "fp8")
-"""Engines that serve GPUs only (DeepSpeed's offload and FP8 have nothing to offer a CPU)."""
-
-
 def check_engine_device(backend: str, device: str, processes: int = 1) -> None:
-    """Refuse what an engine cannot serve on this device: exit 2 before any work."""
-    if backend in GPU_ENGINES and device != "cuda":
+    """Refuse what an engine cannot serve on this device: exit 2 before any work (its spec says what it
+    serves; "auto" picks an engine that serves the device later)."""
+    engine = SPECS.get(backend)
+    if engine is None:
+        return
+    if engine.needs_gpu and device != "cuda":
+        on_cpu = " or ".join(s.name for s in SPECS.values() if not s.needs_gpu)
         raise BackendError(f"{backend}: needs a CUDA GPU, and this run would be on the CPU (no GPU visible, or "
-                           "--device cpu); on a CPU train with plain or accelerate")
-    if backend == "accelerate" and device != "cuda" and processes > 1:
-        # accelerate launch starts several CPU processes only through MPI; it would silently run one.
-        raise BackendError(f"--gpus {processes}: accelerate launch runs one process on a CPU (several need MPI); "
-                           "use plain --gpus N for gloo processes on a CPU")
+                           f"--device cpu); on a CPU train with {on_cpu}")
+    if not engine.several_cpu_processes and device != "cuda" and processes > 1:
+        several = " or ".join(s.name for s in SPECS.values() if not s.needs_gpu and s.several_cpu_processes)
+        raise BackendError(f"--gpus {processes}: {engine.one_cpu_process}; use {several} --gpus N for gloo "
+                           "processes on a CPU")
 
 
 @dataclass(frozen=True)

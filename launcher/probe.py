@@ -84,20 +84,19 @@ class ProbeSession:
     def __init__(self, request: ProbeRequest):
         import torch
 
-        from backends.registry import build_backend
+        from backends.registry import spec
+        from backends.spec import ConfigInputs
         from r2gen.model.r2gen import R2GenModel
         from r2gen.build import prepare_model
 
         self.request = request
         self.device = torch.device("cuda", request.device_index)
         torch.cuda.set_device(self.device)
-        self.backend = build_backend(request.backend, "cuda", request.precision,
-                                     fp8_impl=request.engine.get("fp8_impl", "auto"))
-        if request.backend == "deepspeed":
-            from launcher.engine_config import DeepSpeedOptions, deepspeed_json
-
-            options = DeepSpeedOptions(zero=request.engine["zero"], offload=request.engine["offload"])
-            self.backend.configure(deepspeed_json(request.precision, 1, 1, 1, False, options))  # batch sizes: ours
+        engine = spec(request.backend)
+        self.backend = engine.build("cuda", request.precision, request.engine)
+        # The engine's config at micro-batch 1, one process (the probe steps its own batch sizes).
+        engine.configure(self.backend, engine.generate_config(
+            ConfigInputs("cuda", request.precision, engine.engine_options(request.engine))))
         # The training path itself, speed-ups included (CUDA graphs hold their own memory pool).
         self._build = lambda: prepare_model(self.backend, R2GenModel(request.cfg.model, request.vocab_size),
                                             request.cfg)

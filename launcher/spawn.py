@@ -1,7 +1,8 @@
 """Launch commands for the engines' own launchers, and running them.
 
-`launch_command` is pure: torchrun for plain DDP, `accelerate launch --config_file` for Accelerate,
-the `deepspeed` launcher with its JSON, each with the multi-node options of a Topology.
+`launch_command` is pure: the engine's spec builds it (torchrun for plain DDP and FP8, `accelerate
+launch --config_file` for Accelerate, the `deepspeed` launcher with its JSON, each with the
+multi-node options of a Topology) around the one worker module.
 `run_command` is the edge: the children inherit stdout/stderr (their output reaches the user as
 it is written), run in their own process group, and Ctrl-C or SIGTERM stops the whole group; the
 launcher's exit code is returned.
@@ -17,17 +18,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from backends.registry import SPECS
 from launcher.engine_config import Topology
 from r2gen.errors import ConfigError
 
 WORKER_MODULE = "launcher.worker"
 """The module every launcher starts once per process: it runs the shared loop from launch.json."""
-
-# The launchers' own entry points, run by this interpreter (as `torchrun`, `accelerate launch` and
-# `deepspeed` do), so that a venv that is not on PATH still finds them.
-TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
-ACCELERATE_LAUNCH = (sys.executable, "-m", "accelerate.commands.launch")
-DEEPSPEED = (sys.executable, "-m", "deepspeed.launcher.runner")
 
 
 def free_port() -> int:
@@ -40,32 +36,9 @@ def free_port() -> int:
 def launch_command(backend: str, topology: Topology, worker_args: Sequence[str], engine_config: Path | None = None,
                    hostfile: Path | None = None) -> list[str]:
     """The command line that starts `topology.world_size` processes of the worker."""
-    t = topology
-    if backend in ("plain", "fp8"):
-        return [*TORCHRUN, f"--nproc_per_node={t.gpus_per_node}", f"--nnodes={t.nodes}", f"--node_rank={t.node_rank}",
-                f"--master_addr={t.master_addr}", f"--master_port={t.master_port}", "-m", WORKER_MODULE,
-                *worker_args]
-    if backend == "accelerate":
-        if engine_config is None:
-            raise ConfigError("accelerate launch needs the generated accelerate_configs/<run>.yaml")
-        return [*ACCELERATE_LAUNCH, "--config_file", str(engine_config), "-m", WORKER_MODULE, *worker_args]
-    if backend == "deepspeed":
-        if engine_config is None:
-            raise ConfigError("the deepspeed launcher needs the generated ds_configs/<run>.json")
-        command = [*DEEPSPEED]
-        if hostfile is not None:
-            if not hostfile.is_file():
-                raise ConfigError(f"--hostfile: {hostfile} does not exist")
-            command += ["--hostfile", str(hostfile)]
-        elif t.nodes > 1:
-            # Without a hostfile every node is started by hand with its rank (no ssh from the launcher).
-            command += ["--no_ssh", f"--node_rank={t.node_rank}"]
-        # The worker reads LOCAL_RANK from its environment, as under torchrun: no --local_rank argument.
-        command += [f"--num_nodes={t.nodes}", f"--num_gpus={t.gpus_per_node}", f"--master_addr={t.master_addr}",
-                    f"--master_port={t.master_port}", "--no_local_rank", "--module", WORKER_MODULE, *worker_args,
-                    "--deepspeed_config", str(engine_config)]
-        return command
-    raise ConfigError(f"--backend: no launcher for {backend!r}")
+    if backend not in SPECS:
+        raise ConfigError(f"--backend: no launcher for {backend!r}")
+    return SPECS[backend].launch_command(topology, WORKER_MODULE, worker_args, engine_config, hostfile)
 
 
 def run_command(command: Sequence[str], env: dict[str, str] | None = None, grace_s: float = 60.0) -> int:

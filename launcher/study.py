@@ -77,7 +77,7 @@ def run_command(request: StudyRequest, precision: str, resume: bool) -> list[str
                "--name", precision]
     if resume:
         return [*command, "--keep-training"]
-    if engine != "fp8":
+    if engine == request.backend:  # the study's backend takes --precision; FP8 is its own engine's only one
         command += ["--precision", precision]
     return [*command, "--device", request.device, "--preset", request.preset, *request.run_args]
 
@@ -161,7 +161,7 @@ def _hardware(device: str) -> str:
 
 def _write(request: StudyRequest, rows: list[dict], epochs: int | None, hardware: str) -> dict:
     from r2gen.atomic import write_json
-    from r2gen.study_report import write_report
+    from launcher.report import write_report
 
     summary = {"title": "r2gen-launch precision study", "created": datetime.now(timezone.utc).isoformat(),
                "hardware": hardware, "preset": request.preset, "backend": request.backend, "epochs": epochs,

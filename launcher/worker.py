@@ -25,34 +25,35 @@ def main(argv: list[str] | None = None) -> int:
                         "[default: launch.json's engine_config]")
     args = parser.parse_args(argv)
 
-    from backends.registry import build_backend
+    from backends.registry import spec
     from r2gen.config import TrainConfig
     from r2gen.data.datasets import load_annotation
     from r2gen.errors import RunFailed
     from r2gen.train import prepare, train
 
-    spec = json.loads(args.launch.read_text(encoding="utf-8"))
-    backend = build_backend(spec["backend"], spec["device"], spec["precision"],
-                            fp8_impl=spec["engine"].get("fp8_impl", "auto"))
-    if spec["backend"] == "deepspeed":
-        backend.configure(json.loads((args.deepspeed_config or Path(spec["engine_config"])).read_text("utf-8")))
-    cfg = TrainConfig.from_dict(spec["config"])
+    launch = json.loads(args.launch.read_text(encoding="utf-8"))
+    engine = spec(launch["backend"])
+    backend = engine.build(launch["device"], launch["precision"], launch["engine"])
+    if engine.reads_config:  # the file its launcher passes (deepspeed: --deepspeed_config), else launch.json's
+        path = args.deepspeed_config or Path(launch["engine_config"])
+        engine.configure(backend, engine.file.parse(path.read_text("utf-8")))  # type: ignore[union-attr]
+    cfg = TrainConfig.from_dict(launch["config"])
     # The launcher checked every image already; each process only parses the annotation.
-    annotation = load_annotation(spec["annotation"], spec["image_dir"], cfg.model.dataset, check_images=False)
+    annotation = load_annotation(launch["annotation"], launch["image_dir"], cfg.model.dataset, check_images=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the launcher printed them once
-        weights = Path(spec["visual_weights"]) if spec["visual_weights"] else None
+        weights = Path(launch["visual_weights"]) if launch["visual_weights"] else None
         prep = prepare(cfg, backend, annotation, weights)
     try:
-        resume = Path(spec["resume"]) if spec.get("resume") else None
-        result = train(prep, Path(spec["run_dir"]), plan_json=spec["plan"], resume=resume)
+        resume = Path(launch["resume"]) if launch.get("resume") else None
+        result = train(prep, Path(launch["run_dir"]), plan_json=launch["plan"], resume=resume)
     except RunFailed as exc:
         print(f"failed: {exc}", file=sys.stderr)
         return exc.exit_code
     if backend.is_main:
-        from launcher.cli import _print_result
+        from launcher.console import print_result
 
-        _print_result(result)
+        print_result(result)
     return 0
 
 

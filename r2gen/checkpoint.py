@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-# write_text only for the launcher's and r2gen/study_report.py's imports from here (their home is r2gen.atomic).
-from r2gen.atomic import write_file, write_json, write_text  # noqa: F401
+from r2gen.atomic import write_file, write_json
 from r2gen.errors import ConfigError, RunFailed
 from r2gen.state import MONITOR, LoopState, rng_state, set_rng_state
 from r2gen.units import GIB

@@ -137,13 +137,13 @@ PRESETS: dict[str, TrainConfig] = {
     # epochs there (the paper's 100 are for IU X-Ray's own data).
     "iu_xray": TrainConfig(preset="iu_xray", model=ModelConfig(dataset="iu_xray", max_seq_length=60),
                            threshold=3, epochs=100, step_size=50, gamma=0.1, seed=9223, studies=3000,
-                           embedded_epochs=30),  # val findings F1 0.93 at epoch 28 on an H200 (README: Speed)
+                           embedded_epochs=30),  # val findings F1 0.93 at epoch 28 on an H200 (docs/measurements.md)
     "mimic_cxr": TrainConfig(preset="mimic_cxr", model=ModelConfig(dataset="mimic_cxr", max_seq_length=100),
                              threshold=10, epochs=30, step_size=1, gamma=0.8, seed=456789),
     # tiny: for 2 CPU cores, the embedded set's findings learned in ~6 minutes: 1500 studies at 32 px,
     # batch 32 (a CPU step's fixed cost spread over more studies: 19 vs 12 studies/s at batch 8), rates
     # scaled up with it for a randomly initialized ResNet-18, the last epoch at a tenth of them, light
-    # dropout. Chosen on a grid on the v2 set (README: Speed).
+    # dropout. Chosen on a grid on the v2 set (docs/measurements.md).
     "tiny": TrainConfig(
         preset="tiny",
         model=ModelConfig(dataset="iu_xray", backbone="resnet18", d_model=128, d_ff=128, num_heads=4,

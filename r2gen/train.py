@@ -47,10 +47,6 @@ from r2gen.state import MONITOR, LoopState, Stopped, StopRequest
 from r2gen.step import NonFiniteLoss, OomRecovery, OutOfMemoryAtOne, start_gpu_memory, warmed_up, warmup_factor
 from r2gen.units import GIB
 
-# TEMPORARY: r2gen/checkpoint_eval.py imports `_loader` and `evaluate` from here until it moves to launcher/
-# (then: build_loader from r2gen.data.loader, evaluate from r2gen.evaluate); delete these two lines then.
-from r2gen.data.loader import build_loader as _loader  # noqa: F401
-from r2gen.evaluate import evaluate  # noqa: F401
 
 __all__ = ["Prepared", "RunResult", "Stopped", "build_optimizer", "optimizer_factory", "prepare", "prepare_model",
            "seed_everything", "train"]

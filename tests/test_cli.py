@@ -256,9 +256,10 @@ def test_the_embedded_set_trains_the_presets_embedded_epochs(small_set: Path, ov
                                                               epochs: int) -> None:
     """iu_xray: 30 epochs on the embedded set (its 3000 studies are learned by then), the paper's 100 on
     the user's own data; --epochs wins either way."""
-    from launcher.cli import _options, _prepare_run
+    from launcher.options import plan_options
+    from launcher.run import prepare_run
 
-    options = _options(None, False, None, None, None, None, "sqrt", 0, "faithful")
-    prep, _, _ = _prepare_run("plain", "cpu", "fp32", "iu_xray", {"studies": 20, **overrides}, options,
-                              small_set if own_data else None, None, None, None)
+    options = plan_options(None, False, None, None, None, None, "sqrt", 0, "faithful")
+    prep, _, _ = prepare_run("plain", "cpu", "fp32", "iu_xray", {"studies": 20, **overrides}, options,
+                             small_set if own_data else None, None, None, None)
     assert prep.cfg.epochs == epochs

@@ -227,7 +227,7 @@ def test_a_deepspeed_run_continues_from_its_engine_checkpoint(small_set, tmp_pat
 
     # `evaluate --checkpoint` reads the engine's step folder like any other checkpoint. The run kept
     # its weights in bf16; evaluation upcasts them, so the loss agrees closely rather than bitwise.
-    from r2gen.checkpoint_eval import evaluate_checkpoint
+    from launcher.evaluate import evaluate_checkpoint
 
     got = evaluate_checkpoint(whole / "checkpoints" / "step-00000003", device="cpu", precision="bf16", num_workers=0,
                               ann_path=small_set)

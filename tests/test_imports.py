@@ -16,16 +16,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("launcher", "backends", "r2gen", "bench")
 
-# TEMPORARY: modules on their way out of r2gen/ into launcher/ (they still import backends and
-# launcher), worker.py's import of the command line, which is being removed, and bench's use of the
-# command line's private run preparation (_options, _prepare_run), which leaves launcher/cli.py in
-# its split into launcher/run.py. Delete each entry once its move is done; nothing else is exempt.
-TEMPORARY: set[tuple[str, str]] = {
-    ("r2gen.checkpoint_eval", "*"),
-    ("r2gen.study_report", "*"),
-    ("launcher.worker", "launcher.cli"),
-    ("bench.train_throughput", "launcher.cli"),
-}
 
 
 def _within(name: str, package: str) -> bool:
@@ -52,11 +42,9 @@ def imports_of(source: str, module: str, is_package: bool = False) -> set[str]:
 
 def back_arrows(module: str, imported: Iterable[str]) -> list[str]:
     """The imports of `module` that point the wrong way: r2gen importing backends or launcher, backends
-    importing launcher, anything importing launcher.cli (the commands). TEMPORARY entries are skipped."""
+    importing launcher, anything importing launcher.cli (the commands)."""
     wrong: dict[str, str] = {}
     for name in sorted(set(imported)):
-        if any(module == exempt and (target == "*" or _within(name, target)) for exempt, target in TEMPORARY):
-            continue
         if any(_within(name, reported) for reported in wrong):
             continue  # `from a.b import c`: a.b is reported, not a.b.c again
         if _within(module, "r2gen") and (_within(name, "backends") or _within(name, "launcher")):
@@ -94,7 +82,7 @@ def test_the_code_imports_one_way() -> None:
     ("bench.x", "def f():\n    from launcher.cli import _options\n", "bench.x imports launcher.cli"),
     ("launcher.probe", "from .cli import app", "launcher.probe imports launcher.cli"),
     ("r2gen.checkpoint_evaluation", "from backends.registry import build_backend",
-     "r2gen.checkpoint_evaluation imports backends.registry"),  # a TEMPORARY entry exempts its own module only
+     "r2gen.checkpoint_evaluation imports backends.registry"),
     ("launcher.spawn", "from launcher.cli import _print_result", "launcher.spawn imports launcher.cli"),
 ])
 def test_a_planted_back_arrow_is_reported(module: str, source: str, reported: str) -> None:
@@ -107,7 +95,7 @@ def test_a_planted_back_arrow_is_reported(module: str, source: str, reported: st
     ("backends.plain", "from r2gen.engine import AUTOCAST_DTYPES"),
     ("r2gen.train", "from r2gen.step import train_step\nimport torch"),
     ("launcher.cli", "from launcher.options import *"),
-    ("launcher.worker", "from launcher.cli import _print_result"),  # TEMPORARY
+    ("launcher.worker", "from launcher.console import print_result"),
 ])
 def test_imports_that_point_down_pass(module: str, source: str) -> None:
     assert back_arrows(module, imports_of(source, module)) == []

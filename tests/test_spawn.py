@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 
 from launcher.engine_config import Topology
-from launcher.spawn import ACCELERATE_LAUNCH, DEEPSPEED, TORCHRUN, WORKER_MODULE, launch_command, run_command
+from backends.accelerate import ACCELERATE_LAUNCH
+from backends.deepspeed import DEEPSPEED
+from backends.plain import TORCHRUN
+from launcher.spawn import WORKER_MODULE, launch_command, run_command
 from r2gen.errors import ConfigError
 
 MULTI = Topology(gpus_per_node=4, nodes=2, node_rank=1, master_addr="10.1.2.3", master_port=29611)

@@ -13,7 +13,7 @@ import pytest
 
 from browser import assert_renders
 from r2gen.atomic import FILE_MODE as _FILE_MODE
-from r2gen.study_report import render_report, write_report
+from launcher.report import render_report, write_report
 
 IDS = ["CXR1_1_IM-0001", "CXR2_1_IM-0002", "CXR3_1_IM-0003", "CXR4_1_IM-0004", "CXR5_1_IM-0005"]
 TRUTH = ["the heart is normal in size. the lungs are clear.", "no acute cardiopulmonary abnormality.",

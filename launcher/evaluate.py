@@ -13,11 +13,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from r2gen.checkpoint import CheckpointStore, UnreadableCheckpoint, load_checkpoint, write_json
+from r2gen.atomic import write_json
+from r2gen.checkpoint import CheckpointStore, UnreadableCheckpoint, load_checkpoint
 from r2gen.config import TrainConfig
+from r2gen.data.datasets import SPLITS
 from r2gen.errors import ConfigError
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -77,7 +77,9 @@ def evaluate_checkpoint(checkpoint: Path, split: str = "test", beam_size: int | 
     from r2gen.data.datasets import load_annotation
     from r2gen.data.tokenizer import Tokenizer
     from r2gen.model.r2gen import R2GenModel
-    from r2gen.train import Prepared, _loader, evaluate
+    from r2gen.build import Prepared
+    from r2gen.data.loader import build_loader
+    from r2gen.evaluate import evaluate
 
     if split not in SPLITS:
         raise ConfigError(f"--split: unknown {split!r}; choose one of {', '.join(SPLITS)}")
@@ -106,7 +108,7 @@ def evaluate_checkpoint(checkpoint: Path, split: str = "test", beam_size: int | 
     model.to(backend.device)
     prep = Prepared(cfg, backend, annotation, tokenizer, model, f"checkpoint {state_path}")
     began = time.perf_counter()
-    scores, records, speed = evaluate(model, _loader(prep, split, train=False), backend, tokenizer, cfg)
+    scores, records, speed = evaluate(model, build_loader(prep, split, train=False), backend, tokenizer, cfg)
     result = CheckpointEvaluation(state_path, split, cfg.beam_size, int(state.get("step", 0)), scores, speed, records)
     name = state_path.parent.name if state_path.name == "loop.pt" else state_path.stem
     result.output = output or (run_dir or state_path.parent) / "reports" / f"evaluate-{split}-{name}-beam{cfg.beam_size}.json"

@@ -79,7 +79,7 @@ def render_report(summary: dict) -> str:
 
 def write_report(summary: dict, path: Path) -> Path:
     """Render `summary` to `path`, atomically (the project's one atomic write: r2gen.checkpoint)."""
-    from r2gen.checkpoint import write_text
+    from r2gen.atomic import write_text
 
     write_text(Path(path), render_report(summary))
     return Path(path)

@@ -1,0 +1,172 @@
+"""What the commands print: the plan table, the result table, spinners (plain lines in a log file),
+errors as one line with their exit code."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from r2gen.errors import UsageError
+
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(exc: UsageError) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
+
+
+@contextlib.contextmanager
+def status(text: str):
+    """A spinner on a terminal; plain lines (start, and how long it took) in a log file, where rich's
+    spinner would print nothing."""
+    if err.is_terminal:
+        with err.status(text):
+            yield
+        return
+    began = time.perf_counter()
+    err.print(text, highlight=False, soft_wrap=True)
+    yield
+    err.print(f"{text.rstrip('.')}: done in {time.perf_counter() - began:.1f} s", highlight=False, soft_wrap=True)
+
+
+def print_plan(plan) -> None:
+    table = Table(title="plan", title_justify="left")
+    for column in ("decision", "value", "reason"):
+        table.add_column(column, overflow="fold")
+    for row in plan.rows():
+        table.add_row(*row)
+    err.print(table)
+    for warning in plan.warnings():
+        err.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+
+
+def fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def print_result(result) -> None:
+    from r2gen.findings import FINDINGS_KEYS
+    from r2gen.metrics import METRIC_KEYS
+
+    best = result.best_test if result.best_test and result.best_epoch != result.epochs_run else {}
+    columns = [(label, scores) for label, scores in (("val", result.val), ("test", result.test),
+                                                    (f"test, epoch {result.best_epoch}", best),
+                                                    ("baseline val", result.baseline_val),
+                                                    ("baseline test", result.baseline_test)) if scores]
+    # Findings scores exist on the embedded set only (its labels); on user data the rows are left out.
+    keys = [*METRIC_KEYS, *(k for k in FINDINGS_KEYS if any(s.get(k) is not None for _, s in columns))]
+    table = Table(title=f"R2Gen scores after {result.epochs_run} epochs ({result.steps} steps); "
+                        f"best val epoch {result.best_epoch}",
+                  caption="val and test: the last model; test, epoch N: the best val epoch's (R2Gen's pick); "
+                          "baseline: always answering the most frequent train report"
+                          + ("; findings_*: read from each report with the embedded set's phrase tables, macro F1 "
+                             "over its 8 abnormal findings, exact match of all 5" if len(keys) > len(METRIC_KEYS)
+                             else ""))
+    table.add_column("score")
+    for label, _ in columns:
+        table.add_column(label, justify="right")
+    for key in keys:
+        table.add_row(key, *(fmt(scores.get(key)) for _, scores in columns))
+    out.print(table)
+    speed = f"train {result.samples_per_s:.1f} samples/s"
+    if result.peak_memory_gib is not None:
+        speed += f", peak GPU memory {result.peak_memory_gib:.2f} GiB allocated"
+    out.print(f"{speed}; run directory: {result.run_dir}", highlight=False)
+
+
+def guarded(run) -> None:
+    """Exit 2 for bad input, 1 (with what was saved) for a run that failed while running, 128 + the
+    signal for a run stopped by SIGTERM/Ctrl-C after saving."""
+    from r2gen.errors import RunFailed
+
+    try:
+        run()
+    except UsageError as exc:
+        fail(exc)
+    except RunFailed as exc:
+        from r2gen.train import Stopped
+
+        label = "[bold yellow]stopped:[/]" if isinstance(exc, Stopped) else "[bold red]failed:[/]"
+        err.print(f"{label} {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+def describe_config(engine) -> str:
+    if engine is None:
+        return "none (this engine needs no config file)"
+    return f"{engine.path} (not written)\n{engine.text}"
+
+
+def print_probe(probe: dict) -> None:
+    """The probe's steps: micro-batch, whether it fit, its peak."""
+    table = Table(title=f"probe: {probe['gpu']}, budget {probe['budget_gib']:.1f} GiB "
+                        f"(context {probe['overhead_gib']:.2f} GiB)", title_justify="left")
+    for column in ("micro-batch", "fits", "peak GiB"):
+        table.add_column(column, justify="right")
+    for micro, fits, peak in probe["tried"]:
+        table.add_row(str(micro), "yes" if fits else "no", "-" if peak is None else f"{peak:.2f}")
+    err.print(table)
+
+
+def print_evaluation(result, split: str) -> None:
+    from r2gen.metrics import METRIC_KEYS
+
+    table = Table(title=f"{result.checkpoint} (step {result.step}), {split}, beam {result.beam_size}")
+    for key in (*METRIC_KEYS, "loss"):
+        table.add_column(key, justify="right")
+    table.add_row(*(fmt(result.scores.get(k)) for k in (*METRIC_KEYS, "loss")))
+    out.print(table)
+    out.print(f"{len(result.records)} reports at {result.samples_per_s:.1f} samples/s; written to "
+              f"{result.output}", highlight=False)
+
+
+def print_study(summary: dict, request, backend: str) -> None:
+    table = Table(title=f"precision study: {summary['hardware']}, {request.preset} preset, {backend}")
+    for column in ("precision", "status", "samples/s", "peak GiB", "test loss", "BLEU_4", "CIDEr", "wall s"):
+        table.add_column(column, justify="right")
+    for row in summary["precisions"]:
+        metrics = row.get("metrics") or {}
+        table.add_row(row["precision"], row["status"] if not row.get("reason") else
+                      f"{row['status']}: {row['reason']}", fmt(row.get("samples_per_s")),
+                      fmt(row.get("peak_vram_gib")), fmt(row.get("test_loss")), fmt(metrics.get("BLEU_4")),
+                      fmt(metrics.get("CIDEr")), "n/a" if row.get("wall_s") is None else f"{row['wall_s']:.0f}")
+    out.print(table)
+    out.print(f"recommended: {summary['recommended'] or 'none'} ({summary['rule']})", highlight=False)
+    out.print(f"report: {request.folder / 'report.html'}; summary: {request.folder / 'summary.json'}",
+              highlight=False)
+
+
+def print_env(facts, found: dict, engines: dict) -> None:
+    """The machine, the versions found and which engines and precisions can run here."""
+    machine = Table(title="machine", title_justify="left")
+    for column in ("what", "value"):
+        machine.add_column(column)
+    for gpu in facts.gpus:
+        machine.add_row(f"GPU {gpu.index}", f"{gpu.name}, compute capability {gpu.capability[0]}.{gpu.capability[1]}, "
+                                            f"{gpu.total_gib:.1f} GiB ({gpu.free_gib:.1f} free)")
+    if not facts.gpus:
+        machine.add_row("GPU", f"none ({facts.gpu_note})")
+    h = facts.host
+    machine.add_row("host", f"{h.usable_cpus} usable CPUs, {h.ram_total_gib:.1f} GiB RAM ({h.ram_available_gib:.1f} "
+                            f"available), swap {h.swap_used_gib:.1f} of {h.swap_total_gib:.1f} GiB in use")
+    out.print(machine)
+    table = Table(title="versions", title_justify="left")
+    for column in ("package", "version"):
+        table.add_column(column)
+    for name, version in found.items():
+        table.add_row(name, version or "not installed")
+    out.print(table)
+    usable_table = Table(title="engines and precisions usable here", title_justify="left")
+    usable_table.add_column("engine")
+    for precision in ("fp32", "bf16", "fp16", "fp8"):
+        usable_table.add_column(precision)
+    for engine, verdicts in engines.items():
+        usable_table.add_row(engine, *(verdicts.get(p, "-") for p in ("fp32", "bf16", "fp16", "fp8")))
+    out.print(usable_table)

@@ -1,0 +1,378 @@
+"""A run: prepare (validate, pick the data, build the model, probe, decide `auto`, plan), start (one
+process trains here; several are launched with the engine's launcher) and continue (--keep-training:
+the run's own plan, re-probed). The commands in launcher/cli.py parse options and call run_training.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from launcher.console import describe_config, err, out, print_plan, print_result, status
+from launcher.options import make_topology
+from launcher.runlock import RunLock
+from r2gen.errors import BackendError, ConfigError
+
+TORCHAO_UNTIMED = ("fp8 not timed: without Transformer Engine only torchao's float8 is here, 11x slower than bf16 "
+                   "on R2Gen's small matrices (an H200, micro-batch 65: 59 vs 643 samples/s); `r2gen-launch fp8` runs it")
+"""Why auto skips the bf16-vs-fp8 timing (24 s of a 3-minute run) when FP8 would be torchao's."""
+
+
+def prepare_run(backend_name: str, device: str, precision: str, preset_name: str, overrides: dict,
+                 options, ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
+                 thresholds_path: Optional[Path], run_dir: Optional[Path] = None, name: Optional[str] = None,
+                 world_size: int = 1, gpus_here: int = 1, engine: Optional[dict] = None):
+    """Validate everything, probe, plan. Writes nothing. Returns (prepared run, plan, run directory).
+
+    `world_size` counts every process of the run (all nodes), `gpus_here` this machine's."""
+    from backends.registry import SPECS, build_backend, spec
+    from launcher.hardware import detect
+    from launcher.plan import EngineChoice, check_engine_device, gpu_budget, make_plan
+    from launcher.thresholds import load_thresholds
+    from r2gen.config import preset
+    from r2gen.data.datasets import load_annotation
+    from r2gen.data.prepare import preparation_hint, prepared_image_size
+    from r2gen.data.synth import default_dataset
+    from r2gen.train import prepare
+    from r2gen.wandb_log import check_wandb
+
+    engine = engine or {}
+    if backend_name in SPECS:  # auto has none: it measures plain first
+        spec(backend_name).engine_options(engine)  # --zero/--offload/--fp8-impl checked before any work
+    thresholds = load_thresholds(thresholds_path)
+    check_engine_device(backend_name, device, world_size)
+    if device == "cuda" and gpus_here > 1:
+        import torch
+
+        if torch.cuda.device_count() < gpus_here:
+            raise BackendError(f"--gpus {gpus_here}: only {torch.cuda.device_count()} GPU(s) visible")
+    cfg = preset(preset_name).replace(**{k: v for k, v in overrides.items() if v is not None})
+    if cfg.wandb:
+        check_wandb(cfg.wandb_mode)
+    auto = backend_name == "auto"
+    if auto:
+        backend_name = "plain"  # what auto measures first; auto_engine may pick another engine
+    backend = build_backend(backend_name, device, precision, engine)
+    options.effective_for(cfg)  # --batch-size against the effective batch, before any work
+    target = None
+    if run_dir is not None:
+        target = run_dir / (name or f"{cfg.preset}-{backend_name}-{datetime.now():%Y%m%d-%H%M%S}")
+        if holds_a_run(target):
+            raise ConfigError(f"--run-dir/--name: {target} already holds a run; choose another --name")
+    embedded = ann_path is None
+    if embedded:
+        if overrides.get("epochs") is None and cfg.embedded_epochs:
+            cfg = cfg.replace(epochs=cfg.embedded_epochs)
+        if image_dir is not None:
+            raise ConfigError("--image-dir needs --ann-path (the embedded set has its own images)")
+        err.print(f"No --ann-path: using the embedded synthetic set ({cfg.studies} studies).")
+        ann_path = default_dataset(studies=cfg.studies)
+    annotation = load_annotation(ann_path, image_dir, cfg.model.dataset, progress=True)
+    prepared_for = prepared_image_size(annotation.path)
+    if prepared_for is not None and prepared_for != cfg.image_size:
+        err.print(f"[yellow]warning:[/] {annotation.path} was prepared for --image-size {prepared_for}, this run uses "
+                  f"{cfg.image_size}: its images are resized a second time (run `data prepare` again for "
+                  f"{cfg.image_size})", highlight=False)
+    elif prepared_for is None and not embedded and (hint := preparation_hint(annotation, cfg.image_size)):
+        err.print(f"[yellow]hint:[/] {hint}", highlight=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prep = prepare(cfg, backend, annotation, visual_weights)
+    for w in caught:
+        err.print(f"[yellow]warning:[/] {w.message}", highlight=False)
+    n = {s: len(v) for s, v in annotation.splits.items()}
+    err.print(f"{backend.describe()} | {cfg.preset} preset, {cfg.model.backbone} | "
+              f"{n['train']}/{n['val']}/{n['test']} train/val/test studies from {annotation.path} | "
+              f"vocabulary {len(prep.tokenizer)} | {sum(p.numel() for p in prep.model.parameters()):,} parameters"
+              + (f" | run dir {target}" if target else ""), highlight=False)
+
+    facts = detect()
+    probe = None
+    if backend.device.type == "cuda" and options.probe:
+        from launcher.probe import ProbeRequest, probe_in_subprocess
+
+        budget, _ = gpu_budget(facts, options, thresholds)
+        request = ProbeRequest(cfg, len(prep.tokenizer), precision, budget,
+                               options.probe_cap(cfg, n["train"], world_size, thresholds.min_steps_per_epoch),
+                               backend=backend.name,
+                               verify=options.batch_size or 0, others_gib=facts.gpus[0].used_by_others_gib,
+                               engine=engine)
+        with status("probing GPU memory with real training steps..."):
+            probe = probe_in_subprocess(request).to_dict()
+    choice = None
+    if auto:
+        choice, probe = auto_engine(request, probe, facts, thresholds) if probe else (EngineChoice(
+            "plain", precision, {}, "plain: on a CPU" if device == "cpu" else "plain: --no-probe, nothing measured"),
+            probe)
+        backend_name, precision, engine = choice.backend, choice.precision, choice.engine
+        if backend_name != backend.name:
+            prep.backend = build_backend(backend_name, device, precision, engine)
+        err.print(f"auto: {choice.reason}", highlight=False)
+    plan = make_plan(backend_name, device, precision, cfg, facts, thresholds, options, sum(n.values()), probe,
+                     world_size=world_size, engine=engine, choice=choice,
+                     disk=disk_space(run_dir, prep) if run_dir is not None else None, train_studies=n["train"])
+    return prep, plan, target
+
+
+def disk_space(run_dir: Path, prep):
+    """The run directory's free space and one resumable checkpoint's size, for the plan's disk row."""
+    from launcher.plan import DiskSpace
+    from r2gen.checkpoint import free_bytes, model_checkpoint_bytes
+
+    each = model_checkpoint_bytes(prep.model, prep.cfg.amsgrad, prep.backend.saves_engine)
+    return DiskSpace(str(run_dir), free_bytes(run_dir), each, prep.cfg.keep_last)
+
+
+def auto_engine(request, probe: dict, facts, thresholds):
+    """auto's measurements beyond the plain probe: ZeRO-2 CPU offload when too little fits, a short
+    bf16-vs-fp8 timing where FP8 can run. Returns (EngineChoice, the probe of the chosen engine)."""
+    from dataclasses import replace
+
+    from backends.fp8 import MIN_CAPABILITY, installed
+    from launcher.plan import choose_auto_engine
+    from launcher.probe import in_subprocess, measure_speeds, probe_in_subprocess
+
+    micro = probe["micro_batch"]
+    if micro < 1:
+        return choose_auto_engine(request.precision, micro, thresholds), probe
+    if micro < thresholds.useful_micro_batch:
+        offload = replace(request, backend="deepspeed", engine={"zero": 2, "offload": "cpu"})
+        with status("probing DeepSpeed ZeRO-2 with CPU offload..."):
+            offload_probe = probe_in_subprocess(offload).to_dict()
+        choice = choose_auto_engine(request.precision, micro, thresholds, offload_probe["micro_batch"])
+        return choice, offload_probe if choice.backend == offload.backend else probe
+    speeds, untimed = None, ""
+    if request.precision == "bf16" and facts.gpus[0].capability >= MIN_CAPABILITY:
+        if installed("transformer_engine"):
+            engines = (("plain", "bf16", {}), ("fp8", "fp8", {"fp8_impl": "te"}))
+            with status(f"timing bf16 against fp8 at micro-batch {micro}..."):
+                speeds = in_subprocess(measure_speeds, request, engines, micro)
+        elif installed("torchao"):
+            untimed = TORCHAO_UNTIMED
+    return choose_auto_engine(request.precision, micro, thresholds, speeds=speeds, untimed=untimed), probe
+
+
+def run_training(backend_name: str, device: str, precision: str, preset_name: str, overrides: dict, options,
+                  ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
+                  thresholds_path: Optional[Path], run_dir: Path, name: Optional[str], dry_run: bool,
+                  topology=None, engine: Optional[dict] = None, hostfile: Optional[Path] = None,
+                  keep_training: bool = False, preset_given: Optional[str] = None,
+                  user_file: tuple = (None, None)) -> None:
+    """A new run (or, with keep_training, the continued one). `user_file`: the settings and path of
+    --ds-config / --accelerate-config, merged into the engine config the plan generates."""
+    from launcher.engine_config import Topology, engine_config_for
+    from launcher.plan import apply_plan
+    from r2gen.train import train
+
+    if keep_training:
+        if user_file[1] is not None:
+            raise ConfigError(f"--keep-training: a continued run keeps its own engine config (in its run directory); "
+                              f"drop {user_file[1]}")
+        continue_training(backend_name, overrides, options, run_dir, name, dry_run, topology, hostfile, preset_given,
+                           thresholds_path)
+        return
+    topology = topology or Topology()
+    prep, plan, target = prepare_run(backend_name, device, precision, preset_name, overrides, options, ann_path,
+                                      image_dir, visual_weights, thresholds_path, run_dir, name,
+                                      world_size=topology.world_size, gpus_here=topology.gpus_per_node,
+                                      engine=engine)
+    print_plan(plan)
+    engine_file = engine_config_for(plan, topology, target, *user_file)
+    if dry_run:
+        if topology.world_size > 1:
+            launch_processes(prep, apply_plan(prep.cfg, plan), plan, target, visual_weights, topology, engine_file,
+                              hostfile, dry_run)
+        else:
+            out.print(f"engine config: {describe_config(engine_file)}\n"
+                      f"launch: this process, one {plan.device} device; run directory {target} (not created)",
+                      highlight=False)
+        return
+    with RunLock(target):
+        if holds_a_run(target):  # another command started this run while we planned
+            raise ConfigError(f"--run-dir/--name: {target} already holds a run; choose another --name")
+        write_versions(target)
+        if topology.world_size > 1:
+            launch_processes(prep, apply_plan(prep.cfg, plan), plan, target, visual_weights, topology, engine_file,
+                              hostfile, dry_run)
+            return
+        start_engine(prep, plan, engine_file)
+        prep.cfg = apply_plan(prep.cfg, plan)
+        result = train(prep, target, err, plan.to_json())
+    print_result(result)
+
+
+def holds_a_run(target: Path) -> bool:
+    from launcher.runlock import LOCK_NAME
+
+    return target.is_dir() and any(p.name != LOCK_NAME for p in target.iterdir())
+
+
+def write_versions(target: Path) -> None:
+    """<run>/versions.json: this package, Python, torch, CUDA and the engines a run was made with."""
+    import platform
+
+    from launcher.environment import own_version, versions
+    from r2gen.atomic import write_json
+
+    write_json(target / "versions.json", {"r2gen-launch": own_version(), "python": platform.python_version(),
+                                          **versions()})
+
+
+def continue_training(backend_name: str, overrides: dict, options, run_dir: Path, name: Optional[str],
+                       dry_run: bool, topology, hostfile: Optional[Path], preset_given: Optional[str],
+                       thresholds_path: Optional[Path]) -> None:
+    """--keep-training: take the run's lock, check the run, rebuild it from its own files, re-plan the
+    micro-batch, continue."""
+    from launcher.resume import find_run, is_run
+
+    target = find_run(run_dir, name)
+    if dry_run or not is_run(target):  # writes nothing; a folder that is not a run is refused there, unlocked
+        continue_locked(target, backend_name, overrides, options, dry_run, topology, hostfile, preset_given,
+                         thresholds_path)
+        return
+    with RunLock(target):  # before reading it: the run's files are ours until we exit
+        continue_locked(target, backend_name, overrides, options, dry_run, topology, hostfile, preset_given,
+                         thresholds_path)
+
+
+def continue_locked(target: Path, backend_name: str, overrides: dict, options, dry_run: bool, topology,
+                     hostfile: Optional[Path], preset_given: Optional[str], thresholds_path: Optional[Path]) -> None:
+    from dataclasses import replace
+
+    from backends.registry import build_backend
+    from launcher.engine_config import engine_config_for, stored_engine_file
+    from launcher.resume import check_request, continued_config, read_run, resume_batch
+    from r2gen.data.datasets import load_annotation
+    from r2gen.train import prepare, train
+    from r2gen.wandb_log import check_wandb
+
+    run = read_run(target)
+    check_request(run, backend_name, preset_given, overrides)
+    plan = run.plan
+    if topology is None:  # neither --gpus nor --nodes: as many processes as the run had, on this machine
+        topology = make_topology(plan.batch.world_size, 1, 0, "127.0.0.1", None)
+    if topology.world_size != plan.batch.world_size:
+        raise ConfigError(f"--gpus/--nodes: {run.path} trained with {plan.batch.world_size} process(es); continue it "
+                          "with as many, or leave --gpus/--nodes out (each process's share of the data depends on it)")
+    for warning in run.warnings:
+        err.print(f"[yellow]warning:[/] skipping {warning}", highlight=False)
+    backend = build_backend(plan.backend, plan.device, plan.precision, plan.engine)
+    annotation = load_annotation(run.annotation, run.image_dir, run.cfg.model.dataset, progress=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the visual extractor's weights come from the checkpoint
+        prep = prepare(run.cfg, backend, annotation, None)
+    if prep.tokenizer.to_json() != (run.path / "tokenizer.json").read_text(encoding="utf-8"):
+        raise ConfigError(f"--keep-training: {run.annotation} changed since {run.path} started (its vocabulary "
+                          "differs); start a new run")
+    if plan.device == "cuda" and options.probe:
+        from launcher.hardware import detect
+        from launcher.plan import gpu_budget
+        from launcher.probe import ProbeRequest, probe_in_subprocess
+        from launcher.thresholds import load_thresholds
+
+        facts = detect()
+        budget, _ = gpu_budget(facts, options, load_thresholds(thresholds_path))
+        window = plan.batch.micro_batch * plan.batch.accumulation
+        request = ProbeRequest(run.cfg, len(prep.tokenizer), plan.precision, budget, window, backend=plan.backend,
+                               others_gib=facts.gpus[0].used_by_others_gib, engine=plan.engine)
+        with status("re-probing GPU memory..."):
+            probe = probe_in_subprocess(request).to_dict()
+        plan = replace(plan, batch=resume_batch(plan.batch, probe["micro_batch"]), probe=probe)
+    prep.cfg = continued_config(run, overrides, plan.batch.micro_batch)
+    if prep.cfg.wandb:
+        check_wandb(prep.cfg.wandb_mode)
+    print_plan(plan)
+    err.print(f"continuing {run.path} from {run.checkpoint.name}", highlight=False)
+    engine_file = engine_config_for(plan, topology, run.path, stored_engine_file(plan, run.path))
+    if not dry_run:  # every check passed: the run goes on
+        write_versions(run.path)
+    if topology.world_size > 1:
+        launch_processes(prep, prep.cfg, plan, run.path, None, topology, engine_file, hostfile, dry_run,
+                          resume=run.checkpoint)
+        return
+    if dry_run:
+        out.print(f"launch: this process, continuing {run.path} (nothing written)", highlight=False)
+        return
+    start_engine(prep, plan, engine_file)
+    result = train(prep, run.path, err, plan.to_json(), resume=run.checkpoint)
+    print_result(result)
+
+
+def write_engine_config(engine) -> None:
+    from launcher.engine_config import write_engine_config
+
+    if engine is not None:
+        err.print(f"engine config: {write_engine_config(engine)}", highlight=False)
+
+
+def start_engine(prep, plan, engine_file) -> None:
+    """One process, new or continued run: write the engine's config and hand it to the engine (DeepSpeed's
+    prepare() needs it; the others read nothing)."""
+    from backends.registry import spec
+
+    write_engine_config(engine_file)
+    spec(plan.backend).configure(prep.backend, engine_file.config if engine_file else None)
+
+
+def launch_processes(prep, cfg, plan, target: Path, visual_weights: Optional[Path], topology, engine_file,
+                      hostfile: Optional[Path], dry_run: bool, resume: Optional[Path] = None) -> None:
+    """Write launch.json into the run directory and start one worker per process with the engine's launcher."""
+    import os
+
+    from launcher.spawn import launch_command, run_command
+    from r2gen.atomic import write_json
+
+    launch = target / "launch.json"
+    command = launch_command(plan.backend, topology, ["--launch", str(launch)],
+                             engine_config=engine_file.path if engine_file else None, hostfile=hostfile)
+    if dry_run:
+        out.print(f"engine config: {describe_config(engine_file)}\nlaunch: {' '.join(command)}\n"
+                  f"run directory {target} (not created)", highlight=False)
+        return
+    spec = {"backend": plan.backend, "device": plan.device, "precision": plan.precision, "engine": plan.engine,
+            "engine_config": str(engine_file.path.resolve()) if engine_file else None,
+            "config": cfg.to_dict(), "resume": str(resume) if resume else None,
+            "annotation": str(prep.annotation.path), "image_dir": str(prep.annotation.image_dir),
+            "visual_weights": str(visual_weights) if visual_weights else None, "run_dir": str(target),
+            "plan": plan.to_json()}
+    write_engine_config(engine_file)
+    write_json(launch, spec)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    err.print(f"launch: {' '.join(command)}", highlight=False, soft_wrap=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    code = run_command(command, env=env)
+    if code:
+        err.print(f"[bold red]failed:[/] the {topology.world_size} training processes exited with code {code}",
+                  highlight=False)
+        raise typer.Exit(code)
+
+
+def user_engine_file(engine: dict) -> tuple[Optional[dict], Optional[Path], dict]:
+    """--ds-config / --accelerate-config (popped from the engine options): the file's settings, its path,
+    and the choices it makes for the flags left out (precision, --zero, --offload)."""
+    from backends.registry import SPECS
+    from launcher.engine_config import engine_file_choices, read_engine_file
+
+    for file in (s.file for s in SPECS.values() if s.file is not None):
+        path = engine.pop(file.option, None)
+        if path is not None:
+            user = read_engine_file(path, file.flag)
+            return user, path, engine_file_choices(user, file.flag)
+    return None, None, {}
+
+
+def default_precision(backend_name: str, device: str) -> str:
+    """The engine's own default (plain: fp32, as R2Gen; fp8: fp8; the others mixed precision on a GPU:
+    bf16 where supported, else fp16)."""
+    import torch
+
+    from backends.registry import spec
+
+    return spec(backend_name).default_precision(device, device == "cuda" and torch.cuda.is_bf16_supported())
