@@ -167,7 +167,6 @@ def run_training(backend_name: str, device: str, precision: str, preset_name: st
     --ds-config / --accelerate-config, merged into the engine config the plan generates."""
     from launcher.engine_config import Topology, engine_config_for
     from launcher.plan import apply_plan
-    from r2gen.train import train
 
     if keep_training:
         if user_file[1] is not None:
@@ -183,27 +182,14 @@ def run_training(backend_name: str, device: str, precision: str, preset_name: st
                                       engine=engine)
     print_plan(plan)
     engine_file = engine_config_for(plan, topology, target, *user_file)
+    prep.cfg = apply_plan(prep.cfg, plan)
     if dry_run:
-        if topology.world_size > 1:
-            launch_processes(prep, apply_plan(prep.cfg, plan), plan, target, visual_weights, topology, engine_file,
-                              hostfile, dry_run)
-        else:
-            out.print(f"engine config: {describe_config(engine_file)}\n"
-                      f"launch: this process, one {plan.device} device; run directory {target} (not created)",
-                      highlight=False)
+        start(prep, plan, target, topology, engine_file, visual_weights, hostfile, dry_run)
         return
     with RunLock(target):
         if holds_a_run(target):  # another command started this run while we planned
             raise ConfigError(f"--run-dir/--name: {target} already holds a run; choose another --name")
-        write_versions(target)
-        if topology.world_size > 1:
-            launch_processes(prep, apply_plan(prep.cfg, plan), plan, target, visual_weights, topology, engine_file,
-                              hostfile, dry_run)
-            return
-        start_engine(prep, plan, engine_file)
-        prep.cfg = apply_plan(prep.cfg, plan)
-        result = train(prep, target, err, plan.to_json())
-    print_result(result)
+        start(prep, plan, target, topology, engine_file, visual_weights, hostfile, dry_run)
 
 
 def holds_a_run(target: Path) -> bool:
@@ -248,7 +234,7 @@ def continue_locked(target: Path, backend_name: str, overrides: dict, options, d
     from launcher.engine_config import engine_config_for, stored_engine_file
     from launcher.resume import check_request, continued_config, read_run, resume_batch
     from r2gen.data.datasets import load_annotation
-    from r2gen.train import prepare, train
+    from r2gen.train import prepare
     from r2gen.wandb_log import check_wandb
 
     run = read_run(target)
@@ -289,17 +275,28 @@ def continue_locked(target: Path, backend_name: str, overrides: dict, options, d
     print_plan(plan)
     err.print(f"continuing {run.path} from {run.checkpoint.name}", highlight=False)
     engine_file = engine_config_for(plan, topology, run.path, stored_engine_file(plan, run.path))
+    start(prep, plan, run.path, topology, engine_file, None, hostfile, dry_run, resume=run.checkpoint)
+
+
+def start(prep, plan, target: Path, topology, engine_file, visual_weights: Optional[Path], hostfile: Optional[Path],
+          dry_run: bool, resume: Optional[Path] = None) -> None:
+    """The one way a planned run (new, or continued from `resume`) goes on: train in this process, or
+    launch one worker per process with the engine's launcher; with dry_run, say which and write nothing."""
+    from r2gen.train import train
+
     if not dry_run:  # every check passed: the run goes on
-        write_versions(run.path)
+        write_versions(target)
     if topology.world_size > 1:
-        launch_processes(prep, prep.cfg, plan, run.path, None, topology, engine_file, hostfile, dry_run,
-                          resume=run.checkpoint)
+        launch_processes(prep, prep.cfg, plan, target, visual_weights, topology, engine_file, hostfile, dry_run,
+                         resume=resume)
         return
     if dry_run:
-        out.print(f"launch: this process, continuing {run.path} (nothing written)", highlight=False)
+        where = f"continuing {target} (nothing written)" if resume else f"run directory {target} (not created)"
+        out.print(f"engine config: {describe_config(engine_file)}\nlaunch: this process, one {plan.device} device; "
+                  f"{where}", highlight=False)
         return
     start_engine(prep, plan, engine_file)
-    result = train(prep, run.path, err, plan.to_json(), resume=run.checkpoint)
+    result = train(prep, target, err, plan.to_json(), resume=resume)
     print_result(result)
 
 
