@@ -110,7 +110,7 @@ def run_row(which: str, preset_name: str, device: str, steps: int, warmup: int, 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             prep, plan, _ = prepare_run("auto", device, precision, preset_name, {"studies": studies}, options,
-                                         ann_path, None, None, None)
+                                        ann_path, None, None, None)
         from launcher.engine_config import Topology, engine_config_for
 
         engine_file = engine_config_for(plan, Topology(), Path("bench-run"))  # nothing written

@@ -68,11 +68,11 @@ def _training_command(backend_name: str, summary: str):
                 if key in engine and engine[key] is None:
                     engine[key] = file_choices.get(key, default)
             run_training(backend_name, chosen,
-                          precision or file_choices.get("precision") or default_precision(backend_name, chosen),
-                          preset or "iu_xray", overrides, options, ann_path, image_dir, visual_weights, thresholds,
-                          run_dir, name, dry_run, make_topology(gpus, nodes, node_rank, master_addr, master_port,
-                                                            keep_training), engine, hostfile, keep_training, preset,
-                          user_file[:2])
+                         precision or file_choices.get("precision") or default_precision(backend_name, chosen),
+                         preset or "iu_xray", overrides, options, ann_path, image_dir, visual_weights, thresholds,
+                         run_dir, name, dry_run, make_topology(gpus, nodes, node_rank, master_addr, master_port,
+                                                           keep_training), engine, hostfile, keep_training, preset,
+                         user_file[:2])
 
         guarded(run)
 
@@ -142,9 +142,9 @@ def auto(
                          keep_last=keep_last,
                          **wandb_overrides(wandb, wandb_mode, wandb_project, wandb_name), **speedup_overrides(speedups))
         run_training("auto", device, precision, preset, overrides, options, ann_path, image_dir, visual_weights,
-                      thresholds, run_dir, name, dry_run,
-                      make_topology(gpus if keep_training else processes, 1, 0, "127.0.0.1", None, keep_training),
-                      keep_training=keep_training)
+                     thresholds, run_dir, name, dry_run,
+                     make_topology(gpus if keep_training else processes, 1, 0, "127.0.0.1", None, keep_training),
+                     keep_training=keep_training)
 
     guarded(run)
 
@@ -179,7 +179,7 @@ def probe_command(
         given = {"zero": zero, "offload": offload, "fp8_impl": fp8_impl}
         engine = spec(backend).engine_options({k: v for k, v in given.items() if k in spec(backend).option_defaults})
         _, plan, _ = prepare_run(backend, chosen, precision or default_precision(backend, chosen), preset,
-                                  overrides, options, ann_path, image_dir, None, thresholds, engine=engine)
+                                 overrides, options, ann_path, image_dir, None, thresholds, engine=engine)
         if plan.probe:
             console.print_probe(plan.probe)
         print_plan(plan)

@@ -12,7 +12,6 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from r2gen.units import GIB
 
 
 @dataclass(frozen=True)

@@ -266,7 +266,7 @@ the launcher's (--hostfile, and the user's own engine file) go to the plan as it
 
 
 def wandb_overrides(wandb: Optional[bool], mode: Optional[str], project: Optional[str],
-                     name: Optional[str]) -> dict:
+                    name: Optional[str]) -> dict:
     """The --wandb options as config overrides; a W&B detail without --wandb is a mistake worth a line."""
     if wandb is False or (wandb is None and (mode or project or name)):
         given = [flag for flag, value in (("--wandb-mode", mode), ("--wandb-project", project),

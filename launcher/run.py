@@ -24,9 +24,9 @@ TORCHAO_UNTIMED = ("fp8 not timed: without Transformer Engine only torchao's flo
 
 
 def prepare_run(backend_name: str, device: str, precision: str, preset_name: str, overrides: dict,
-                 options, ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
-                 thresholds_path: Optional[Path], run_dir: Optional[Path] = None, name: Optional[str] = None,
-                 world_size: int = 1, gpus_here: int = 1, engine: Optional[dict] = None):
+                options, ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
+                thresholds_path: Optional[Path], run_dir: Optional[Path] = None, name: Optional[str] = None,
+                world_size: int = 1, gpus_here: int = 1, engine: Optional[dict] = None):
     """Validate everything, probe, plan. Writes nothing. Returns (prepared run, plan, run directory).
 
     `world_size` counts every process of the run (all nodes), `gpus_here` this machine's."""
@@ -158,11 +158,11 @@ def auto_engine(request, probe: dict, facts, thresholds):
 
 
 def run_training(backend_name: str, device: str, precision: str, preset_name: str, overrides: dict, options,
-                  ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
-                  thresholds_path: Optional[Path], run_dir: Path, name: Optional[str], dry_run: bool,
-                  topology=None, engine: Optional[dict] = None, hostfile: Optional[Path] = None,
-                  keep_training: bool = False, preset_given: Optional[str] = None,
-                  user_file: tuple = (None, None)) -> None:
+                 ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
+                 thresholds_path: Optional[Path], run_dir: Path, name: Optional[str], dry_run: bool,
+                 topology=None, engine: Optional[dict] = None, hostfile: Optional[Path] = None,
+                 keep_training: bool = False, preset_given: Optional[str] = None,
+                 user_file: tuple = (None, None)) -> None:
     """A new run (or, with keep_training, the continued one). `user_file`: the settings and path of
     --ds-config / --accelerate-config, merged into the engine config the plan generates."""
     from launcher.engine_config import Topology, engine_config_for
@@ -173,13 +173,13 @@ def run_training(backend_name: str, device: str, precision: str, preset_name: st
             raise ConfigError(f"--keep-training: a continued run keeps its own engine config (in its run directory); "
                               f"drop {user_file[1]}")
         continue_training(backend_name, overrides, options, run_dir, name, dry_run, topology, hostfile, preset_given,
-                           thresholds_path)
+                          thresholds_path)
         return
     topology = topology or Topology()
     prep, plan, target = prepare_run(backend_name, device, precision, preset_name, overrides, options, ann_path,
-                                      image_dir, visual_weights, thresholds_path, run_dir, name,
-                                      world_size=topology.world_size, gpus_here=topology.gpus_per_node,
-                                      engine=engine)
+                                     image_dir, visual_weights, thresholds_path, run_dir, name,
+                                     world_size=topology.world_size, gpus_here=topology.gpus_per_node,
+                                     engine=engine)
     print_plan(plan)
     engine_file = engine_config_for(plan, topology, target, *user_file)
     prep.cfg = apply_plan(prep.cfg, plan)
@@ -210,8 +210,8 @@ def write_versions(target: Path) -> None:
 
 
 def continue_training(backend_name: str, overrides: dict, options, run_dir: Path, name: Optional[str],
-                       dry_run: bool, topology, hostfile: Optional[Path], preset_given: Optional[str],
-                       thresholds_path: Optional[Path]) -> None:
+                      dry_run: bool, topology, hostfile: Optional[Path], preset_given: Optional[str],
+                      thresholds_path: Optional[Path]) -> None:
     """--keep-training: take the run's lock, check the run, rebuild it from its own files, re-plan the
     micro-batch, continue."""
     from launcher.resume import find_run, is_run
@@ -219,15 +219,15 @@ def continue_training(backend_name: str, overrides: dict, options, run_dir: Path
     target = find_run(run_dir, name)
     if dry_run or not is_run(target):  # writes nothing; a folder that is not a run is refused there, unlocked
         continue_locked(target, backend_name, overrides, options, dry_run, topology, hostfile, preset_given,
-                         thresholds_path)
+                        thresholds_path)
         return
     with RunLock(target):  # before reading it: the run's files are ours until we exit
         continue_locked(target, backend_name, overrides, options, dry_run, topology, hostfile, preset_given,
-                         thresholds_path)
+                        thresholds_path)
 
 
 def continue_locked(target: Path, backend_name: str, overrides: dict, options, dry_run: bool, topology,
-                     hostfile: Optional[Path], preset_given: Optional[str], thresholds_path: Optional[Path]) -> None:
+                    hostfile: Optional[Path], preset_given: Optional[str], thresholds_path: Optional[Path]) -> None:
     from dataclasses import replace
 
     from backends.registry import build_backend
@@ -317,7 +317,7 @@ def start_engine(prep, plan, engine_file) -> None:
 
 
 def launch_processes(prep, cfg, plan, target: Path, visual_weights: Optional[Path], topology, engine_file,
-                      hostfile: Optional[Path], dry_run: bool, resume: Optional[Path] = None) -> None:
+                     hostfile: Optional[Path], dry_run: bool, resume: Optional[Path] = None) -> None:
     """Write launch.json into the run directory and start one worker per process with the engine's launcher."""
     import os
 

@@ -161,7 +161,7 @@ def test_run_dir_that_holds_a_run_is_refused(tmp_path: Path) -> None:
 
 
 def test_auto_on_the_embedded_set_prints_scores_and_baseline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                              java_on_path: None) -> None:
+                                                             java_on_path: None) -> None:
     """The Quickstart command, shrunk: embedded set from the (isolated) cache; tiny preset on CPU.
     A WANDB_API_KEY in the environment reaches no file of the run and no output."""
     import torch
@@ -253,7 +253,7 @@ def test_evaluate_takes_beam_size_and_its_alias(tmp_path: Path, flag: str) -> No
 
 @pytest.mark.parametrize("overrides, own_data, epochs", [({}, False, 30), ({"epochs": 7}, False, 7), ({}, True, 100)])
 def test_the_embedded_set_trains_the_presets_embedded_epochs(small_set: Path, overrides: dict, own_data: bool,
-                                                              epochs: int) -> None:
+                                                             epochs: int) -> None:
     """iu_xray: 30 epochs on the embedded set (its 3000 studies are learned by then), the paper's 100 on
     the user's own data; --epochs wins either way."""
     from launcher.options import plan_options
