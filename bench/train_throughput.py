@@ -111,7 +111,8 @@ def run_row(which: str, preset_name: str, device: str, steps: int, warmup: int, 
             warnings.simplefilter("ignore")
             prep, plan, _ = prepare_run("auto", device, precision, preset_name, {"studies": studies}, options,
                                         ann_path, None, None, None)
-        from launcher.engine_config import Topology, engine_config_for
+        from backends.spec import Topology
+        from launcher.engine_config import engine_config_for
 
         engine_file = engine_config_for(plan, Topology(), Path("bench-run"))  # nothing written
         spec(plan.backend).configure(prep.backend, engine_file.config if engine_file else None)

@@ -17,10 +17,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from backends.accelerate import accelerate_yaml
-from backends.deepspeed import DeepSpeedOptions, deepspeed_json  # DeepSpeedOptions: also the commands' import
 from backends.registry import engine_file, spec
-from backends.spec import ConfigInputs, Topology, get_dotted  # Topology: the launcher's import of it
+from backends.spec import ConfigInputs, Topology, get_dotted
 from launcher.plan import Plan
 from r2gen.atomic import write_text
 from r2gen.errors import ConfigError
@@ -33,15 +31,10 @@ def config_inputs(plan: Plan, topology: Topology) -> ConfigInputs:
                         b.accumulation, b.world_size, plan.loader.pin_memory, topology)
 
 
-def deepspeed_config(plan: Plan, options: DeepSpeedOptions) -> dict:
-    """DeepSpeed's JSON for the plan, with these engine options."""
-    b = plan.batch
-    return deepspeed_json(plan.precision, b.micro_batch, b.accumulation, b.world_size, plan.loader.pin_memory, options)
-
-
-def accelerate_config(plan: Plan, topology: Topology) -> dict:
-    """The YAML mapping `accelerate launch --config_file` reads, for the plan and its processes."""
-    return accelerate_yaml(plan.device, plan.precision, topology)
+def generated_config(plan: Plan, topology: Topology) -> dict | None:
+    """The engine's config mapping for the plan and its processes (DeepSpeed's JSON, Accelerate's
+    YAML keys); None for an engine that reads none."""
+    return spec(plan.backend).generate_config(config_inputs(plan, topology))
 
 
 @dataclass(frozen=True)
@@ -142,7 +135,7 @@ def engine_config_for(plan: Plan, topology: Topology, run_dir: Path, user: dict 
     file = spec(plan.backend).file
     if file is None:
         return None
-    config = file.build(config_inputs(plan, topology))
+    config = generated_config(plan, topology)
     if user is not None:
         config = merge_engine_file(config, user, dict(file.planned), dict(file.refused), file.flag,
                                    user_path or run_dir / file.name)
@@ -164,32 +157,34 @@ def write_engine_config(engine: EngineConfig) -> Path:
 
 # -- checked-in examples (regenerate with `python -m launcher.engine_config`) ---------------------------
 
-def _example_plan(precision: str, largest: int, world: int, policy: str) -> Plan:
+def _example_plan(backend: str, precision: str, largest: int, world: int, policy: str, engine: dict) -> Plan:
     from launcher.hardware import HostFacts
     from launcher.plan import plan_batch
     from launcher.thresholds import Thresholds, plan_loader
 
     host = HostFacts(ram_total_gib=64, ram_available_gib=48, swap_total_gib=0, swap_used_gib=0, usable_cpus=16)
-    return Plan("example", "cuda", precision, plan_batch(largest, world, policy, 16, "sqrt", 5e-5, 1e-4),
-                plan_loader(host, Thresholds(), 1.0, world, True), None, None, {})
+    return Plan(backend, "cuda", precision, plan_batch(largest, world, policy, 16, "sqrt", 5e-5, 1e-4),
+                plan_loader(host, Thresholds(), 1.0, world, True), None, None, {}, engine=engine)
 
 
 EXAMPLES: dict[str, tuple[str, object]] = {
     "ds_configs/example_zero2_offload_8gb_bf16.json": (
         "An 8 GB card in bf16: the probe found room for 6 studies, so 3 micro-batches of 6 make R2Gen's "
         "16 (rounded up to 18); optimizer states and step on the CPU (ZeRO-2 offload).",
-        lambda: deepspeed_config(_example_plan("bf16", 6, 1, "faithful"), DeepSpeedOptions(2, "cpu"))),
+        lambda: generated_config(_example_plan("deepspeed", "bf16", 6, 1, "faithful", {"zero": 2, "offload": "cpu"}),
+                                 Topology())),
     "ds_configs/example_zero2_2gpu_fp16.json": (
         "Two GPUs without bf16 (e.g. V100s): fp16 with dynamic loss scaling, ZeRO-2 without offload, "
         "throughput policy at 64 studies per GPU.",
-        lambda: deepspeed_config(_example_plan("fp16", 64, 2, "throughput"), DeepSpeedOptions(2, "none"))),
+        lambda: generated_config(_example_plan("deepspeed", "fp16", 64, 2, "throughput", {"zero": 2, "offload": "none"}),
+                                 Topology())),
     "accelerate_configs/example_1gpu_bf16.yaml": (
         "One GPU, bf16 mixed precision.",
-        lambda: accelerate_config(_example_plan("bf16", 64, 1, "throughput"), Topology())),
+        lambda: generated_config(_example_plan("accelerate", "bf16", 64, 1, "throughput", {}), Topology())),
     "accelerate_configs/example_2nodes_4gpus_fp16.yaml": (
         "Two nodes with 4 GPUs each, fp16; this file is node 0's (node 1's differs in machine_rank).",
-        lambda: accelerate_config(_example_plan("fp16", 32, 8, "throughput"),
-                                  Topology(gpus_per_node=4, nodes=2, node_rank=0, master_addr="10.0.0.1"))),
+        lambda: generated_config(_example_plan("accelerate", "fp16", 32, 8, "throughput", {}),
+                                 Topology(gpus_per_node=4, nodes=2, node_rank=0, master_addr="10.0.0.1"))),
 }
 """Example engine configs, as the planner writes them for the situation described."""
 

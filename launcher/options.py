@@ -281,7 +281,7 @@ def make_topology(gpus: Optional[int], nodes: int, node_rank: int, master_addr: 
               keep_training: bool = False):
     """The processes asked for; None where --keep-training should take the continued run's own
     (neither --gpus nor --nodes given)."""
-    from launcher.engine_config import Topology
+    from backends.spec import Topology
     from launcher.spawn import free_port
 
     if gpus is None and nodes == 1 and keep_training:

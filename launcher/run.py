@@ -165,7 +165,8 @@ def run_training(backend_name: str, device: str, precision: str, preset_name: st
                  user_file: tuple = (None, None)) -> None:
     """A new run (or, with keep_training, the continued one). `user_file`: the settings and path of
     --ds-config / --accelerate-config, merged into the engine config the plan generates."""
-    from launcher.engine_config import Topology, engine_config_for
+    from backends.spec import Topology
+    from launcher.engine_config import engine_config_for
     from launcher.plan import apply_plan
 
     if keep_training:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from backends.registry import SPECS
-from launcher.engine_config import Topology
+from backends.spec import Topology
 from r2gen.errors import ConfigError
 
 WORKER_MODULE = "launcher.worker"

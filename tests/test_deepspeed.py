@@ -13,7 +13,7 @@ import torch
 
 from backends.deepspeed import DeepSpeedBackend
 from backends.plain import PlainBackend
-from launcher.engine_config import DeepSpeedOptions, deepspeed_json
+from backends.deepspeed import DeepSpeedOptions, deepspeed_json
 from launcher.probe import synthetic_batch
 from r2gen.build import optimizer_factory
 from r2gen.config import preset

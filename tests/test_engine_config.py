@@ -8,8 +8,10 @@ import pytest
 
 from dataclasses import replace
 
-from launcher.engine_config import (DeepSpeedOptions, Topology, deepspeed_config, engine_config_for,
-                                    engine_file_choices, read_engine_file, stored_engine_file, write_engine_config)
+from backends.deepspeed import DeepSpeedOptions
+from backends.spec import Topology
+from launcher.engine_config import (engine_config_for, engine_file_choices, generated_config, read_engine_file,
+                                    stored_engine_file, write_engine_config)
 from launcher.hardware import HostFacts
 from launcher.plan import Plan, plan_batch
 from launcher.thresholds import Thresholds, plan_loader
@@ -60,7 +62,7 @@ def test_deepspeed_refusals() -> None:
     with pytest.raises(ConfigError, match="--offload"):
         DeepSpeedOptions(offload="nvme")
     with pytest.raises(BackendError, match="--precision fp8"):
-        deepspeed_config(_plan("fp8"), DeepSpeedOptions())
+        generated_config(_plan("fp8"), Topology())
 
 
 @pytest.mark.parametrize("precision,gpus,nodes", [("bf16", 1, 1), ("fp16", 2, 1), ("fp32", 4, 2)])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.engine_config import Topology
+from backends.spec import Topology
 from backends.accelerate import ACCELERATE_LAUNCH
 from backends.deepspeed import DEEPSPEED
 from backends.plain import TORCHRUN

@@ -36,7 +36,7 @@ def _window() -> dict:
 def _run(rank: int, world: int, engine: str, device: str, port: int, out: str) -> None:
     """One process: build the engine, take this rank's rows (all of them alone), one step, save."""
     from backends.registry import build_backend
-    from launcher.engine_config import DeepSpeedOptions, deepspeed_json
+    from backends.deepspeed import DeepSpeedOptions, deepspeed_json
     from r2gen.model.r2gen import R2GenModel
     from r2gen.step import train_step
 
