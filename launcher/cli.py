@@ -51,6 +51,8 @@ def _training_command(backend_name: str, summary: str):
         import torch
 
         def run() -> None:
+            from backends.registry import spec
+
             options = plan_options(batch_size, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling,
                                num_workers, "faithful")
             overrides = dict(epochs=epochs, image_size=image_size, dataset=dataset,
@@ -64,9 +66,10 @@ def _training_command(backend_name: str, summary: str):
             hostfile = engine.pop("hostfile", None)
             user_file = user_engine_file(engine)
             file_choices = user_file[2]
-            for key, default in (("zero", 2), ("offload", "cpu")):  # a flag, else the user's file, else the default
-                if key in engine and engine[key] is None:
-                    engine[key] = file_choices.get(key, default)
+            defaults = spec(backend_name).option_defaults
+            for key in engine.keys() & defaults.keys():  # a flag, else the user's file, else the engine's default
+                if engine[key] is None:
+                    engine[key] = file_choices.get(key, defaults[key])
             run_training(backend_name, chosen,
                          precision or file_choices.get("precision") or default_precision(backend_name, chosen),
                          preset or "iu_xray", overrides, options, ann_path, image_dir, visual_weights, thresholds,
