@@ -91,7 +91,7 @@ def guarded(run) -> None:
     except UsageError as exc:
         fail(exc)
     except RunFailed as exc:
-        from r2gen.train import Stopped
+        from r2gen.state import Stopped
 
         label = "[bold yellow]stopped:[/]" if isinstance(exc, Stopped) else "[bold red]failed:[/]"
         err.print(f"{label} {exc}", highlight=False, soft_wrap=True)

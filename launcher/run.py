@@ -38,7 +38,7 @@ def prepare_run(backend_name: str, device: str, precision: str, preset_name: str
     from r2gen.data.datasets import load_annotation
     from r2gen.data.prepare import preparation_hint, prepared_image_size
     from r2gen.data.synth import default_dataset
-    from r2gen.train import prepare
+    from r2gen.build import prepare
     from r2gen.wandb_log import check_wandb
 
     engine = engine or {}
@@ -235,7 +235,7 @@ def continue_locked(target: Path, backend_name: str, overrides: dict, options, d
     from launcher.engine_config import engine_config_for, stored_engine_file
     from launcher.resume import check_request, continued_config, read_run, resume_batch
     from r2gen.data.datasets import load_annotation
-    from r2gen.train import prepare
+    from r2gen.build import prepare
     from r2gen.wandb_log import check_wandb
 
     run = read_run(target)

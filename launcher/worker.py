@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     from r2gen.config import TrainConfig
     from r2gen.data.datasets import load_annotation
     from r2gen.errors import RunFailed
-    from r2gen.train import prepare, train
+    from r2gen.build import prepare
+    from r2gen.train import train
 
     launch = json.loads(args.launch.read_text(encoding="utf-8"))
     engine = spec(launch["backend"])

@@ -32,8 +32,7 @@ from rich.console import Console
 from rich.progress import Progress, TaskID
 
 from r2gen.atomic import write_json, write_text
-# prepare, build_optimizer, optimizer_factory: not used here, importable from here (the launcher's entry points)
-from r2gen.build import Prepared, build_optimizer, optimizer_factory, prepare, prepare_model, seed_everything
+from r2gen.build import Prepared, prepare_model, seed_everything
 from r2gen.checkpoint import LoopCheckpoints, load_checkpoint
 from r2gen.config import TrainConfig
 from r2gen.data.loader import build_loader
@@ -43,13 +42,9 @@ from r2gen.errors import RunFailed
 from r2gen.evaluate import constant_report_baseline, evaluate_split
 from r2gen.monitor import data_wait_warning, system_metrics
 from r2gen.run_log import EpochClock, MetricsLog, epoch_line, learning_rates, progress_bar, window_status
-from r2gen.state import MONITOR, LoopState, Stopped, StopRequest
+from r2gen.state import MONITOR, LoopState, StopRequest
 from r2gen.step import NonFiniteLoss, OomRecovery, OutOfMemoryAtOne, start_gpu_memory, warmed_up, warmup_factor
 from r2gen.units import GIB
-
-
-__all__ = ["Prepared", "RunResult", "Stopped", "build_optimizer", "optimizer_factory", "prepare", "prepare_model",
-           "seed_everything", "train"]
 
 
 @dataclass
