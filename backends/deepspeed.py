@@ -232,8 +232,8 @@ def deepspeed_json(precision: str, micro_batch: int, accumulation: int, world_si
 
 DEEPSPEED_PLANNED: dict[str, str] = {
     "train_batch_size": "--effective-batch",
-    "train_micro_batch_size_per_gpu": "--batch-size",
-    "gradient_accumulation_steps": "--effective-batch and --batch-size",
+    "train_micro_batch_size_per_gpu": "--micro-batch",
+    "gradient_accumulation_steps": "--effective-batch and --micro-batch",
     "gradient_clipping": "nothing: R2Gen clips gradient values (0.1) in the adapter; leave it 0",
     "bf16.enabled": "--precision", "fp16.enabled": "--precision",
     "data_types.buffer_dtype": "--precision", "torch_autocast.enabled": "--precision",

@@ -54,7 +54,7 @@ def run_engine(backend_name: str, precision: str, steps: int, warmup: int, batch
 
     row = {"engine": backend_name, "precision": precision, "steps": steps, "batch_size": batch_size,
            "setup_s": setup}
-    cfg = preset("iu_xray").replace(batch_size=batch_size, num_workers=num_workers, pin_memory=True,
+    cfg = preset("iu_xray").replace(window_size=batch_size, num_workers=num_workers, pin_memory=True,
                                     studies=studies, cache_images=True)
     try:
         engine = spec(backend_name)

@@ -77,7 +77,7 @@ def main() -> None:
           + ", ".join(f"step {e['step']}: {e['oom/micro_batch_from']} -> {e['oom/micro_batch_to']}" for e in events))
     print("samples per epoch:", [r["train/samples"] for r in epochs], "| micro-batch per epoch:",
           [r["train/micro_batch"] for r in epochs])
-    print(f"effective batch kept: {config['train']['batch_size']} studies per optimizer step; exit code {code}")
+    print(f"effective batch kept: {config['train']['window_size']} studies per optimizer step; exit code {code}")
     sys.exit(code)
 
 

@@ -37,7 +37,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PUBLISHED = dict(batch_size=16, micro_batch=0, num_workers=2, pin_memory=False, cache_images=False,
+PUBLISHED = dict(window_size=16, micro_batch=0, num_workers=2, pin_memory=False, cache_images=False,
                  uint8_images=False, val_every=1, test_every=1, checkpoint_every_min=0.0,
                  reference_generation=True)
 """The published trainer's settings (fp32, no step speed-ups: TrainConfig.without_speedups)."""

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.timing import ms_per_call, time_training  # noqa: E402
 
-REFERENCE = dict(precision="fp32", batch_size=16, num_workers=2, pin_memory=False, cache_images=False,
+REFERENCE = dict(precision="fp32", window_size=16, num_workers=2, pin_memory=False, cache_images=False,
                  uint8_images=False)  # and none of the step speed-ups (TrainConfig.without_speedups)
 
 
@@ -96,7 +96,7 @@ def run_row(which: str, preset_name: str, device: str, steps: int, warmup: int, 
             plan_summary = "fp32, batch 16, host transforms, 2 workers, not pinned"
         else:
             precision, batch_size = plain_row(which)
-            cfg = preset(preset_name).replace(batch_size=batch_size, studies=studies)
+            cfg = preset(preset_name).replace(window_size=batch_size, studies=studies)
             plan_summary = (f"plain {precision}, batch {batch_size}, the preset's {cfg.num_workers} workers, pinned "
                             f"{cfg.pin_memory}, cache {cfg.cache_images}, uint8 {cfg.uint8_images}, step speed-ups")
         backend = build_backend("plain", device, precision)
@@ -125,12 +125,12 @@ def run_row(which: str, preset_name: str, device: str, steps: int, warmup: int, 
                         f"cache {cfg.cache_images}, uint8 {cfg.uint8_images}"
                         + ("" if which == "auto" else ", no step speed-ups"))
     if warmup < 0:  # with graphs or autotuning, the first epoch and two steps: every window shape is made by then
-        first_epoch = -(-len(prep.annotation.splits["train"]) // (cfg.batch_size * backend.world_size))
+        first_epoch = -(-len(prep.annotation.splits["train"]) // (cfg.window_size * backend.world_size))
         warmup = first_epoch + 2 if cfg.cuda_graphs or cfg.cudnn_benchmark else 5
     model, optimizer = prepare_model(backend, prep.model, cfg)
     model.train()
     loader = build_loader(prep, "train", train=True)
-    micro = cfg.micro_batch or cfg.batch_size
+    micro = cfg.micro_batch or cfg.window_size
     flops, losses = [], []  # FLOPs per sample (counted on the first batch, before its step); every step's loss
 
     def count_flops(batch: dict) -> None:

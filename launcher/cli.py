@@ -33,7 +33,7 @@ def _training_command(backend_name: str, summary: str):
 
     def command(
         preset: Preset = None, device: Device = None, precision: Precision = None,
-        epochs: Epochs = None, batch_size: BatchSize = None, effective_batch: EffectiveBatch = None,
+        epochs: Epochs = None, micro_batch: MicroBatch = None, effective_batch: EffectiveBatch = None,
         batch_policy: BatchPolicy = None, lr_scaling: LrScaling = "sqrt", target_util: TargetUtil = None,
         max_vram: MaxVram = None, probe: Probe = True, image_size: ImageSize = None, dataset: Dataset = None,
         ann_path: AnnPath = None, image_dir: ImageDir = None, studies: Studies = None, backbone: Backbone = None,
@@ -53,7 +53,7 @@ def _training_command(backend_name: str, summary: str):
         def run() -> None:
             from backends.registry import spec
 
-            options = plan_options(batch_size, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling,
+            options = plan_options(micro_batch, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling,
                                num_workers, "faithful")
             overrides = dict(epochs=epochs, image_size=image_size, dataset=dataset,
                              studies=studies, backbone=backbone, val_every=parse_val_every(val_every),
@@ -104,7 +104,7 @@ app.command("fp8")(_training_command(
 
 @app.command()
 def auto(
-    epochs: Epochs = None, batch_size: BatchSize = None, effective_batch: EffectiveBatch = None,
+    epochs: Epochs = None, micro_batch: MicroBatch = None, effective_batch: EffectiveBatch = None,
     batch_policy: BatchPolicy = None, lr_scaling: LrScaling = "sqrt", target_util: TargetUtil = None,
     max_vram: MaxVram = None, probe: Probe = True, ann_path: AnnPath = None, image_dir: ImageDir = None,
     studies: Studies = None, visual_weights: VisualWeights = None, val_every: ValEvery = None,
@@ -130,7 +130,7 @@ def auto(
     import torch
 
     def run() -> None:
-        options = plan_options(batch_size, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling,
+        options = plan_options(micro_batch, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling,
                            num_workers, "auto")
         if torch.cuda.is_available():
             device, preset = "cuda", "iu_xray"
@@ -157,7 +157,7 @@ def probe_command(
     preset: ProbePreset = "iu_xray", device: Device = None, precision: Precision = None,
     backend: ProbeBackend = "plain",
     zero: Zero = 2, offload: Offload = "cpu", fp8_impl: Fp8Impl = "auto",
-    batch_size: BatchSize = None, effective_batch: EffectiveBatch = None, batch_policy: BatchPolicy = None,
+    micro_batch: MicroBatch = None, effective_batch: EffectiveBatch = None, batch_policy: BatchPolicy = None,
     lr_scaling: LrScaling = "sqrt", target_util: TargetUtil = None, max_vram: MaxVram = None,
     image_size: ImageSize = None, dataset: Dataset = None, ann_path: AnnPath = None, image_dir: ImageDir = None,
     studies: Studies = None, backbone: Backbone = None, num_workers: NumWorkers = None,
@@ -173,7 +173,7 @@ def probe_command(
     import torch
 
     def run() -> None:
-        options = plan_options(batch_size, True, target_util, max_vram, effective_batch, batch_policy, lr_scaling,
+        options = plan_options(micro_batch, True, target_util, max_vram, effective_batch, batch_policy, lr_scaling,
                            num_workers, "throughput")
         overrides = dict(image_size=image_size, dataset=dataset, studies=studies, backbone=backbone)
         chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")

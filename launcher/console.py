@@ -53,7 +53,7 @@ def fmt(value: Optional[float]) -> str:
 
 def print_result(result) -> None:
     from r2gen.findings import FINDINGS_KEYS
-    from r2gen.metrics import METRIC_KEYS
+    from r2gen.scores import SCORE_KEYS
 
     best = result.best_test if result.best_test and result.best_epoch != result.epochs_run else {}
     columns = [(label, scores) for label, scores in (("val", result.val), ("test", result.test),
@@ -61,13 +61,13 @@ def print_result(result) -> None:
                                                     ("baseline val", result.baseline_val),
                                                     ("baseline test", result.baseline_test)) if scores]
     # Findings scores exist on the embedded set only (its labels); on user data the rows are left out.
-    keys = [*METRIC_KEYS, *(k for k in FINDINGS_KEYS if any(s.get(k) is not None for _, s in columns))]
+    keys = [*SCORE_KEYS, *(k for k in FINDINGS_KEYS if any(s.get(k) is not None for _, s in columns))]
     table = Table(title=f"R2Gen scores after {result.epochs_run} epochs ({result.steps} steps); "
                         f"best val epoch {result.best_epoch}",
                   caption="val and test: the last model; test, epoch N: the best val epoch's (R2Gen's pick); "
                           "baseline: always answering the most frequent train report"
                           + ("; findings_*: read from each report with the embedded set's phrase tables, macro F1 "
-                             "over its 8 abnormal findings, exact match of all 5" if len(keys) > len(METRIC_KEYS)
+                             "over its 8 abnormal findings, exact match of all 5" if len(keys) > len(SCORE_KEYS)
                              else ""))
     table.add_column("score")
     for label, _ in columns:
@@ -116,12 +116,12 @@ def print_probe(probe: dict) -> None:
 
 
 def print_evaluation(result, split: str) -> None:
-    from r2gen.metrics import METRIC_KEYS
+    from r2gen.scores import SCORE_KEYS
 
     table = Table(title=f"{result.checkpoint} (step {result.step}), {split}, beam {result.beam_size}")
-    for key in (*METRIC_KEYS, "loss"):
+    for key in (*SCORE_KEYS, "loss"):
         table.add_column(key, justify="right")
-    table.add_row(*(fmt(result.scores.get(k)) for k in (*METRIC_KEYS, "loss")))
+    table.add_row(*(fmt(result.scores.get(k)) for k in (*SCORE_KEYS, "loss")))
     out.print(table)
     out.print(f"{len(result.records)} reports at {result.samples_per_s:.1f} samples/s; written to "
               f"{result.output}", highlight=False)

@@ -45,7 +45,7 @@ def versions() -> dict[str, str | None]:
 
 
 def _java_version() -> str | None:
-    from r2gen.metrics import java_available
+    from r2gen.scores import java_available
 
     if not java_available():
         return None

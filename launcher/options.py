@@ -78,12 +78,13 @@ VisualWeights = Annotated[Optional[Path], _opt("torchvision ResNet state_dict (.
                                                               "else random")]
 
 # -- batch and memory ---------------------------------------------------------------------------------
-BatchSize = Annotated[Optional[int], _opt(
-    "Micro-batch, studies per forward/backward on one process. Given, the probe only verifies it with one real step.",
+MicroBatch = Annotated[Optional[int], _opt(
+    "Micro-batch, studies per forward/backward on one process. Given, the probe only verifies it with one real step "
+    "(--batch-size is the same).", "--micro-batch", "--batch-size",
     shown="probed on a GPU; the effective batch on a CPU")]
 EffectiveBatch = Annotated[Optional[int], _opt(
     "Studies per optimizer step, all processes together; accumulation = ceil(N / (micro-batch x processes)).",
-    shown=_per_preset("batch_size") + " (R2Gen's 16)")]
+    shown=_per_preset("window_size") + " (R2Gen's 16)")]
 BatchPolicy = Annotated[Optional[str], _opt(
     "faithful: keep the effective batch (and the learning rates); throughput: grow it to the largest micro-batch "
     "that fits and scale the learning rates (warmed up over one epoch); auto: throughput while an epoch keeps "
@@ -239,11 +240,11 @@ def parse_val_every(value: Optional[str]) -> Optional[int]:
 
 
 
-def plan_options(batch_size, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling, num_workers,
+def plan_options(micro_batch, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling, num_workers,
              default_policy: str):
     from launcher.plan import PlanOptions
 
-    return PlanOptions(batch_size=batch_size, probe=probe, target_util_pct=target_util, max_vram_gib=max_vram,
+    return PlanOptions(micro_batch=micro_batch, probe=probe, target_util_pct=target_util, max_vram_gib=max_vram,
                        effective_batch=effective_batch, batch_policy=batch_policy or default_policy,
                        lr_scaling=lr_scaling, num_workers=num_workers)
 

@@ -17,6 +17,9 @@ from launcher.thresholds import LoaderPlan, Thresholds, decoded_size_gib, plan_l
 from r2gen.config import TrainConfig
 from r2gen.errors import BackendError, ConfigError
 
+USER_MICRO_BATCH = "--micro-batch"
+"""The micro-batch's reason in a plan when the user fixed it (runs before the rename say --batch-size)."""
+
 BATCH_POLICIES = ("auto", "faithful", "throughput")
 
 
@@ -177,7 +180,7 @@ def plan_batch(largest_micro: int, world_size: int, policy: str, effective_batch
 class PlanOptions:
     """The planning flags of every training command, validated on construction."""
 
-    batch_size: int | None = None         # --batch-size: micro-batch chosen by the user, verified not searched
+    micro_batch: int | None = None        # --micro-batch: chosen by the user, verified not searched
     probe: bool = True                    # --no-probe turns it off (the micro-batch is then not verified)
     target_util_pct: float | None = None  # --target-util [default: thresholds' target_util_pct]
     max_vram_gib: float | None = None     # --max-vram: hard cap on this run's GPU memory
@@ -187,7 +190,7 @@ class PlanOptions:
     num_workers: int | None = None        # --num-workers overrides the host rule
 
     def __post_init__(self) -> None:
-        for flag, value in (("--batch-size", self.batch_size), ("--effective-batch", self.effective_batch)):
+        for flag, value in (("--micro-batch", self.micro_batch), ("--effective-batch", self.effective_batch)):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag}: must be at least 1, got {value}")
         if self.target_util_pct is not None and not 0 < self.target_util_pct <= 100:
@@ -213,10 +216,10 @@ class PlanOptions:
         return share
 
     def effective_for(self, cfg: TrainConfig) -> int:
-        """The effective batch for this preset; checks --batch-size against it."""
-        effective = self.effective_batch or cfg.batch_size
-        if self.batch_size and self.batch_size > effective and self.batch_policy == "faithful":
-            raise ConfigError(f"--batch-size {self.batch_size} is larger than the effective batch {effective} "
+        """The effective batch for this preset; checks --micro-batch against it."""
+        effective = self.effective_batch or cfg.window_size
+        if self.micro_batch and self.micro_batch > effective and self.batch_policy == "faithful":
+            raise ConfigError(f"--micro-batch {self.micro_batch} is larger than the effective batch {effective} "
                               "under --batch-policy faithful (raise --effective-batch or use throughput)")
         return effective
 
@@ -356,7 +359,7 @@ def make_plan(backend: str, device: str, precision: str, cfg: TrainConfig, facts
 
     `studies` sizes the image cache (all splits); `train_studies` (the train split) the optimizer steps
     per epoch, which --batch-policy auto keeps at thresholds.min_steps_per_epoch or more. `probe` is ProbeResult.to_dict() when the probe ran (or verified
-    --batch-size), None otherwise. `choice` is auto's engine choice (backend, precision and engine agree with it).
+    --micro-batch), None otherwise. `choice` is auto's engine choice (backend, precision and engine agree with it).
     `disk`: the run directory's free space and one checkpoint's size, checked against --keep-last.
     """
     effective = options.effective_for(cfg)
@@ -379,27 +382,27 @@ def make_plan(backend: str, device: str, precision: str, cfg: TrainConfig, facts
     if probe is not None:
         largest = probe["micro_batch"]
         if largest < 1:
-            what = f"--batch-size {options.batch_size}" if options.batch_size else "a micro-batch of 1"
+            what = f"--micro-batch {options.micro_batch}" if options.micro_batch else "a micro-batch of 1"
             raise BackendError(f"{what} does not fit the memory budget of {budget:.1f} GiB "
                                f"({reasons.get('memory', '')}); use --max-vram/--target-util or a smaller model")
         predicted_peak = probe.get("peak_gib")
-        how = (f"verified --batch-size {options.batch_size} with one real step" if options.batch_size
+        how = (f"verified --micro-batch {options.micro_batch} with one real step" if options.micro_batch
                else f"{len(probe['tried'])} real steps in {probe['seconds']:.0f} s; fit "
                     f"{probe['fixed_gib']:.2f} GiB + {probe['per_sample_gib']:.3f} GiB/study predicted "
                     f"{probe['predicted']}, confirmed {largest}" if probe.get("per_sample_gib") is not None
                else f"{len(probe['tried'])} real steps in {probe['seconds']:.0f} s, confirmed {largest}")
         reasons["probe"] = how
     elif device == "cuda":
-        largest = options.batch_size or -(-effective // world_size)
+        largest = options.micro_batch or -(-effective // world_size)
         reasons["probe"] = "--no-probe: micro-batch not measured" + (
-            "" if options.batch_size else f" (one process's share of the effective batch {effective})")
+            "" if options.micro_batch else f" (one process's share of the effective batch {effective})")
     else:
-        largest = options.batch_size or -(-effective // world_size)
+        largest = options.micro_batch or -(-effective // world_size)
         reasons["probe"] = "no GPU: nothing to measure"
     batch = plan_batch(largest, world_size, options.batch_policy, effective, options.lr_scaling, cfg.lr_ve, cfg.lr_ed,
                        train_studies, thresholds.min_steps_per_epoch, thresholds.max_warmup_steps)
-    if options.batch_size:
-        batch = replace(batch, reasons={**batch.reasons, "micro_batch": f"{batch.micro_batch}: --batch-size"})
+    if options.micro_batch:
+        batch = replace(batch, reasons={**batch.reasons, "micro_batch": f"{batch.micro_batch}: {USER_MICRO_BATCH}"})
     elif probe is None:
         batch = replace(batch, reasons={**batch.reasons, "micro_batch": f"{batch.micro_batch}: one process's share "
                                         f"of the effective batch {effective} ({reasons['probe']})"})
@@ -430,7 +433,7 @@ def make_plan(backend: str, device: str, precision: str, cfg: TrainConfig, facts
 def apply_plan(cfg: TrainConfig, plan: Plan) -> TrainConfig:
     """The loop's configuration with the plan's batch, learning rates and loader settings."""
     b, lo = plan.batch, plan.loader
-    return cfg.replace(batch_size=b.micro_batch * b.accumulation, micro_batch=b.micro_batch, lr_ve=b.lr_ve,
+    return cfg.replace(window_size=b.micro_batch * b.accumulation, micro_batch=b.micro_batch, lr_ve=b.lr_ve,
                        lr_ed=b.lr_ed, warmup_steps=b.warmup_steps, num_workers=lo.num_workers, pin_memory=lo.pin_memory,
                        prefetch_factor=lo.prefetch_factor or cfg.prefetch_factor, cache_images=lo.cache_images,
                        max_vram_gib=plan.max_vram_gib or 0.0)

@@ -33,7 +33,7 @@ class ProbeRequest:
     budget_gib: float             # all the GPU memory this run may hold (target share or --max-vram, minus others)
     max_micro: int                # never try more studies than this (the train split; the faithful share)
     backend: str = "plain"        # the adapter the run trains with
-    verify: int = 0               # --batch-size: check only this micro-batch
+    verify: int = 0               # --micro-batch: check only this micro-batch
     others_gib: float = 0.0       # memory other processes held when the plan was made
     device_index: int = 0
     engine: dict[str, Any] = field(default_factory=dict)  # the plan's engine options (zero, offload, fp8_impl)
@@ -208,7 +208,7 @@ def measure_speeds(request: ProbeRequest, engines: tuple[tuple[str, str, dict], 
 
 
 def run_probe(request: ProbeRequest) -> ProbeResult:
-    """Real steps at a few micro-batch sizes (or at --batch-size only); frees everything after."""
+    """Real steps at a few micro-batch sizes (or at --micro-batch only); frees everything after."""
     start = time.perf_counter()
     with ProbeSession(request) as session:
         _say(f"{session.name}: budget {request.budget_gib:.1f} GiB ({session.allocator_gib:.1f} GiB for tensors), "

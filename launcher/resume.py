@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from launcher.plan import BatchPlan, Plan
+from launcher.plan import USER_MICRO_BATCH, BatchPlan, Plan
 from r2gen.checkpoint import CheckpointStore
 from r2gen.config import STEP_SPEEDUPS, TrainConfig
 from r2gen.errors import BackendError, ConfigError
@@ -94,19 +94,19 @@ the step's speed-ups (the same function)."""
 
 def continued_config(run: RunToContinue, overrides: dict[str, Any], micro_batch: int) -> TrainConfig:
     """The run's own configuration with the changeable flags given and the re-planned micro-batch
-    (the loader's window, batch_size, stays: the same samples per step in the same order)."""
+    (the loader's window, window_size, stays: the same samples per step in the same order)."""
     changes = {k: v for k, v in overrides.items() if k in CHANGEABLE and v is not None}
-    return run.cfg.replace(**changes, micro_batch=min(micro_batch, run.cfg.batch_size))
+    return run.cfg.replace(**changes, micro_batch=min(micro_batch, run.cfg.window_size))
 
 
 def resume_batch(stored: BatchPlan, largest_micro: int) -> BatchPlan:
     """After re-probing: the micro-batch may change, the window (studies per process per optimizer
     step), the effective batch, the sample order and the learning rates stay. A micro-batch the user
-    fixed with --batch-size stays while it fits (BatchNorm's statistics depend on it)."""
+    fixed with --micro-batch stays while it fits (BatchNorm's statistics depend on it)."""
     window = stored.micro_batch * stored.accumulation
     if largest_micro < 1:
         raise BackendError("--keep-training: not even one study fits the GPU memory now")
-    user_fixed = "--batch-size" in stored.reasons.get("micro_batch", "")
+    user_fixed = any(flag in stored.reasons.get("micro_batch", "") for flag in (USER_MICRO_BATCH, "--batch-size"))
     micro = stored.micro_batch if user_fixed and largest_micro >= stored.micro_batch else min(largest_micro, window)
     accumulation = -(-window // micro)
     if micro == stored.micro_batch:

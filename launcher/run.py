@@ -58,7 +58,7 @@ def prepare_run(backend_name: str, device: str, precision: str, preset_name: str
     if auto:
         backend_name = "plain"  # what auto measures first; auto_engine may pick another engine
     backend = build_backend(backend_name, device, precision, engine)
-    options.effective_for(cfg)  # --batch-size against the effective batch, before any work
+    options.effective_for(cfg)  # --micro-batch against the effective batch, before any work
     target = None
     if run_dir is not None:
         target = run_dir / (name or f"{cfg.preset}-{backend_name}-{datetime.now():%Y%m%d-%H%M%S}")
@@ -100,7 +100,7 @@ def prepare_run(backend_name: str, device: str, precision: str, preset_name: str
         request = ProbeRequest(cfg, len(prep.tokenizer), precision, budget,
                                options.probe_cap(cfg, n["train"], world_size, thresholds.min_steps_per_epoch),
                                backend=backend.name,
-                               verify=options.batch_size or 0, others_gib=facts.gpus[0].used_by_others_gib,
+                               verify=options.micro_batch or 0, others_gib=facts.gpus[0].used_by_others_gib,
                                engine=engine)
         with status("probing GPU memory with real training steps..."):
             probe = probe_in_subprocess(request).to_dict()

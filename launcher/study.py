@@ -21,7 +21,7 @@ from pathlib import Path
 
 from r2gen.errors import ConfigError, RunFailed
 from r2gen.findings import FINDINGS_KEYS
-from r2gen.metrics import METRIC_KEYS
+from r2gen.scores import SCORE_KEYS
 
 STUDY_PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 STUDY_BACKENDS = ("plain", "accelerate", "deepspeed")
@@ -111,7 +111,7 @@ def collect(run_dir: Path) -> dict:
         "gpu_util_pct": sum(utils) / len(utils) if utils else None,
         "train_loss": _last(records, "train/loss_epoch"), "val_loss": _last(records, "val/loss"),
         "test_loss": _last(records, "test/loss"),
-        "metrics": {k: _last(records, f"test/{k}") for k in METRIC_KEYS},
+        "metrics": {k: _last(records, f"test/{k}") for k in SCORE_KEYS},
         # the embedded set's findings scores where its labels exist; absent on user data
         **_present("findings", {k: _last(records, f"test/{k}") for k in FINDINGS_KEYS[:2]}),
         "baseline": {k: _last(records, f"baseline_test/{k}") for k in ("BLEU_4", *FINDINGS_KEYS[:2])},

@@ -23,6 +23,16 @@ EVAL_MICRO_BATCHES, EVAL_BATCH_MAX = 4, 256
 """Generation batches: this many training micro-batches, at most this many studies (TrainConfig.eval_batch)."""
 
 
+RENAMED = {"batch_size": "window_size"}
+"""Old TrainConfig field names (in earlier runs' config.json and checkpoints) -> today's."""
+_FLAGS = {"window_size": "--effective-batch"}
+"""Fields set through a flag of another name (the window is the effective batch over the processes)."""
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, f"--{name.replace('_', '-')}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything the shared loop needs to reproduce a run (written to the run dir as config.json)."""
@@ -31,8 +41,8 @@ class TrainConfig:
     model: ModelConfig
     threshold: int = 3                 # min train count for a word to enter the vocabulary
     image_size: int = 224              # px, square, after the transforms
-    batch_size: int = 16               # studies per optimizer step on one process (the accumulation window)
-    micro_batch: int = 0               # studies per forward/backward; 0 = batch_size (no accumulation)
+    window_size: int = 16              # studies per optimizer step on one process (the accumulation window)
+    micro_batch: int = 0               # studies per forward/backward; 0 = window_size (no accumulation)
     epochs: int = 100
     lr_ve: float = 5e-5                # visual extractor learning rate
     lr_ed: float = 1e-4                # encoder-decoder learning rate
@@ -75,11 +85,11 @@ class TrainConfig:
     wandb_name: str = ""               # W&B run name; "" = the run directory's name
 
     def __post_init__(self) -> None:
-        positive = ("threshold", "image_size", "batch_size", "epochs", "step_size", "beam_size", "log_every",
+        positive = ("threshold", "image_size", "window_size", "epochs", "step_size", "beam_size", "log_every",
                     "keep_last", "max_nonfinite")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{_flag(name)}: must be positive, got {getattr(self, name)}")
         for name in ("lr_ve", "lr_ed", "gamma", "clip_value"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
@@ -87,8 +97,8 @@ class TrainConfig:
                      "max_vram_gib", "oom_retries", "eval_batch_size", "save_every", "warmup_steps", "checkpoint_every_min", "test_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')}: must not be negative, got {getattr(self, name)}")
-        if self.micro_batch > self.batch_size:
-            raise ConfigError(f"--batch-size: the micro-batch {self.micro_batch} is larger than the {self.batch_size} "
+        if self.micro_batch > self.window_size:
+            raise ConfigError(f"--micro-batch: the micro-batch {self.micro_batch} is larger than the {self.window_size} "
                               "studies per optimizer step (--effective-batch)")
         if self.prefetch_factor < 1:
             raise ConfigError(f"thresholds: prefetch_factor must be positive, got {self.prefetch_factor}")
@@ -104,7 +114,7 @@ class TrainConfig:
         EVAL_MICRO_BATCHES training micro-batches (generation keeps no activations for a backward pass)
         up to EVAL_BATCH_MAX, balanced so that the split's batches have one size (the last one at most
         a few studies smaller): beam search is latency-bound, and each new shape costs cuDNN's autotuning."""
-        cap = self.eval_batch_size or min(EVAL_BATCH_MAX, EVAL_MICRO_BATCHES * (self.micro_batch or self.batch_size))
+        cap = self.eval_batch_size or min(EVAL_BATCH_MAX, EVAL_MICRO_BATCHES * (self.micro_batch or self.window_size))
         batches = -(-max(studies, 1) // cap)
         return -(-max(studies, 1) // batches)
 
@@ -127,7 +137,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        data = dict(data)
+        """A config as to_dict wrote it; runs from before a field's rename store its old name."""
+        data = {RENAMED.get(key, key): value for key, value in data.items()}
         return cls(model=ModelConfig(**data.pop("model")), **data)
 
 
@@ -149,7 +160,7 @@ PRESETS: dict[str, TrainConfig] = {
         model=ModelConfig(dataset="iu_xray", backbone="resnet18", d_model=128, d_ff=128, num_heads=4,
                           num_layers=1, drop_prob_lm=0.1, rm_num_slots=3, rm_num_heads=4, rm_d_model=128,
                           max_seq_length=60),
-        threshold=3, image_size=32, batch_size=32, epochs=6, lr_ve=4e-3, lr_ed=2e-3, step_size=5,
+        threshold=3, image_size=32, window_size=32, epochs=6, lr_ve=4e-3, lr_ed=2e-3, step_size=5,
         gamma=0.1, val_every=0, seed=9223, early_stop=50, studies=1500,
         checkpoint_every_min=0.0),  # every epoch: its states are small (0.2 GB, ~1% of a 2-core CPU epoch)
 }

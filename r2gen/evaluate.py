@@ -22,7 +22,7 @@ from r2gen.data.datasets import images_to_device
 from r2gen.data.tokenizer import Tokenizer
 from r2gen.engine import TrainingEngine
 from r2gen.findings import findings_scores, labelled
-from r2gen.metrics import compute_scores
+from r2gen.scores import compute_scores
 from r2gen.model.generation import beam_search, generate_from_features, greedy
 from r2gen.model.r2gen import R2GenModel, masked_nll, target_tokens
 from r2gen.speedups import cudnn_autotuning

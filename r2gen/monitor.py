@@ -1,6 +1,6 @@
 """What the host, the GPU and the process are doing, as metrics.jsonl keys (read every --log-every steps).
 
-`system_metrics` reads psutil (host CPU, RAM, swap, this process's RSS), torch's allocator and, on a
+`system_stats` reads psutil (host CPU, RAM, swap, this process's RSS), torch's allocator and, on a
 GPU, NVML (utilization, memory, temperature, power, SM and memory clocks) of the NVML device that is
 torch's (matched by UUID once per process: NVML ignores CUDA_VISIBLE_DEVICES); a reading that fails,
 or a device NVML has no match for, is left out rather than stopping the run. `data_wait_warning` is
@@ -19,7 +19,7 @@ from r2gen.units import GIB
 DATA_WAIT_WARN_PCT = 10.0
 
 
-def system_metrics(device: torch.device) -> dict[str, float]:
+def system_stats(device: torch.device) -> dict[str, float]:
     import psutil
 
     vm, swap = psutil.virtual_memory(), psutil.swap_memory()

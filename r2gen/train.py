@@ -40,7 +40,7 @@ from r2gen.data.order import EpochBatchSampler
 from r2gen.engine import TrainingEngine
 from r2gen.errors import RunFailed
 from r2gen.evaluate import constant_report_baseline, evaluate_split
-from r2gen.monitor import data_wait_warning, system_metrics
+from r2gen.monitor import data_wait_warning, system_stats
 from r2gen.run_log import EpochClock, MetricsLog, epoch_line, learning_rates, progress_bar, window_status
 from r2gen.state import MONITOR, LoopState, StopRequest
 from r2gen.step import NonFiniteLoss, OomRecovery, OutOfMemoryAtOne, start_gpu_memory, warmed_up, warmup_factor
@@ -100,7 +100,7 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
     windows.start_at(loop.epoch, loop.position)
     train_batches, steps_per_epoch = iter(loaders["train"]), windows.steps_per_epoch
     result = RunResult(run_dir=run_dir, epochs_run=loop.epoch - 1, steps=loop.steps, best_epoch=loop.best_epoch)
-    oom = OomRecovery(cfg.micro_batch or cfg.batch_size, retries=cfg.oom_retries)
+    oom = OomRecovery(cfg.micro_batch or cfg.window_size, retries=cfg.oom_retries)
     checkpoints.start_cadence()
     model.train()
     with progress_bar(console) as progress, StopRequest() as stop:
@@ -132,7 +132,7 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
                     rates = clock.close_window()
                     factor = warmup_factor(loop.steps - 1, cfg.warmup_steps)  # the rate this step used
                     log.write({"step": loop.steps, "epoch": epoch, "train/loss": loss_value,
-                               **learning_rates(optimizer, factor), **rates, **system_metrics(backend.device)})
+                               **learning_rates(optimizer, factor), **rates, **system_stats(backend.device)})
                     warning = data_wait_warning(rates["perf/data_wait_pct"], cfg.num_workers)
                     if warning and not clock.warned:  # once per epoch
                         console.print(f"[yellow]warning:[/] {warning}", highlight=False)

@@ -52,7 +52,7 @@ def path_without_java(tmp_path_factory: pytest.TempPathFactory):
     A folder on PATH that holds java is replaced by a mirror of links to everything else in it (the
     compilers DeepSpeed's JIT builds need stay). Tests of METEOR itself ask for `java_on_path`.
     Yields the original PATH."""
-    from r2gen import metrics
+    from r2gen import scores
 
     original = os.environ.get("PATH", "")
     if shutil.which("java") is None:
@@ -71,18 +71,18 @@ def path_without_java(tmp_path_factory: pytest.TempPathFactory):
         folders.append(folder)
     os.environ["PATH"] = os.pathsep.join(folders)
     assert shutil.which("java") is None, os.environ["PATH"]
-    metrics.java_available.cache_clear()
+    scores.java_available.cache_clear()
     yield original
     os.environ["PATH"] = original
-    metrics.java_available.cache_clear()
+    scores.java_available.cache_clear()
 
 
 @pytest.fixture
 def java_on_path(path_without_java: str, monkeypatch: pytest.MonkeyPatch):
     """The machine's own PATH (with its java, where it has one) for this test and its child processes."""
-    from r2gen import metrics
+    from r2gen import scores
 
     monkeypatch.setenv("PATH", path_without_java)
-    metrics.java_available.cache_clear()
+    scores.java_available.cache_clear()
     yield
-    metrics.java_available.cache_clear()
+    scores.java_available.cache_clear()

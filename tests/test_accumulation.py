@@ -27,7 +27,7 @@ def _quiet() -> Console:
 
 
 def _cfg(**changes):
-    base = dict(image_size=32, batch_size=7, num_workers=0, log_every=1, val_every=0, beam_size=1, epochs=2)
+    base = dict(image_size=32, window_size=7, num_workers=0, log_every=1, val_every=0, beam_size=1, epochs=2)
     return preset("tiny").replace(**{**base, **changes})
 
 
@@ -163,7 +163,7 @@ def test_oom_at_one_retries_then_gives_up(setup) -> None:
 def test_loop_recovers_and_counts_every_sample(small_set: Path, tmp_path: Path) -> None:
     ann = load_annotation(small_set)
     # 64 px: a chunk of one study still has 2x2 features for BatchNorm in training mode.
-    prep = prepare(_cfg(batch_size=8, micro_batch=8, image_size=64), PlainBackend("cpu"), ann, None)
+    prep = prepare(_cfg(window_size=8, micro_batch=8, image_size=64), PlainBackend("cpu"), ann, None)
     _OomAbove(prep.model, limit=3)
     result = train(prep, tmp_path / "run", _quiet())
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -99,8 +99,8 @@ def test_top_level_help_lists_commands() -> None:
     (["auto", "--studies", "3"], "--studies"),
     (["accelerate", "--device", "cpu", "--precision", "fp16"], "--precision fp16"),
     (["probe", "--device", "cpu", "--backend", "deepspeedy"], "--backend"),
-    (["plain", "--device", "cpu", "--preset", "tiny", "--batch-size", "0"], "--batch-size"),
-    (["plain", "--device", "cpu", "--preset", "tiny", "--batch-size", "64"], "--batch-size 64 is larger"),
+    (["plain", "--device", "cpu", "--preset", "tiny", "--micro-batch", "0"], "--micro-batch"),
+    (["plain", "--device", "cpu", "--preset", "tiny", "--batch-size", "64"], "--micro-batch 64 is larger"),
     (["plain", "--device", "cpu", "--preset", "tiny", "--effective-batch", "-2"], "--effective-batch"),
     (["plain", "--device", "cpu", "--preset", "tiny", "--target-util", "150"], "--target-util"),
     (["plain", "--device", "cpu", "--preset", "tiny", "--max-vram", "0"], "--max-vram"),
@@ -186,7 +186,7 @@ def test_auto_on_the_embedded_set_prints_scores_and_baseline(tmp_path: Path, mon
 
     plan = Plan.from_json((tmp_path / "quick" / "plan.json").read_text())
     assert config["train"]["micro_batch"] == plan.batch.micro_batch
-    assert config["train"]["batch_size"] == plan.batch.micro_batch * plan.batch.accumulation
+    assert config["train"]["window_size"] == plan.batch.micro_batch * plan.batch.accumulation
     assert config["train"]["studies"] == 20 and f"synth-v{DATASET_VERSION}-n20" in config["annotation"]
     assert secret not in text
     for path in tmp_path.rglob("*"):
@@ -217,7 +217,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path) -> None:
                                  "--dry-run"], terminal_width=250)
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
-    for needle in ("micro_batch │ 5 │ 5: --batch-size", "accumulation │ 3", "effective_batch │ 15",
+    for needle in ("micro_batch │ 5 │ 5: --micro-batch", "accumulation │ 3", "effective_batch │ 15",
                    "engine config: none", "(not created)"):
         assert needle in text, needle
     assert not (tmp_path / "runs").exists()

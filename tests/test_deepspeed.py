@@ -203,7 +203,7 @@ def test_a_deepspeed_run_continues_from_its_engine_checkpoint(small_set, tmp_pat
     from r2gen.train import train
 
     annotation = load_annotation(small_set)
-    cfg = preset("tiny").replace(image_size=32, batch_size=7, num_workers=0, log_every=1, val_every=0, beam_size=1,
+    cfg = preset("tiny").replace(image_size=32, window_size=7, num_workers=0, log_every=1, val_every=0, beam_size=1,
                                  epochs=1, save_every=1, keep_last=2)
 
     def run(run_dir, resume=None):

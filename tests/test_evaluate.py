@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from launcher.cli import app
 from r2gen.checkpoint import CheckpointStore
-from r2gen.metrics import METRIC_KEYS
+from r2gen.scores import SCORE_KEYS
 from child_env import repo_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def test_a_checkpoint_gives_back_the_runs_own_test_reports(runs: dict[str, Path]
     assert got["reports"] == own  # the same weights, beam and data: the same reports, word for word
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     final = next(r for r in reversed(records) if "test/BLEU_4" in r)
-    for key in (*METRIC_KEYS, "loss"):
+    for key in (*SCORE_KEYS, "loss"):
         assert got["scores"][key] == pytest.approx(final[f"test/{key}"]) if final[f"test/{key}"] is not None \
             else got["scores"][key] is None, key
     assert got["beam_size"] == 2 and got["split"] == "test" and "BLEU_4" in result.stdout

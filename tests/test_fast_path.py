@@ -37,7 +37,7 @@ FP32_LOSS_REL = 64 * 2.0**-24  # the logged loss is an fp32 sum; the float64 tra
 
 
 def _losses(small_set: Path, run: Path, fast: bool) -> list[float]:
-    cfg = preset("tiny").replace(image_size=32, batch_size=7, num_workers=0, log_every=1, val_every=0, beam_size=1,
+    cfg = preset("tiny").replace(image_size=32, window_size=7, num_workers=0, log_every=1, val_every=0, beam_size=1,
                                  epochs=-(-STEPS // 3), uint8_images=fast,
                                  checkpoint_every_min=60.0)  # 21 train studies: 3 steps an epoch; one checkpoint, at the end
     prep = prepare(cfg, PlainBackend("cpu"), load_annotation(small_set), None)

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from r2gen import monitor
-from r2gen.monitor import data_wait_warning, system_metrics
+from r2gen.monitor import data_wait_warning, system_stats
 
 NVML = ["GPU-8f2c1a3e-5b6d-4c7e-9f80-112233445566", "GPU-8f2c9b07-aa11-4b22-8c33-d4e5f6a7b8c9",
         "GPU-1d4e7a90-0b1c-4d2e-8f3a-4b5c6d7e8f90", "GPU-c0ffee00-1234-4567-89ab-cdef01234567"]
 
 
 def test_cpu_readings_have_the_stable_keys() -> None:
-    record = system_metrics(torch.device("cpu"))
+    record = system_stats(torch.device("cpu"))
     assert {"system/cpu_pct", "system/ram_used_gib", "system/ram_available_gib", "system/swap_used_gib",
             "system/process_rss_gib"} <= set(record)
     assert record["system/process_rss_gib"] > 0 and not any(k.startswith("gpu/") for k in record)

@@ -126,7 +126,7 @@ def test_throughput_plan_on_an_h100_from_the_probe() -> None:
     assert plan.loader.pin_memory and plan.loader.num_workers == 15
     assert Plan.from_json(plan.to_json()) == plan
     cfg2 = apply_plan(cfg, plan)
-    assert (cfg2.batch_size, cfg2.micro_batch, cfg2.num_workers, cfg2.lr_ed) == (256, 256, 15, plan.batch.lr_ed)
+    assert (cfg2.window_size, cfg2.micro_batch, cfg2.num_workers, cfg2.lr_ed) == (256, 256, 15, plan.batch.lr_ed)
 
 
 def test_faithful_plan_on_a_laptop_accumulates() -> None:
@@ -152,9 +152,9 @@ def test_nothing_fits_and_unverified_batches() -> None:
     facts = Facts((H100,), SERVER, "")
     with pytest.raises(BackendError, match="a micro-batch of 1 does not fit"):
         make_plan("plain", "cuda", "fp32", preset("iu_xray"), facts, Thresholds(), PlanOptions(), 400, _probe(0))
-    with pytest.raises(BackendError, match="--batch-size 64 does not fit"):
+    with pytest.raises(BackendError, match="--micro-batch 64 does not fit"):
         make_plan("plain", "cuda", "fp32", preset("iu_xray"), facts, Thresholds(),
-                  PlanOptions(batch_size=64, batch_policy="throughput"), 400, _probe(0))
+                  PlanOptions(micro_batch=64, batch_policy="throughput"), 400, _probe(0))
     plan = make_plan("plain", "cuda", "fp32", preset("iu_xray"), facts, Thresholds(), PlanOptions(probe=False),
                      400, None)
     assert plan.batch.micro_batch == 16 and "--no-probe" in plan.reasons["probe"]
@@ -163,7 +163,7 @@ def test_nothing_fits_and_unverified_batches() -> None:
                   PlanOptions(), 400, None)
 
 
-@pytest.mark.parametrize("kwargs,flag", [({"batch_size": 0}, "--batch-size"), ({"effective_batch": 0}, "--effective-batch"),
+@pytest.mark.parametrize("kwargs,flag", [({"micro_batch": 0}, "--micro-batch"), ({"effective_batch": 0}, "--effective-batch"),
                                          ({"target_util_pct": 0}, "--target-util"), ({"max_vram_gib": -1}, "--max-vram"),
                                          ({"batch_policy": "x"}, "--batch-policy"), ({"lr_scaling": "x"}, "--lr-scaling"),
                                          ({"num_workers": -1}, "--num-workers")])

@@ -246,6 +246,7 @@ def test_replanned_micro_batch_keeps_the_window() -> None:
     smaller = resume_batch(stored, 5)
     assert (smaller.micro_batch, smaller.accumulation, smaller.effective_batch, smaller.lr_ed) == (5, 4, 16, 2e-4)
     assert resume_batch(stored, 8) is stored
-    fixed = BatchPlan(2, 8, 1, 16, 1e-4, 2e-4, {"micro_batch": "2: --batch-size", "accumulation": ""})
-    assert resume_batch(fixed, 64) is fixed  # the user's micro-batch stays while it fits
-    assert resume_batch(fixed, 1).micro_batch == 1
+    for reason in ("2: --micro-batch", "2: --batch-size"):  # the flag's name before the rename, in older plans
+        fixed = BatchPlan(2, 8, 1, 16, 1e-4, 2e-4, {"micro_batch": reason, "accumulation": ""})
+        assert resume_batch(fixed, 64) is fixed  # the user's micro-batch stays while it fits
+        assert resume_batch(fixed, 1).micro_batch == 1

@@ -283,7 +283,7 @@ def test_every_speed_up_tracks_the_plain_path_for_100_steps_on_a_gpu(small_set: 
     steps = 100
     curves = {}
     for fast in (True, False):
-        cfg = preset("tiny").replace(image_size=32, batch_size=7, num_workers=0, log_every=1, val_every=0,
+        cfg = preset("tiny").replace(image_size=32, window_size=7, num_workers=0, log_every=1, val_every=0,
                                      beam_size=1, epochs=-(-steps // 3))
         cfg = cfg if fast else cfg.without_speedups()
         prep = prepare(cfg, PlainBackend("cuda", "bf16"), load_annotation(small_set), None)

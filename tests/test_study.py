@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from browser import assert_renders
 from launcher.cli import app
 from launcher.study import STUDY_PRECISIONS, StudyRequest, parse_precisions, recommend, run_command, skip_reason
-from r2gen.metrics import METRIC_KEYS
+from r2gen.scores import SCORE_KEYS
 from child_env import repo_pythonpath
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def test_cpu_study_writes_summary_and_a_report_that_renders(tmp_path: Path) -> N
         assert row["status"] == "done" and ROW_FIELDS <= row.keys(), row.keys()
         assert row["samples_per_s"] > 0 and row["wall_s"] > 0 and row["micro_batch"] >= 1
         assert all(row[k] > 0 for k in ("train_loss", "val_loss", "test_loss", "generation_samples_per_s"))
-        assert set(row["metrics"]) == set(METRIC_KEYS) and row["metrics"]["BLEU_4"] is not None
+        assert set(row["metrics"]) == set(SCORE_KEYS) and row["metrics"]["BLEU_4"] is not None
         assert set(row["findings"]) == {"findings_macro_f1", "findings_exact_match"}  # the embedded set's labels
         assert row["baseline"]["findings_macro_f1"] is not None and row["baseline"]["BLEU_4"] is not None
         assert len(row["loss_curve"]) == 1 and len(row["test_reports"]) == 4  # 14 train studies: one batch of 32; 4 test

@@ -17,7 +17,7 @@ from r2gen.config import PRESETS, TrainConfig, preset
 from r2gen.data.datasets import load_annotation
 from r2gen.errors import BackendError, ConfigError
 from r2gen.findings import FINDINGS_KEYS
-from r2gen.metrics import METRIC_KEYS
+from r2gen.scores import SCORE_KEYS
 from r2gen.train import train
 
 
@@ -26,7 +26,7 @@ def _quiet() -> Console:
 
 
 def _cfg(**changes) -> TrainConfig:
-    base = dict(image_size=32, batch_size=7, num_workers=0, log_every=1, val_every=0, beam_size=2)
+    base = dict(image_size=32, window_size=7, num_workers=0, log_every=1, val_every=0, beam_size=2)
     return preset("tiny").replace(**{**base, **changes})
 
 
@@ -44,8 +44,8 @@ def test_tiny_loss_falls_and_run_dir_is_complete(small_set: Path, tmp_path: Path
 
     assert result.epochs_run == 6 and result.steps == 6 * 3
     # loss: teacher-forced, no dropout; findings: the synthetic set's labels read back from the reports
-    assert set(result.val) == set(result.test) == {*METRIC_KEYS, *FINDINGS_KEYS, "loss"}
-    assert set(result.baseline_val) == set(result.baseline_test) == {*METRIC_KEYS, *FINDINGS_KEYS}
+    assert set(result.val) == set(result.test) == {*SCORE_KEYS, *FINDINGS_KEYS, "loss"}
+    assert set(result.baseline_val) == set(result.baseline_test) == {*SCORE_KEYS, *FINDINGS_KEYS}
     assert result.baseline_test["findings_macro_f1"] == 0.0  # the most frequent report is the normal one
     assert 0 < result.test["loss"] < epoch_loss[0]
     final = next(r for r in records if "test/BLEU_4" in r)
@@ -80,7 +80,7 @@ def test_an_epoch_whose_last_window_holds_one_study_trains_at_32_px(small_set: P
     """21 train studies in windows of 4 leave one study, on which BatchNorm cannot train behind a 1x1
     ResNet map (this crashed with a ValueError); in micro-batches of 3 a window of 4 leaves one too."""
     for micro in (0, 3):
-        cfg = _cfg(epochs=1, batch_size=4, beam_size=1, micro_batch=micro)
+        cfg = _cfg(epochs=1, window_size=4, beam_size=1, micro_batch=micro)
         prep = prepare(cfg, PlainBackend("cpu"), load_annotation(small_set), None)
         train(prep, tmp_path / f"run{micro}", _quiet())
         records = [json.loads(line) for line in (tmp_path / f"run{micro}" / "metrics.jsonl").read_text().splitlines()]
@@ -169,7 +169,7 @@ def test_plain_backend_refuses_bad_settings() -> None:
             PlainBackend("cuda")
 
 
-@pytest.mark.parametrize("changes,flag", [({"epochs": 0}, "--epochs"), ({"batch_size": -1}, "--batch-size"),
+@pytest.mark.parametrize("changes,flag", [({"epochs": 0}, "--epochs"), ({"window_size": -1}, "--effective-batch"),
                                           ({"lr_ed": 0.0}, "--lr-ed"), ({"image_size": 16}, "--image-size"),
                                           ({"backbone": "vgg16"}, "backbone")])
 def test_config_errors_name_the_flag(changes: dict, flag: str) -> None:
@@ -180,6 +180,13 @@ def test_config_errors_name_the_flag(changes: dict, flag: str) -> None:
 def test_presets_round_trip() -> None:
     for cfg in PRESETS.values():
         assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_configs_written_before_the_window_rename_still_load() -> None:
+    """Earlier runs' config.json and checkpoints call the accumulation window batch_size."""
+    cfg = preset("tiny").replace(window_size=24, micro_batch=8)
+    old = {("batch_size" if key == "window_size" else key): value for key, value in cfg.to_dict().items()}
+    assert "window_size" not in old and TrainConfig.from_dict(old) == cfg
 
 
 def test_checkpoint_write_is_atomic(tmp_path: Path) -> None:
@@ -205,17 +212,17 @@ def test_plain_trains_on_cuda_bf16(small_set: Path, tmp_path: Path) -> None:
 
 
 def test_micro_batch_larger_than_the_window_is_refused() -> None:
-    with pytest.raises(ConfigError, match="--batch-size: the micro-batch 33 is larger than the 32"):
+    with pytest.raises(ConfigError, match="--micro-batch: the micro-batch 33 is larger than the 32"):
         preset("tiny").replace(micro_batch=33)
 
 
 @pytest.mark.parametrize("changes,studies,expected", [
-    ({"batch_size": 16}, 300, 60),                   # cap 64 -> 5 batches of 60: one shape for the split
-    ({"batch_size": 16}, 64, 64),                    # the cap exactly: one batch
-    ({"batch_size": 128, "micro_batch": 32}, 300, 100),  # 4 micro-batches of 32 -> cap 128 -> 3 x 100
-    ({"batch_size": 128}, 1000, 250),                # 4 x 128 -> EVAL_BATCH_MAX 256 -> 4 x 250
-    ({"batch_size": 16, "eval_batch_size": 7}, 20, 7),  # asked for: 3 batches of 7, 7, 6
-    ({"batch_size": 16}, 0, 1),                      # an empty split still gets a valid batch size
+    ({"window_size": 16}, 300, 60),                   # cap 64 -> 5 batches of 60: one shape for the split
+    ({"window_size": 16}, 64, 64),                    # the cap exactly: one batch
+    ({"window_size": 128, "micro_batch": 32}, 300, 100),  # 4 micro-batches of 32 -> cap 128 -> 3 x 100
+    ({"window_size": 128}, 1000, 250),                # 4 x 128 -> EVAL_BATCH_MAX 256 -> 4 x 250
+    ({"window_size": 16, "eval_batch_size": 7}, 20, 7),  # asked for: 3 batches of 7, 7, 6
+    ({"window_size": 16}, 0, 1),                      # an empty split still gets a valid batch size
 ])
 def test_generation_batches_are_balanced_up_to_four_micro_batches(changes: dict, studies: int, expected: int) -> None:
     cfg = preset("tiny").replace(**changes)

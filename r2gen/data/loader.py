@@ -36,7 +36,7 @@ def build_loader(prep: Prepared, split: str, train: bool) -> DataLoader:
     # Training: this process's share of one shuffle per epoch in windows, epoch after epoch from one
     # iteration (the workers prepare the next epoch while this one ends), resumable at any window.
     batching = (dict(batch_sampler=EpochBatchSampler(
-        EpochSampler(len(dataset), cfg.seed, prep.backend.rank, prep.backend.world_size), cfg.batch_size,
+        EpochSampler(len(dataset), cfg.seed, prep.backend.rank, prep.backend.world_size), cfg.window_size,
         cfg.max_steps_per_epoch, cfg.epochs, smallest_micro_batch(cfg.image_size))) if train
         else dict(batch_size=cfg.eval_batch(len(dataset))))
     # A private generator: starting an iteration must not draw from the global RNG, or a resumed

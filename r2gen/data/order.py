@@ -67,7 +67,7 @@ def chunk_sizes(total: int, size: int) -> list[int]:
 
 
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
-    """EpochSampler's order in training windows of `batch_size`, one epoch after another without a
+    """EpochSampler's order in training windows of `window_size`, one epoch after another without a
     pause: a loader iterated once over it keeps its workers busy across epoch boundaries, so the
     next epoch's first windows are ready when the last one ends (a loader restarted per epoch
     stalls while one worker assembles a whole first window: 12% of a step's time was seen at
@@ -80,14 +80,14 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
     `set_epoch(epoch, start)` and ends after `last_epoch` (0 = never).
     """
 
-    def __init__(self, epochs: EpochSampler, batch_size: int, max_steps_per_epoch: int = 0, last_epoch: int = 0,
+    def __init__(self, epochs: EpochSampler, window_size: int, max_steps_per_epoch: int = 0, last_epoch: int = 0,
                  smallest: int = 1):
-        if batch_size < 1:
-            raise ValueError("EpochBatchSampler: batch_size must be positive")
-        self.epochs, self.batch_size = epochs, batch_size
+        if window_size < 1:
+            raise ValueError("EpochBatchSampler: window_size must be positive")
+        self.epochs, self.window_size = epochs, window_size
         self.max_steps_per_epoch, self.last_epoch = max_steps_per_epoch, last_epoch
-        # Whole batches but for the last (a resumed run starts at a multiple of batch_size).
-        self.windows = chunk_sizes(epochs.per_process, batch_size)
+        # Whole batches but for the last (a resumed run starts at a multiple of window_size).
+        self.windows = chunk_sizes(epochs.per_process, window_size)
         if len(self.windows) > 1 and self.windows[-1] < smallest:
             self.windows[-2:] = [self.windows[-2] + self.windows[-1]]
 
@@ -107,7 +107,7 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def start_at(self, epoch: int, window: int) -> None:
         """Iterate from window `window` of `epoch` (a resumed run: the first window not yet trained)."""
-        self.set_epoch(epoch, start=min(window * self.batch_size, self.per_process))
+        self.set_epoch(epoch, start=min(window * self.window_size, self.per_process))
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, start = self.epochs.epoch, self.epochs.start
@@ -124,4 +124,4 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __len__(self) -> int:
         """Windows left in the epoch set by set_epoch (the loop counts its own steps across epochs)."""
-        return max(self.steps_per_epoch - self.epochs.start // self.batch_size, 0)
+        return max(self.steps_per_epoch - self.epochs.start // self.window_size, 0)

@@ -1,4 +1,4 @@
-"""Report-quality metrics: BLEU-1..4, METEOR, ROUGE-L and CIDEr, computed as R2Gen computes them.
+"""Report-quality scores: BLEU-1..4, METEOR, ROUGE-L and CIDEr, computed as R2Gen computes them.
 
 This file owns scoring generated reports against ground-truth reports. It reproduces the published
 R2Gen evaluation (zhjohnchan/R2Gen modules/metrics.py): the pycocoevalcap scorers `Bleu(4)`,
@@ -47,7 +47,7 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 
-METRIC_KEYS: tuple[str, ...] = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")
+SCORE_KEYS: tuple[str, ...] = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")
 
 JAVA_CHECK_TIMEOUT_S = 20.0
 """`java -version` limit; a JVM that cannot print its version in this time is treated as absent."""
@@ -213,7 +213,7 @@ def _cider(gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
 
 
 def compute_scores(ground_truths: Sequence[str], generated: Sequence[str]) -> dict[str, float | None]:
-    """Corpus scores of `generated` against `ground_truths` (pairwise), keyed by METRIC_KEYS.
+    """Corpus scores of `generated` against `ground_truths` (pairwise), keyed by SCORE_KEYS.
 
     METEOR is None (with one MeteorUnavailableWarning per process) when Java is missing or broken.
     """
@@ -236,4 +236,4 @@ def compute_scores(ground_truths: Sequence[str], generated: Sequence[str]) -> di
     scores["METEOR"] = _meteor(gts, res)
     scores["ROUGE_L"] = float(_quiet(lambda: _call(Rouge(), gts, res)))
     scores["CIDEr"] = float(_quiet(lambda: _cider(gts, res)))
-    return {key: scores[key] for key in METRIC_KEYS}
+    return {key: scores[key] for key in SCORE_KEYS}

@@ -1,4 +1,4 @@
-"""r2gen.metrics against hand-computed values, on the real pycocoevalcap scorers.
+"""r2gen.scores against hand-computed values, on the real pycocoevalcap scorers.
 
 Every compute_scores call with Java present starts a METEOR JVM (about 9 s on 2 cores), so the
 cases are grouped to keep the number of calls small.
@@ -13,10 +13,10 @@ import warnings
 import psutil
 import pytest
 
-from r2gen import metrics
-from r2gen.metrics import METRIC_KEYS, MeteorUnavailableWarning, compute_scores
+from r2gen import scores
+from r2gen.scores import SCORE_KEYS, MeteorUnavailableWarning, compute_scores
 
-needs_java = pytest.mark.skipif(not metrics.java_available(), reason="METEOR needs a Java runtime")
+needs_java = pytest.mark.skipif(not scores.java_available(), reason="METEOR needs a Java runtime")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,10 +24,10 @@ def machine_path(path_without_java: str):
     """This module tests METEOR: the machine's own PATH, with its java (conftest.py hides it elsewhere)."""
     saved = os.environ["PATH"]
     os.environ["PATH"] = path_without_java
-    metrics.java_available.cache_clear()
+    scores.java_available.cache_clear()
     yield
     os.environ["PATH"] = saved
-    metrics.java_available.cache_clear()
+    scores.java_available.cache_clear()
 
 REPORTS = [
     "the heart size is normal .",
@@ -40,8 +40,8 @@ REPORTS = [
 @pytest.fixture(autouse=True)
 def fresh_meteor_state(monkeypatch: pytest.MonkeyPatch) -> None:
     # The warn-once and broken flags are per process; each test starts from a clean process state.
-    monkeypatch.setattr(metrics._MeteorState, "warned", False)
-    monkeypatch.setattr(metrics._MeteorState, "broken", None)
+    monkeypatch.setattr(scores._MeteorState, "warned", False)
+    monkeypatch.setattr(scores._MeteorState, "broken", None)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def identical_scores() -> dict[str, float | None]:
 
 
 def test_identical_pairs_score_one(identical_scores: dict[str, float | None]) -> None:
-    assert tuple(identical_scores) == METRIC_KEYS
+    assert tuple(identical_scores) == SCORE_KEYS
     for n in range(1, 5):  # pycocoevalcap's smoothing, (correct + 1e-15) / (guess + 1e-9), is ~1e-10 below 1
         assert identical_scores[f"BLEU_{n}"] == pytest.approx(1.0, abs=1e-6)
     assert identical_scores["ROUGE_L"] == pytest.approx(1.0)
@@ -79,7 +79,7 @@ def test_meteor_jvm_is_kept_for_later_evaluations_then_reaped(identical_scores: 
     again = compute_scores(REPORTS, list(REPORTS))
     assert time.perf_counter() - start < 5  # no second JVM start and paraphrase-table load (about 9 s)
     assert again == identical_scores and [p.pid for p in _jvms()] == [jvm.pid]
-    metrics.close_meteor()
+    scores.close_meteor()
     assert not _jvms()  # gone, zombie included
     assert compute_scores(REPORTS, list(REPORTS)) == identical_scores  # a fresh JVM scores the same
 
@@ -87,8 +87,8 @@ def test_meteor_jvm_is_kept_for_later_evaluations_then_reaped(identical_scores: 
 @needs_java
 def test_meteor_timeout_kills_jvm(monkeypatch: pytest.MonkeyPatch) -> None:
     # A real JVM that cannot finish in time (loading the paraphrase table alone takes seconds).
-    metrics.close_meteor()  # a JVM that must start (and load its table) within the limit
-    monkeypatch.setattr(metrics, "METEOR_TIMEOUT_S", 0.2)
+    scores.close_meteor()  # a JVM that must start (and load its table) within the limit
+    monkeypatch.setattr(scores, "METEOR_TIMEOUT_S", 0.2)
     with pytest.warns(MeteorUnavailableWarning, match="longer than 0.2 s"):
         s = compute_scores(["no acute disease"], ["no acute disease"])
     assert s["METEOR"] is None and s["BLEU_1"] == pytest.approx(1.0)
@@ -160,7 +160,7 @@ def test_cider_ranks_closer_hypothesis_higher() -> None:
 
 def test_meteor_without_java_is_none_and_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
     # The one fake here: a missing system binary. The scorers themselves are real.
-    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    monkeypatch.setattr(scores, "java_available", lambda: False)
     with pytest.warns(MeteorUnavailableWarning) as record:
         first = compute_scores(["no acute disease"], ["no acute disease"])
         second = compute_scores(["no acute disease"], ["no disease"])
@@ -171,18 +171,18 @@ def test_meteor_without_java_is_none_and_warns_once(monkeypatch: pytest.MonkeyPa
 
 def test_java_available_false_on_empty_path(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
-    metrics.java_available.cache_clear()
+    scores.java_available.cache_clear()
     try:
-        assert metrics.java_available() is False
+        assert scores.java_available() is False
     finally:
         # Forget the False; the next call re-checks after monkeypatch has restored PATH.
-        metrics.java_available.cache_clear()
+        scores.java_available.cache_clear()
 
 
 def test_meteor_failing_at_runtime_is_none_and_warns_once(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     # java_available() said yes, then `java` cannot be started: the runtime guard, not the pre-check.
-    metrics.close_meteor()
-    monkeypatch.setattr(metrics, "java_available", lambda: True)
+    scores.close_meteor()
+    monkeypatch.setattr(scores, "java_available", lambda: True)
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.warns(MeteorUnavailableWarning) as record:
         first = compute_scores(["no acute disease"], ["no acute disease"])
@@ -210,13 +210,13 @@ def test_empty_hypothesis_and_line_breaks_do_not_crash(capsys: pytest.CaptureFix
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", MeteorUnavailableWarning)
         s = compute_scores(refs, hyps)
-    assert tuple(s) == METRIC_KEYS
+    assert tuple(s) == SCORE_KEYS
     for key, value in s.items():
         if key == "METEOR" and value is None:
             continue
         assert value is not None and math.isfinite(value) and value >= 0.0
     # Per-report ROUGE-L is 1 (line break read as a space) and 0 (empty hypothesis).
     assert s["ROUGE_L"] == pytest.approx(0.5)
-    if metrics.java_available():
+    if scores.java_available():
         assert s["METEOR"] is not None and 0.3 < s["METEOR"] < 1.0
     assert capsys.readouterr().out == ""  # Bleu's verbose counts stay off stdout
