@@ -1,5 +1,9 @@
 """Checkpoints: state files written atomically (r2gen.atomic), read back weights-only; the loop's checkpoints.
 
+The loop's checkpoints on the wall-time cadence and best.pt are written on a background thread
+(`BackgroundWrites`): the loop copies the state to host memory (a snapshot: training goes on
+changing the weights) and goes on training while the file is written and checksummed.
+
 Read back weights-only (tensors, containers, plain values and numpy's RNG state): a foreign file's
 pickled code never runs. A full disk while writing is one line (RunFailed, exit 1) naming the file,
 the bytes needed and free, and the newest intact checkpoint to continue from. `CheckpointStore` is a
@@ -15,6 +19,7 @@ import re
 import shutil
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -191,9 +196,12 @@ class CheckpointStore:
             self._enter(self._entry(path, step=step, epoch=epoch))
         return path
 
+    def state_path(self, step: int) -> Path:
+        return self.folder / f"step-{step:08d}.pt"
+
     def save(self, state: dict[str, Any], step: int, epoch: int) -> Path:
         """A resumable state after optimizer step `step`; older ones beyond keep_last are removed."""
-        path = self.folder / f"step-{step:08d}.pt"
+        path = self.state_path(step)
         with self.writing(path, self.needed_bytes(tensor_bytes(state))):
             save_checkpoint(state, path)
             try:
@@ -280,10 +288,61 @@ class CheckpointStore:
         return None, warnings
 
 
+def host_copy(value: Any) -> Any:
+    """A snapshot of a nested state: every tensor copied to host memory (detached), containers rebuilt,
+    plain values shared (they are not changed in place by training)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: host_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_copy(v) for v in value)
+    return value
+
+
+class BackgroundWrites:
+    """Checkpoint writes on one worker thread, in the order given; at most `max_pending` snapshots held
+    (a further one waits for the oldest). A write's error (a full disk's RunFailed) is raised in the
+    loop at the next submit or wait."""
+
+    def __init__(self, max_pending: int = 2):
+        self.max_pending = max_pending
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+
+    def submit(self, write: Any, *args: Any) -> Future:
+        self._settle(keep=self.max_pending - 1)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        future = self._pool.submit(write, *args)
+        self._pending.append(future)
+        return future
+
+    def wait(self) -> None:
+        """Every write given so far is on disk (or its error raised)."""
+        self._settle(keep=0)
+
+    def _settle(self, keep: int) -> None:
+        while self._pending and (len(self._pending) > keep or self._pending[0].done()):
+            self._pending.pop(0).result()
+
+    def close(self) -> None:
+        """Wait for the writes, then stop the thread (also after an error, which is raised)."""
+        try:
+            self.wait()
+        finally:
+            self._pending.clear()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
+
 class LoopCheckpoints:
     """What the training loop keeps in a run's checkpoints/ (a CheckpointStore): resumable states of
     this moment (`save`; on the wall-time cadence: `save_if_due`), best.pt after a val improvement
-    (`save_best`), and continuing from a saved state (`resume`)."""
+    (`save_best`), and continuing from a saved state (`resume`). The cadence's states and best.pt are
+    written in the background (`writing()` around the loop and the end waits for them); `save` itself,
+    for a stop, a failure or the step cadence, returns once its state is on disk."""
 
     def __init__(self, run_dir: Path, backend: TrainingEngine, model: torch.nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainConfig, tokenizer: Tokenizer,
@@ -293,6 +352,32 @@ class LoopCheckpoints:
         self.backend, self.model, self.optimizer, self.scheduler = backend, model, optimizer, scheduler
         self.cfg, self.tokenizer, self.plan_json = cfg, tokenizer, plan_json
         self.last_save = time.perf_counter()
+        self.writes = BackgroundWrites()
+        self._best_write: Future | None = None
+
+    @contextmanager
+    def writing(self, last: bool = False) -> Iterator[None]:
+        """Around the loop (and, `last`, around what follows it): the wall-time cadence counts from the
+        loop's start; an error inside waits for the background writes and is raised (a write's own
+        error then stays unseen: the first is what stopped the run); after `last`, every write is
+        finished and its error raised."""
+        if not last:
+            self.last_save = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            try:
+                self.writes.close()
+            except Exception:
+                pass
+            raise
+        if last:
+            self.writes.close()
+
+    def best_written(self) -> None:
+        """best.pt, given to the background writer last, is on disk (before it is read back)."""
+        if self._best_write is not None:
+            self._best_write.result()
 
     def resume(self, path: Path) -> LoopState:
         """Model, optimizer, scheduler, engine and random states as saved at `path` (a state file, or an
@@ -320,9 +405,10 @@ class LoopCheckpoints:
                 f.truncate(loop.metrics_bytes)
         return loop
 
-    def save(self, loop: LoopState) -> Path | None:
+    def save(self, loop: LoopState, background: bool = False) -> Path | None:
         """A resumable checkpoint of this moment. Rank 0 writes it; an engine with its own checkpoint
-        (DeepSpeed) has every process write its part first."""
+        (DeepSpeed) has every process write its part first (then no write is in the background).
+        `background`: return once the state is copied to host memory; the path it will have."""
         backend, store, model = self.backend, self.store, self.model
         if backend.saves_engine:
             staged = store.staging(loop.steps)
@@ -344,11 +430,11 @@ class LoopCheckpoints:
             with store.writing(staged / "loop.pt", tensor_bytes(state), discard=staged):
                 save_checkpoint(state, staged / "loop.pt")
             return store.commit(staged, loop.steps, loop.epoch)
+        if background:
+            self.writes.submit(store.save, host_copy(state), loop.steps, loop.epoch)
+            return store.state_path(loop.steps)
+        self.writes.wait()  # the states in their order, each entered in the manifest after the one before
         return store.save(state, loop.steps, loop.epoch)
-
-    def start_cadence(self) -> None:
-        """The wall-time cadence counts from now (the first step)."""
-        self.last_save = time.perf_counter()
 
     def save_if_due(self, loop: LoopState, final: bool) -> None:
         """A resumable state on the wall-time cadence (checkpoint_every_min; 0: every call), and always
@@ -356,11 +442,13 @@ class LoopCheckpoints:
         checkpoint is written by all)."""
         every = self.cfg.checkpoint_every_min
         if self.backend.broadcast_flag(final or not every or time.perf_counter() - self.last_save >= 60 * every):
-            self.save(loop)
+            self.save(loop, background=True)
             self.last_save = time.perf_counter()
 
     def save_best(self, loop: LoopState, epoch: int) -> Path:
-        return self.store.save_best(self.weights(loop), epoch)
+        """best.pt of this moment, written in the background (`best_written` waits for it)."""
+        self._best_write = self.writes.submit(self.store.save_best, host_copy(self.weights(loop)), epoch)
+        return self.store.folder / "best.pt"
 
     def weights(self, loop: LoopState) -> dict:
         """best.pt: what `evaluate` and `generate` read (weights, configuration, vocabulary), no optimizer."""

@@ -101,9 +101,8 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
     train_batches, steps_per_epoch = iter(loaders["train"]), windows.steps_per_epoch
     result = RunResult(run_dir=run_dir, epochs_run=loop.epoch - 1, steps=loop.steps, best_epoch=loop.best_epoch)
     oom = OomRecovery(cfg.micro_batch or cfg.window_size, retries=cfg.oom_retries)
-    checkpoints.start_cadence()
     model.train()
-    with progress_bar(console) as progress, StopRequest() as stop:
+    with progress_bar(console) as progress, StopRequest() as stop, checkpoints.writing():
         task = progress.add_task("train", total=cfg.epochs * steps_per_epoch, completed=loop.steps, info="")
         while loop.epoch <= cfg.epochs:
             epoch, clock = loop.epoch, EpochClock()
@@ -188,7 +187,8 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
             progress.update(task, total=loop.steps)
 
     # -- the end: throughput and peak memory; on rank 0 the best model on test, the baseline -----------
-    finish(prep, result, loop, backend.unwrap(model), checkpoints.store.folder / "best.pt", evaluate_on, log, console)
+    with checkpoints.writing(last=True):  # the last state is written meanwhile
+        finish(prep, result, loop, backend.unwrap(model), checkpoints, evaluate_on, log, console)
     return result
 
 
@@ -256,7 +256,7 @@ def evaluate_epoch(evaluate_on: Callable[..., dict], loop: LoopState, epoch: int
     return record, improved, stop_early
 
 
-def finish(prep: Prepared, result: RunResult, loop: LoopState, model: torch.nn.Module, best_pt: Path,
+def finish(prep: Prepared, result: RunResult, loop: LoopState, model: torch.nn.Module, checkpoints: LoopCheckpoints,
            evaluate_on: Callable[..., dict], log: MetricsLog, console: Console) -> None:
     """After the last epoch, on every process: the steps, samples/s (all processes, across resumes) and
     peak memory; on rank 0: the best val epoch's model on test (R2Gen reports its scores), the
@@ -269,6 +269,8 @@ def finish(prep: Prepared, result: RunResult, loop: LoopState, model: torch.nn.M
         result.peak_memory_gib = torch.cuda.max_memory_allocated(backend.device) / GIB
     if not backend.is_main:
         return
+    best_pt = checkpoints.store.folder / "best.pt"
+    checkpoints.best_written()
     if result.test and loop.best_epoch and loop.best_epoch != result.epochs_run and best_pt.is_file():
         console.print(f"evaluating the best model (epoch {loop.best_epoch}) on test", highlight=False)
         model.load_state_dict(load_checkpoint(best_pt)["model"])
