@@ -199,6 +199,10 @@ class CheckpointStore:
     def state_path(self, step: int) -> Path:
         return self.folder / f"step-{step:08d}.pt"
 
+    @property
+    def best_path(self) -> Path:
+        return self.folder / "best.pt"
+
     def save(self, state: dict[str, Any], step: int, epoch: int) -> Path:
         """A resumable state after optimizer step `step`; older ones beyond keep_last are removed."""
         path = self.state_path(step)
@@ -264,7 +268,7 @@ class CheckpointStore:
     def save_best(self, state: dict[str, Any], epoch: int) -> Path:
         """`best.pt`: the weights after a val improvement (with the configuration and vocabulary that
         `evaluate` reads, no optimizer: a third of a resumable state), atomically, in the manifest."""
-        path = self.folder / "best.pt"
+        path = self.best_path
         with self.writing(path, tensor_bytes(state)):
             save_checkpoint(state, path)
         manifest = self.manifest()
@@ -448,7 +452,7 @@ class LoopCheckpoints:
     def save_best(self, loop: LoopState, epoch: int) -> Path:
         """best.pt of this moment, written in the background (`best_written` waits for it)."""
         self._best_write = self.writes.submit(self.store.save_best, host_copy(self.weights(loop)), epoch)
-        return self.store.folder / "best.pt"
+        return self.store.best_path
 
     def weights(self, loop: LoopState) -> dict:
         """best.pt: what `evaluate` and `generate` read (weights, configuration, vocabulary), no optimizer."""

@@ -92,11 +92,11 @@ class TrainConfig:
                 raise ConfigError(f"{_flag(name)}: must be positive, got {getattr(self, name)}")
         for name in ("lr_ve", "lr_ed", "gamma", "clip_value"):
             if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{_flag(name)}: must be positive, got {getattr(self, name)}")
         for name in ("weight_decay", "early_stop", "val_every", "num_workers", "max_steps_per_epoch", "micro_batch",
                      "max_vram_gib", "oom_retries", "eval_batch_size", "save_every", "warmup_steps", "checkpoint_every_min", "test_every"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')}: must not be negative, got {getattr(self, name)}")
+                raise ConfigError(f"{_flag(name)}: must not be negative, got {getattr(self, name)}")
         if self.micro_batch > self.window_size:
             raise ConfigError(f"--micro-batch: the micro-batch {self.micro_batch} is larger than the {self.window_size} "
                               "studies per optimizer step (--effective-batch)")

@@ -269,7 +269,7 @@ def finish(prep: Prepared, result: RunResult, loop: LoopState, model: torch.nn.M
         result.peak_memory_gib = torch.cuda.max_memory_allocated(backend.device) / GIB
     if not backend.is_main:
         return
-    best_pt = checkpoints.store.folder / "best.pt"
+    best_pt = checkpoints.store.best_path
     checkpoints.best_written()
     if result.test and loop.best_epoch and loop.best_epoch != result.epochs_run and best_pt.is_file():
         console.print(f"evaluating the best model (epoch {loop.best_epoch}) on test", highlight=False)
