@@ -225,9 +225,12 @@ def line_chart(title: str, x_label: str, y_label: str, series: Sequence[Series],
     if not drawn:
         return message_svg(title, f"{NA}: {missing}")
     xs = [x for s in drawn for x, _ in s.points] + [m.x for m in markers]
-    ys = [y for s in drawn for _, y in s.points] + [level.y for level in levels] + ([0.0] if y_from_zero else [])
+    ys = [y for s in drawn for _, y in s.points] + [level.y for level in levels]
+    y_lo, y_hi = min(ys), max(ys)
+    if y_from_zero and y_lo >= 0:  # a rate or a score: the axis starts at 0, and all zeros still get 0..1
+        y_lo, y_hi = 0.0, y_hi if y_hi > 0 else 1.0
     integer = all(float(x).is_integer() for x in xs)
-    frame = _Frame(70, CHART_W - 150, 40, CHART_H - 56, ticks(min(xs), max(xs), integer), ticks(min(ys), max(ys)))
+    frame = _Frame(70, CHART_W - 150, 40, CHART_H - 56, ticks(min(xs), max(xs), integer), ticks(y_lo, y_hi))
     parts = [frame.y_axis(y_label), frame.x_axis(x_label)]
     for level in levels:
         py = frame.py(level.y)
@@ -235,9 +238,11 @@ def line_chart(title: str, x_label: str, y_label: str, series: Sequence[Series],
                      f"stroke=\"{level.color}\" stroke-width=\"1.5\" stroke-dasharray=\"6 4\"/>")
     for marker in markers:
         px = frame.px(marker.x)
+        right_half = px > (frame.left + frame.right) / 2  # the label on the side with room: never over the legend
         parts.append(f"<line x1=\"{px:.1f}\" y1=\"{frame.top:.1f}\" x2=\"{px:.1f}\" y2=\"{frame.bottom:.1f}\" "
                      f"stroke=\"{marker.color}\" stroke-width=\"1.5\" stroke-dasharray=\"2 3\"/>"
-                     f"<text x=\"{px + 4:.1f}\" y=\"{frame.top + 12:.1f}\" fill=\"{marker.color}\">{esc(marker.label)}</text>")
+                     f"<text x=\"{px - 4 if right_half else px + 4:.1f}\" y=\"{frame.top + 12:.1f}\" "
+                     f"text-anchor=\"{'end' if right_half else 'start'}\" fill=\"{marker.color}\">{esc(marker.label)}</text>")
     for s in drawn:
         coords = " ".join(f"{frame.px(x):.1f},{frame.py(y):.1f}" for x, y in s.points)
         if s.line and len(s.points) > 1:
