@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.plain import PlainBackend  # noqa: E402
 from bench.timing import peak_allocated_gib, reset_peak, sync  # noqa: E402
-from launcher.evaluate import read_state, resolve_checkpoint  # noqa: E402
+from launcher.evaluate import open_checkpoint  # noqa: E402
 from r2gen.config import TrainConfig, preset  # noqa: E402
 from r2gen.data.datasets import ReportDataset, build_transform, load_annotation  # noqa: E402
 from r2gen.data.synth import default_dataset  # noqa: E402
@@ -43,12 +43,8 @@ REFERENCE_BATCH = 16
 def _model(args: argparse.Namespace, tokenizer: Tokenizer | None) -> tuple[R2GenModel, TrainConfig, Tokenizer, str]:
     """(model, its configuration, its vocabulary, where its weights came from)."""
     if args.checkpoint:
-        state_path, _ = resolve_checkpoint(Path(args.checkpoint))
-        state = read_state(state_path)
-        cfg, tokenizer = TrainConfig.from_dict(state["config"]), Tokenizer.from_json(state["tokenizer"])
-        model = R2GenModel(cfg.model, len(tokenizer))
-        model.load_state_dict(state["model"])
-        return model, cfg, tokenizer, f"checkpoint {state_path}"
+        opened = open_checkpoint(Path(args.checkpoint), args.ann_path)  # a published file: --ann-path, its data set
+        return opened.model(), opened.cfg, opened.tokenizer, f"checkpoint {opened.state_path}"
     cfg = preset(args.preset)
     torch.manual_seed(0)
     with warnings.catch_warnings():

@@ -34,15 +34,17 @@ def _training_command(backend_name: str, summary: str):
         batch_policy: BatchPolicy = None, lr_scaling: LrScaling = "sqrt", target_util: TargetUtil = None,
         max_vram: MaxVram = None, probe: Probe = True, image_size: ImageSize = None, dataset: Dataset = None,
         ann_path: AnnPath = None, image_dir: ImageDir = None, studies: Studies = None, backbone: Backbone = None,
-        visual_weights: VisualWeights = None, val_every: ValEvery = None, early_stop: EarlyStop = None,
+        visual_weights: VisualWeights = None, init_from: InitFrom = None, val_every: ValEvery = None,
+        early_stop: EarlyStop = None,
         beam_size: BeamSize = None, lr_ve: LrVe = None, lr_ed: LrEd = None, seed: Seed = None,
         num_workers: NumWorkers = None, max_steps_per_epoch: MaxSteps = None, log_every: LogEvery = None,
         gpus: Gpus = None, nodes: Nodes = 1, node_rank: NodeRank = 0, master_addr: MasterAddr = "127.0.0.1",
         master_port: MasterPort = None, save_every: SaveEvery = None, checkpoint_every: CheckpointEvery = None,
         test_every: TestEvery = None, keep_last: KeepLast = None,
         wandb: Wandb = None, wandb_mode: WandbMode = None, wandb_project: WandbProject = None,
-        wandb_name: WandbName = None, keep_training: KeepTraining = False, thresholds: ThresholdsFile = None,
-        run_dir: RunDir = Path("runs"), name: Name = None, dry_run: DryRun = False, speedups: Speedups = True,
+        wandb_name: WandbName = None, tensorboard: Tensorboard = None, keep_training: KeepTraining = False,
+        thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"), name: Name = None, dry_run: DryRun = False,
+        speedups: Speedups = True,
         **engine,
     ) -> None:
         import torch
@@ -58,7 +60,7 @@ def _training_command(backend_name: str, summary: str):
                              max_steps_per_epoch=max_steps_per_epoch, log_every=log_every, save_every=save_every,
                              checkpoint_every_min=checkpoint_every, test_every=test_every,
                              keep_last=keep_last, **wandb_overrides(wandb, wandb_mode, wandb_project, wandb_name),
-                             **speedup_overrides(speedups))
+                             tensorboard=tensorboard, **speedup_overrides(speedups))
             chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
             hostfile = engine.pop("hostfile", None)
             user_file = user_engine_file(engine)
@@ -72,7 +74,7 @@ def _training_command(backend_name: str, summary: str):
                          preset or "iu_xray", overrides, options, ann_path, image_dir, visual_weights, thresholds,
                          run_dir, name, dry_run, make_topology(gpus, nodes, node_rank, master_addr, master_port,
                                                            keep_training), engine, hostfile, keep_training, preset,
-                         user_file[:2])
+                         user_file[:2], init_from=init_from)
 
         guarded(run)
 
@@ -104,14 +106,15 @@ def auto(
     epochs: Epochs = None, micro_batch: MicroBatch = None, effective_batch: EffectiveBatch = None,
     batch_policy: BatchPolicy = None, lr_scaling: LrScaling = "sqrt", target_util: TargetUtil = None,
     max_vram: MaxVram = None, probe: Probe = True, ann_path: AnnPath = None, image_dir: ImageDir = None,
-    studies: Studies = None, visual_weights: VisualWeights = None, val_every: ValEvery = None,
+    studies: Studies = None, visual_weights: VisualWeights = None, init_from: InitFrom = None,
+    val_every: ValEvery = None,
     seed: Seed = None, num_workers: NumWorkers = None,
     gpus: AutoGpus = None,
     save_every: SaveEvery = None, checkpoint_every: CheckpointEvery = None, test_every: TestEvery = None,
     keep_last: KeepLast = None, wandb: Wandb = None, wandb_mode: WandbMode = None,
-    wandb_project: WandbProject = None, wandb_name: WandbName = None, keep_training: KeepTraining = False,
-    thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"), name: Name = None, dry_run: DryRun = False,
-    speedups: Speedups = True,
+    wandb_project: WandbProject = None, wandb_name: WandbName = None, tensorboard: Tensorboard = None,
+    keep_training: KeepTraining = False, thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"),
+    name: Name = None, dry_run: DryRun = False, speedups: Speedups = True,
 ) -> None:
     """Pick device, engine, precision and a preset that fits, plan, then train and evaluate.
 
@@ -140,11 +143,12 @@ def auto(
         overrides = dict(epochs=epochs, studies=studies, val_every=parse_val_every(val_every), seed=seed,
                          save_every=save_every, checkpoint_every_min=checkpoint_every, test_every=test_every,
                          keep_last=keep_last,
-                         **wandb_overrides(wandb, wandb_mode, wandb_project, wandb_name), **speedup_overrides(speedups))
+                         **wandb_overrides(wandb, wandb_mode, wandb_project, wandb_name), tensorboard=tensorboard,
+                         **speedup_overrides(speedups))
         run_training("auto", device, precision, preset, overrides, options, ann_path, image_dir, visual_weights,
                      thresholds, run_dir, name, dry_run,
                      make_topology(gpus if keep_training else processes, 1, 0, "127.0.0.1", None, keep_training),
-                     keep_training=keep_training)
+                     keep_training=keep_training, init_from=init_from)
 
     guarded(run)
 

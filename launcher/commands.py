@@ -1,4 +1,4 @@
-"""The commands around training: evaluate, study, env, and the `data` group. launcher/cli.py
+"""The commands around training: evaluate, generate, report, study, env, and the `data` and `weights` groups. launcher/cli.py
 registers them (`register`) beside the training commands; like those, they parse, call and print."""
 
 from __future__ import annotations
@@ -14,12 +14,15 @@ from r2gen.errors import ConfigError, UsageError
 
 app = typer.Typer()  # collects this module's commands; register() adds them to the main app
 data_app = typer.Typer(no_args_is_help=True, help="Data sets: the embedded synthetic set; a set prepared at training resolution.")
-GROUPS = (data_app,)
+weights_app = typer.Typer(no_args_is_help=True, help="Pretrained visual-extractor weights, offline: torchvision's "
+                          "ImageNet ResNet files put where its cache looks.")
+GROUPS = (data_app, weights_app)
 
 
 def register(main: typer.Typer) -> None:
     main.registered_commands.extend(app.registered_commands)
     main.add_typer(data_app, name="data")
+    main.add_typer(weights_app, name="weights")
 
 
 @app.command("evaluate")
@@ -32,13 +35,55 @@ def evaluate_command(
     ann_path: AnnPath = None, image_dir: ImageDir = None, num_workers: NumWorkers = None,
     out_file: EvaluateOut = None,
 ) -> None:
-    """Metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr, loss) and generated reports from a checkpoint."""
+    """Metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr, loss) and generated reports from a checkpoint of any engine, or
+    a published R2Gen one (--ann-path: the data set it was trained on)."""
 
     def run() -> None:
         from launcher.evaluate import evaluate_checkpoint
         result = evaluate_checkpoint(checkpoint, split, beam, device, precision, ann_path, image_dir, num_workers,
                                      out_file)
         console.print_evaluation(result, split)
+
+    guarded(run)
+
+
+@app.command("generate")
+def generate_command(
+    checkpoint: Checkpoint,
+    input_path: GenerateInput,
+    beam: EvaluateBeam = None,
+    ann_path: GenerateAnnPath = None, image_dir: GenerateImageDir = None,
+    device: Device = None, precision: EvaluatePrecision = None, num_workers: NumWorkers = None,
+    out_dir: GenerateOut = None, force: GenerateForce = False,
+) -> None:
+    """Reports for new studies (a folder of images, or an annotation without reports) from a checkpoint of any
+    engine or a published R2Gen one, with the evaluation's image transform and batched beam search: writes
+    reports.jsonl and reports.csv (id, images, report; on the embedded synthetic set's kind of data also the
+    findings each report states). Every image is checked before the model is built."""
+
+    def run() -> None:
+        from launcher.generate import generate_reports
+
+        done = generate_reports(checkpoint, input_path, beam, ann_path, image_dir, device, precision, num_workers,
+                                out_dir, force)
+        out.print(f"{done.studies} reports (beam {done.beam_size}) at {done.samples_per_s:.1f} studies/s from "
+                  f"{done.checkpoint}; written to {done.output}/{{reports.jsonl,reports.csv}}", highlight=False,
+                  soft_wrap=True)
+
+    guarded(run)
+
+
+@app.command("report")
+def report_command(run_dir: ReportRun, out_file: ReportOut = None) -> None:
+    """Draw a run as one self-contained HTML page (no network): loss, val/test scores per epoch with the
+    best epoch marked, throughput, data wait, GPU memory and utilization over time, the probe's fit,
+    the plan with its reasons, and test studies' images beside their true and generated reports. Every
+    run writes <run>/report.html at its end; this command draws one that is still going or was killed."""
+
+    def run() -> None:
+        from launcher.run_report import write_run_report
+
+        out.print(f"wrote {write_run_report(run_dir, out_file)}", highlight=False)
 
     guarded(run)
 
@@ -89,18 +134,21 @@ def env_command(
     json_out: JsonOut = None,
 ) -> None:
     """Show this machine (GPUs, host memory, CPUs), the versions of torch, CUDA, accelerate, deepspeed,
-    transformer-engine, torchao, wandb and Java, and which engines and precisions can run here."""
-    from launcher.environment import installed_modules, own_version, usable, versions
+    transformer-engine, torchao, wandb and Java, which engines and precisions can run here, and whether
+    torchvision's cache holds ImageNet weights for the presets' backbones (`weights import` puts them there)."""
+    from launcher.environment import imagenet_weights, installed_modules, own_version, usable, versions
     from launcher.hardware import detect
 
     facts = detect()
     found = {"r2gen-launch": own_version(), **versions()}
     engines = usable(facts, installed_modules())
-    console.print_env(facts, found, engines)
+    weights = imagenet_weights()
+    console.print_env(facts, found, engines, weights)
     if json_out is not None:
         from r2gen.atomic import write_json
 
-        write_json(json_out, {"machine": facts.to_dict(), "versions": found, "usable": engines})
+        write_json(json_out, {"machine": facts.to_dict(), "versions": found, "usable": engines,
+                              "imagenet_weights": weights})
 
 
 @data_app.command()
@@ -148,3 +196,27 @@ def prepare_data(
         fail(exc)
     out.print(f"wrote the prepared set: {path} (train with --ann-path {path} --image-size {image_size})",
               highlight=False)
+
+
+@weights_app.command("import")
+def import_weights(
+    file: WeightsFile,
+    backbone: WeightsBackbone = None,
+    force: WeightsForce = False,
+) -> None:
+    """Check a torchvision ResNet ImageNet state_dict key by key and shape by shape against the backbone, and put
+    it where torchvision's cache looks (under the file name of torchvision's download), so that runs with that
+    backbone start from it without --visual-weights. A bare state_dict is copied byte for byte. `env` shows what
+    the cache holds."""
+
+    def run() -> None:
+        from launcher.weights import import_weights as install
+
+        done = install(file, backbone, force)
+        what = "wrote" if done.written else "already there (nothing written):"
+        source = ("torchvision's published file" if done.published
+                  else f"sha256 {done.sha256[:12]}, not torchvision's published file")
+        out.print(f"{what} {done.path} ({done.backbone} ImageNet weights, {source}); runs with a {done.backbone} "
+                  "visual extractor start from them without --visual-weights", highlight=False, soft_wrap=True)
+
+    guarded(run)

@@ -18,7 +18,9 @@ err = Console(stderr=True)
 
 
 def fail(exc: UsageError) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # [extras] stay as typed
     raise typer.Exit(exc.exit_code)
 
 
@@ -34,6 +36,31 @@ def status(text: str):
     err.print(text, highlight=False, soft_wrap=True)
     yield
     err.print(f"{text.rstrip('.')}: done in {time.perf_counter() - began:.1f} s", highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def counting(text: str, total: int, unit: str = "studies"):
+    """Yields advance(n): a progress bar on a terminal; plain lines in a log file (every tenth of the
+    way and the end, with the rate), where rich's bar would print only at the end."""
+    if err.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+        with Progress(f"[bold]{text}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), "ETA",
+                      TimeRemainingColumn(), console=err, transient=True) as bar:
+            task = bar.add_task(text, total=total)
+            yield lambda n: bar.advance(task, n)
+        return
+    began, done, shown = time.perf_counter(), 0, 0
+
+    def advance(n: int) -> None:
+        nonlocal done, shown
+        done += n
+        if done >= total or done - shown >= total / 10:
+            shown = done
+            rate = done / max(time.perf_counter() - began, 1e-9)
+            err.print(f"{text}: {done}/{total} {unit}, {rate:.1f} {unit}/s", highlight=False, soft_wrap=True)
+
+    yield advance
 
 
 def print_plan(plan) -> None:
@@ -143,8 +170,9 @@ def print_study(summary: dict, request, backend: str) -> None:
               highlight=False)
 
 
-def print_env(facts, found: dict, engines: dict) -> None:
-    """The machine, the versions found and which engines and precisions can run here."""
+def print_env(facts, found: dict, engines: dict, weights: dict) -> None:
+    """The machine, the versions found, which engines and precisions can run here, and which ImageNet
+    weights torchvision's cache holds."""
     machine = Table(title="machine", title_justify="left")
     for column in ("what", "value"):
         machine.add_column(column)
@@ -170,3 +198,11 @@ def print_env(facts, found: dict, engines: dict) -> None:
     for engine, verdicts in engines.items():
         usable_table.add_row(engine, *(verdicts.get(p, "-") for p in ("fp32", "bf16", "fp16", "fp8")))
     out.print(usable_table)
+    cache = Table(title="ImageNet weights in torchvision's cache (runs start from them)", title_justify="left")
+    for column in ("backbone", "weights"):
+        cache.add_column(column, overflow="fold")
+    for backbone, where in weights.items():
+        cache.add_row(backbone, f"present: {where['path']}" if where["present"] else
+                      f"absent (runs start from random weights unless --visual-weights); "
+                      f"`r2gen-launch weights import FILE` puts them at {where['path']}")
+    out.print(cache)

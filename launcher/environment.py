@@ -2,7 +2,7 @@
 
 `usable` is pure (hardware facts and the installed packages in, a verdict with its reason per
 engine and precision out), the same rules the engines enforce when asked; `versions` reads the
-installed distributions and runs `java -version`.
+installed distributions and runs `java -version`; `imagenet_weights` looks in torchvision's cache.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from backends.registry import SPECS
 from launcher.hardware import Facts
 
 PACKAGES = ("torch", "torchvision", "accelerate", "deepspeed", "transformer-engine", "torchao", "wandb",
-            "pycocoevalcap", "nvidia-ml-py")
+            "tensorboard", "pycocoevalcap", "nvidia-ml-py")
 
 
 def own_version() -> str:
@@ -86,6 +86,17 @@ def usable(facts: Facts, installed: dict[str, bool]) -> dict[str, dict[str, str]
                 why = "yes" + (f" ({found[0]})" if found else "")
             verdict[engine.name][precision] = why
     return verdict
+
+
+def imagenet_weights() -> dict[str, dict]:
+    """For each preset's backbone (R2Gen's resnet101 first): where torchvision's cache keeps its ImageNet
+    weights, and whether they are there (runs start from them; `weights import` puts them there)."""
+    from r2gen.config import PRESETS
+    from r2gen.model.visual_extractor import imagenet_cache_path
+
+    backbones = dict.fromkeys(["resnet101", *(cfg.model.backbone for cfg in PRESETS.values())])
+    return {name: {"path": str(imagenet_cache_path(name)), "present": imagenet_cache_path(name).is_file()}
+            for name in backbones}
 
 
 def installed_modules() -> dict[str, bool]:

@@ -73,6 +73,11 @@ Studies = Annotated[Optional[int], _opt("Studies in the embedded synthetic set (
 ImageSize = Annotated[Optional[int], _opt("Training image side, px.", shown=_per_preset("image_size"))]
 Backbone = Annotated[Optional[str], _opt("Visual extractor: resnet18, resnet34, resnet50 or resnet101 (R2Gen's).",
                                          shown=_per_preset_model("backbone"))]
+InitFrom = Annotated[Optional[Path], _opt(
+    "Fine-tune: a new run whose model (shape, every weight, vocabulary) starts from this checkpoint: one of ours "
+    "(a checkpoint file, step folder or run directory) or a published R2Gen one (model_iu_xray.pth; its vocabulary "
+    "rebuilt from the run's annotation by R2Gen's rule and checked against it). The preset sets the training.",
+    "--init-from", shown="none: a new model")]
 VisualWeights = Annotated[Optional[Path], _opt("torchvision ResNet state_dict (.pth) to start the visual extractor "
                                                "from.", shown="torchvision's cached ImageNet weights if present, "
                                                               "else random")]
@@ -170,7 +175,7 @@ KeepTraining = Annotated[bool, _opt(
     "Continue the run --run-dir/--name (without --name: the newest run in --run-dir) from its newest intact "
     "checkpoint, exactly where it stopped: weights, optimizer, schedule, random state, data order. The run's own "
     "settings apply; only --epochs, --val-every, --early-stop, --beam-size, --log-every, --max-steps-per-epoch, "
-    "--save-every, --keep-last, --no-speedups and the --wandb options may change.", "--keep-training",
+    "--save-every, --keep-last, --no-speedups, --tensorboard and the --wandb options may change.", "--keep-training",
     shown="off: a new run")]
 SaveEvery = Annotated[Optional[int], _opt("Optimizer steps between resumable checkpoints; 0: at epoch ends only.",
                                           shown=str(_DEFAULTS.save_every))]
@@ -192,16 +197,42 @@ WandbMode = Annotated[Optional[str], _opt("offline: W&B files under <run>/wandb,
                                           shown=_DEFAULTS.wandb_mode)]
 WandbProject = Annotated[Optional[str], _opt("W&B project.", shown=_DEFAULTS.wandb_project)]
 WandbName = Annotated[Optional[str], _opt("W&B run name.", shown="the run directory's name")]
+Tensorboard = Annotated[Optional[bool], _opt(
+    "Also write every metrics.jsonl record as TensorBoard scalars (and the plan as text) to <run>/tb; view with "
+    "`tensorboard --logdir <run>/tb`. Needs the tensorboard package.", "--tensorboard/--no-tensorboard", shown="off")]
 JsonOut = Annotated[Optional[Path], _opt("Also write what is shown to this JSON file.", "--json", shown="none")]
 
 # -- evaluate -----------------------------------------------------------------------------------------
 Checkpoint = Annotated[Path, _opt("A checkpoint of any engine: step-N.pt, best.pt, a step-N/ folder (DeepSpeed, "
-                                  "Accelerate), or a run directory (its best.pt, else its newest intact state).")]
+                                  "Accelerate), or a run directory (its best.pt, else its newest intact state); or "
+                                  "a published R2Gen checkpoint (model_iu_xray.pth, model_mimic_cxr.pth), with "
+                                  "--ann-path naming the data set it was trained on.")]
 Split = Annotated[str, _opt("train, val or test.")]
 EvaluatePrecision = Annotated[Optional[str], _opt("fp32, bf16 or fp16 autocast for generation.",
                                                   shown="bf16 on a GPU, fp32 on a CPU")]
 EvaluateOut = Annotated[Optional[Path], _opt("Where the scores and reports go (JSON).", "--out",
                                              shown="<run>/reports/evaluate-<split>-<checkpoint>-beam<N>.json")]
+
+# -- generate -----------------------------------------------------------------------------------------
+GenerateInput = Annotated[Path, _opt(
+    "The new studies: a folder (IU X-Ray: a sub-folder per study holding its two views, taken in file-name order, "
+    "frontal first; MIMIC-CXR: one image per study, as a file in the folder or a sub-folder holding it; the "
+    "folder's or file's name is the study id), or an annotation.json in R2Gen's shape whose reports are empty or "
+    "absent.", "--input")]
+GenerateAnnPath = Annotated[Optional[Path], _opt(
+    "A published R2Gen checkpoint's data set: its annotation.json (images not needed). The vocabulary is rebuilt "
+    "from its train reports by R2Gen's rule and checked against the checkpoint; one image per study means "
+    "MIMIC-CXR, else IU X-Ray.", shown="none: our checkpoints carry their vocabulary")]
+GenerateImageDir = Annotated[Optional[Path], _opt("Folder the --input annotation's image paths are relative to.",
+                                                  shown="images/ beside the --input annotation")]
+GenerateOut = Annotated[Optional[Path], _opt("Folder for reports.jsonl and reports.csv.", "--out",
+                                             shown="<run>/reports/generate-<input>-<checkpoint>-beam<N>/")]
+GenerateForce = Annotated[bool, _opt("Replace the reports already in --out.", "--force", shown="off: refused")]
+
+# -- report -------------------------------------------------------------------------------------------
+ReportRun = Annotated[Path, typer.Argument(help="A run directory (finished, still going, or killed).", metavar="RUN",
+                                           show_default=False)]
+ReportOut = Annotated[Optional[Path], _opt("Where the page goes.", "--out", shown="<run>/report.html")]
 
 # -- study --------------------------------------------------------------------------------------------
 StudyPrecisions = Annotated[str, _opt("Comma-separated precisions to compare: fp32, fp16, bf16, fp8 (fp8 runs the "
@@ -221,6 +252,16 @@ PrepareDataset = Annotated[str, _opt("iu_xray (two views per study) or mimic_cxr
 PrepareImageSize = Annotated[int, _opt("The training --image-size, px: train images get R2Gen's "
                                        "Resize(size*256/224), val/test images Resize(size, size).")]
 PrepareWorkers = Annotated[Optional[int], _opt("Decoding processes.", shown="the usable CPUs, at most 16")]
+
+# -- weights ------------------------------------------------------------------------------------------
+WeightsFile = Annotated[Path, typer.Argument(
+    help="A torchvision ResNet state_dict (.pth), fc included: bare, or under \"state_dict\" or \"model\"; read "
+         "weights-only, so it never runs code.", metavar="FILE", show_default=False)]
+WeightsBackbone = Annotated[Optional[str], _opt("The file's ResNet: resnet18, resnet34, resnet50 or resnet101 "
+                                                "(R2Gen's); the file is checked against it.", "--backbone",
+                                                shown="the one whose keys the file has")]
+WeightsForce = Annotated[bool, _opt("Replace other weights already in torchvision's cache under that name.",
+                                    "--force", shown="off")]
 
 
 # From the options to what the run needs

@@ -87,7 +87,7 @@ def check_request(run: RunToContinue, backend: str, preset: str | None, override
 
 CHANGEABLE = ("epochs", "val_every", "early_stop", "beam_size", "log_every", "max_steps_per_epoch", "save_every",
               "checkpoint_every_min", "test_every",
-              "keep_last", "wandb", "wandb_mode", "wandb_project", "wandb_name", *STEP_SPEEDUPS)
+              "keep_last", "wandb", "wandb_mode", "wandb_project", "wandb_name", "tensorboard", *STEP_SPEEDUPS)
 """Settings a continued run may change: how long it goes on, how it evaluates, logs and saves, and
 the step's speed-ups (the same function)."""
 

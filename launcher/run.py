@@ -5,6 +5,7 @@ the run's own plan, re-probed). The commands in launcher/cli.py parse options an
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from datetime import datetime
@@ -26,11 +27,14 @@ TORCHAO_UNTIMED = ("fp8 not timed: without Transformer Engine only torchao's flo
 def prepare_run(backend_name: str, device: str, precision: str, preset_name: str, overrides: dict,
                 options, ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
                 thresholds_path: Optional[Path], run_dir: Optional[Path] = None, name: Optional[str] = None,
-                world_size: int = 1, gpus_here: int = 1, engine: Optional[dict] = None):
+                world_size: int = 1, gpus_here: int = 1, engine: Optional[dict] = None,
+                init_from: Optional[Path] = None):
     """Validate everything, probe, plan. Writes nothing. Returns (prepared run, plan, run directory).
 
-    `world_size` counts every process of the run (all nodes), `gpus_here` this machine's."""
+    `world_size` counts every process of the run (all nodes), `gpus_here` this machine's. `init_from`:
+    a fine-tune's checkpoint (ours: a file or run directory; or the published R2Gen's)."""
     from backends.registry import SPECS, build_backend, spec
+    from launcher.evaluate import resolve_checkpoint
     from launcher.hardware import detect
     from launcher.plan import EngineChoice, check_engine_device, gpu_budget, make_plan
     from launcher.thresholds import load_thresholds
@@ -39,6 +43,7 @@ def prepare_run(backend_name: str, device: str, precision: str, preset_name: str
     from r2gen.data.prepare import preparation_hint, prepared_image_size
     from r2gen.data.synth import default_dataset
     from r2gen.build import prepare
+    from r2gen.tensorboard_log import check_tensorboard
     from r2gen.wandb_log import check_wandb
 
     engine = engine or {}
@@ -54,6 +59,8 @@ def prepare_run(backend_name: str, device: str, precision: str, preset_name: str
     cfg = preset(preset_name).replace(**{k: v for k, v in overrides.items() if v is not None})
     if cfg.wandb:
         check_wandb(cfg.wandb_mode)
+    if cfg.tensorboard:
+        check_tensorboard()
     auto = backend_name == "auto"
     if auto:
         backend_name = "plain"  # what auto measures first; auto_engine may pick another engine
@@ -82,7 +89,9 @@ def prepare_run(backend_name: str, device: str, precision: str, preset_name: str
         err.print(f"[yellow]hint:[/] {hint}", highlight=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        prep = prepare(cfg, backend, annotation, visual_weights)
+        start_from = resolve_checkpoint(init_from, "--init-from")[0] if init_from is not None else None
+        prep = prepare(cfg, backend, annotation, visual_weights, start_from)
+    cfg = prep.cfg  # a fine-tune's model is its checkpoint's
     for w in caught:
         err.print(f"[yellow]warning:[/] {w.message}", highlight=False)
     n = {s: len(v) for s, v in annotation.splits.items()}
@@ -90,6 +99,8 @@ def prepare_run(backend_name: str, device: str, precision: str, preset_name: str
               f"{n['train']}/{n['val']}/{n['test']} train/val/test studies from {annotation.path} | "
               f"vocabulary {len(prep.tokenizer)} | {sum(p.numel() for p in prep.model.parameters()):,} parameters"
               + (f" | run dir {target}" if target else ""), highlight=False)
+    if prep.init_from is not None:
+        err.print(f"fine-tune: {prep.weights_source}", highlight=False, soft_wrap=True)
 
     facts = detect()
     probe = None
@@ -162,14 +173,18 @@ def run_training(backend_name: str, device: str, precision: str, preset_name: st
                  thresholds_path: Optional[Path], run_dir: Path, name: Optional[str], dry_run: bool,
                  topology=None, engine: Optional[dict] = None, hostfile: Optional[Path] = None,
                  keep_training: bool = False, preset_given: Optional[str] = None,
-                 user_file: tuple = (None, None)) -> None:
+                 user_file: tuple = (None, None), init_from: Optional[Path] = None) -> None:
     """A new run (or, with keep_training, the continued one). `user_file`: the settings and path of
-    --ds-config / --accelerate-config, merged into the engine config the plan generates."""
+    --ds-config / --accelerate-config, merged into the engine config the plan generates. `init_from`:
+    the checkpoint a new run's model starts from (a fine-tune)."""
     from backends.spec import Topology
     from launcher.engine_config import engine_config_for
     from launcher.plan import apply_plan
 
     if keep_training:
+        if init_from is not None:
+            raise ConfigError("--init-from: a continued run goes on from its own checkpoint (--keep-training); drop "
+                              "--init-from, or start a new run from it without --keep-training")
         if user_file[1] is not None:
             raise ConfigError(f"--keep-training: a continued run keeps its own engine config (in its run directory); "
                               f"drop {user_file[1]}")
@@ -180,7 +195,7 @@ def run_training(backend_name: str, device: str, precision: str, preset_name: st
     prep, plan, target = prepare_run(backend_name, device, precision, preset_name, overrides, options, ann_path,
                                      image_dir, visual_weights, thresholds_path, run_dir, name,
                                      world_size=topology.world_size, gpus_here=topology.gpus_per_node,
-                                     engine=engine)
+                                     engine=engine, init_from=init_from)
     print_plan(plan)
     engine_file = engine_config_for(plan, topology, target, *user_file)
     prep.cfg = apply_plan(prep.cfg, plan)
@@ -235,7 +250,9 @@ def continue_locked(target: Path, backend_name: str, overrides: dict, options, d
     from launcher.engine_config import engine_config_for, stored_engine_file
     from launcher.resume import check_request, continued_config, read_run, resume_batch
     from r2gen.data.datasets import load_annotation
+    from r2gen.data.tokenizer import Tokenizer
     from r2gen.build import prepare
+    from r2gen.tensorboard_log import check_tensorboard
     from r2gen.wandb_log import check_wandb
 
     run = read_run(target)
@@ -250,10 +267,15 @@ def continue_locked(target: Path, backend_name: str, overrides: dict, options, d
         err.print(f"[yellow]warning:[/] skipping {warning}", highlight=False)
     backend = build_backend(plan.backend, plan.device, plan.precision, plan.engine)
     annotation = load_annotation(run.annotation, run.image_dir, run.cfg.model.dataset, progress=True)
+    stored = json.loads((run.path / "config.json").read_text(encoding="utf-8"))
+    own = (run.path / "tokenizer.json").read_text(encoding="utf-8")
+    fine_tune = stored.get("init_from")  # its vocabulary is its start checkpoint's: kept, not rebuilt
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the visual extractor's weights come from the checkpoint
-        prep = prepare(run.cfg, backend, annotation, None)
-    if prep.tokenizer.to_json() != (run.path / "tokenizer.json").read_text(encoding="utf-8"):
+        prep = prepare(run.cfg, backend, annotation, None, tokenizer=Tokenizer.from_json(own) if fine_tune else None)
+    if fine_tune:
+        prep.init_from, prep.weights_source = Path(fine_tune), stored["visual_weights"]  # the run's record
+    if prep.tokenizer.to_json() != own:
         raise ConfigError(f"--keep-training: {run.annotation} changed since {run.path} started (its vocabulary "
                           "differs); start a new run")
     if plan.device == "cuda" and options.probe:
@@ -273,6 +295,8 @@ def continue_locked(target: Path, backend_name: str, overrides: dict, options, d
     prep.cfg = continued_config(run, overrides, plan.batch.micro_batch)
     if prep.cfg.wandb:
         check_wandb(prep.cfg.wandb_mode)
+    if prep.cfg.tensorboard:
+        check_tensorboard()
     print_plan(plan)
     err.print(f"continuing {run.path} from {run.checkpoint.name}", highlight=False)
     engine_file = engine_config_for(plan, topology, run.path, stored_engine_file(plan, run.path))
@@ -297,8 +321,22 @@ def start(prep, plan, target: Path, topology, engine_file, visual_weights: Optio
                   f"{where}", highlight=False)
         return
     start_engine(prep, plan, engine_file)
-    result = train(prep, target, err, plan.to_json(), resume=resume)
+    try:
+        result = train(prep, target, err, plan.to_json(), resume=resume)
+    finally:
+        write_run_report_quietly(target)
     print_result(result)
+
+
+def write_run_report_quietly(target: Path) -> None:
+    """RUN/report.html at the end of every run, finished, stopped or failed; a page that cannot be drawn
+    is a warning, never the run's failure."""
+    from launcher.run_report import write_run_report
+
+    try:
+        err.print(f"report: {write_run_report(target)}", highlight=False)
+    except Exception as exc:  # noqa: BLE001 - the run's checkpoints and metrics matter more than its page
+        err.print(f"[yellow]warning:[/] {target / 'report.html'} not written: {exc}", highlight=False)
 
 
 def write_engine_config(engine) -> None:
@@ -337,7 +375,8 @@ def launch_processes(prep, cfg, plan, target: Path, visual_weights: Optional[Pat
             "config": cfg.to_dict(), "resume": str(resume) if resume else None,
             "annotation": str(prep.annotation.path), "image_dir": str(prep.annotation.image_dir),
             "visual_weights": str(visual_weights) if visual_weights else None, "run_dir": str(target),
-            "plan": plan.to_json()}
+            "init_from": str(prep.init_from) if prep.init_from else None, "weights_source": prep.weights_source,
+            "tokenizer": prep.tokenizer.to_json(), "plan": plan.to_json()}
     write_engine_config(engine_file)
     write_json(launch, spec)
     root = str(Path(__file__).resolve().parents[1])
@@ -345,7 +384,10 @@ def launch_processes(prep, cfg, plan, target: Path, visual_weights: Optional[Pat
     err.print(f"launch: {' '.join(command)}", highlight=False, soft_wrap=True)
     sys.stdout.flush()
     sys.stderr.flush()
-    code = run_command(command, env=env)
+    try:
+        code = run_command(command, env=env)
+    finally:
+        write_run_report_quietly(target)
     if code:
         err.print(f"[bold red]failed:[/] the {topology.world_size} training processes exited with code {code}",
                   highlight=False)

@@ -3,9 +3,9 @@
     python -m launcher.worker --launch runs/<name>/launch.json
 
 launch.json is written by `r2gen-launch` after it validated the input and made the plan: the
-resolved configuration, backend, device, precision, engine options and config file, data paths and
-the plan. Every process
-rebuilds tokenizer and model from it (same seed, same weights), joins the process group through
+resolved configuration, backend, device, precision, engine options and config file, data paths,
+vocabulary, the checkpoint a fine-tune starts from, and the plan. Every process
+builds the model from it (same seed, same weights), joins the process group through
 its backend and enters the one shared loop; rank 0 writes the run directory and prints the scores.
 """
 
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from backends.registry import spec
     from r2gen.config import TrainConfig
     from r2gen.data.datasets import load_annotation
+    from r2gen.data.tokenizer import Tokenizer
     from r2gen.errors import RunFailed
     from r2gen.build import prepare
     from r2gen.train import train
@@ -44,9 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the launcher printed them once
         weights = Path(launch["visual_weights"]) if launch["visual_weights"] else None
-        prep = prepare(cfg, backend, annotation, weights)
-    try:
         resume = Path(launch["resume"]) if launch.get("resume") else None
+        init_from = Path(launch["init_from"]) if launch.get("init_from") else None  # a fine-tune's start
+        vocabulary = Tokenizer.from_json(launch["tokenizer"]) if launch.get("tokenizer") else None  # the launcher's
+        prep = prepare(cfg, backend, annotation, weights, None if resume else init_from, vocabulary)  # resumed: its own
+        prep.init_from, prep.weights_source = init_from, launch.get("weights_source", prep.weights_source)  # the record
+    try:
         result = train(prep, Path(launch["run_dir"]), plan_json=launch["plan"], resume=resume)
     except RunFailed as exc:
         print(f"failed: {exc}", file=sys.stderr)

@@ -7,6 +7,7 @@ R2Gen's Adam with two parameter groups) and applies the GPU speed-ups the engine
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,10 @@ from r2gen.config import TrainConfig
 from r2gen.data.datasets import Annotation
 from r2gen.data.tokenizer import Tokenizer
 from r2gen.engine import OptimizerFactory, TrainingEngine
+from r2gen.errors import ConfigError
 from r2gen.model.r2gen import R2GenModel
 from r2gen.model.visual_extractor import init_visual_weights
+from r2gen.pretrained import fine_tune_start, load_weights
 from r2gen.speedups import speed_up
 
 
@@ -33,6 +36,7 @@ class Prepared:
     tokenizer: Tokenizer
     model: R2GenModel
     weights_source: str
+    init_from: Path | None = None  # the checkpoint a fine-tune's weights came from (--init-from)
 
 
 def seed_everything(seed: int) -> None:
@@ -41,14 +45,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare(cfg: TrainConfig, backend: TrainingEngine, annotation: Annotation, visual_weights: Path | None) -> Prepared:
-    """Build tokenizer and model and load weights; raises UsageError subclasses on bad input."""
+def prepare(cfg: TrainConfig, backend: TrainingEngine, annotation: Annotation, visual_weights: Path | None,
+            init_from: Path | None = None, tokenizer: Tokenizer | None = None) -> Prepared:
+    """Build tokenizer and model and load weights; raises UsageError subclasses on bad input.
+
+    `init_from` (a fine-tune): every weight, the model's shape and the vocabulary from that checkpoint
+    (r2gen.pretrained). `tokenizer`: the vocabulary the launcher decided (a continued or multi-process
+    run's), else built from the train split."""
     seed_everything(cfg.seed)
-    tokenizer = Tokenizer.from_reports(annotation.dataset, (s.report for s in annotation.splits["train"]),
-                                       cfg.threshold)
+    start = None
+    if init_from is not None:
+        if visual_weights is not None:
+            raise ConfigError("--visual-weights: --init-from gives every weight, the visual extractor's too; "
+                              "drop one of them")
+        start = fine_tune_start(init_from, cfg, annotation)
+        cfg = dataclasses.replace(cfg, model=start.model)
+    tokenizer = tokenizer or (start.tokenizer if start else Tokenizer.from_reports(
+        annotation.dataset, (s.report for s in annotation.splits["train"]), cfg.threshold))
     model = R2GenModel(cfg.model, len(tokenizer))
-    weights_source = init_visual_weights(model.visual_extractor, visual_weights)
-    return Prepared(cfg, backend, annotation, tokenizer, model, weights_source)
+    if start is None:
+        return Prepared(cfg, backend, annotation, tokenizer, model,
+                        init_visual_weights(model.visual_extractor, visual_weights))
+    load_weights(model, start, "--init-from")
+    return Prepared(cfg, backend, annotation, tokenizer, model, f"every weight from {start.source}", init_from)
 
 
 def build_optimizer(model: R2GenModel, cfg: TrainConfig) -> torch.optim.Optimizer:

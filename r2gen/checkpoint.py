@@ -47,11 +47,16 @@ class UnreadableCheckpoint(ConfigError):
 
 
 def _state_globals() -> list:
-    """The only non-tensor types our states hold: numpy's RNG state (a uint32 array in a tuple)."""
+    """The only non-tensor types the states we read hold: numpy's RNG state (a uint32 array in a tuple),
+    and the published R2Gen trainer's `monitor_best`, a numpy float where its metric gave one (a scalar
+    from bytes and a dtype: data, no code; numpy 1 wrote it as numpy.core..., numpy 2 as numpy._core...)."""
     import numpy as np
 
     key = np.random.get_state()[1]  # the array's own pickle function and dtype class, whatever numpy's version
-    return [key.__reduce__()[0], np.ndarray, np.dtype, type(key.dtype)]
+    scalar = np.float64(0).__reduce__()[0]
+    return [key.__reduce__()[0], np.ndarray, np.dtype, type(key.dtype),
+            *((scalar, f"{module}.multiarray.scalar") for module in ("numpy.core", "numpy._core")),
+            *(type(np.dtype(kind)) for kind in ("f8", "f4"))]
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -83,6 +83,7 @@ class TrainConfig:
     wandb_mode: str = "offline"        # offline (files under <run>/wandb) or online (needs WANDB_API_KEY)
     wandb_project: str = "r2gen-launch"
     wandb_name: str = ""               # W&B run name; "" = the run directory's name
+    tensorboard: bool = False          # also write metrics.jsonl's records as TensorBoard scalars to <run>/tb
 
     def __post_init__(self) -> None:
         positive = ("threshold", "image_size", "window_size", "epochs", "step_size", "beam_size", "log_every",

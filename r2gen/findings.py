@@ -19,7 +19,7 @@ radiology labellers read a report). Scores over a split:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import fields
 
 from r2gen.data import synth
@@ -75,6 +75,14 @@ def read_findings(report: str) -> Findings:
         for name, value in _SENTENCES.get(sentence.removesuffix(" .").strip(), {}).items():
             stated.setdefault(name, value)
     return Findings(**stated)
+
+
+def speaks_synthetic(vocabulary: Iterable[str]) -> bool:
+    """Whether a model with this vocabulary writes the synthetic set's reports (every word one its phrase
+    tables use: trained on the embedded set or a `data synth` one), so that read_findings means something;
+    on other data every report would read as normal, which is no finding."""
+    words = set(vocabulary) - {".", "<unk>"}
+    return bool(words) and words <= synth.report_vocabulary()
 
 
 def labelled(findings: Sequence[Findings | None]) -> list[Findings] | None:

@@ -1,4 +1,5 @@
-"""What the loop writes and prints while it runs: metrics.jsonl (and W&B), the progress bar, the epoch line.
+"""What the loop writes and prints while it runs: metrics.jsonl (and W&B, TensorBoard), the progress bar,
+the epoch line.
 
 `MetricsLog` appends one JSON object per record; `EpochClock` measures an epoch's wall time, the
 loader waits and each log window's throughput; a terminal shows the progress bar, a log file (nohup,
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from rich.console import Console
@@ -18,23 +21,37 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from r2gen.config import TrainConfig
 from r2gen.model.r2gen import target_tokens
 from r2gen.state import LoopState
+from r2gen.tensorboard_log import TensorBoardSink
 from r2gen.wandb_log import WandbSink, wandb_config
+
+
+class Sink(Protocol):
+    """Somewhere else the records go: Weights & Biases, TensorBoard."""
+
+    def log(self, record: dict) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class MetricsLog:
     """Append-only metrics.jsonl; one JSON object per line with stable keys; the same records to
-    Weights & Biases when a sink is given (--wandb)."""
+    each sink given (--wandb, --tensorboard)."""
 
-    def __init__(self, path: Path | None, sink: WandbSink | None = None):
+    def __init__(self, path: Path | None, sinks: Sequence[Sink] = ()):
         self.path = path  # None: a process other than rank 0, which writes nothing
-        self.sink = sink
+        self.sinks = tuple(sinks)
 
     @classmethod
     def of_run(cls, run_dir: Path, cfg: TrainConfig, plan_json: str | None) -> "MetricsLog":
-        """The run directory's metrics.jsonl, and Weights & Biases where cfg asks for it (--wandb)."""
-        sink = (WandbSink(run_dir, cfg.wandb_mode, cfg.wandb_project, cfg.wandb_name,
-                          wandb_config(cfg.to_dict(), plan_json)) if cfg.wandb else None)
-        return cls(run_dir / "metrics.jsonl", sink)
+        """The run directory's metrics.jsonl, and Weights & Biases (--wandb) and TensorBoard
+        (--tensorboard) where cfg asks for them."""
+        config = wandb_config(cfg.to_dict(), plan_json)
+        sinks: list[Sink] = []
+        if cfg.wandb:
+            sinks.append(WandbSink(run_dir, cfg.wandb_mode, cfg.wandb_project, cfg.wandb_name, config))
+        if cfg.tensorboard:
+            sinks.append(TensorBoardSink(run_dir, config))
+        return cls(run_dir / "metrics.jsonl", sinks)
 
     def write(self, record: dict) -> None:
         if self.path is None:
@@ -42,12 +59,12 @@ class MetricsLog:
         record = {**record, "time/unix_s": round(time.time(), 3)}  # wall clock: time to a score, across resumes
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
-        if self.sink is not None:
-            self.sink.log(record)
+        for sink in self.sinks:
+            sink.log(record)
 
     def close(self) -> None:
-        if self.sink is not None:
-            self.sink.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 class EpochClock:

@@ -201,7 +201,8 @@ def start_run_dir(run_dir: Path, prep: Prepared, plan_json: str | None) -> Metri
     write_json(run_dir / "config.json", {"train": cfg.to_dict(), "backend": prep.backend.describe(),
                                          "annotation": str(prep.annotation.path),
                                          "image_dir": str(prep.annotation.image_dir),
-                                         "visual_weights": prep.weights_source})
+                                         "visual_weights": prep.weights_source,
+                                         **({"init_from": str(prep.init_from)} if prep.init_from else {})})
     write_text(run_dir / "tokenizer.json", prep.tokenizer.to_json())
     if plan_json is not None:
         write_text(run_dir / "plan.json", plan_json)

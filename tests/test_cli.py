@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 import typer
-from typer.core import TyperCommand, TyperOption
+from typer.core import TyperArgument, TyperCommand, TyperOption
 from typer.testing import CliRunner
 
 from launcher.cli import app
 from r2gen.data.synth import DATASET_VERSION
 
 runner = CliRunner()
-COMMANDS = [["plain"], ["accelerate"], ["deepspeed"], ["fp8"], ["auto"], ["probe"], ["evaluate"], ["study"], ["env"],
-            ["data", "synth"], ["data", "prepare"]]
+COMMANDS = [["plain"], ["accelerate"], ["deepspeed"], ["fp8"], ["auto"], ["probe"], ["evaluate"], ["generate"], ["report"], ["study"], ["env"],
+            ["data", "synth"], ["data", "prepare"], ["weights", "import"]]
+GROUPS = ("data", "weights")
 
 
 def _command(path: list[str]) -> TyperCommand:
@@ -27,17 +28,24 @@ def _command(path: list[str]) -> TyperCommand:
 
 
 def _options(path: list[str]) -> list[TyperOption]:
-    """typer's own parameter objects of a command (every one a TyperOption: this CLI has no arguments)."""
+    """typer's own option objects of a command (its arguments: `_arguments`)."""
     params = _command(path).params
-    assert params and all(isinstance(p, TyperOption) for p in params), [type(p) for p in params]
-    return [p for p in params if p.name != "help"]
+    assert params and all(isinstance(p, (TyperOption, TyperArgument)) for p in params), [type(p) for p in params]
+    return [p for p in params if isinstance(p, TyperOption) and p.name != "help"]
+
+
+def _arguments(path: list[str]) -> list[TyperArgument]:
+    """A command's positional arguments (only `weights import` has one: FILE), each required, with help."""
+    arguments = [p for p in _command(path).params if isinstance(p, TyperArgument)]
+    assert all(p.required and p.help and p.help.strip() for p in arguments), [p.name for p in arguments]
+    return arguments
 
 
 def test_every_command_is_checked() -> None:
     group = typer.main.get_command(app)
     listed = {" ".join(path) for path in COMMANDS}
-    found = {name for name in group.commands if name != "data"}  # type: ignore[attr-defined]
-    found |= {f"data {name}" for name in group.commands["data"].commands}  # type: ignore[attr-defined]
+    found = {name for name in group.commands if name not in GROUPS}  # type: ignore[attr-defined]
+    found |= {f"{g} {name}" for g in GROUPS for name in group.commands[g].commands}  # type: ignore[attr-defined]
     assert found == listed
 
 
@@ -65,7 +73,7 @@ def test_help_page_lists_every_option_with_its_default(path: list[str], monkeypa
     for p in options:
         assert p.opts[0] in text, p.opts[0]
     assert text.count("[default: ") == sum(not p.required for p in options)
-    assert text.count("[required]") == sum(p.required for p in options)
+    assert text.count("[required]") == sum(p.required for p in options) + len(_arguments(path))
     assert _command(path).help
 
 

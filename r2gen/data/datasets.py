@@ -4,7 +4,8 @@ annotation.json: {"train": [...], "val": [...], "test": [...]}, each entry
 {"id", "report", "image_path": [relative paths], "split"}; image paths are relative to the image
 directory (default: `images/` beside the annotation file). IU X-Ray studies use two views,
 MIMIC-CXR studies one. Everything is checked once, before any training, so a bad file fails in
-seconds with one line naming the file and the study.
+seconds with one line naming the file and the study. `generate`'s new studies come the same way
+(`load_studies`: an annotation without reports) or as a folder (`folder_studies`).
 """
 
 from __future__ import annotations
@@ -120,6 +121,66 @@ def load_annotation(ann_path: Path | str, image_dir: Path | str | None = None, d
     if check_images:
         _check_all_images(path, splits, progress)
     return Annotation(path, root, dataset, splits)
+
+
+def annotation_dataset(ann_path: Path | str) -> str:
+    """An annotation file's kind, from its format: mimic_cxr where every study lists exactly one image
+    (R2Gen's MIMIC-CXR annotation has an entry per image), else iu_xray (two views). What a published
+    checkpoint cannot say: the two kinds' models differ in no shape but the vocabulary's size."""
+    data = _read_json(Path(ann_path))
+    entries = [e for split in SPLITS for e in (data.get(split) if isinstance(data, dict) else None) or []]
+    single = [isinstance(e, dict) and isinstance(e.get("image_path"), list) and len(e["image_path"]) == 1
+              for e in entries]
+    return "mimic_cxr" if single and all(single) else "iu_xray"
+
+
+def load_studies(ann_path: Path | str, image_dir: Path | str | None, dataset: str) -> list[Study]:
+    """New studies from an annotation file in R2Gen's shape whose reports are empty or absent (`generate`):
+    the studies of whichever of its splits it has, in file order; every image checked."""
+    path = Path(ann_path)
+    root = Path(image_dir) if image_dir is not None else path.parent / "images"
+    if not root.is_dir():
+        raise DataError(f"image directory {root} does not exist (set --image-dir)")
+    data = _read_json(path)
+    if not isinstance(data, dict) or not any(isinstance(data.get(split), list) for split in SPLITS):
+        raise DataError(f"{path}: expected R2Gen's annotation, an object with 'train', 'val' or 'test' lists")
+    studies = [_parse_study(path, split, i, {**e, "report": e.get("report") or ""} if isinstance(e, dict) else e,
+                            root, DATASETS[dataset])
+               for split in SPLITS if isinstance(data.get(split), list) for i, e in enumerate(data[split])]
+    if not studies:
+        raise DataError(f"{path}: holds no studies")
+    for study in studies:
+        for image in study.images:
+            check_image(image, study, path)
+    return studies
+
+
+def folder_studies(folder: Path, dataset: str) -> list[Study]:
+    """New studies in a folder (`generate`): each sub-folder is a study (its name the id) holding exactly
+    the kind's views as image files, taken in file-name order (IU X-Ray: two, frontal first, as R2Gen's
+    0.png and 1.png; MIMIC-CXR: one); for MIMIC-CXR an image file right in the folder is a study too (its
+    stem the id). Hidden entries are skipped; every image is checked."""
+    views = DATASETS[dataset]
+    studies: dict[str, Study] = {}
+    for entry in sorted(p for p in folder.iterdir() if not p.name.startswith(".")):
+        if entry.is_dir():
+            images = tuple(sorted(p for p in entry.iterdir() if not p.name.startswith(".")))
+            if len(images) != views:
+                raise DataError(f"{entry}: {len(images)} file(s); a {dataset} study folder holds its {views} "
+                                f"view(s) and nothing else")
+        elif views > 1:
+            raise DataError(f"{entry}: a file right in {folder}; each {dataset} study is a folder of its {views} views")
+        else:
+            images = (entry,)
+        study = Study(entry.name if entry.is_dir() else entry.stem, "", images)
+        if study.id in studies:
+            raise DataError(f"{entry}: study id {study.id!r} twice in {folder}")
+        for image in images:
+            check_image(image, study, folder)
+        studies[study.id] = study
+    if not studies:
+        raise DataError(f"{folder}: holds no studies")
+    return list(studies.values())
 
 
 def _check_all_images(path: Path, splits: dict[str, list[Study]], progress: bool) -> None:

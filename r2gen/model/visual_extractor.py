@@ -3,18 +3,25 @@
 Gives patch features (B, H'*W', C) and average-pooled features (B, C), as R2Gen does. R2Gen pools
 with AvgPool2d(7) on a 7x7 map (224 px input); an adaptive average pool is the same there and
 also works for the smaller images of the tiny preset.
+
+Also the one home of a ResNet weights file: reading it weights-only (`read_state_dict`), checking it
+key by key and shape by shape (`resnet_mismatch`), and where torchvision's cache keeps ImageNet's
+(`imagenet_cache_path`).
 """
 
 from __future__ import annotations
 
+import functools
+import pickle
 import warnings
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 import torch.nn as nn
 import torchvision
 
-from r2gen.errors import UsageError
+from r2gen.errors import ConfigError
 
 BACKBONES: dict[str, int] = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 """Supported backbones and the channel count of their last feature map (R2Gen's d_vf)."""
@@ -27,8 +34,8 @@ def smallest_micro_batch(image_size: int) -> int:
     return 2 if image_size <= 32 else 1
 
 
-class WeightsError(UsageError):
-    """A --visual-weights file that cannot be used."""
+class WeightsError(ConfigError):
+    """A weights file that cannot be used (--visual-weights, `weights import`); the message names it."""
 
 
 class VisualExtractor(nn.Module):
@@ -39,6 +46,7 @@ class VisualExtractor(nn.Module):
         self.backbone = backbone
         resnet = getattr(torchvision.models, backbone)(weights=None)
         self.model = nn.Sequential(*list(resnet.children())[:-2])
+        self.trunk_names = [name for name, _ in resnet.named_children()][:-2]  # self.model's 0, 1, ... by name
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         patch_feats = self.model(images)
@@ -47,23 +55,107 @@ class VisualExtractor(nn.Module):
         patch_feats = patch_feats.reshape(batch_size, feat_size, -1).permute(0, 2, 1)
         return patch_feats, avg_feats
 
-    def load_resnet_state_dict(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
-        """Load a torchvision ResNet state_dict (its fc weights are ignored)."""
-        resnet = getattr(torchvision.models, self.backbone)(weights=None)
-        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
-        try:
-            resnet.load_state_dict(state_dict, strict=True)
-        except RuntimeError as err:
-            first = str(err).strip().splitlines()[0]
-            raise WeightsError(f"{source}: not a torchvision {self.backbone} state_dict ({first})") from None
-        self.model.load_state_dict(nn.Sequential(*list(resnet.children())[:-2]).state_dict())
+    def load_resnet_state_dict(self, state_dict: dict[str, Any], source: str) -> None:
+        """Load a torchvision ResNet state_dict (its fc, if any, is ignored), checked by `resnet_mismatch`."""
+        problem = resnet_mismatch(state_dict, self.backbone)
+        if problem is not None:
+            raise WeightsError(f"{source}: not a torchvision {self.backbone} state_dict: {problem}")
+        index = {name: str(i) for i, name in enumerate(self.trunk_names)}
+        trunk = {}
+        for key, value in state_dict.items():
+            child, _, rest = key.partition(".")
+            if child in index:
+                trunk[f"{index[child]}.{rest}"] = value
+        self.model.load_state_dict(trunk)  # strict; BatchNorm fills a missing num_batches_tracked
+
+
+OPTIONAL_SUFFIX = ".num_batches_tracked"
+"""BatchNorm's counter: absent from files saved before PyTorch 0.4 (torchvision's older ImageNet files among
+them); loading fills it in."""
+
+
+@functools.cache
+def resnet_shapes(backbone: str) -> dict[str, tuple[int, ...]]:
+    """Every key of torchvision's `backbone` state_dict, fc included, with its shape (built on the meta
+    device: no memory, no initialization). Shared: read it, never change it."""
+    with torch.device("meta"):
+        resnet = getattr(torchvision.models, backbone)(weights=None)
+    return {key: tuple(value.shape) for key, value in resnet.state_dict().items()}
+
+
+def resnet_mismatch(state_dict: dict[str, Any], backbone: str, head: bool = False) -> str | None:
+    """The first way `state_dict` differs from torchvision's `backbone`, in words (a missing key, an
+    unexpected key, a value of the wrong shape), or None. fc.weight/fc.bias are ignored (R2Gen drops
+    the classifier) unless `head`: then they must be there with ImageNet's shapes."""
+    expected = {k: shape for k, shape in resnet_shapes(backbone).items() if head or not k.startswith("fc.")}
+    given = {k: v for k, v in state_dict.items() if head or not k.startswith("fc.")}
+    missing = [k for k in expected if k not in given and not k.endswith(OPTIONAL_SUFFIX)]
+    unexpected = [k for k in given if k not in expected]
+    for what, keys in (("missing", missing), ("unexpected key", unexpected)):
+        if keys:
+            return f"{what} {keys[0]}" + (f" (and {len(keys) - 1} more)" if len(keys) > 1 else "")
+    for key, shape in expected.items():
+        value = given.get(key)
+        if key in given and not isinstance(value, torch.Tensor):
+            return f"{key} holds a {type(value).__name__}, not a tensor"
+        if key in given and tuple(value.shape) != shape:
+            return f"{key} has shape {_shape(tuple(value.shape))}, {backbone}'s is {_shape(shape)}"
+    return None
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ")"
+
+
+def read_state_dict(file: Path | BinaryIO, label: str) -> dict[str, Any]:
+    """The state_dict in a torch file (`load_weights_only`, then `as_state_dict`)."""
+    return as_state_dict(load_weights_only(file, label), label)
+
+
+def load_weights_only(file: Path | BinaryIO, label: str) -> Any:
+    """What a torch file holds, read weights-only: a file from elsewhere never runs code. Errors are one
+    WeightsError line starting with `label`."""
+    try:
+        with warnings.catch_warnings():  # torch's own notes on the file's pickle protocol: the error says it
+            warnings.simplefilter("ignore")
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise WeightsError(f"{label}: cannot be read weights-only (so that a file from elsewhere never runs "
+                           f"code): {_weights_only_reason(str(err))}") from None
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+        detail = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else "empty or cut short"
+        raise WeightsError(f"{label}: not a torch file, or a truncated one ({type(err).__name__}: {detail})") from None
+
+
+def as_state_dict(held: Any, label: str) -> dict[str, Any]:
+    """A bare state_dict, or the one under "state_dict" or "model"; DataParallel's "module." prefixes removed."""
+    for wrapper in ("state_dict", "model"):
+        if isinstance(held, dict) and isinstance(held.get(wrapper), dict):
+            held = held[wrapper]
+            break
+    if not isinstance(held, dict):
+        raise WeightsError(f"{label}: holds a {type(held).__name__}, not a state_dict")
+    return {str(k).removeprefix("module."): v for k, v in held.items()}
+
+
+def _weights_only_reason(message: str) -> str:
+    """The line of torch's weights-only refusal that says what it met (the rest is the same advice each time)."""
+    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(boiler)]
+    return (reasons or lines or ["unreadable"])[0]
+
+
+def imagenet_cache_path(backbone: str) -> Path:
+    """Where torchvision keeps, and looks for, `backbone`'s ImageNet weights: torch.hub's checkpoints
+    folder, under the last part of the weights' url."""
+    enum = torchvision.models.get_model_weights(backbone).IMAGENET1K_V1
+    return Path(torch.hub.get_dir()) / "checkpoints" / enum.url.rsplit("/", 1)[-1]
 
 
 def _cached_torchvision_weights(backbone: str) -> Path | None:
     """The ImageNet weights file torchvision would download, if it is already in the local cache."""
-    enum = torchvision.models.get_model_weights(backbone).IMAGENET1K_V1
-    file_name = enum.url.rsplit("/", 1)[-1]
-    path = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    path = imagenet_cache_path(backbone)
     return path if path.is_file() else None
 
 
@@ -76,19 +168,11 @@ def init_visual_weights(extractor: VisualExtractor, weights_path: Path | None) -
         path = Path(weights_path)
         if not path.is_file():
             raise WeightsError(f"--visual-weights: no such file: {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
-            raise WeightsError(f"--visual-weights: cannot read {path}: {err}") from None
-        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-            state = state["state_dict"]
-        if not isinstance(state, dict):
-            raise WeightsError(f"--visual-weights: {path} does not hold a state_dict")
-        extractor.load_resnet_state_dict(state, str(path))
+        extractor.load_resnet_state_dict(read_state_dict(path, f"--visual-weights {path}"), f"--visual-weights {path}")
         return f"{extractor.backbone} weights from {path}"
     cached = _cached_torchvision_weights(extractor.backbone)
     if cached is not None:
-        extractor.load_resnet_state_dict(torch.load(cached, map_location="cpu", weights_only=True), str(cached))
+        extractor.load_resnet_state_dict(read_state_dict(cached, str(cached)), str(cached))
         return f"{extractor.backbone} ImageNet weights from the torchvision cache ({cached})"
     warnings.warn(
         f"no pretrained {extractor.backbone} weights found (no --visual-weights, nothing in the torchvision "
