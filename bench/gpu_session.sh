@@ -2,8 +2,8 @@
 # One GPU call (the device tool, carry [".whl"] from bench/gpu_wheels.sh): installs the wheels, then
 # runs the stages named (default: all), each writing its log and JSON under $OUT:
 #   tests     pytest -m gpu (every GPU test of the suite)
-#   parallel  pytest -m gpu in one call's time: the probe tests alone (they measure free memory), then the
-#             four kill-and-resume runs and every other GPU test side by side (logs: gpu_*.log, resume_*.log)
+#   parallel  pytest -m gpu in one call's time: the four kill-and-resume runs in the background, beside the probe
+#             tests (each measures its own peaks) and then every other GPU test (logs: gpu_*.log, resume_*.log)
 #   quick     pytest -m gpu on the fast path alone (speed-ups, generation, fast path); QUICK_TESTS chooses
 #             other tests, QUICK_MARK= (empty) runs their CPU tests too (test_deepspeed then runs on the GPU)
 #   generate  bench/generate.py: reference vs fast beam-3 generation, fp32 and bf16
@@ -27,11 +27,11 @@ for stage in "${stages[@]}"; do
   case "$stage" in
     tests) python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -30 ;;
     parallel)
-      python3 -m pytest -m gpu -q -rP -p no:cacheprovider tests/test_probe_gpu.py >"$OUT/gpu_probe.log" 2>&1; tail -3 "$OUT/gpu_probe.log"
-      for e in plain-bf16 accelerate-bf16 accelerate-fp16 deepspeed-bf16; do
+      for e in deepspeed-bf16 plain-bf16 accelerate-bf16 accelerate-fp16; do  # the longest first
         python3 -m pytest -m gpu -q -rP -p no:cacheprovider "tests/test_resume.py::test_gpu_kill_and_resume[$e]" \
           >"$OUT/resume_$e.log" 2>&1 &
       done
+      python3 -m pytest -m gpu -q -rP -p no:cacheprovider tests/test_probe_gpu.py >"$OUT/gpu_probe.log" 2>&1; tail -3 "$OUT/gpu_probe.log"
       python3 -m pytest -m gpu -q -rP -p no:cacheprovider tests --deselect tests/test_probe_gpu.py -k "not gpu_kill" \
         >"$OUT/gpu_rest.log" 2>&1
       wait; for f in "$OUT"/gpu_rest.log "$OUT"/resume_*.log; do echo "$f: $(tail -1 "$f")"; done ;;

@@ -280,27 +280,29 @@ def test_cuda_graphs_give_the_eager_outputs_and_gradients(precision: str) -> Non
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_every_speed_up_tracks_the_plain_path_for_100_steps_on_a_gpu(small_set: Path, tmp_path: Path) -> None:
+    """bf16 rounding, amplified by Adam over 100 steps, has no closed-form bound (the CPU twin,
+    tests/test_fast_path.py, compares float64 runs step by step). The yardstick is measured here: the
+    fast path's loss curve must stay as close to the plain path's as a second plain run with another
+    seed does (twice the largest gap of their 10-step means), and learn as the plain path does."""
     steps = 100
     curves = {}
-    for fast in (True, False):
+    for name, fast, seed in (("fast", True, 0), ("plain", False, 0), ("other seed", False, 1)):
         cfg = preset("tiny").replace(image_size=32, window_size=7, num_workers=0, log_every=1, val_every=0,
-                                     beam_size=1, epochs=-(-steps // 3))
+                                     beam_size=1, epochs=-(-steps // 3), seed=seed)
         cfg = cfg if fast else cfg.without_speedups()
         prep = prepare(cfg, PlainBackend("cuda", "bf16"), load_annotation(small_set), None)
-        run = tmp_path / ("fast" if fast else "plain")
+        run = tmp_path / name.replace(" ", "-")
         train(prep, run, Console(file=open("/dev/null", "w")))  # noqa: SIM115 - closed with the process
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        curves[fast] = [r["train/loss"] for r in records if "train/loss" in r][:steps]
+        curves[name] = [r["train/loss"] for r in records if "train/loss" in r][:steps]
         if fast:
             assert "forward_features" in prep.model.__dict__  # the graphs were really used
-    fast, plain = curves[True], curves[False]
-    assert len(fast) == len(plain) == steps
-    # Not run on a CPU-only machine, and not a rounding bound: bf16 rounding amplified by Adam over 100 steps
-    # (the CPU twin, tests/test_fast_path.py, compares float64 runs step by step instead).
-    for start in range(0, steps, 10):
-        a, b = sum(fast[start:start + 10]) / 10, sum(plain[start:start + 10]) / 10
-        assert a == pytest.approx(b, rel=0.05), (start, a, b)
-    assert sum(fast[-10:]) < 0.7 * sum(fast[:10])
+    assert all(len(curve) == steps for curve in curves.values())
+    means = {name: [sum(c[s:s + 10]) / 10 for s in range(0, steps, 10)] for name, c in curves.items()}
+    band = 2 * max(abs(a - b) for a, b in zip(means["plain"], means["other seed"]))
+    gaps = [abs(a - b) for a, b in zip(means["fast"], means["plain"])]
+    assert max(gaps) <= band, (gaps, band)
+    assert means["fast"][-1] < means["fast"][0] and means["plain"][-1] < means["plain"][0]
 
 
 def test_cudnn_autotuning_turns_off_inside_and_restores_the_setting() -> None:
