@@ -94,7 +94,7 @@ def test_deepspeed_probe_survives_out_of_memory_and_auto_measures_fp8() -> None:
     # between the smallest micro-batch's peak and the largest one makes the search run out of memory.
     request = replace(_request(budget_gib=20, max_micro=32), backend="deepspeed", engine={"zero": 2, "offload": "cpu"})
     roomy = probe_in_subprocess(request)
-    peaks = dict(roomy.points)
+    peaks = {b: peak for b, fits, peak in roomy.tried if fits and peak is not None}  # the warm-up's too
     assert len(peaks) >= 2, roomy.tried
     result = probe_in_subprocess(replace(request, budget_gib=(peaks[min(peaks)] + max(peaks.values())) / 2,
                                          max_micro=256))
