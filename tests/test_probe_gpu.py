@@ -90,14 +90,15 @@ def test_deepspeed_probe_survives_out_of_memory_and_auto_measures_fp8() -> None:
     from launcher.probe import in_subprocess, measure_speeds
 
     # The budget comes from this machine's own numbers (DeepSpeed's memory outside torch's allocator
-    # differs between GPUs and drivers): a roomy probe measures the peaks, then a budget halfway
-    # between the smallest micro-batch's peak and the largest one makes the search run out of memory.
+    # differs between GPUs and drivers): a roomy probe measures the peaks, then a budget at their line's
+    # value for 10 studies: the ladder's 16 runs out of memory (a budget at 18 studies let 1-18 all fit).
     request = replace(_request(budget_gib=20, max_micro=32), backend="deepspeed", engine={"zero": 2, "offload": "cpu"})
     roomy = probe_in_subprocess(request)
     peaks = {b: peak for b, fits, peak in roomy.tried if fits and peak is not None}  # the warm-up's too
     assert len(peaks) >= 2, roomy.tried
-    result = probe_in_subprocess(replace(request, budget_gib=(peaks[min(peaks)] + max(peaks.values())) / 2,
-                                         max_micro=256))
+    low, high = min(peaks), max(peaks)
+    at_ten = peaks[low] + (peaks[high] - peaks[low]) * (10 - low) / (high - low)  # the peaks' line at 10 studies
+    result = probe_in_subprocess(replace(request, budget_gib=at_ten, max_micro=256))
     assert any(not fits for _, fits, _ in result.tried) and result.micro_batch >= 1, result.tried
     if torch.cuda.get_device_capability() >= (8, 9):
         speeds = in_subprocess(measure_speeds, _request(budget_gib=20),
