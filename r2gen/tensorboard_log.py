@@ -22,8 +22,8 @@ def check_tensorboard() -> None:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        # No brackets in the hint: the console reads them as markup (r2gen-launch[tensorboard] would lose a word).
-        raise ConfigError("--tensorboard: the tensorboard package is not installed (pip install 'r2gen-launch[tensorboard]', or pip install tensorboard)") from None
+        raise ConfigError("--tensorboard: the tensorboard package is not installed "
+                          "(pip install 'r2gen-launch[tensorboard]', or pip install tensorboard)") from None
     del SummaryWriter
 
 
