@@ -26,6 +26,8 @@ class RunToContinue:
     image_dir: str
     checkpoint: Path           # the newest intact resumable checkpoint
     warnings: tuple[str, ...]  # newer checkpoints skipped, and why
+    init_from: str | None = None  # a fine-tune's start checkpoint (config.json), its vocabulary the run's own
+    weights_source: str = ""      # where its weights came from, as config.json records it
 
 
 def find_run(run_dir: Path, name: str | None) -> Path:
@@ -63,7 +65,8 @@ def read_run(target: Path) -> RunToContinue:
     if checkpoint is None:
         detail = f" ({'; '.join(warnings)})" if warnings else ""
         raise ConfigError(f"--keep-training: {target} holds no intact checkpoint to continue from{detail}")
-    return RunToContinue(target, plan, cfg, config["annotation"], config["image_dir"], checkpoint, tuple(warnings))
+    return RunToContinue(target, plan, cfg, config["annotation"], config["image_dir"], checkpoint, tuple(warnings),
+                         config.get("init_from"), config.get("visual_weights") or "")
 
 
 def check_request(run: RunToContinue, backend: str, preset: str | None, overrides: dict[str, Any]) -> None:

@@ -5,7 +5,6 @@ the run's own plan, re-probed). The commands in launcher/cli.py parse options an
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 from datetime import datetime
@@ -267,14 +266,13 @@ def continue_locked(target: Path, backend_name: str, overrides: dict, options, d
         err.print(f"[yellow]warning:[/] skipping {warning}", highlight=False)
     backend = build_backend(plan.backend, plan.device, plan.precision, plan.engine)
     annotation = load_annotation(run.annotation, run.image_dir, run.cfg.model.dataset, progress=True)
-    stored = json.loads((run.path / "config.json").read_text(encoding="utf-8"))
     own = (run.path / "tokenizer.json").read_text(encoding="utf-8")
-    fine_tune = stored.get("init_from")  # its vocabulary is its start checkpoint's: kept, not rebuilt
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # a fine-tune's vocabulary is its start checkpoint's: kept, not rebuilt
         warnings.simplefilter("ignore")  # the visual extractor's weights come from the checkpoint
-        prep = prepare(run.cfg, backend, annotation, None, tokenizer=Tokenizer.from_json(own) if fine_tune else None)
-    if fine_tune:
-        prep.init_from, prep.weights_source = Path(fine_tune), stored["visual_weights"]  # the run's record
+        prep = prepare(run.cfg, backend, annotation, None,
+                       tokenizer=Tokenizer.from_json(own) if run.init_from else None)
+    if run.init_from:
+        prep.init_from, prep.weights_source = Path(run.init_from), run.weights_source  # the run's record
     if prep.tokenizer.to_json() != own:
         raise ConfigError(f"--keep-training: {run.annotation} changed since {run.path} started (its vocabulary "
                           "differs); start a new run")

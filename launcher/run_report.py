@@ -17,14 +17,13 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import socket
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from launcher.charts import NA, PALETTE, Level, Marker, Series, esc, fmt, img, line_chart, number, page, thin
+from launcher.runlock import live_holder
 from r2gen.errors import ConfigError
 from r2gen.state import MONITOR
 
@@ -93,22 +92,6 @@ def _reports_file(reports: Path) -> Path | None:
     return None
 
 
-def _holder(run_dir: Path) -> str:
-    """Who trains the run now, from its lock file (launcher.runlock), if that process is alive here."""
-    from launcher.runlock import LOCK_NAME, holder_text
-
-    info = _read_json(run_dir / LOCK_NAME)
-    if not isinstance(info, dict) or info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
-        return ""
-    try:
-        os.kill(info["pid"], 0)
-    except ProcessLookupError:
-        return ""
-    except PermissionError:  # alive, someone else's
-        pass
-    return holder_text(info)
-
-
 def read_run_files(run_dir: Path) -> RunFiles:
     """A run directory's files, as far as they are written; ConfigError for a folder that is no run."""
     if not run_dir.is_dir():
@@ -116,7 +99,7 @@ def read_run_files(run_dir: Path) -> RunFiles:
     if not (run_dir / "config.json").is_file() and not (run_dir / "metrics.jsonl").is_file():
         raise ConfigError(f"RUN: {run_dir} is not a run directory (no config.json or metrics.jsonl)")
     run = RunFiles(run_dir, config=_read_json(run_dir / "config.json") or {}, plan=_read_json(run_dir / "plan.json") or {},
-                   records=read_records(run_dir / "metrics.jsonl"), running=_holder(run_dir))
+                   records=read_records(run_dir / "metrics.jsonl"), running=live_holder(run_dir))
     chosen = _reports_file(run_dir / "reports")
     samples = _read_json(chosen) if chosen else None
     if isinstance(samples, list):

@@ -79,3 +79,25 @@ def _read(fd: int) -> dict:
     except (ValueError, UnicodeDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def live_holder(run_dir: Path) -> str:
+    """Who trains the run now (holder_text), or "" when no process on this host does: read from the lock
+    file's content and the process's liveness; takes no lock (a reader must never block a writer)."""
+    try:
+        fd = os.open(run_dir / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return ""
+    try:
+        info = _read(fd)
+    finally:
+        os.close(fd)
+    if info.get("host") != socket.gethostname() or not isinstance(info.get("pid"), int):
+        return ""
+    try:
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return ""
+    except PermissionError:  # alive, another user's
+        pass
+    return holder_text(info)
