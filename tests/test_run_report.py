@@ -20,7 +20,7 @@ from PIL import Image
 
 from browser import assert_renders
 from child_env import repo_pythonpath
-from launcher.run_report import read_run_files, render_run_report, write_run_report
+from launcher.run_report import read_run_files, render_run_report
 from r2gen.errors import ConfigError
 
 RUN = ["plain", "--preset", "tiny", "--device", "cpu", "--studies", "20", "--beam-size", "1", "--num-workers", "0",
