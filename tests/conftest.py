@@ -1,4 +1,6 @@
-"""Shared fixtures: a small synthetic data set, GPU skipping, an isolated cache, a PATH without java."""
+"""Shared fixtures: a small synthetic data set, GPU skipping, an isolated cache, a PATH without java,
+and scratch folders for module fixtures that go when their module passed (runs hold checkpoints of
+~100-200 MB each: kept, the suite would leave ~20 GB behind)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def small_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """annotation.json of a 30-study synthetic IU X-Ray set (21/3/6 train/val/test), made once."""
     return synthesize(tmp_path_factory.mktemp("synth") / "set", studies=30, seed=1, image_size=64)
+
+
+@pytest.fixture(scope="module")
+def module_scratch(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """make(name) -> a fresh folder for a module-scoped fixture; all of them are removed when the module
+    ends with no new failure (kept for a look when one of its tests failed), as pytest does with a
+    passed test's tmp_path under tmp_path_retention_policy = "failed"."""
+    made: list[Path] = []
+    failed_before = request.session.testsfailed
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    if request.session.testsfailed == failed_before:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -30,9 +30,9 @@ RUN = ["plain", "--preset", "tiny", "--device", "cpu", "--studies", "20", "--epo
 
 
 @pytest.fixture(scope="module")
-def own(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def own(module_scratch) -> Path:
     """A real run's directory (made by the CLI, as a user would)."""
-    tmp = tmp_path_factory.mktemp("own")
+    tmp = module_scratch("own")
     env = {**os.environ, "PYTHONPATH": repo_pythonpath(), "R2GEN_LAUNCH_CACHE": str(tmp / "cache"), "COLUMNS": "400"}
     result = subprocess.run([sys.executable, "-m", "launcher.cli", *RUN, "--run-dir", str(tmp / "runs"),
                              "--name", "own"],

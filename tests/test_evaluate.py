@@ -30,8 +30,8 @@ def _cli(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("evaluate")
+def runs(module_scratch) -> dict[str, Path]:
+    tmp = module_scratch("evaluate")
     made = {}
     for engine in ("plain", "accelerate"):
         result = _cli([engine, *RUN, "--precision", "fp32", "--run-dir", str(tmp), "--name", engine], tmp)

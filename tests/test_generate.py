@@ -61,8 +61,8 @@ def _refused(args: list[str], needle: str, hints: bool = False) -> str:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("generate")
+def run(module_scratch) -> Path:
+    tmp = module_scratch("generate")
     result = _cli(["plain", *RUN, "--run-dir", str(tmp), "--name", "plain"], tmp)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp / "plain"
@@ -87,10 +87,10 @@ def _rows(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def published(run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def published(run: Path, module_scratch) -> dict[str, Path]:
     """Our model's state_dict saved as the published trainer saves it (after an optimizer step, with a
     numpy monitor_best), its twin in our own format, and one whose logit layer is 3 words too wide."""
-    tmp = tmp_path_factory.mktemp("published")
+    tmp = module_scratch("published")
     annotation = load_annotation(_annotation(run), None, "iu_xray", check_images=False)
     tokenizer = Tokenizer.from_reports("iu_xray", (s.report for s in annotation.splits["train"]))
     files = {}

@@ -74,8 +74,8 @@ def _final_weights(run: Path, steps: int = 8) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("reference")
+def reference(module_scratch) -> tuple[Path, Path]:
+    tmp = module_scratch("reference")
     code, output = _finish(_cli([*RUN, "--name", "whole"], tmp))
     assert code == 0, output[-3000:]
     return tmp, tmp / "runs" / "whole"
