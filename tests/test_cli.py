@@ -250,7 +250,7 @@ def test_version_and_env_name_this_package() -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"r2gen-launch {version}"
     shown = runner.invoke(app, ["env"], terminal_width=250)
-    assert shown.exit_code == 0 and f"r2gen-launch" in shown.output and version in shown.output
+    assert shown.exit_code == 0 and "r2gen-launch" in shown.output and version in shown.output
 
 
 @pytest.mark.parametrize("flag", ["--beam-size", "--beam"])
