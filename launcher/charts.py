@@ -38,6 +38,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: now
 .charts { display: flex; flex-wrap: wrap; gap: 16px; }
 img.chart { max-width: 100%; height: auto; border: 1px solid #d0d7de; border-radius: 6px; }
 .note { color: #57606a; font-size: 13px; }
+.status { display: inline-block; border-radius: 10px; padding: 0 8px; font-weight: 600; color: #fff; }  /* a status badge; each page colours its own */
 #samples { table-layout: fixed; width: 100%; }
 #samples td { white-space: pre-wrap; overflow-wrap: anywhere; word-break: break-word; }
 #samples td.id { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 12px; }

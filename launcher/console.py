@@ -11,16 +11,22 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from r2gen.errors import UsageError
+from r2gen.errors import RunFailed, UsageError
 
 out = Console()
 err = Console(stderr=True)
 
 
 def fail(exc: UsageError) -> None:
+    _exit("[bold red]error:[/]", exc)
+
+
+def _exit(label: str, exc: UsageError | RunFailed) -> None:
+    """One line, the label then the error's text as it is ([extras] and paths in brackets stay as typed),
+    and the error's exit code."""
     from rich.markup import escape
 
-    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # [extras] stay as typed
+    err.print(f"{label} {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
 
@@ -111,8 +117,6 @@ def print_result(result) -> None:
 def guarded(run) -> None:
     """Exit 2 for bad input, 1 (with what was saved) for a run that failed while running, 128 + the
     signal for a run stopped by SIGTERM/Ctrl-C after saving."""
-    from r2gen.errors import RunFailed
-
     try:
         run()
     except UsageError as exc:
@@ -120,9 +124,7 @@ def guarded(run) -> None:
     except RunFailed as exc:
         from r2gen.state import Stopped
 
-        label = "[bold yellow]stopped:[/]" if isinstance(exc, Stopped) else "[bold red]failed:[/]"
-        err.print(f"{label} {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from None
+        _exit("[bold yellow]stopped:[/]" if isinstance(exc, Stopped) else "[bold red]failed:[/]", exc)
 
 
 def describe_config(engine) -> str:

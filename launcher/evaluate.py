@@ -88,6 +88,33 @@ class OpenedCheckpoint:
         load_weights(model, self.trained, "--checkpoint")
         return model
 
+    def inference_config(self, beam_size: int | None, num_workers: int | None) -> TrainConfig:
+        """The configuration to generate with: `beam_size` and `num_workers` where given, else the
+        checkpoint's; batches sized by evaluation's rule; no image cache."""
+        return self.cfg.replace(beam_size=beam_size or self.cfg.beam_size, micro_batch=0, cache_images=False,
+                                num_workers=self.cfg.num_workers if num_workers is None else num_workers)
+
+    def output_path(self, kind: str, beam_size: int, suffix: str = "") -> Path:
+        """<run>/reports/<kind>-<checkpoint>-beam<N><suffix>: in the checkpoint's run, else beside it."""
+        name = self.state_path.parent.name if self.state_path.name == "loop.pt" else self.state_path.stem
+        return (self.run_dir or self.state_path.parent) / "reports" / f"{kind}-{name}-beam{beam_size}{suffix}"
+
+
+def check_beam_size(beam_size: int | None) -> None:
+    if beam_size is not None and beam_size < 1:
+        raise ConfigError(f"--beam-size: must be at least 1, got {beam_size}")
+
+
+def inference_backend(device: str | None, precision: str | None):
+    """The plain engine to generate with: the GPU where there is one, bf16 there and fp32 on a CPU,
+    unless --device / --precision say otherwise."""
+    import torch
+
+    from backends.registry import build_backend
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return build_backend("plain", device, precision or ("bf16" if device == "cuda" else "fp32"))
+
 
 def open_checkpoint(checkpoint: Path, ann_path: Path | None = None, image_dir: Path | None = None,
                     check_images: bool = True) -> OpenedCheckpoint:
@@ -117,36 +144,29 @@ def evaluate_checkpoint(checkpoint: Path, split: str = "test", beam_size: int | 
                         image_dir: Path | None = None, num_workers: int | None = None,
                         output: Path | None = None) -> CheckpointEvaluation:
     """Generate the split's reports with the checkpoint's weights; scores and writes them (JSON)."""
-    import torch
-
-    from backends.registry import build_backend
     from r2gen.build import Prepared
     from r2gen.data.loader import build_loader
     from r2gen.evaluate import evaluate
 
     if split not in SPLITS:
         raise ConfigError(f"--split: unknown {split!r}; choose one of {', '.join(SPLITS)}")
-    if beam_size is not None and beam_size < 1:
-        raise ConfigError(f"--beam-size: must be at least 1, got {beam_size}")
+    check_beam_size(beam_size)
     opened = open_checkpoint(checkpoint, ann_path, image_dir)
     state_path, run_dir = opened.state_path, opened.run_dir
     if ann_path is None and run_dir is None:
         raise ConfigError(f"--ann-path: {state_path} has no run directory (config.json) above it; name the data set")
-    cfg = opened.cfg.replace(beam_size=beam_size or opened.cfg.beam_size, micro_batch=0, cache_images=False,
-                             num_workers=opened.cfg.num_workers if num_workers is None else num_workers)
+    cfg = opened.inference_config(beam_size, num_workers)
     if ann_path is None:
         facts = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
         ann_path, image_dir = Path(facts["annotation"]), image_dir or Path(facts["image_dir"])
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backend = build_backend("plain", device, precision or ("bf16" if device == "cuda" else "fp32"))
+    backend = inference_backend(device, precision)
     annotation = opened.annotation or load_annotation(ann_path, image_dir, cfg.model.dataset, progress=True)
     model = opened.model().to(backend.device)
     prep = Prepared(cfg, backend, annotation, opened.tokenizer, model, f"checkpoint {state_path}")
     began = time.perf_counter()
     scores, records, speed = evaluate(model, build_loader(prep, split, train=False), backend, opened.tokenizer, cfg)
     result = CheckpointEvaluation(state_path, split, cfg.beam_size, opened.trained.step, scores, speed, records)
-    name = state_path.parent.name if state_path.name == "loop.pt" else state_path.stem
-    result.output = output or (run_dir or state_path.parent) / "reports" / f"evaluate-{split}-{name}-beam{cfg.beam_size}.json"
+    result.output = output or opened.output_path(f"evaluate-{split}", cfg.beam_size, ".json")
     result.output.parent.mkdir(parents=True, exist_ok=True)
     write_json(result.output, {"checkpoint": str(state_path), "split": split, "beam_size": cfg.beam_size,
                                "step": result.step, "scores": scores, "generate_samples_per_s": speed,

@@ -34,28 +34,18 @@ class Generated:
     findings: bool  # whether the rows carry the findings their reports state
 
 
-def default_output(state_path: Path, run_dir: Path | None, input_path: Path, beam_size: int) -> Path:
-    """<run>/reports/generate-<input>-<checkpoint>-beam<N>/ (beside a checkpoint outside a run), as evaluate's."""
-    name = state_path.parent.name if state_path.name == "loop.pt" else state_path.stem
-    return (run_dir or state_path.parent) / "reports" / f"generate-{input_path.stem}-{name}-beam{beam_size}"
-
-
 def generate_reports(checkpoint: Path, input_path: Path, beam_size: int | None = None, ann_path: Path | None = None,
                      image_dir: Path | None = None, device: str | None = None, precision: str | None = None,
                      num_workers: int | None = None, output: Path | None = None, force: bool = False) -> Generated:
     """Check the input and the output folder, then write a report per study; bad input is a ConfigError
     or DataError line before any model work."""
-    import torch
-
-    from backends.registry import build_backend
-    from launcher.evaluate import open_checkpoint
+    from launcher.evaluate import check_beam_size, inference_backend, open_checkpoint
     from r2gen.build import Prepared
     from r2gen.data.datasets import Annotation, folder_studies, load_studies
     from r2gen.data.loader import build_loader
     from r2gen.findings import speaks_synthetic
 
-    if beam_size is not None and beam_size < 1:
-        raise ConfigError(f"--beam-size: must be at least 1, got {beam_size}")
+    check_beam_size(beam_size)
     if not input_path.exists():
         raise ConfigError(f"--input: {input_path} does not exist")
     if image_dir is not None and input_path.is_dir():
@@ -64,17 +54,15 @@ def generate_reports(checkpoint: Path, input_path: Path, beam_size: int | None =
     if ann_path is not None and opened.annotation is None:
         raise ConfigError(f"--ann-path: only for a published R2Gen checkpoint; {opened.state_path} has its own "
                           "vocabulary")
-    cfg = opened.cfg.replace(beam_size=beam_size or opened.cfg.beam_size, micro_batch=0, cache_images=False,
-                             num_workers=opened.cfg.num_workers if num_workers is None else num_workers)
+    cfg = opened.inference_config(beam_size, num_workers)
     dataset = cfg.model.dataset
     studies = (folder_studies(input_path, dataset) if input_path.is_dir()
                else load_studies(input_path, image_dir, dataset))
-    out_dir = output or default_output(opened.state_path, opened.run_dir, input_path, cfg.beam_size)
+    out_dir = output or opened.output_path(f"generate-{input_path.stem}", cfg.beam_size)
     if not force and any((out_dir / name).exists() for name in OUTPUTS):
         raise ConfigError(f"--out: {out_dir} already holds reports; choose another --out, or --force to replace them")
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backend = build_backend("plain", device, precision or ("bf16" if device == "cuda" else "fp32"))
+    backend = inference_backend(device, precision)
     model = opened.model().to(backend.device).eval()
     where = input_path if input_path.is_dir() else (image_dir or input_path.parent / "images")
     prep = Prepared(cfg, backend, Annotation(input_path, where, dataset, {"input": studies}), opened.tokenizer,

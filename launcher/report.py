@@ -30,7 +30,6 @@ CSS = """
 #results th { white-space: nowrap; }
 #results td.state { min-width: 130px; }
 #results tr.recommended td { background: #dafbe1; }
-.status { display: inline-block; border-radius: 10px; padding: 0 8px; font-weight: 600; color: #fff; }
 .status-done { background: #1a7f37; } .status-skipped { background: #6e7781; }
 .status-failed { background: #cf222e; } .status-pending { background: #9a6700; }
 .reason { display: block; font-size: 12px; color: #57606a; margin-top: 2px; overflow-wrap: anywhere; }

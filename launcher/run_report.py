@@ -35,7 +35,6 @@ SCORES = (("BLEU_4", "BLEU-4"), ("CIDEr", "CIDEr"), ("findings_macro_f1", "Findi
 CSS = """
 #scores td.num, #plan td { font-size: 13px; }
 #plan td.reason { color: #32383f; overflow-wrap: anywhere; }
-.status { display: inline-block; border-radius: 10px; padding: 0 8px; font-weight: 600; color: #fff; }
 .status-finished { background: #1a7f37; } .status-running { background: #0969da; }
 .status-stopped { background: #9a6700; }
 #samples td.views img { width: 46%; margin: 1%; image-rendering: auto; border: 1px solid #d0d7de; }

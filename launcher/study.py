@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from launcher.run_report import read_records
 from r2gen.errors import ConfigError, RunFailed
 from r2gen.findings import FINDINGS_KEYS
 from r2gen.scores import SCORE_KEYS
@@ -82,13 +83,6 @@ def run_command(request: StudyRequest, precision: str, resume: bool) -> list[str
     return [*command, "--device", request.device, "--preset", request.preset, *request.run_args]
 
 
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def _last(records: list[dict], key: str) -> float | None:
     return next((r[key] for r in reversed(records) if r.get(key) is not None), None)
 
@@ -100,7 +94,7 @@ def _present(name: str, scores: dict) -> dict:
 
 def collect(run_dir: Path) -> dict:
     """A finished run's numbers, from its metrics.jsonl, plan.json and last test reports."""
-    records = _records(run_dir)
+    records = read_records(run_dir / "metrics.jsonl")
     utils = [r["gpu/util_pct"] for r in records if r.get("gpu/util_pct") is not None]
     plan = json.loads((run_dir / "plan.json").read_text(encoding="utf-8"))
     tests = sorted((run_dir / "reports").glob("test_epoch*.json"))
