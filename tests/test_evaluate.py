@@ -5,9 +5,6 @@ requests get one line and exit code 2."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,17 +13,11 @@ from typer.testing import CliRunner
 from launcher.cli import app
 from r2gen.checkpoint import CheckpointStore
 from r2gen.scores import SCORE_KEYS
-from child_env import repo_pythonpath
+from child_env import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ["--preset", "tiny", "--device", "cpu", "--studies", "20", "--epochs", "1", "--beam-size", "2",
        "--num-workers", "0"]
-
-
-def _cli(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": repo_pythonpath(), "R2GEN_LAUNCH_CACHE": str(tmp / "cache")}
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True, timeout=600,
-                          env=env)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +25,7 @@ def runs(module_scratch) -> dict[str, Path]:
     tmp = module_scratch("evaluate")
     made = {}
     for engine in ("plain", "accelerate"):
-        result = _cli([engine, *RUN, "--precision", "fp32", "--run-dir", str(tmp), "--name", engine], tmp)
+        result = run_cli([engine, *RUN, "--precision", "fp32", "--run-dir", str(tmp), "--name", engine], tmp)
         assert result.returncode == 0, result.stderr[-3000:]
         made[engine] = tmp / engine
     return made
@@ -46,7 +37,7 @@ def test_a_checkpoint_gives_back_the_runs_own_test_reports(runs: dict[str, Path]
     newest, _ = CheckpointStore(run / "checkpoints").newest_intact()  # the end of the last epoch
     assert newest.is_dir() == (engine == "accelerate")  # Accelerate's own save_state folder
     out = tmp_path / "eval.json"
-    result = _cli(["evaluate", "--checkpoint", str(newest), "--device", "cpu", "--num-workers", "0",
+    result = run_cli(["evaluate", "--checkpoint", str(newest), "--device", "cpu", "--num-workers", "0",
                    "--out", str(out)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(out.read_text())
@@ -61,7 +52,7 @@ def test_a_checkpoint_gives_back_the_runs_own_test_reports(runs: dict[str, Path]
 
 
 def test_a_run_directory_means_its_best_checkpoint(runs: dict[str, Path], tmp_path) -> None:
-    result = _cli(["evaluate", "--checkpoint", str(runs["plain"]), "--split", "val", "--beam", "1", "--device", "cpu",
+    result = run_cli(["evaluate", "--checkpoint", str(runs["plain"]), "--split", "val", "--beam", "1", "--device", "cpu",
                    "--num-workers", "0"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     written = runs["plain"] / "reports" / "evaluate-val-best-beam1.json"

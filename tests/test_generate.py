@@ -13,8 +13,6 @@ import dataclasses
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,19 +29,13 @@ from r2gen.data.datasets import annotation_dataset, folder_studies, load_annotat
 from r2gen.data.tokenizer import Tokenizer
 from r2gen.errors import DataError
 from r2gen.model.r2gen import ModelConfig, R2GenModel
-from child_env import repo_pythonpath
+from child_env import run_cli
 
 RUN = ["--preset", "tiny", "--device", "cpu", "--studies", "20", "--epochs", "1", "--beam-size", "2",
        "--num-workers", "0", "--precision", "fp32"]
 CPU = ["--device", "cpu", "--num-workers", "0"]
 SMALL = ModelConfig(backbone="resnet18", d_model=128, d_ff=128, num_layers=1, rm_d_model=128)
 """A small model with the published code's head counts (8): what its shapes say, it is."""
-
-
-def _cli(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": repo_pythonpath(), "R2GEN_LAUNCH_CACHE": str(tmp / "cache")}
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True, timeout=600,
-                          env=env)
 
 
 def _invoke(args: list[str]) -> tuple[int, list[str]]:
@@ -63,7 +55,7 @@ def _refused(args: list[str], needle: str, hints: bool = False) -> str:
 @pytest.fixture(scope="module")
 def run(module_scratch) -> Path:
     tmp = module_scratch("generate")
-    result = _cli(["plain", *RUN, "--run-dir", str(tmp), "--name", "plain"], tmp)
+    result = run_cli(["plain", *RUN, "--run-dir", str(tmp), "--name", "plain"], tmp)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp / "plain"
 
@@ -241,7 +233,7 @@ def test_a_published_checkpoint_fine_tunes(run: Path, published: dict[str, Path]
     start = published["model_iu_xray.pth"]
     _refused(["plain", *RUN, "--init-from", str(start), "--keep-training", "--run-dir", str(tmp_path)],
              "--init-from: a continued run goes on from its own checkpoint")
-    result = _cli(["plain", *RUN, "--ann-path", str(_annotation(run)), "--init-from", str(start),
+    result = run_cli(["plain", *RUN, "--ann-path", str(_annotation(run)), "--init-from", str(start),
                    "--run-dir", str(tmp_path), "--name", "tuned"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"fine-tune: every weight from published R2Gen checkpoint {start} (epoch 7)" in result.stderr

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import signal
 import subprocess
@@ -19,7 +18,7 @@ import pytest
 from PIL import Image
 
 from browser import assert_renders
-from child_env import repo_pythonpath
+from child_env import cli_env, run_cli
 from launcher.run_report import read_run_files, render_run_report
 from r2gen.errors import ConfigError
 
@@ -30,13 +29,8 @@ CHARTS = ("chart-loss-step", "chart-loss-epoch", "chart-bleu4", "chart-cider", "
 NS = "{http://www.w3.org/2000/svg}"
 
 
-def _env(tmp: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": repo_pythonpath(), "R2GEN_LAUNCH_CACHE": str(tmp / "cache"), "COLUMNS": "300"}
-
-
 def _cli(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True, timeout=600,
-                          env=_env(tmp))
+    return run_cli(args, tmp, COLUMNS="300")
 
 
 def _charts(page: str) -> dict[str, ET.Element]:
@@ -159,7 +153,7 @@ def test_a_cpu_run_writes_its_report_and_it_renders(tmp_path: Path) -> None:
 def test_a_run_still_going_and_then_killed_is_drawn_from_what_it_wrote(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     first = subprocess.Popen([sys.executable, "-m", "launcher.cli", *RUN, "--epochs", "500", "--run-dir", str(runs),
-                              "--name", "r"], env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              "--name", "r"], env=cli_env(tmp_path, COLUMNS="300"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
     run = runs / "r"
     deadline = time.monotonic() + 300
