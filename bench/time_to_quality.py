@@ -37,6 +37,8 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from launcher.run_report import read_records  # noqa: E402 - metrics.jsonl, a cut last line left out
+
 PUBLISHED = dict(window_size=16, micro_batch=0, num_workers=2, pin_memory=False, cache_images=False,
                  uint8_images=False, val_every=1, test_every=1, checkpoint_every_min=0.0,
                  reference_generation=True)
@@ -78,15 +80,8 @@ def _timed(cmd: list[str], budget_s: float | None, log: Path) -> float:
     return began
 
 
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
-
-
 def summarize(name: str, run_dir: Path, began: float) -> dict:
-    records = _records(run_dir)
+    records = read_records(run_dir / "metrics.jsonl")
     curve = [(r["time/unix_s"] - began, r["val/findings_macro_f1"]) for r in records
              if r.get("val/findings_macro_f1") is not None]
     last = {}
