@@ -127,8 +127,8 @@ MaxSteps = Annotated[Optional[int], _opt("Cut each epoch after this many optimiz
 LogEvery = Annotated[Optional[int], _opt("Optimizer steps between metrics.jsonl records.",
                                          shown=str(_DEFAULTS.log_every))]
 Speedups = Annotated[bool, _opt(
-    "The training step's GPU speed-ups: channels_last and cuDNN autotuning for the ResNet, fused Adam, CUDA graphs "
-    "of the encoder-decoder (the same function; docs/speed.md). --no-speedups: the plain step. On a CPU only the "
+    "The training step's GPU speed-ups: channels_last and cuDNN autotuning for the ResNet, fused Adam, the fused "
+    "relational memory (Triton), CUDA graphs of the encoder-decoder (the same function; docs/speed.md). --no-speedups: the plain step. On a CPU only the "
     "fused Adam applies.", "--speedups/--no-speedups")]
 
 # -- processes ----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from r2gen.wandb_log import WANDB_MODES
 from r2gen.model.r2gen import ModelConfig
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-STEP_SPEEDUPS = ("channels_last", "cudnn_benchmark", "fused_optimizer", "cuda_graphs")
+STEP_SPEEDUPS = ("channels_last", "cudnn_benchmark", "fused_optimizer", "fused_memory", "cuda_graphs")
 """TrainConfig's switches of the training step's GPU speed-ups (r2gen.speedups), all on by default."""
 DEVICES = ("cpu", "cuda")
 EVAL_MICRO_BATCHES, EVAL_BATCH_MAX = 4, 256
@@ -67,6 +67,7 @@ class TrainConfig:
     channels_last: bool = True         # GPU, not deepspeed: the visual extractor's convolutions in NHWC (tensor-core layout)
     cudnn_benchmark: bool = True       # GPU: cuDNN times its convolution algorithms once per shape and keeps the fastest
     fused_optimizer: bool = True       # GPU or CPU: Adam's update in one fused kernel (DeepSpeed's offload has its own)
+    fused_memory: bool = True          # GPU: the relational memory's token loop in fused Triton kernels (r2gen/fused_memory.py)
     cuda_graphs: bool = True           # GPU, one process, plain/accelerate: the encoder-decoder's step replayed as CUDA graphs
     max_vram_gib: float = 0.0          # hard cap on this process's GPU memory; 0 = none
     oom_retries: int = 3               # retries at micro-batch 1 before saving and stopping

@@ -10,6 +10,9 @@
   launches become two. Targets are padded to the model's max_seq_length so every batch has one
   shape; trailing padding changes nothing (the decoder is causal and padded keys are masked), and
   the outputs are sliced back to the batch's width.
+- the fused relational memory (r2gen.fused_memory): the memory's 59-token loop in five Triton
+  kernels per token forward and six backward instead of a few dozen PyTorch operations each; every
+  engine (FP8's swapped layers fall back to the plain loop, said once).
 - the fused Adam (one kernel for the whole update, on a GPU or the CPU) is chosen in
   r2gen.build.build_optimizer.
 
@@ -30,6 +33,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from r2gen.fused_memory import install_fused_memory
+
 MAX_GRAPHS = 2
 """Captured shapes kept per model: the micro-batch and an epoch's shorter last batch."""
 
@@ -46,6 +51,7 @@ def planned_speedups(cfg, engine, device_type: str, world_size: int) -> list[str
         return []
     wanted = [("channels_last", cfg.channels_last and not engine.flat_parameters),
               ("cudnn_benchmark", cfg.cudnn_benchmark),
+              ("fused_memory", cfg.fused_memory),
               ("cuda_graphs", cfg.cuda_graphs and engine.cuda_graphs and world_size == 1)]
     return [name for name, allowed in wanted if allowed]
 
@@ -58,6 +64,10 @@ def speed_up(model: torch.nn.Module, backend, cfg) -> list[str]:
         model.visual_extractor.to(memory_format=torch.channels_last)
     if "cudnn_benchmark" in applied:
         torch.backends.cudnn.benchmark = True  # process-wide; the crop gives every batch one image shape
+    if "fused_memory" in applied and (why := install_fused_memory(model)):
+        applied.remove("fused_memory")
+        warnings.warn(f"the fused relational memory is off for this run ({why}); it runs as PyTorch operations",
+                      stacklevel=2)
     if "cuda_graphs" in applied:
         CudaGraphedFeatures.install(model)
     return applied

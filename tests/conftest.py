@@ -1,4 +1,4 @@
-"""Shared fixtures: a small synthetic data set, GPU skipping, an isolated cache, a PATH without java,
+"""Shared fixtures: Triton's interpreter where no GPU is, a small synthetic data set, GPU skipping, an isolated cache, a PATH without java,
 and scratch folders for module fixtures that go when their module passed (runs hold checkpoints of
 ~100-200 MB each: kept, the suite would leave ~20 GB behind)."""
 
@@ -8,8 +8,14 @@ import os
 import shutil
 from pathlib import Path
 
-import pytest
-import torch
+# Without an NVIDIA device, Triton kernels (the fused relational memory's) run in Triton's interpreter.
+# It must be on before triton.language is first imported (torchvision imports it, with torch's
+# Triton helpers), so here, before torch: kernels defined or run without it cannot be interpreted.
+if not Path("/dev/nvidiactl").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from r2gen.data.synth import synthesize
 

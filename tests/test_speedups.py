@@ -102,13 +102,14 @@ def test_fused_adam_on_a_cpu_takes_the_per_tensor_steps() -> None:
 
 
 @pytest.mark.parametrize("backend,world_size,expected", [
-    (PlainBackend, 1, ["channels_last", "cudnn_benchmark", "cuda_graphs"]),
-    (AccelerateBackend, 1, ["channels_last", "cudnn_benchmark", "cuda_graphs"]),
-    (AccelerateBackend, 2, ["channels_last", "cudnn_benchmark"]),  # graphs: one process only
-    (Fp8Backend, 1, ["channels_last", "cudnn_benchmark"]),  # its swapped Linear layers are not captured
+    (PlainBackend, 1, ["channels_last", "cudnn_benchmark", "fused_memory", "cuda_graphs"]),
+    (AccelerateBackend, 1, ["channels_last", "cudnn_benchmark", "fused_memory", "cuda_graphs"]),
+    (AccelerateBackend, 2, ["channels_last", "cudnn_benchmark", "fused_memory"]),  # graphs: one process only
+    # its swapped Linear layers are not captured (the fused memory sees them at install and stays off)
+    (Fp8Backend, 1, ["channels_last", "cudnn_benchmark", "fused_memory"]),
     # ZeRO-2's parameters are views of its flat buffer: a layout change after initialize unlinks them
     # (an H200 run of the deepspeed engine failed in its gradient buckets' view(-1)).
-    (DeepSpeedBackend, 1, ["cudnn_benchmark"]),
+    (DeepSpeedBackend, 1, ["cudnn_benchmark", "fused_memory"]),
 ], ids=["plain", "accelerate", "accelerate-2", "fp8", "deepspeed"])
 def test_planned_speedups_per_backend(backend: type, world_size: int, expected: list[str]) -> None:
     cfg = preset("iu_xray")
