@@ -36,6 +36,7 @@ from launcher.probe import synthetic_batch  # noqa: E402
 from r2gen.build import prepare_model  # noqa: E402
 from r2gen.config import STEP_SPEEDUPS, preset  # noqa: E402
 from r2gen.model.r2gen import R2GenModel, masked_nll  # noqa: E402
+from r2gen.speedups import CudaGraphed  # noqa: E402
 from r2gen.step import train_step  # noqa: E402
 
 VOCAB = 60
@@ -85,6 +86,8 @@ def main() -> None:
         warnings.simplefilter("ignore")
         torch.manual_seed(0)
         model, optimizer = prepare_model(backend, R2GenModel(cfg.model, VOCAB), cfg)
+    if CudaGraphed.installed(model):  # the whole step is graphed; the encoder-decoder's part is timed graphed too
+        CudaGraphed.install(model, "forward_features")
     model.train()
     if args.new_shapes:
         new_shapes(model, optimizer, backend, cfg, [int(b) for b in args.new_shapes.split(",")], args.reps, off)

@@ -3,13 +3,17 @@
 - channels_last: the visual extractor's convolutions run in NHWC, the layout cuDNN's bf16/fp16
   tensor-core kernels use (NCHW makes them transpose every activation); cudnn_benchmark lets cuDNN
   time its algorithms once per shape and keep the fastest.
-- CUDA graphs of the encoder-decoder: on a GPU the memory-driven Transformer is launch-bound (the
-  relational memory runs a few dozen small kernels per token, 59 tokens, forward and backward).
-  `CudaGraphedFeatures` captures R2GenModel.forward_features (patch features, targets -> log-
-  probabilities) and its backward once per micro-batch shape and replays them: thousands of
-  launches become two. Targets are padded to the model's max_seq_length so every batch has one
-  shape; trailing padding changes nothing (the decoder is causal and padded keys are masked), and
-  the outputs are sliced back to the batch's width.
+- CUDA graphs of the model's training forward and backward: at the batches researchers use (16-64)
+  the step is launch-bound (ResNet-101's ~1,000 kernels per view, the memory-driven Transformer's
+  small ones). `CudaGraphed` captures R2GenModel.forward (images, targets -> log-probabilities; the
+  visual extractor included) and its backward once per micro-batch shape and replays them:
+  thousands of launches become two. (`CudaGraphed.install(model, "forward_features")` captures the
+  encoder-decoder alone, from patch features: bench/profile_step.py times the parts that way.)
+  Targets are padded to the model's max_seq_length so every batch has one shape; trailing padding
+  changes nothing (the decoder is causal and padded keys are masked), and the outputs are sliced back
+  to the batch's width. Every captured shape shares one memory pool (their steps never overlap), so
+  an epoch's shorter last batch adds its own graphs, not a second set of activations; BatchNorm's
+  running statistics are put back after a capture's warm-up passes.
 - the fused relational memory (r2gen.fused_memory): the memory's 59-token loop in five Triton
   kernels per token forward and six backward instead of a few dozen PyTorch operations each; every
   engine (FP8's swapped layers fall back to the plain loop, said once).
@@ -69,7 +73,7 @@ def speed_up(model: torch.nn.Module, backend, cfg) -> list[str]:
         warnings.warn(f"the fused relational memory is off for this run ({why}); it runs as PyTorch operations",
                       stacklevel=2)
     if "cuda_graphs" in applied:
-        CudaGraphedFeatures.install(model)
+        CudaGraphed.install(model)
     return applied
 
 
@@ -91,8 +95,7 @@ def cudnn_autotuning(on: bool) -> Iterator[None]:
 
 def release_graphs(model: torch.nn.Module) -> None:
     """Drop a model's captured graphs, if any (after an out-of-memory error, between probe sizes)."""
-    graphed = CudaGraphedFeatures.installed(model)
-    if graphed is not None:
+    for graphed in CudaGraphed.all_installed(model):
         graphed.release()
 
 
@@ -118,15 +121,15 @@ def release_workspaces() -> None:
 
 @contextmanager
 def eager_path(model: torch.nn.Module) -> Iterator[None]:
-    """The model's own forward_features inside the block (FLOP counting: the model's FLOPs, not a
-    capture's warm-up passes or padded tokens); its captured graphs stay for afterwards."""
-    graphed = CudaGraphedFeatures.installed(model)
-    CudaGraphedFeatures.uninstall(model)
+    """The model's own methods inside the block (FLOP counting: the model's FLOPs, not a capture's
+    warm-up passes or padded tokens); its captured graphs stay for afterwards."""
+    graphed = CudaGraphed.all_installed(model)
+    CudaGraphed.uninstall(model)
     try:
         yield
     finally:
-        if graphed is not None:
-            model.__dict__["forward_features"] = graphed
+        for g in graphed:
+            model.__dict__[g.method] = g
 
 
 class _Captured:
@@ -135,22 +138,26 @@ class _Captured:
     live = 0
     """Captured shapes alive in this process (their graphs may use cuBLAS's workspaces)."""
 
-    def __init__(self, forward: Callable, params: list[torch.Tensor], att_feats: torch.Tensor,
-                 targets: torch.Tensor, autocast_dtype: torch.dtype | None) -> None:
-        self.att_feats = att_feats.detach().clone().requires_grad_(att_feats.requires_grad)
+    def __init__(self, forward: Callable, params: list[torch.Tensor], x: torch.Tensor,
+                 targets: torch.Tensor, autocast_dtype: torch.dtype | None, pool: tuple,
+                 buffers: list[torch.Tensor]) -> None:
+        """x: the images (whole model) or the patch features (encoder-decoder); `buffers` the model's,
+        restored after the warm-up passes (BatchNorm's running statistics)."""
+        self.x = x.detach().clone().requires_grad_(x.requires_grad)
         self.targets = targets.clone()
-        self.inputs = ([self.att_feats] if att_feats.requires_grad else []) + params
+        self.inputs = ([self.x] if x.requires_grad else []) + params
 
         def run() -> torch.Tensor:
             if autocast_dtype is None:
-                return forward(self.att_feats, self.targets)
+                return forward(self.x, self.targets)
             # Graphs need autocast's weight-cast cache off: the casts are recorded in the graph.
             with torch.autocast("cuda", dtype=autocast_dtype, cache_enabled=False):
-                return forward(self.att_feats, self.targets)
+                return forward(self.x, self.targets)
 
+        saved = [b.detach().clone() for b in buffers]
         _Captured.live += 1  # from here on, this object's graphs may hold a workspace
         self._counted = True
-        side = _side_stream(att_feats.device)
+        side = _side_stream(x.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARMUP_STEPS):
@@ -164,12 +171,15 @@ class _Captured:
         torch.cuda.empty_cache()
         # thread_local: the data loader's pin-memory thread may allocate pinned memory meanwhile.
         self.forward_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.forward_graph, capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.forward_graph, pool=pool, capture_error_mode="thread_local"):
             self.out = run()
         self.grad_out = torch.empty_like(self.out)
         self.backward_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.backward_graph, pool=self.forward_graph.pool(), capture_error_mode="thread_local"):
+        with torch.cuda.graph(self.backward_graph, pool=pool, capture_error_mode="thread_local"):
             self.grads = torch.autograd.grad(self.out, self.inputs, self.grad_out, allow_unused=True)
+        with torch.no_grad():  # the warm-up's BatchNorm updates undone: the replay of this step makes its own
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
         # Let the captured autograd graph go. Kept, it would keep the parameters' AccumulateGrad nodes
         # alive with the capture's side stream as theirs, and every replayed gradient would then be
         # accumulated on that stream while the allocator frees it on this one (a race; torch warns
@@ -183,9 +193,9 @@ class _Captured:
 
 class _Replay(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, captured: _Captured, att_feats: torch.Tensor, targets: torch.Tensor,
+    def forward(ctx, captured: _Captured, x: torch.Tensor, targets: torch.Tensor,
                 *params: torch.Tensor) -> torch.Tensor:
-        captured.att_feats.copy_(att_feats)
+        captured.x.copy_(x)
         captured.targets.copy_(targets)
         captured.forward_graph.replay()
         ctx.captured = captured
@@ -201,72 +211,97 @@ class _Replay(torch.autograd.Function):
         # Copies: autograd may keep a returned tensor as a parameter's .grad, which the next replay
         # would overwrite in the middle of an accumulation window.
         grads = [g.clone() if g is not None else None for g in captured.grads]
-        grad_feats = grads.pop(0) if captured.att_feats.requires_grad else None
-        return (None, grad_feats, None, *grads)
+        grad_x = grads.pop(0) if captured.x.requires_grad else None
+        return (None, grad_x, None, *grads)
 
 
-class CudaGraphedFeatures:
-    """Replaces model.forward_features (an instance attribute; the class's method stays the eager
-    path) with captured CUDA graphs while training with gradients on a GPU; everything else (no
-    gradients, evaluation, CPU, targets wider than max_seq_length) takes the eager path."""
+class CudaGraphed:
+    """Replaces a model method (an instance attribute; the class's method stays the eager path) with
+    captured CUDA graphs while training with gradients on a GPU: `forward` (images -> log-probabilities,
+    the whole model) or `forward_features` (patch features -> log-probabilities, the encoder-decoder).
+    Everything else (no gradients, evaluation, CPU, targets wider than max_seq_length, a call inside
+    another capture) takes the eager path."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.eager = type(model).forward_features.__get__(model)
+    METHODS = ("forward", "forward_features")
+    capturing = False
+    """A capture (or its warm-up) is under way: a graphed method called inside it runs eagerly."""
+
+    def __init__(self, model: torch.nn.Module, method: str) -> None:
+        self.method = method
+        self.eager = getattr(type(model), method).__get__(model)
         self.model = model
         self.width = model.max_seq_length
-        self.params = [p for p in model.encoder_decoder.parameters() if p.requires_grad]
+        whole = method == "forward"
+        self.params = [p for p in (model if whole else model.encoder_decoder).parameters() if p.requires_grad]
+        self.buffers = list(model.buffers()) if whole else []
         self.graphs: OrderedDict[tuple, _Captured] = OrderedDict()
+        self.pool: tuple | None = None  # one memory pool for every shape captured
         self.captures = 0
         self.failed = ""  # why capturing failed, once it has (the eager path from then on)
 
     @classmethod
-    def installed(cls, model: torch.nn.Module) -> "CudaGraphedFeatures | None":
-        """The model's graphed forward_features, if one is installed."""
-        graphed = model.__dict__.get("forward_features")
+    def installed(cls, model: torch.nn.Module, method: str = "forward") -> "CudaGraphed | None":
+        """The model's graphed method, if one is installed."""
+        graphed = model.__dict__.get(method)
         return graphed if isinstance(graphed, cls) else None
 
     @classmethod
-    def install(cls, model: torch.nn.Module) -> "CudaGraphedFeatures":
-        graphed = cls.installed(model)
+    def all_installed(cls, model: torch.nn.Module) -> list["CudaGraphed"]:
+        return [g for g in (cls.installed(model, m) for m in cls.METHODS) if g is not None]
+
+    @classmethod
+    def install(cls, model: torch.nn.Module, method: str = "forward") -> "CudaGraphed":
+        if method not in cls.METHODS:
+            raise ValueError(f"CudaGraphed: method must be one of {', '.join(cls.METHODS)}, got {method!r}")
+        graphed = cls.installed(model, method)
         if graphed is None:
-            graphed = cls(model)
-            model.__dict__["forward_features"] = graphed  # not a submodule: state_dict is unchanged
+            graphed = cls(model, method)
+            model.__dict__[method] = graphed  # not a submodule: state_dict is unchanged
         return graphed
 
-    @staticmethod
-    def uninstall(model: torch.nn.Module) -> None:
-        model.__dict__.pop("forward_features", None)
+    @classmethod
+    def uninstall(cls, model: torch.nn.Module) -> None:
+        for method in cls.METHODS:
+            if cls.installed(model, method) is not None:
+                del model.__dict__[method]
 
     def release(self) -> None:
-        """Drop every captured graph (their memory pools go back to the allocator)."""
+        """Drop every captured graph (their memory pool goes back to the allocator)."""
         self.graphs.clear()
+        self.pool = None
         release_workspaces()
 
-    def __call__(self, att_feats: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if not (self.model.training and torch.is_grad_enabled() and att_feats.is_cuda
-                and targets.size(1) <= self.width and not torch.cuda.is_current_stream_capturing()):
-            return self.eager(att_feats, targets)
+    def __call__(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if not (self.model.training and torch.is_grad_enabled() and x.is_cuda
+                and targets.size(1) <= self.width and not CudaGraphed.capturing):
+            return self.eager(x, targets)
         width = targets.size(1)
         padded = F.pad(targets, (0, self.width - width)) if width < self.width else targets
         dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        key = (tuple(att_feats.shape), att_feats.dtype, att_feats.requires_grad, tuple(padded.shape), dtype)
+        key = (tuple(x.shape), x.dtype, x.requires_grad, tuple(padded.shape), dtype)
         captured = self.graphs.get(key)
         if captured is None:
             if self.failed:
-                return self.eager(att_feats, targets)
+                return self.eager(x, targets)
             while len(self.graphs) >= MAX_GRAPHS:
                 self.graphs.popitem(last=False)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
             try:
-                captured = _Captured(self.eager, self.params, att_feats, padded, dtype)
+                CudaGraphed.capturing = True
+                captured = _Captured(self.eager, self.params, x, padded, dtype, self.pool, self.buffers)
             except torch.OutOfMemoryError:
                 raise  # the loop's out-of-memory recovery halves the micro-batch and comes back
             except RuntimeError as err:  # an operation that cannot be captured: the eager path, said once
                 self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                warnings.warn(f"CUDA graphs of the encoder-decoder are off for this run (capture failed: "
+                part = "the model" if self.method == "forward" else "the encoder-decoder"
+                warnings.warn(f"CUDA graphs of {part} are off for this run (capture failed: "
                               f"{self.failed}); training continues on the eager path", stacklevel=2)
-                return self.eager(att_feats, targets)
+                return self.eager(x, targets)
+            finally:
+                CudaGraphed.capturing = False
             self.graphs[key] = captured
             self.captures += 1
         self.graphs.move_to_end(key)
-        logprobs = _Replay.apply(captured, att_feats, padded, *self.params)
+        logprobs = _Replay.apply(captured, x, padded, *self.params)
         return logprobs[:, :width - 1]

@@ -26,7 +26,7 @@ from r2gen.build import prepare, prepare_model
 from r2gen.config import preset
 from r2gen.data.datasets import load_annotation
 from r2gen.model.r2gen import R2GenModel, masked_nll
-from r2gen.speedups import CudaGraphedFeatures, cudnn_autotuning, eager_path, planned_speedups, speed_up
+from r2gen.speedups import CudaGraphed, cudnn_autotuning, eager_path, planned_speedups, speed_up
 from r2gen.train import train
 
 VOCAB = 40
@@ -62,7 +62,7 @@ def test_speed_ups_leave_a_cpu_model_untouched() -> None:
     keys = list(model.state_dict())
     wrapped, optimizer = prepare_model(PlainBackend("cpu"), model, cfg)
     assert speed_up(wrapped, PlainBackend("cpu"), cfg) == []
-    assert "forward_features" not in model.__dict__
+    assert "forward" not in model.__dict__ and "forward_features" not in model.__dict__
     assert list(model.state_dict()) == keys
     assert optimizer.defaults["fused"]  # the CPU has a fused Adam too: the one speed-up that applies there
     _, plain = prepare_model(PlainBackend("cpu"), R2GenModel(cfg.model, VOCAB), cfg.without_speedups())
@@ -124,18 +124,24 @@ def test_graphed_features_fall_back_to_the_eager_path_off_the_gpu() -> None:
     model = R2GenModel(cfg.model, VOCAB).train()
     _no_dropout(model)
     feats, targets, _ = _batch(cfg, 3, 9, "cpu", 0)
+    images = torch.randn(3, 2, 3, 32, 32)
     expected = model.forward_features(feats, targets)
+    expected_whole = model(images, targets)
     keys = list(model.state_dict())
-    graphed = CudaGraphedFeatures.install(model)
-    assert CudaGraphedFeatures.install(model) is graphed  # once per model
+    graphed = CudaGraphed.install(model, "forward_features")
+    whole = CudaGraphed.install(model)
+    assert CudaGraphed.install(model, "forward_features") is graphed and CudaGraphed.install(model) is whole  # once
     assert list(model.state_dict()) == keys  # not a submodule
     assert torch.equal(model.forward_features(feats, targets), expected)
-    assert graphed.captures == 0
-    with eager_path(model):  # the model's own method inside, the same graphs after
-        assert CudaGraphedFeatures.installed(model) is None
-    assert CudaGraphedFeatures.installed(model) is graphed
-    CudaGraphedFeatures.uninstall(model)
-    assert "forward_features" not in model.__dict__
+    assert torch.equal(model(images, targets), expected_whole)
+    assert graphed.captures == whole.captures == 0
+    with eager_path(model):  # the model's own methods inside, the same graphs after
+        assert CudaGraphed.all_installed(model) == []
+    assert CudaGraphed.installed(model, "forward_features") is graphed and CudaGraphed.installed(model) is whole
+    CudaGraphed.uninstall(model)
+    assert "forward_features" not in model.__dict__ and "forward" not in model.__dict__
+    with pytest.raises(ValueError, match="method"):
+        CudaGraphed.install(model, "extract")
 
 
 def test_padding_targets_to_max_seq_length_changes_no_output_or_gradient() -> None:
@@ -245,7 +251,7 @@ def test_cuda_graphs_give_the_eager_outputs_and_gradients(precision: str) -> Non
         twin = R2GenModel(cfg.model, VOCAB).cuda().train()
         twin.load_state_dict(model.state_dict())
         _no_dropout(twin)
-        graphed = CudaGraphedFeatures.install(twin)
+        graphed = CudaGraphed.install(twin, "forward_features")
         # Not run on a CPU-only machine. fp32 (TF32 off): FP32_GRADIENT_RULE, as the CPU test checks it; bf16:
         # 2e-2 = 5 units of bf16 roundoff (2^-8), autocast rounding each matrix product's output once.
         rel = FP32_GRADIENT_RULE if precision == "fp32" else 2e-2
@@ -279,6 +285,52 @@ def test_cuda_graphs_give_the_eager_outputs_and_gradients(precision: str) -> Non
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_whole_model_graphs_give_the_eager_outputs_gradients_and_batchnorm_statistics(precision: str) -> None:
+    """The visual extractor inside the captured step: log-probabilities, every parameter's gradient (ResNet's
+    included) and BatchNorm's running statistics as the eager model's, over three steps whose weights change
+    in between, with the same bounds as the encoder-decoder's graphs (fp32 TF32 off: FP32_GRADIENT_RULE; bf16:
+    2e-2). The capture's warm-up passes leave the running statistics as they were."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        cfg = preset("iu_xray")
+        backend = PlainBackend("cuda", precision)
+        torch.manual_seed(0)
+        model, optimizer = prepare_model(backend, R2GenModel(cfg.model, VOCAB), cfg.without_speedups())
+        model.train()
+        _no_dropout(model)
+        twin = R2GenModel(cfg.model, VOCAB).cuda().train()
+        twin.load_state_dict(model.state_dict())
+        _no_dropout(twin)
+        graphed = CudaGraphed.install(twin)
+        rel = FP32_GRADIENT_RULE if precision == "fp32" else 2e-2
+        names = [n for n, _ in model.named_parameters()]
+        for step in range(3):
+            g = torch.Generator().manual_seed(step)
+            images = torch.randn(6, 2, 3, 96, 96, generator=g).cuda()
+            _, targets, masks = _batch(cfg, 6, 31 + step, "cuda", step)
+            grads, outs = [], []
+            for m in (model, twin):
+                m.zero_grad(set_to_none=True)
+                with backend.autocast():
+                    logprobs = m(images, targets)
+                masked_nll(logprobs.float(), targets, masks).backward()
+                outs.append(logprobs.detach())
+                grads.append([p.grad.clone() for p in m.parameters()])
+            assert outs[0].shape == outs[1].shape and _close(outs[1], outs[0], rel), step
+            off = _off_gradients(names, grads[1], grads[0], rel)
+            assert not off, f"step {step}: relative errors {off}"
+            for (name, a), b in zip(model.named_buffers(), twin.buffers()):
+                assert _close(b.float(), a.float(), rel), (step, name)
+            optimizer.step()
+            twin.load_state_dict(model.state_dict())  # in place: the graphs hold the parameters' addresses
+        assert graphed.captures == 1 and len(graphed.graphs) == 1
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+@pytest.mark.gpu
 @pytest.mark.slow
 def test_every_speed_up_tracks_the_plain_path_for_100_steps_on_a_gpu(small_set: Path, tmp_path: Path) -> None:
     """bf16 rounding, amplified by Adam over 100 steps, has no closed-form bound (the CPU twin,
@@ -297,7 +349,7 @@ def test_every_speed_up_tracks_the_plain_path_for_100_steps_on_a_gpu(small_set: 
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         curves[name] = [r["train/loss"] for r in records if "train/loss" in r][:steps]
         if fast:
-            assert "forward_features" in prep.model.__dict__  # the graphs were really used
+            assert CudaGraphed.installed(prep.model).captures >= 1  # the graphs were really used
     assert all(len(curve) == steps for curve in curves.values())
     means = {name: [sum(c[s:s + 10]) / 10 for s in range(0, steps, 10)] for name, c in curves.items()}
     band = 2 * max(abs(a - b) for a, b in zip(means["plain"], means["other seed"]))
