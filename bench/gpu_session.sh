@@ -10,8 +10,10 @@
 #   train     bench/train_throughput.py: the published configuration vs auto's plan
 #   backends  bench/backends.py: every engine, 200 steps
 #   profile   bench/profile_step.py at batch 256 without and with the step speed-ups, and 512 with
-#   fused     issue 33: the fused relational memory's tests (compiled kernels, bf16), the speed-ups' GPU tests, then
-#             bench/profile_step.py at batch 16 and 64 without and with fused_memory (same machine, same call)
+#   fused     issue 33: the fused relational memory's tests (compiled kernels, bf16), then bench/profile_step.py at
+#             batch 16 and 64: the code in .base (an older commit: git archive REV | tar -x -C .base, carried), this
+#             tree without fused_memory, this tree (same machine, same call)
+#   graphs    the speed-ups' GPU tests (CUDA graphs of the encoder-decoder and of the whole model, 100 steps)
 #   auto      the README's first command (r2gen-launch auto, embedded set), timed; its run's metrics.jsonl under $OUT
 #   study     r2gen-launch study --precisions fp32,fp16,bf16,fp8 on the iu_xray preset
 set -uo pipefail
@@ -42,11 +44,12 @@ for stage in "${stages[@]}"; do
              2>&1 | tee "$OUT/gpu_quick.log" | tail -30 ;;
     fused)
       python3 -m pytest -q -rP -p no:cacheprovider tests/test_fused_memory.py 2>&1 | tee "$OUT/fused_tests.log" | tail -5
-      python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_speedups.py 2>&1 | tee "$OUT/speedups_tests.log" | tail -5
       for b in ${FUSED_BATCHES:-16 64}; do
-        python3 bench/profile_step.py --batch-size "$b" --top 8 --speedups-off fused_memory
-        python3 bench/profile_step.py --batch-size "$b" --top 8
-      done 2>&1 | tee "$OUT/profile_fused.log" | grep -E "kernels per step|^. (visual|encoder|  of|whole)" ;;
+        [ -d .base ] && (cd .base && echo "## baseline (.base) batch $b" && python3 bench/profile_step.py --batch-size "$b" --top 8)
+        echo "## this tree, fused_memory off, batch $b"; python3 bench/profile_step.py --batch-size "$b" --top 8 --speedups-off fused_memory
+        echo "## this tree, batch $b"; python3 bench/profile_step.py --batch-size "$b" --top 8
+      done 2>&1 | tee "$OUT/profile_fused.log" | grep -E "^##|kernels per step|^. (visual|encoder|  of|whole)" ;;
+    graphs) python3 -m pytest -m gpu -q -rP -p no:cacheprovider tests/test_speedups.py 2>&1 | tee "$OUT/speedups_tests.log" | tail -8 ;;
     auto)
       rm -rf /tmp/auto && mkdir -p /tmp/auto && start=$SECONDS
       (cd /tmp/auto && python3 -c 'from launcher.cli import main; main()' auto) > "$OUT/auto.log" 2>&1
