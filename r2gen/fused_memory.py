@@ -161,7 +161,8 @@ class _Memory(torch.autograd.Function):
         ctx.dtypes = [x.dtype for x in (token_key, token_value, token_gates, memory, w_qkv, b_qkv, w_o, b_o,
                                         w_1, b_1, w_2, b_2, w_u, b_u)]
         states = mt[1:, :, :d].reshape(tokens, batch, slots * d).transpose(0, 1)
-        return states.to(token_key.dtype, memory_format=torch.contiguous_format)
+        # The plain loop's dtype: its memory (fp32 under autocast) meets the gates' products (bf16).
+        return states.to(torch.promote_types(memory.dtype, token_key.dtype), memory_format=torch.contiguous_format)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

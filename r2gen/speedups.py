@@ -11,7 +11,8 @@
   encoder-decoder alone, from patch features: bench/profile_step.py times the parts that way.)
   Targets are padded to the model's max_seq_length so every batch has one shape; trailing padding
   changes nothing (the decoder is causal and padded keys are masked), and the outputs are sliced back
-  to the batch's width. Every captured shape shares one memory pool (their steps never overlap), so
+  to the batch's width. Inside the graphs the relational memory runs on a second stream, beside the
+  visual extractor (`overlapped_forward`). Every captured shape shares one memory pool (their steps never overlap), so
   an epoch's shorter last batch adds its own graphs, not a second set of activations; BatchNorm's
   running statistics are put back after a capture's warm-up passes.
 - the fused relational memory (r2gen.fused_memory): the memory's 59-token loop in five Triton
@@ -33,6 +34,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +134,29 @@ def eager_path(model: torch.nn.Module) -> Iterator[None]:
             model.__dict__[g.method] = g
 
 
+_MEMORY_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def overlapped_forward(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """R2GenModel.forward with the relational memory on a second CUDA stream, beside the visual extractor:
+    the memory reads only the targets, and its token loop is a chain of small kernels that leaves most
+    of the GPU to ResNet's convolutions. Joined before the decoder reads the states; autograd runs each
+    backward operation on its forward's stream, so the memory's backward overlaps the ResNet's too.
+    The same operations as the model's forward, in the same order on each stream."""
+    device = images.device
+    if device not in _MEMORY_STREAMS:
+        _MEMORY_STREAMS[device] = torch.cuda.Stream(device)
+    main, side = torch.cuda.current_stream(device), _MEMORY_STREAMS[device]
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        memory = model.memory_states(targets)
+    att_feats, _ = model.extract(images)
+    main.wait_stream(side)
+    if not torch.cuda.is_current_stream_capturing():  # eager (a capture's warm-up): read on main, free safely
+        memory.record_stream(main)
+    return model.forward_features(att_feats, targets, memory)
+
+
 class _Captured:
     """One captured shape: static inputs, the forward and backward graphs, their static outputs."""
 
@@ -229,6 +254,8 @@ class CudaGraphed:
     def __init__(self, model: torch.nn.Module, method: str) -> None:
         self.method = method
         self.eager = getattr(type(model), method).__get__(model)
+        # What the graphs run: the whole model with its relational memory beside the visual extractor.
+        self.captured = partial(overlapped_forward, model) if method == "forward" else self.eager
         self.model = model
         self.width = model.max_seq_length
         whole = method == "forward"
@@ -271,7 +298,9 @@ class CudaGraphed:
         self.pool = None
         release_workspaces()
 
-    def __call__(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, targets: torch.Tensor, *given: torch.Tensor) -> torch.Tensor:
+        if given:  # forward_features with memory states computed by the caller (inside a whole-model capture)
+            return self.eager(x, targets, *given)
         if not (self.model.training and torch.is_grad_enabled() and x.is_cuda
                 and targets.size(1) <= self.width and not CudaGraphed.capturing):
             return self.eager(x, targets)
@@ -289,7 +318,7 @@ class CudaGraphed:
                 self.pool = torch.cuda.graph_pool_handle()
             try:
                 CudaGraphed.capturing = True
-                captured = _Captured(self.eager, self.params, x, padded, dtype, self.pool, self.buffers)
+                captured = _Captured(self.captured, self.params, x, padded, dtype, self.pool, self.buffers)
             except torch.OutOfMemoryError:
                 raise  # the loop's out-of-memory recovery halves the micro-batch and comes back
             except RuntimeError as err:  # an operation that cannot be captured: the eager path, said once

@@ -108,16 +108,25 @@ class R2GenModel(nn.Module):
 
     # -- training -----------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # The relational memory first: it reads only the targets, so a GPU may run it beside the
+        # visual extractor (r2gen.speedups.overlapped_forward); the arithmetic is the published order's.
+        memory = self.memory_states(targets)
         att_feats, _ = self.extract(images)
-        return self.forward_features(att_feats, targets)
+        return self.forward_features(att_feats, targets, memory)
 
-    def forward_features(self, att_feats: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def memory_states(self, targets: torch.Tensor) -> torch.Tensor:
+        """The relational memory's states for teacher-forced targets, (B, T-1, slots * d)."""
+        return self.encoder_decoder.model.memory_states(targets[:, :-1])
+
+    def forward_features(self, att_feats: torch.Tensor, targets: torch.Tensor,
+                         memory: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-probabilities from patch features; memory: memory_states(targets), if already computed."""
         att_feats, att_masks = self._embed_att(att_feats)
         seq = targets[:, :-1]
         seq_mask = seq > 0
         seq_mask[:, 0] = True
         seq_mask = seq_mask.unsqueeze(-2) & subsequent_mask(seq.size(-1), seq.device)
-        out = self.encoder_decoder.model(att_feats, seq, att_masks, seq_mask)
+        out = self.encoder_decoder.model(att_feats, seq, att_masks, seq_mask, memory)
         return F.log_softmax(self.encoder_decoder.logit(out), dim=-1)
 
     # -- generation primitives (used by r2gen.model.generation) -----------------------------------------

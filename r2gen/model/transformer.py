@@ -304,19 +304,25 @@ class Transformer(nn.Module):
         self.rm = rm
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor,
-                tgt_mask: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(src, src_mask), src_mask, tgt, tgt_mask)
+                tgt_mask: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode(self.encode(src, src_mask), src_mask, tgt, tgt_mask, memory)
 
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
         # The published src_embed is the identity (features are embedded by att_embed before).
         return self.encoder(src, src_mask)
 
+    def memory_states(self, tgt: torch.Tensor) -> torch.Tensor:
+        """The relational memory after each target token, (B, T, slots * d): it reads the targets alone."""
+        embedded = self.tgt_embed(tgt)
+        # The initial memory in the embedding's dtype: the encoder output's, which the published code takes.
+        return self.rm(embedded, self.rm.init_memory(tgt.size(0), embedded))
+
     def decode(self, hidden_states: torch.Tensor, src_mask: torch.Tensor, tgt: torch.Tensor,
-               tgt_mask: torch.Tensor) -> torch.Tensor:
-        memory = self.rm.init_memory(hidden_states.size(0), hidden_states)
-        # tgt_embed is applied twice, as published: the memory and the decoder see
-        # independent dropout masks of the same embedding.
-        memory = self.rm(self.tgt_embed(tgt), memory)
+               tgt_mask: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
+        """memory: memory_states(tgt) if already computed. tgt_embed is applied twice, as published: the
+        memory and the decoder see independent dropout masks of the same embedding."""
+        if memory is None:
+            memory = self.memory_states(tgt)
         return self.decoder(self.tgt_embed(tgt), hidden_states, src_mask, tgt_mask, memory)
 
 
