@@ -12,6 +12,7 @@ steps.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -236,9 +237,10 @@ def test_gradient_comparison_takes_summation_order_noise_and_catches_a_wrong_gra
     assert set(_off_gradients(names, wrong, trimmed, FP32_GRADIENT_RULE)) == {names[weight], names[key_bias]}
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_cuda_graphs_give_the_eager_outputs_and_gradients(precision: str) -> None:
+@contextmanager
+def _eager_and_graphed_twins(precision: str, method: str):
+    """(cfg, backend, model, optimizer, twin, graphed): the iu_xray model on the GPU without speed-ups and its
+    twin with `method` graphed, the same weights, dropout off, TF32 off (restored after)."""
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
@@ -251,7 +253,15 @@ def test_cuda_graphs_give_the_eager_outputs_and_gradients(precision: str) -> Non
         twin = R2GenModel(cfg.model, VOCAB).cuda().train()
         twin.load_state_dict(model.state_dict())
         _no_dropout(twin)
-        graphed = CudaGraphed.install(twin, "forward_features")
+        yield cfg, backend, model, optimizer, twin, CudaGraphed.install(twin, method)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_graphs_give_the_eager_outputs_and_gradients(precision: str) -> None:
+    with _eager_and_graphed_twins(precision, "forward_features") as (cfg, backend, model, optimizer, twin, graphed):
         # Not run on a CPU-only machine. fp32 (TF32 off): FP32_GRADIENT_RULE, as the CPU test checks it; bf16:
         # 2e-2 = 5 units of bf16 roundoff (2^-8), autocast rounding each matrix product's output once.
         rel = FP32_GRADIENT_RULE if precision == "fp32" else 2e-2
@@ -280,8 +290,6 @@ def test_cuda_graphs_give_the_eager_outputs_and_gradients(precision: str) -> Non
             optimizer.step()
             twin.load_state_dict(model.state_dict())
         assert graphed.captures == 1 and len(graphed.graphs) == 1  # one padded shape, replayed
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 @pytest.mark.gpu
@@ -291,19 +299,7 @@ def test_whole_model_graphs_give_the_eager_outputs_gradients_and_batchnorm_stati
     included) and BatchNorm's running statistics as the eager model's, over three steps whose weights change
     in between, with the same bounds as the encoder-decoder's graphs (fp32 TF32 off: FP32_GRADIENT_RULE; bf16:
     2e-2). The capture's warm-up passes leave the running statistics as they were."""
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        cfg = preset("iu_xray")
-        backend = PlainBackend("cuda", precision)
-        torch.manual_seed(0)
-        model, optimizer = prepare_model(backend, R2GenModel(cfg.model, VOCAB), cfg.without_speedups())
-        model.train()
-        _no_dropout(model)
-        twin = R2GenModel(cfg.model, VOCAB).cuda().train()
-        twin.load_state_dict(model.state_dict())
-        _no_dropout(twin)
-        graphed = CudaGraphed.install(twin)
+    with _eager_and_graphed_twins(precision, "forward") as (cfg, backend, model, optimizer, twin, graphed):
         rel = FP32_GRADIENT_RULE if precision == "fp32" else 2e-2
         names = [n for n, _ in model.named_parameters()]
         for step in range(3):
@@ -326,8 +322,6 @@ def test_whole_model_graphs_give_the_eager_outputs_gradients_and_batchnorm_stati
             optimizer.step()
             twin.load_state_dict(model.state_dict())  # in place: the graphs hold the parameters' addresses
         assert graphed.captures == 1 and len(graphed.graphs) == 1
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 @pytest.mark.gpu

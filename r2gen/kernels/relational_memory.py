@@ -88,6 +88,18 @@ def linear_kernel(a_ptr, w_ptr, bias_ptr, res_ptr, pos_ptr, out_ptr, M, N, K, n_
 
 
 @triton.jit
+def _gates(u_ptr, tg_ptr, rows, cols, inside, S, D, stride_u, stride_tg):
+    """The gates' pre-activations [i | f] at (rows, cols): U tanh(M) + b_U (row by row) plus the token's
+    gate input (one row per study, rows // S)."""
+    study = rows // S
+    gate_in = (tl.load(u_ptr + rows * stride_u + cols, mask=inside, other=0.0)
+               + tl.load(tg_ptr + study * stride_tg + cols, mask=inside, other=0.0).to(tl.float32))
+    gate_forget = (tl.load(u_ptr + rows * stride_u + D + cols, mask=inside, other=0.0)
+                   + tl.load(tg_ptr + study * stride_tg + D + cols, mask=inside, other=0.0).to(tl.float32))
+    return gate_in, gate_forget
+
+
+@triton.jit
 def gates_forward_kernel(h_ptr, w2_ptr, b2_ptr, m1_ptr, mt_ptr, u_ptr, tg_ptr, z_ptr, next_ptr,
                          R, D, S, stride_h, stride_m1, stride_mt, stride_u, stride_tg, stride_z, stride_next,
                          DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -105,11 +117,7 @@ def gates_forward_kernel(h_ptr, w2_ptr, b2_ptr, m1_ptr, mt_ptr, u_ptr, tg_ptr, z
     z = tl.maximum(acc + tl.load(b2_ptr + offs_n, mask=offs_n < D, other=0.0)[None, :], 0.0)
     m2 = tl.load(m1_ptr + rows * stride_m1 + cols, mask=inside, other=0.0) + z
     memory = tl.load(mt_ptr + rows * stride_mt + cols, mask=inside, other=0.0)
-    study = rows // S
-    gate_in = (tl.load(u_ptr + rows * stride_u + cols, mask=inside, other=0.0)
-               + tl.load(tg_ptr + study * stride_tg + cols, mask=inside, other=0.0).to(tl.float32))
-    gate_forget = (tl.load(u_ptr + rows * stride_u + D + cols, mask=inside, other=0.0)
-                   + tl.load(tg_ptr + study * stride_tg + D + cols, mask=inside, other=0.0).to(tl.float32))
+    gate_in, gate_forget = _gates(u_ptr, tg_ptr, rows, cols, inside, S, D, stride_u, stride_tg)
     nxt = tl.sigmoid(gate_in) * _tanh(m2) + tl.sigmoid(gate_forget) * memory
     tl.store(z_ptr + rows * stride_z + cols, z, mask=inside)
     tl.store(next_ptr + rows * stride_next + cols, nxt, mask=inside)
@@ -218,11 +226,7 @@ def gates_backward_kernel(gout_ptr, carry_ptr, mt_ptr, u_ptr, tg_ptr, m1_ptr, z_
     flat = rows * D + cols
     g = tl.load(gout_ptr + flat, mask=inside, other=0.0) + tl.load(carry_ptr + flat, mask=inside, other=0.0)
     memory = tl.load(mt_ptr + rows * stride_mt + cols, mask=inside, other=0.0)
-    study = rows // S
-    gate_in = (tl.load(u_ptr + rows * stride_u + cols, mask=inside, other=0.0)
-               + tl.load(tg_ptr + study * stride_tg + cols, mask=inside, other=0.0).to(tl.float32))
-    gate_forget = (tl.load(u_ptr + rows * stride_u + D + cols, mask=inside, other=0.0)
-                   + tl.load(tg_ptr + study * stride_tg + D + cols, mask=inside, other=0.0).to(tl.float32))
+    gate_in, gate_forget = _gates(u_ptr, tg_ptr, rows, cols, inside, S, D, stride_u, stride_tg)
     z = tl.load(z_ptr + flat, mask=inside, other=0.0)
     m2 = tl.load(m1_ptr + flat, mask=inside, other=0.0) + z
     s_in = tl.sigmoid(gate_in)
