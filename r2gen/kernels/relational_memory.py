@@ -139,22 +139,29 @@ def _heads(qkvu_ptr, tok_ptr, b, h, S, DK, stride_qkvu, column,
 
 
 @triton.jit
+def _head_inputs(qkvu_ptr, tk_ptr, tv_ptr, S, D, DK, stride_qkvu, stride_tok,
+                 SP: tl.constexpr, JP: tl.constexpr, DKP: tl.constexpr):
+    """This program's study b and head h (of H), its index ranges (slots s, keys j, features d) and the
+    head's queries (SP, DKP), keys and values (JP, DKP), zero-padded."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, SP)
+    d = tl.arange(0, DKP)
+    q = tl.load(qkvu_ptr + (b * S + s[:, None]) * stride_qkvu + h * DK + d[None, :],
+                mask=(s[:, None] < S) & (d[None, :] < DK), other=0.0)
+    k = _heads(qkvu_ptr, tk_ptr + b * stride_tok, b, h, S, DK, stride_qkvu, D, JP, DKP)
+    v = _heads(qkvu_ptr, tv_ptr + b * stride_tok, b, h, S, DK, stride_qkvu, 2 * D, JP, DKP)
+    return b, h, tl.num_programs(1), s, tl.arange(0, JP), d, q, k, v
+
+
+@triton.jit
 def attention_forward_kernel(qkvu_ptr, tk_ptr, tv_ptr, drop_ptr, x_ptr, p_ptr, S, D, DK,
                              stride_qkvu, stride_tok, stride_x, sqrt_dk,
                              HAS_DROP: tl.constexpr, SP: tl.constexpr, JP: tl.constexpr, DKP: tl.constexpr):
     """One (study, head): softmax(q k^T / sqrt(d_k)) over the S memory slots and the token, dropout
     (a mask of 0 or 1/(1-p) per weight), times the values. Stores the heads' output X and the
     probabilities P (B, H, S, S+1) before dropout."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    H = tl.num_programs(1)
-    s = tl.arange(0, SP)
-    j = tl.arange(0, JP)
-    d = tl.arange(0, DKP)
-    q = tl.load(qkvu_ptr + (b * S + s[:, None]) * stride_qkvu + h * DK + d[None, :],
-                mask=(s[:, None] < S) & (d[None, :] < DK), other=0.0)
-    k = _heads(qkvu_ptr, tk_ptr + b * stride_tok, b, h, S, DK, stride_qkvu, D, JP, DKP)
-    v = _heads(qkvu_ptr, tv_ptr + b * stride_tok, b, h, S, DK, stride_qkvu, 2 * D, JP, DKP)
+    b, h, H, s, j, d, q, k, v = _head_inputs(qkvu_ptr, tk_ptr, tv_ptr, S, D, DK, stride_qkvu, stride_tok, SP, JP, DKP)
     scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) / sqrt_dk
     scores = tl.where(j[None, :] <= S, scores, float("-inf"))
     e = tl.exp(scores - tl.max(scores, axis=1)[:, None])
@@ -176,16 +183,8 @@ def attention_backward_kernel(qkvu_ptr, tk_ptr, tv_ptr, drop_ptr, p_ptr, dx_ptr,
                               HAS_DROP: tl.constexpr, SP: tl.constexpr, JP: tl.constexpr, DKP: tl.constexpr):
     """attention_forward_kernel's backward for one (study, head): the gradients of the memory's
     query, key and value (into dQKV) and of the token's key and value."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    H = tl.num_programs(1)
-    s = tl.arange(0, SP)
-    j = tl.arange(0, JP)
-    d = tl.arange(0, DKP)
+    b, h, H, s, j, d, q, k, v = _head_inputs(qkvu_ptr, tk_ptr, tv_ptr, S, D, DK, stride_qkvu, stride_tok, SP, JP, DKP)
     on_s = (s[:, None] < S) & (d[None, :] < DK)
-    q = tl.load(qkvu_ptr + (b * S + s[:, None]) * stride_qkvu + h * DK + d[None, :], mask=on_s, other=0.0)
-    k = _heads(qkvu_ptr, tk_ptr + b * stride_tok, b, h, S, DK, stride_qkvu, D, JP, DKP)
-    v = _heads(qkvu_ptr, tv_ptr + b * stride_tok, b, h, S, DK, stride_qkvu, 2 * D, JP, DKP)
     weights = (b * H + h) * S * (S + 1) + s[:, None] * (S + 1) + j[None, :]
     valid = (s[:, None] < S) & (j[None, :] <= S)
     p = tl.load(p_ptr + weights, mask=valid, other=0.0)
