@@ -47,6 +47,39 @@ def evaluate_command(
     guarded(run)
 
 
+@app.command("ce")
+def ce_command(generated: CeGenerated, truth: CeTruth, reports: CeReports = None, out_file: CeOut = None) -> None:
+    """Clinical efficacy as the published R2Gen computes it: precision, recall and F1 (macro, micro, per
+    observation) and AUROC of the CheXpert labeler's observations on generated against true reports. Every
+    test evaluation writes the labeler's inputs (reports/*.generated.csv, *.truth.csv); run the labeler on
+    each, then this (docs/resume.md)."""
+
+    def run() -> None:
+        import json
+
+        from r2gen.atomic import write_json
+        from r2gen.clinical import check_pair, clinical_efficacy, read_labelled
+        truth_file, generated_file = read_labelled(truth, "--truth"), read_labelled(generated, "--generated")
+        written = None
+        if reports is not None:
+            try:
+                held = json.loads(reports.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"--reports: {reports} cannot be read as JSON ({exc})") from None
+            written = held["reports"] if isinstance(held, dict) else held
+            if not isinstance(written, list) or not all(isinstance(r, dict) and {"id", "generated", "ground_truth"}
+                                                        <= r.keys() for r in written):
+                raise UsageError(f"--reports: {reports} is not an evaluation's reports (records of id, generated "
+                                 "and ground_truth)")
+        check_pair(truth_file, generated_file, written)
+        scores = clinical_efficacy(truth_file, generated_file)
+        output = out_file or generated.with_name("ce.json")
+        write_json(output, {"generated": str(generated), "truth": str(truth), **scores})
+        console.print_clinical(scores, f"clinical efficacy: {generated} against {truth}", output)
+
+    guarded(run)
+
+
 @app.command("generate")
 def generate_command(
     checkpoint: Checkpoint,

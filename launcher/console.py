@@ -156,6 +156,21 @@ def print_evaluation(result, split: str) -> None:
               f"{result.output}", highlight=False)
 
 
+def print_clinical(scores: dict, title: str, output) -> None:
+    """The CE table: each observation's precision, recall, F1, support and AUROC, then macro and micro."""
+    table = Table(title=title)
+    for column in ("observation", "precision", "recall", "F1", "support", "AUROC"):
+        table.add_column(column, justify="left" if column == "observation" else "right")
+    for name, o in scores["observations"].items():
+        table.add_row(name, fmt(o["precision"]), fmt(o["recall"]), fmt(o["f1"]), str(o["support"]), fmt(o["auroc"]))
+    for average in ("macro", "micro"):
+        row = scores[average]
+        table.add_row(f"[bold]{average}[/]", fmt(row["precision"]), fmt(row["recall"]), fmt(row["f1"]), "",
+                      fmt(scores["auroc_mean"]) if average == "macro" else "")
+    out.print(table)
+    out.print(f"{scores['studies']} studies; written to {output}", highlight=False)
+
+
 def print_study(summary: dict, request, backend: str) -> None:
     table = Table(title=f"precision study: {summary['hardware']}, {request.preset} preset, {backend}")
     for column in ("precision", "status", "samples/s", "peak GiB", "test loss", "BLEU_4", "CIDEr", "wall s"):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from r2gen.atomic import write_json
+from r2gen.clinical import write_labeler_inputs
 from r2gen.checkpoint import CheckpointStore
 from r2gen.config import TrainConfig, preset
 from r2gen.data.datasets import SPLITS, Annotation, annotation_dataset, load_annotation
@@ -172,4 +173,5 @@ def evaluate_checkpoint(checkpoint: Path, split: str = "test", beam_size: int | 
                                "step": result.step, "scores": scores, "generate_samples_per_s": speed,
                                "seconds": time.perf_counter() - began, "device": str(backend.device),
                                "precision": backend.precision, "reports": records})
+    write_labeler_inputs(records, result.output.with_suffix(""))
     return result

@@ -213,6 +213,18 @@ EvaluatePrecision = Annotated[Optional[str], _opt("fp32, bf16 or fp16 autocast f
 EvaluateOut = Annotated[Optional[Path], _opt("Where the scores and reports go (JSON).", "--out",
                                              shown="<run>/reports/evaluate-<split>-<checkpoint>-beam<N>.json")]
 
+# -- ce -----------------------------------------------------------------------------------------------
+CeGenerated = Annotated[Path, _opt("The CheXpert labeler's output for the generated reports (res_labeled.csv: a "
+                                   "Reports column, then one column per observation).")]
+CeTruth = Annotated[Path, _opt("The CheXpert labeler's output for the true reports (gts_labeled.csv), the same "
+                               "studies in the same order.")]
+CeReports = Annotated[Optional[Path], _opt("The evaluation's JSON the labeler's inputs were written from "
+                                           "(reports/test_epochNNN.json or evaluate's --out): each labelled report "
+                                           "is checked against it, so a file of another order is refused.",
+                                           shown="no check of the order")]
+CeOut = Annotated[Optional[Path], _opt("Where the scores go (JSON).", "--out",
+                                       shown="ce.json beside --generated")]
+
 # -- generate -----------------------------------------------------------------------------------------
 GenerateInput = Annotated[Path, _opt(
     "The new studies: a folder (IU X-Ray: a sub-folder per study holding its two views, taken in file-name order, "

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from r2gen.atomic import write_json
+from r2gen.clinical import write_labeler_inputs
 from r2gen.build import Prepared
 from r2gen.config import TrainConfig
 from r2gen.data.datasets import images_to_device
@@ -83,6 +84,8 @@ def evaluate_split(model: R2GenModel, loaders: Mapping[str, DataLoader], backend
     scores, records, speed = evaluate(model, loaders[split], backend, tokenizer, cfg)
     name = name or split
     write_json(reports / f"{name}_epoch{epoch:03d}.json", records)
+    if split == "test":  # the CheXpert labeler's inputs, for clinical efficacy (r2gen-launch ce)
+        write_labeler_inputs(records, reports / f"{name}_epoch{epoch:03d}")
     return {**{f"{name}/{k}": v for k, v in scores.items()}, f"perf/{split}_generate_samples_per_s": speed}
 
 

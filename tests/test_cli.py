@@ -15,7 +15,7 @@ from launcher.cli import app
 from r2gen.data.synth import DATASET_VERSION
 
 runner = CliRunner()
-COMMANDS = [["plain"], ["accelerate"], ["deepspeed"], ["fp8"], ["auto"], ["probe"], ["evaluate"], ["generate"], ["report"], ["study"], ["env"],
+COMMANDS = [["plain"], ["accelerate"], ["deepspeed"], ["fp8"], ["auto"], ["probe"], ["evaluate"], ["ce"], ["generate"], ["report"], ["study"], ["env"],
             ["data", "synth"], ["data", "prepare"], ["weights", "import"]]
 GROUPS = ("data", "weights")
 

@@ -4,6 +4,7 @@ requests get one line and exit code 2."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -49,6 +50,11 @@ def test_a_checkpoint_gives_back_the_runs_own_test_reports(runs: dict[str, Path]
         assert got["scores"][key] == pytest.approx(final[f"test/{key}"]) if final[f"test/{key}"] is not None \
             else got["scores"][key] is None, key
     assert got["beam_size"] == 2 and got["split"] == "test" and "BLEU_4" in result.stdout
+    # The CheXpert labeler's inputs beside the JSON and in the run's reports: one report per row, in order.
+    for stem in (tmp_path / "eval", run / "reports" / "test_epoch001"):
+        for key, suffix in (("generated", ".generated.csv"), ("ground_truth", ".truth.csv")):
+            with open(stem.with_name(stem.name + suffix), newline="") as f:
+                assert [row[0] for row in csv.reader(f)] == [r[key] for r in own], (stem, key)
 
 
 def test_a_run_directory_means_its_best_checkpoint(runs: dict[str, Path], tmp_path) -> None:
