@@ -228,6 +228,8 @@ class FusedRelationalMemory:
         self.rm = rm
         self.eager = type(rm).forward.__get__(rm)
         self.said: set[str] = set()
+        self.ran = False  # the kernels have run once (compiled)
+        self.failed = ""  # why they could not, once they could not
 
     @classmethod
     def installed(cls, rm: nn.Module) -> "FusedRelationalMemory | None":
@@ -247,14 +249,32 @@ class FusedRelationalMemory:
         rm.__dict__.pop("forward", None)
 
     def __call__(self, inputs: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        rm = self.rm
-        why = unfit_input(inputs)
+        why = self.failed or unfit_input(inputs)
         if why:
-            if why not in self.said:
-                self.said.add(why)
-                warnings.warn(f"the fused relational memory is off here ({why}); it runs as PyTorch operations",
-                              stacklevel=2)
+            self._say(why)
             return self.eager(inputs, memory)
+        if self.ran:
+            return self.fused(inputs, memory)
+        try:  # the first call compiles the kernels: a toolchain that cannot is not a reason to stop training
+            out = self.fused(inputs, memory)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - Triton's compiler and driver errors have no common base
+            self.failed = f"its kernels failed to compile or run: {type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+            self._say(self.failed)
+            return self.eager(inputs, memory)
+        self.ran = True
+        return out
+
+    def _say(self, why: str) -> None:
+        if why not in self.said:
+            self.said.add(why)
+            warnings.warn(f"the fused relational memory is off here ({why}); it runs as PyTorch operations",
+                          stacklevel=3)
+
+    def fused(self, inputs: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """The forward through the kernels."""
+        rm = self.rm
         attn = rm.attn
         # The tokens' shares, hoisted out of the loop as the plain forward does (autograd owns them).
         token_key, token_value, token_gates = (proj(inputs) for proj in (attn.linears[1], attn.linears[2], rm.W))

@@ -172,6 +172,28 @@ def test_falls_back_to_the_module_where_the_kernels_cannot_run() -> None:
     assert FusedRelationalMemory.installed(swapped) is None
 
 
+def test_kernels_that_fail_at_their_first_call_leave_the_module_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Triton toolchain that cannot compile the kernels (the first call) is said once and the module's own
+    loop runs; once the kernels ran, their errors are errors."""
+    rm = _memory()
+    fused = FusedRelationalMemory.install(rm)
+    x = torch.randn(BATCH, TOKENS, D_MODEL)
+
+    def broken(*_):
+        raise RuntimeError("PTX assembly failed\nmore lines")
+
+    monkeypatch.setattr(fused, "fused", broken)
+    with pytest.warns(UserWarning, match="failed to compile or run: RuntimeError: PTX assembly failed"):
+        out = rm(x, rm.init_memory(BATCH, x))
+    assert torch.equal(out, fused.eager(x, rm.init_memory(BATCH, x)))
+    monkeypatch.undo()
+    ran = FusedRelationalMemory(_memory())
+    ran.ran = True
+    monkeypatch.setattr(ran, "fused", broken)
+    with pytest.raises(RuntimeError, match="PTX"):
+        ran(x, ran.rm.init_memory(BATCH, x))
+
+
 @pytest.mark.gpu
 def test_bf16_autocast_at_the_papers_sizes() -> None:
     """Batch 16, 59 tokens, 3 x 512 slots, 8 heads under bf16 autocast: the fused memory is as close to
