@@ -315,15 +315,15 @@ def _plan(plan: dict) -> str:
 
 def _thumbnail(path: Path) -> str:
     """A view as an <img> with a PNG data URI, or a note when it cannot be read."""
-    from PIL import Image
+    from r2gen.data.datasets import open_image
+    from r2gen.errors import DataError
 
     try:
-        with Image.open(path) as image:
-            view = image.convert("L")
-            view.thumbnail((THUMB_PX, THUMB_PX))
-            buffer = io.BytesIO()
-            view.save(buffer, format="PNG")
-    except (OSError, ValueError):
+        view = open_image(path).convert("L")  # PNG, JPEG or DICOM
+        view.thumbnail((THUMB_PX, THUMB_PX))
+        buffer = io.BytesIO()
+        view.save(buffer, format="PNG")
+    except (OSError, ValueError, DataError):
         return f"<span class=\"note\">{esc(path.name)}: cannot be read</span>"
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
     return f"<img src=\"data:image/png;base64,{data}\" alt=\"{esc(path.name)}\">"

@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from r2gen.data.dicom import is_dicom, read_dicom
 from r2gen.data.synth import Findings, synth_findings
 from r2gen.data.tokenizer import Tokenizer
 from r2gen.errors import DataError
@@ -89,6 +90,9 @@ def check_image(image: Path, study: Study, ann_path: Path) -> None:
     """Raise DataError unless the file exists and decodes as an image."""
     if not image.is_file():
         raise DataError(f"{ann_path}: study {study.id!r}: image {image} does not exist")
+    if is_dicom(image):
+        read_dicom(image)  # decoded whole: a compressed file this machine cannot decode is named now
+        return
     try:
         with Image.open(image) as im:
             im.verify()
@@ -217,7 +221,10 @@ GRAY_MODES = ("L", "I;16", "I")
 
 
 def open_image(path: Path) -> Image.Image:
-    """A decoded image, one channel for grayscale files (R2Gen's RGB conversion only copies it)."""
+    """A decoded image, one channel for grayscale files (R2Gen's RGB conversion only copies it); DICOM files
+    through r2gen.data.dicom."""
+    if is_dicom(path):
+        return read_dicom(path)
     with Image.open(path) as im:
         return im.convert("L" if im.mode in GRAY_MODES else "RGB")
 

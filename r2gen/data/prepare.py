@@ -121,9 +121,14 @@ def preparation_hint(annotation: Annotation, image_size: int, sample: int = 8) -
     training uses (read from the headers of a few train images), else None."""
     from PIL import Image
 
+    from r2gen.data.dicom import is_dicom, read_dicom
+
     side = round(image_size * 256 / 224)
     sides = []
     for study in annotation.splits["train"][:sample]:
+        if is_dicom(study.images[0]):
+            sides.append(min(read_dicom(study.images[0]).size))
+            continue
         with Image.open(study.images[0]) as im:  # the header only: no decoding
             sides.append(min(im.size))
     if not sides or min(sides) < LARGE_IMAGE_FACTOR * side:
