@@ -78,9 +78,11 @@ InitFrom = Annotated[Optional[Path], _opt(
     "(a checkpoint file, step folder or run directory) or a published R2Gen one (model_iu_xray.pth; its vocabulary "
     "rebuilt from the run's annotation by R2Gen's rule and checked against it). The preset sets the training.",
     "--init-from", shown="none: a new model")]
-VisualWeights = Annotated[Optional[Path], _opt("torchvision ResNet state_dict (.pth) to start the visual extractor "
-                                               "from.", shown="torchvision's cached ImageNet weights if present, "
-                                                              "else random")]
+VisualWeights = Annotated[Optional[Path], _opt(
+    "The visual extractor's start: imagenet (torchvision's cache, else downloaded into it, as the published R2Gen "
+    "starts; $R2GEN_IMAGENET_URL names a mirror), random (from scratch, on purpose), or a torchvision ResNet "
+    "state_dict file (.pth).", shown="imagenet for the iu_xray and mimic_cxr presets on your own data; on the "
+    "embedded set and the tiny preset the cached ImageNet weights if present, else random, never the network")]
 
 # -- batch and memory ---------------------------------------------------------------------------------
 MicroBatch = Annotated[Optional[int], _opt(

@@ -23,6 +23,16 @@ TORCHAO_UNTIMED = ("fp8 not timed: without Transformer Engine only torchao's flo
 """Why auto skips the bf16-vs-fp8 timing (24 s of a 3-minute run) when FP8 would be torchao's."""
 
 
+
+PAPER_PRESETS = ("iu_xray", "mimic_cxr")
+
+
+def default_visual_weights(preset: str, embedded: bool) -> Path | None:
+    """--visual-weights when none is given: the published R2Gen's ImageNet start for the paper's presets on
+    your own data (downloaded if not cached); None elsewhere (cached ImageNet weights, else random, never the
+    network: the embedded set stays offline and deterministic)."""
+    return Path("imagenet") if preset in PAPER_PRESETS and not embedded else None
+
 def prepare_run(backend_name: str, device: str, precision: str, preset_name: str, overrides: dict,
                 options, ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
                 thresholds_path: Optional[Path], run_dir: Optional[Path] = None, name: Optional[str] = None,
@@ -86,6 +96,8 @@ def prepare_run(backend_name: str, device: str, precision: str, preset_name: str
                   f"{cfg.image_size})", highlight=False)
     elif prepared_for is None and not embedded and (hint := preparation_hint(annotation, cfg.image_size)):
         err.print(f"[yellow]hint:[/] {hint}", highlight=False)
+    if visual_weights is None and init_from is None:
+        visual_weights = default_visual_weights(cfg.preset, embedded)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         start_from = resolve_checkpoint(init_from, "--init-from")[0] if init_from is not None else None
@@ -98,8 +110,8 @@ def prepare_run(backend_name: str, device: str, precision: str, preset_name: str
               f"{n['train']}/{n['val']}/{n['test']} train/val/test studies from {annotation.path} | "
               f"vocabulary {len(prep.tokenizer)} | {sum(p.numel() for p in prep.model.parameters()):,} parameters"
               + (f" | run dir {target}" if target else ""), highlight=False)
-    if prep.init_from is not None:
-        err.print(f"fine-tune: {prep.weights_source}", highlight=False, soft_wrap=True)
+    err.print(f"{'fine-tune' if prep.init_from is not None else 'visual extractor'}: {prep.weights_source}",
+              highlight=False, soft_wrap=True)
 
     facts = detect()
     probe = None

@@ -269,5 +269,5 @@ def test_the_embedded_set_trains_the_presets_embedded_epochs(small_set: Path, ov
 
     options = plan_options(None, False, None, None, None, None, "sqrt", 0, "faithful")
     prep, _, _ = prepare_run("plain", "cpu", "fp32", "iu_xray", {"studies": 20, **overrides}, options,
-                             small_set if own_data else None, None, None, None)
+                             small_set if own_data else None, None, Path("random"), None)
     assert prep.cfg.epochs == epochs

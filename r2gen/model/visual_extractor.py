@@ -12,6 +12,7 @@ key by key and shape by shape (`resnet_mismatch`), and where torchvision's cache
 from __future__ import annotations
 
 import functools
+import os
 import pickle
 import warnings
 from pathlib import Path
@@ -146,11 +147,26 @@ def _weights_only_reason(message: str) -> str:
     return (reasons or lines or ["unreadable"])[0]
 
 
+IMAGENET_URL_VARIABLE = "R2GEN_IMAGENET_URL"
+"""Where to download the run's backbone's ImageNet weights instead of torchvision's host (a mirror); the
+file's name keeps torchvision's `<name>-<first hex digits of its sha256>.pth` form, which is checked."""
+
+CONNECT_TIMEOUT_S = 10.0
+"""Seconds to wait for the weights' host to answer (a machine without network fails fast)."""
+
+VISUAL_WEIGHTS_CHOICES = ("random", "imagenet")
+"""--visual-weights' words; anything else is a file."""
+
+
+def imagenet_url(backbone: str) -> str:
+    """The ImageNet weights' URL: $R2GEN_IMAGENET_URL, else torchvision's own for `backbone`."""
+    return os.environ.get(IMAGENET_URL_VARIABLE) or torchvision.models.get_model_weights(backbone).IMAGENET1K_V1.url
+
+
 def imagenet_cache_path(backbone: str) -> Path:
     """Where torchvision keeps, and looks for, `backbone`'s ImageNet weights: torch.hub's checkpoints
     folder, under the last part of the weights' url."""
-    enum = torchvision.models.get_model_weights(backbone).IMAGENET1K_V1
-    return Path(torch.hub.get_dir()) / "checkpoints" / enum.url.rsplit("/", 1)[-1]
+    return Path(torch.hub.get_dir()) / "checkpoints" / imagenet_url(backbone).rsplit("/", 1)[-1]
 
 
 def _cached_torchvision_weights(backbone: str) -> Path | None:
@@ -159,24 +175,68 @@ def _cached_torchvision_weights(backbone: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def init_visual_weights(extractor: VisualExtractor, weights_path: Path | None) -> str:
-    """Load pretrained weights: the given file, else torchvision's cached ImageNet file, else random.
+def download_imagenet(backbone: str) -> Path:
+    """Download `backbone`'s ImageNet weights into torchvision's cache as torchvision does (torch.hub: a
+    temporary file, checked against the sha256 prefix in its name, then moved in place; a progress bar
+    on a terminal). A host that does not answer within CONNECT_TIMEOUT_S, or a file that fails the
+    check (removed), is a WeightsError naming the ways on."""
+    import socket
+    import sys
+    import urllib.error
 
-    Returns a one-line description of where the weights came from. Never touches the network.
-    """
-    if weights_path is not None:
-        path = Path(weights_path)
+    url = imagenet_url(backbone)
+    target = imagenet_cache_path(backbone)
+    match = torch.hub.HASH_REGEX.search(target.name)
+    ways_on = ("copy the file from a machine with internet and run `r2gen-launch weights import FILE`, or train "
+               "from scratch on purpose with --visual-weights random")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not sys.stderr.isatty():
+        print(f"downloading {backbone} ImageNet weights from {url} to {target}", file=sys.stderr, flush=True)
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(CONNECT_TIMEOUT_S)
+    try:
+        torch.hub.download_url_to_file(url, str(target), match.group(1) if match else None,
+                                       progress=sys.stderr.isatty())
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise WeightsError(f"--visual-weights imagenet: {url} could not be reached ({reason}); {ways_on}") from None
+    except RuntimeError as err:  # torch.hub's hash check; its temporary file is gone
+        raise WeightsError(f"--visual-weights imagenet: the file downloaded from {url} failed its sha256 check "
+                           f"({err}) and was not kept; {ways_on}") from None
+    finally:
+        socket.setdefaulttimeout(before)
+    return target
+
+
+def init_visual_weights(extractor: VisualExtractor, weights: Path | None) -> str:
+    """Load the visual extractor's starting weights; a one-line description of where they came from.
+
+    `weights`: a file; `random` (on purpose); `imagenet` (torchvision's cache, else downloaded into it:
+    the published R2Gen's start); None: torchvision's cached ImageNet file if there, else random with a
+    warning, never the network (the embedded set's runs, offline and deterministic)."""
+    backbone = extractor.backbone
+    spec = str(weights) if weights is not None else None
+    if spec == "random":
+        return f"{backbone} randomly initialized (--visual-weights random)"
+    if spec is not None and spec != "imagenet":
+        path = Path(spec)
         if not path.is_file():
-            raise WeightsError(f"--visual-weights: no such file: {path}")
+            raise WeightsError(f"--visual-weights: no such file: {path} (or use {' or '.join(VISUAL_WEIGHTS_CHOICES)})")
         extractor.load_resnet_state_dict(read_state_dict(path, f"--visual-weights {path}"), f"--visual-weights {path}")
-        return f"{extractor.backbone} weights from {path}"
-    cached = _cached_torchvision_weights(extractor.backbone)
+        return f"{backbone} weights from {path}"
+    cached = _cached_torchvision_weights(backbone)
+    if cached is None and spec == "imagenet":
+        cached = download_imagenet(backbone)
+        extractor.load_resnet_state_dict(read_state_dict(cached, str(cached)), str(cached))
+        return f"{backbone} ImageNet weights, downloaded into the torchvision cache ({cached})"
     if cached is not None:
         extractor.load_resnet_state_dict(read_state_dict(cached, str(cached)), str(cached))
-        return f"{extractor.backbone} ImageNet weights from the torchvision cache ({cached})"
+        return f"{backbone} ImageNet weights from the torchvision cache ({cached})"
     warnings.warn(
-        f"no pretrained {extractor.backbone} weights found (no --visual-weights, nothing in the torchvision "
+        f"no pretrained {backbone} weights found (no --visual-weights, nothing in the torchvision "
         f"cache {torch.hub.get_dir()}/checkpoints): the visual extractor starts from random initialization",
         stacklevel=2,
     )
-    return f"{extractor.backbone} randomly initialized (no pretrained weights available offline)"
+    return f"{backbone} randomly initialized (no pretrained weights available offline)"
+
+
