@@ -73,9 +73,14 @@ def ce_command(generated: CeGenerated, truth: CeTruth, reports: CeReports = None
                                  "and ground_truth)")
         check_pair(truth_file, generated_file, written)
         scores = clinical_efficacy(truth_file, generated_file)
-        output = out_file or generated.with_name("ce.json")
+        # Beside the evaluation it scores (a run's reports/: its report.html shows it), else beside --generated.
+        output = out_file or (reports.with_suffix(".ce.json") if reports is not None else generated.with_name("ce.json"))
         write_json(output, {"generated": str(generated), "truth": str(truth), **scores})
         console.print_clinical(scores, f"clinical efficacy: {generated} against {truth}", output)
+        run_dir = output.parent.parent
+        if output.parent.name == "reports" and (run_dir / "config.json").is_file():
+            from launcher.run_report import write_run_report
+            out.print(f"run report: {write_run_report(run_dir)}", highlight=False)
 
     guarded(run)
 

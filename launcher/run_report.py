@@ -56,6 +56,8 @@ class RunFiles:
     studies: dict[str, dict] = field(default_factory=dict)  # id -> annotation entry, for the shown samples
     image_dir: Path | None = None
     running: str = ""                                # "process N on HOST since T" while a command trains it
+    clinical: dict = field(default_factory=dict)     # the newest reports/*.ce.json (r2gen-launch ce --reports)
+    clinical_from: str = ""
 
 
 def _read_json(path: Path) -> Any:
@@ -99,6 +101,9 @@ def read_run_files(run_dir: Path) -> RunFiles:
         raise ConfigError(f"RUN: {run_dir} is not a run directory (no config.json or metrics.jsonl)")
     run = RunFiles(run_dir, config=_read_json(run_dir / "config.json") or {}, plan=_read_json(run_dir / "plan.json") or {},
                    records=read_records(run_dir / "metrics.jsonl"), running=live_holder(run_dir))
+    scored = sorted((run_dir / "reports").glob("*.ce.json"), key=lambda p: p.stat().st_mtime)
+    if scored and isinstance(clinical := _read_json(scored[-1]), dict) and "observations" in clinical:
+        run.clinical, run.clinical_from = clinical, scored[-1].name
     chosen = _reports_file(run_dir / "reports")
     samples = _read_json(chosen) if chosen else None
     if isinstance(samples, list):
@@ -131,8 +136,8 @@ def render_run_report(run: RunFiles) -> str:
     title = f"Run {run.path.name}"
     epochs = _per_epoch(run.records)
     best = _best_epoch(run.records, epochs)
-    body = "\n".join((_header(run, title), _scores(run.records, epochs, best), _charts(run, epochs, best),
-                      _plan(run.plan), _samples(run)))
+    body = "\n".join((_header(run, title), _scores(run.records, epochs, best), _clinical(run),
+                      _charts(run, epochs, best), _plan(run.plan), _samples(run)))
     return page(title, CSS, body)
 
 
@@ -209,6 +214,26 @@ def _scores(records: list[dict], epochs: dict[int, dict], best: int | None) -> s
             + "</tbody></table></div>\n<p class=\"note\">Test, best model: the best val epoch's checkpoint on test "
             "(R2Gen's pick). Baseline: always answering the most frequent train report (written at the run's "
             "end).</p>\n</section>")
+
+
+def _clinical(run: RunFiles) -> str:
+    """Clinical efficacy (r2gen-launch ce), where it was computed for this run; nothing otherwise."""
+    ce = run.clinical
+    if not ce:
+        return ""
+    rows = [f"<tr><th>{esc(name)}</th>" + "".join(f"<td class=\"num\">{fmt(o.get(k), 3)}</td>"
+                                                  for k in ("precision", "recall", "f1", "auroc"))
+            + f"<td class=\"num\">{esc(o.get('support'))}</td></tr>" for name, o in ce["observations"].items()]
+    for average in ("macro", "micro"):
+        row = ce.get(average) or {}
+        auroc = ce.get("auroc_mean") if average == "macro" else None
+        rows.append(f"<tr><th>{average}</th>" + "".join(f"<td class=\"num\">{fmt(v, 3)}</td>" for v in
+                    (row.get("precision"), row.get("recall"), row.get("f1"), auroc)) + "<td></td></tr>")
+    return ("<section>\n<h2>Clinical efficacy</h2>\n<div class=\"scroll\"><table id=\"clinical\"><thead><tr>"
+            "<th>Observation</th><th>Precision</th><th>Recall</th><th>F1</th><th>AUROC</th><th>Support</th></tr>"
+            "</thead>\n<tbody>" + "".join(rows) + "</tbody></table></div>\n<p class=\"note\">The CheXpert "
+            f"labeler's observations on {ce.get('studies', NA)} test studies, scored as the published R2Gen "
+            f"scores them ({esc(run.clinical_from)}).</p>\n</section>")
 
 
 def _points(records: list[dict], x_key: str, y_key: str, start: float = 0.0, scale: float = 1.0) -> list:

@@ -79,3 +79,35 @@ def test_bad_evaluate_requests(runs: dict[str, Path], tmp_path: Path) -> None:
         result = CliRunner().invoke(app, ["evaluate", *args])
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], (args, result.output)
+
+
+def test_ce_on_a_runs_test_reports_lands_in_its_report(runs: dict[str, Path], tmp_path) -> None:
+    """The labeler's inputs of the run's test evaluation, labelled (here by a rule on the words, standing in
+    for the CheXpert labeler, which runs outside this project), scored by `ce --reports`: the scores go
+    beside the evaluation and into the run's report.html; a labelled file in another order is refused."""
+    run = runs["plain"]
+    stem = run / "reports" / "test_epoch001"
+    labelled = {}
+    for kind in ("generated", "truth"):
+        with open(stem.with_name(f"{stem.name}.{kind}.csv"), newline="") as f:
+            reports = [row[0] for row in csv.reader(f)]
+        rows = [["Reports", "Cardiomegaly", "Pleural Effusion"]]
+        rows += [[r, "1" if "enlarged" in r else "0", "1" if "effusion" in r and "no" not in r else ""] for r in reports]
+        labelled[kind] = tmp_path / f"{kind}_labeled.csv"
+        with open(labelled[kind], "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+    result = run_cli(["ce", "--generated", str(labelled["generated"]), "--truth", str(labelled["truth"]),
+                      "--reports", str(stem.with_suffix(".json"))], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    scores = json.loads(stem.with_suffix(".ce.json").read_text())
+    assert scores["studies"] == len(reports) and set(scores["observations"]) == {"Cardiomegaly", "Pleural Effusion"}
+    html = (run / "report.html").read_text()
+    assert "Clinical efficacy" in html and "Pleural Effusion" in html
+    swapped = tmp_path / "swapped.csv"  # two true reports that differ, exchanged
+    header, *lines = labelled["truth"].read_text().splitlines()
+    i = next(i for i in range(1, len(lines)) if lines[i].split(",")[0] != lines[0].split(",")[0])
+    lines[0], lines[i] = lines[i], lines[0]
+    swapped.write_text("\n".join([header, *lines]) + "\n")
+    refused = run_cli(["ce", "--generated", str(labelled["generated"]), "--truth", str(swapped),
+                       "--reports", str(stem.with_suffix(".json"))], tmp_path)
+    assert refused.returncode == 2 and "another order" in refused.stderr
