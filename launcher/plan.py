@@ -276,6 +276,7 @@ class Plan:
     probe: dict[str, Any] | None = None   # the probe's measurements (launcher.probe.ProbeResult)
     engine: dict[str, Any] = field(default_factory=dict)  # engine options: zero, offload (deepspeed); fp8_impl
     disk: DiskSpace | None = None     # free space for checkpoints when planned (None: not checked)
+    visual_weights: str = ""          # where the visual extractor's weights came from ("" for a fine-tune)
 
     def disk_warning(self) -> str | None:
         """The sentence to print before the run when its checkpoints will not fit the free space."""
@@ -325,6 +326,8 @@ class Plan:
         if self.disk is not None:
             enough, why = disk_reason(self.disk)
             rows.append(("disk", "ok" if enough else "too little", why))
+        if self.visual_weights:
+            rows.append(("visual weights", self.visual_weights, self.reasons.get("visual_weights", "")))
         return rows
 
 

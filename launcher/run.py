@@ -5,6 +5,7 @@ the run's own plan, re-probed). The commands in launcher/cli.py parse options an
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import warnings
 from datetime import datetime
@@ -32,6 +33,15 @@ def default_visual_weights(preset: str, embedded: bool) -> Path | None:
     your own data (downloaded if not cached); None elsewhere (cached ImageNet weights, else random, never the
     network: the embedded set stays offline and deterministic)."""
     return Path("imagenet") if preset in PAPER_PRESETS and not embedded else None
+
+
+def visual_weights_reason(given: Path | None, preset: str, embedded: bool) -> str:
+    """Why the visual extractor starts where it does (the plan's row)."""
+    if given is not None:
+        return "--visual-weights"
+    if default_visual_weights(preset, embedded) is not None:
+        return "the published R2Gen starts from ImageNet: the default for the paper's presets on your own data"
+    return "the embedded set and the tiny preset never use the network: cached ImageNet weights, else random"
 
 def prepare_run(backend_name: str, device: str, precision: str, preset_name: str, overrides: dict,
                 options, ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
@@ -96,6 +106,7 @@ def prepare_run(backend_name: str, device: str, precision: str, preset_name: str
                   f"{cfg.image_size})", highlight=False)
     elif prepared_for is None and not embedded and (hint := preparation_hint(annotation, cfg.image_size)):
         err.print(f"[yellow]hint:[/] {hint}", highlight=False)
+    weights_reason = visual_weights_reason(visual_weights, cfg.preset, embedded)
     if visual_weights is None and init_from is None:
         visual_weights = default_visual_weights(cfg.preset, embedded)
     with warnings.catch_warnings(record=True) as caught:
@@ -138,6 +149,9 @@ def prepare_run(backend_name: str, device: str, precision: str, preset_name: str
     plan = make_plan(backend_name, device, precision, cfg, facts, thresholds, options, sum(n.values()), probe,
                      world_size=world_size, engine=engine, choice=choice,
                      disk=disk_space(run_dir, prep) if run_dir is not None else None, train_studies=n["train"])
+    if prep.init_from is None:
+        plan = dataclasses.replace(plan, visual_weights=prep.weights_source,
+                                   reasons={**plan.reasons, "visual_weights": weights_reason})
     return prep, plan, target
 
 

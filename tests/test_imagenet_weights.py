@@ -18,7 +18,7 @@ import torchvision
 from typer.testing import CliRunner
 
 from launcher.cli import app
-from launcher.run import default_visual_weights
+from launcher.run import default_visual_weights, visual_weights_reason
 from r2gen.model.visual_extractor import (IMAGENET_URL_VARIABLE, VisualExtractor, WeightsError, imagenet_cache_path,
                                           init_visual_weights)
 
@@ -124,6 +124,9 @@ def test_which_runs_start_from_imagenet() -> None:
     assert default_visual_weights("mimic_cxr", embedded=False) == Path("imagenet")
     assert default_visual_weights("iu_xray", embedded=True) is None  # the embedded set: never the network
     assert default_visual_weights("tiny", embedded=False) is None
+    assert "published R2Gen starts from ImageNet" in visual_weights_reason(None, "mimic_cxr", embedded=False)
+    assert "never use the network" in visual_weights_reason(None, "iu_xray", embedded=True)
+    assert visual_weights_reason(Path("random"), "iu_xray", embedded=False) == "--visual-weights"
 
 
 def test_random_is_on_purpose() -> None:
@@ -154,6 +157,7 @@ def test_the_paper_preset_downloads_and_the_plan_says_so(small_set: Path, tmp_pa
                                       "--dry-run", "--num-workers", "0"], terminal_width=250)
     assert result.exit_code == 0, result.output
     assert "visual extractor: resnet101 ImageNet weights, downloaded into the torchvision cache" in result.output
+    assert "visual weights" in result.output  # the plan's row (its reason: test_which_runs_start_from_imagenet)
     assert imagenet_cache_path("resnet101").is_file() and host.requests == [f"/{name}"]
 
 
