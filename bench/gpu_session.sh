@@ -49,6 +49,7 @@ for stage in "${stages[@]}"; do
         [ "$b" = 16 ] && echo "## this tree, fused_memory off, batch $b" && \
           python3 bench/profile_step.py --batch-size "$b" --top 8 --speedups-off fused_memory
         echo "## this tree, batch $b"; python3 bench/profile_step.py --batch-size "$b" --top 8
+        echo "## this tree, whole-step graphs, batch $b"; python3 bench/profile_step.py --batch-size "$b" --top 8 --whole-step-graphs
       done 2>&1 | tee "$OUT/profile_fused.log" | grep -E "^##|kernels per step|^. (visual|encoder|  of|whole)" ;;
     graphs) python3 -m pytest -m gpu -q -rP -p no:cacheprovider tests/test_speedups.py 2>&1 | tee "$OUT/speedups_tests.log" | tail -8 ;;
     auto)

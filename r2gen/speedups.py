@@ -75,8 +75,15 @@ def speed_up(model: torch.nn.Module, backend, cfg) -> list[str]:
         warnings.warn(f"the fused relational memory is off for this run ({why}); it runs as PyTorch operations",
                       stacklevel=2)
     if "cuda_graphs" in applied:
-        CudaGraphed.install(model)
+        CudaGraphed.install(model, graphed_method(cfg))
     return applied
+
+
+def graphed_method(cfg) -> str:
+    """What the CUDA graphs capture: the whole model (`forward`: the visual extractor too, the relational
+    memory beside it on a second stream) where cfg.graph_visual_extractor asks, else the encoder-decoder
+    from patch features (`forward_features`), the path measured on H100 and H200 GPUs so far."""
+    return "forward" if cfg.graph_visual_extractor else "forward_features"
 
 
 @contextmanager
