@@ -101,10 +101,10 @@ def test_test_split_is_scored_for_the_last_and_the_best_model_or_every_n_epochs(
     result = train(prep, tmp_path / "run", _quiet())
     reports = tmp_path / "run" / "reports"
     assert sorted(p.name for p in reports.glob("val_*")) == [f"val_epoch00{e}.json" for e in (1, 2, 3, 4)]
-    assert sorted(p.name for p in reports.glob("test_*")) == ["test_epoch004.json"]  # the last model
+    assert sorted(p.name for p in reports.glob("test_*.json")) == ["test_epoch004.json"]  # the last model
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     if result.best_epoch != 4:  # the best model's weights (best.pt) scored on test after the loop
-        assert sorted(p.name for p in reports.glob("best_test_*")) == [f"best_test_epoch00{result.best_epoch}.json"]
+        assert sorted(p.name for p in reports.glob("best_test_*.json")) == [f"best_test_epoch00{result.best_epoch}.json"]
         best = next(r for r in records if "best_test/BLEU_4" in r)
         assert best["best_epoch"] == result.best_epoch and best["best_test/BLEU_4"] == result.best_test["BLEU_4"]
     else:
@@ -112,7 +112,7 @@ def test_test_split_is_scored_for_the_last_and_the_best_model_or_every_n_epochs(
     prep = prepare(_cfg(epochs=4, val_every=1, test_every=2, beam_size=1, max_steps_per_epoch=1), PlainBackend("cpu"),
                    load_annotation(small_set), None)
     train(prep, tmp_path / "every2", _quiet())
-    assert sorted(p.name for p in (tmp_path / "every2" / "reports").glob("test_*")) == [
+    assert sorted(p.name for p in (tmp_path / "every2" / "reports").glob("test_*.json")) == [
         "test_epoch002.json", "test_epoch004.json"]
 
 
