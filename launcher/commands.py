@@ -74,7 +74,7 @@ def ce_command(generated: CeGenerated, truth: CeTruth, reports: CeReports = None
         check_pair(truth_file, generated_file, written)
         scores = clinical_efficacy(truth_file, generated_file)
         # Beside the evaluation it scores (a run's reports/: its report.html shows it), else beside --generated.
-        output = out_file or (reports.with_suffix(".ce.json") if reports is not None else generated.with_name("ce.json"))
+        output = out_file or (reports.with_name(f"ce-{reports.name}") if reports is not None else generated.with_name("ce.json"))
         write_json(output, {"generated": str(generated), "truth": str(truth), **scores})
         console.print_clinical(scores, f"clinical efficacy: {generated} against {truth}", output)
         run_dir = output.parent.parent

@@ -225,7 +225,7 @@ CeReports = Annotated[Optional[Path], _opt("The evaluation's JSON the labeler's 
                                            "is checked against it, so a file of another order is refused.",
                                            shown="no check of the order")]
 CeOut = Annotated[Optional[Path], _opt("Where the scores go (JSON).", "--out",
-                                       shown="<reports>.ce.json beside --reports (a run's report.html then shows "
+                                       shown="ce-<reports>.json beside --reports (a run's report.html then shows "
                                              "them), else ce.json beside --generated")]
 
 # -- generate -----------------------------------------------------------------------------------------

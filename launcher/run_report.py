@@ -56,7 +56,7 @@ class RunFiles:
     studies: dict[str, dict] = field(default_factory=dict)  # id -> annotation entry, for the shown samples
     image_dir: Path | None = None
     running: str = ""                                # "process N on HOST since T" while a command trains it
-    clinical: dict = field(default_factory=dict)     # the newest reports/*.ce.json (r2gen-launch ce --reports)
+    clinical: dict = field(default_factory=dict)     # the newest reports/ce-*.json (r2gen-launch ce --reports)
     clinical_from: str = ""
 
 
@@ -101,7 +101,7 @@ def read_run_files(run_dir: Path) -> RunFiles:
         raise ConfigError(f"RUN: {run_dir} is not a run directory (no config.json or metrics.jsonl)")
     run = RunFiles(run_dir, config=_read_json(run_dir / "config.json") or {}, plan=_read_json(run_dir / "plan.json") or {},
                    records=read_records(run_dir / "metrics.jsonl"), running=live_holder(run_dir))
-    scored = sorted((run_dir / "reports").glob("*.ce.json"), key=lambda p: p.stat().st_mtime)
+    scored = sorted((run_dir / "reports").glob("ce-*.json"), key=lambda p: p.stat().st_mtime)
     if scored and isinstance(clinical := _read_json(scored[-1]), dict) and "observations" in clinical:
         run.clinical, run.clinical_from = clinical, scored[-1].name
     chosen = _reports_file(run_dir / "reports")

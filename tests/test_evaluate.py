@@ -99,7 +99,7 @@ def test_ce_on_a_runs_test_reports_lands_in_its_report(runs: dict[str, Path], tm
     result = run_cli(["ce", "--generated", str(labelled["generated"]), "--truth", str(labelled["truth"]),
                       "--reports", str(stem.with_suffix(".json"))], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    scores = json.loads(stem.with_suffix(".ce.json").read_text())
+    scores = json.loads(stem.with_name(f"ce-{stem.name}.json").read_text())
     assert scores["studies"] == len(reports) and set(scores["observations"]) == {"Cardiomegaly", "Pleural Effusion"}
     html = (run / "report.html").read_text()
     assert "Clinical efficacy" in html and "Pleural Effusion" in html
