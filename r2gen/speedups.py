@@ -149,7 +149,8 @@ def overlapped_forward(model: torch.nn.Module, images: torch.Tensor, targets: to
     the memory reads only the targets, and its token loop is a chain of small kernels that leaves most
     of the GPU to ResNet's convolutions. Joined before the decoder reads the states; autograd runs each
     backward operation on its forward's stream, so the memory's backward overlaps the ResNet's too.
-    The same operations as the model's forward, in the same order on each stream."""
+    The same operations as the model's forward (its dropout masks drawn in another order: graphs draw
+    other random numbers anyway)."""
     device = images.device
     if device not in _MEMORY_STREAMS:
         _MEMORY_STREAMS[device] = torch.cuda.Stream(device)

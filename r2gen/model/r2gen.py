@@ -108,14 +108,13 @@ class R2GenModel(nn.Module):
 
     # -- training -----------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # The relational memory first: it reads only the targets, so a GPU may run it beside the
-        # visual extractor (r2gen.speedups.overlapped_forward); the arithmetic is the published order's.
-        memory = self.memory_states(targets)
         att_feats, _ = self.extract(images)
-        return self.forward_features(att_feats, targets, memory)
+        return self.forward_features(att_feats, targets)
 
     def memory_states(self, targets: torch.Tensor) -> torch.Tensor:
-        """The relational memory's states for teacher-forced targets, (B, T-1, slots * d)."""
+        """The relational memory's states for teacher-forced targets, (B, T-1, slots * d): they read the
+        targets alone, so a GPU may compute them beside the visual extractor (r2gen.speedups.overlapped_forward)
+        and hand them to forward_features."""
         return self.encoder_decoder.model.memory_states(targets[:, :-1])
 
     def forward_features(self, att_feats: torch.Tensor, targets: torch.Tensor,
