@@ -303,7 +303,7 @@ def test_cuda_graphs_give_the_eager_outputs_and_gradients(precision: str) -> Non
     pytest.param("fp32", marks=pytest.mark.xfail(strict=False, reason=(
         "H100, 2026-12-07: at the third step the relational memory's gradients were ~3e-4 off the eager ones "
         "(20x the rule; steps 1-2 and bf16 within it): to be explained before graph_visual_extractor is on by "
-        "default (cuDNN's algorithms in the captured ResNet, or the memory's second stream?)"))),
+        "default (PyTorch warned that the AccumulateGrad nodes' stream did not match the memory's second stream)"))),
     "bf16"])
 def test_whole_model_graphs_give_the_eager_outputs_gradients_and_batchnorm_statistics(precision: str) -> None:
     """The visual extractor inside the captured step: log-probabilities, every parameter's gradient (ResNet's
