@@ -136,3 +136,10 @@ def test_generate_on_dicom_studies_gives_the_reports_of_the_same_pixels_as_png(s
     assert [r["id"] for r in reports["dicom"]] == [e["id"] for e in entries]
     assert [r["report"] for r in reports["dicom"]] == [r["report"] for r in reports["png"]]
     assert reports["dicom"][0]["images"][0].endswith("0.dcm")
+    # A study whose view this machine cannot decode: exit 2, one line naming the file, nothing written.
+    broken = tmp_path / "dicom" / entries[0]["id"] / "1.dcm"
+    write_dicom(broken, RAMP, syntax=JPEG2000Lossless)
+    refused = run_cli(["generate", "--checkpoint", str(run / "r"), "--input", str(tmp_path / "dicom"), "--device",
+                       "cpu", "--num-workers", "0", "--out", str(tmp_path / "out-broken")], tmp_path)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert str(broken) in refused.stderr and not (tmp_path / "out-broken").exists()
