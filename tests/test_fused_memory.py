@@ -24,7 +24,7 @@ from r2gen import fused_memory
 from r2gen.fused_memory import FusedRelationalMemory, install_fused_memory
 from r2gen.model.r2gen import ModelConfig, R2GenModel
 from r2gen.model.transformer import RelationalMemory
-from tests.reference import published_relational_memory
+from reference import published_relational_memory
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH, TOKENS, SLOTS, D_MODEL, HEADS = 2, 6, 3, 64, 2
