@@ -72,9 +72,15 @@ def eligible_linears(model: nn.Module) -> list[str]:
             and module.in_features % 16 == 0 and module.out_features % 16 == 0]
 
 
+def swapped_linears(model: nn.Module, names: list[str]) -> list[str]:
+    """Which of the named layers are no longer plain nn.Linear (what a conversion really swapped)."""
+    return [name for name in names if type(model.get_submodule(name)) is not nn.Linear]
+
+
 def convert_to_fp8(model: nn.Module, impl: str, emulate: bool = False) -> list[str]:
-    """Swap the eligible Linear layers in place; returns their names. `emulate` (torchao only) runs
-    the float8 arithmetic without float8 hardware (tests on CPU)."""
+    """Swap the eligible Linear layers in place; returns the names of those really swapped (none swapped
+    is a BackendError: a run labelled fp8 must not train in bf16). `emulate` (torchao only) runs the
+    float8 arithmetic without float8 hardware (tests on CPU)."""
     names = eligible_linears(model)
     if impl == "torchao":
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
@@ -82,7 +88,7 @@ def convert_to_fp8(model: nn.Module, impl: str, emulate: bool = False) -> list[s
         wanted = set(names)
         convert_to_float8_training(model, config=Float8LinearConfig(pad_inner_dim=True, emulate=emulate),
                                    module_filter_fn=lambda _module, fqn: fqn in wanted)
-        return names
+        return _checked(model, names, "torchao's convert_to_float8_training")
     if impl == "te":
         import transformer_engine.pytorch as te
 
@@ -97,8 +103,17 @@ def convert_to_fp8(model: nn.Module, impl: str, emulate: bool = False) -> list[s
                 if old.bias is not None:
                     new.bias.copy_(old.bias)
             setattr(parent, child, new)
-        return names
+        return _checked(model, names, "Transformer Engine's Linear")
     raise ConfigError(f"--fp8-impl: unknown {impl!r}")
+
+
+def _checked(model: nn.Module, names: list[str], how: str) -> list[str]:
+    swapped = swapped_linears(model, names)
+    if not swapped:
+        raise BackendError(f"fp8: {how} swapped none of the {len(names)} eligible Linear layers (an API change?); "
+                           "this run would train in bf16 under an fp8 label: use --precision bf16, or another "
+                           "--fp8-impl")
+    return swapped
 
 
 class Fp8Backend(PlainBackend):

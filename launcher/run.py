@@ -88,6 +88,8 @@ def prepare_run(backend_name: str, device: str, precision: str, preset_name: str
     target = None
     if run_dir is not None:
         target = run_dir / (name or f"{cfg.preset}-{backend_name}-{datetime.now():%Y%m%d-%H%M%S}")
+        if why := why_not_creatable(target):
+            raise ConfigError(f"--run-dir/--name: cannot make the run directory {target}: {why}")
         if holds_a_run(target):
             raise ConfigError(f"--run-dir/--name: {target} already holds a run; choose another --name")
     embedded = ann_path is None
@@ -231,6 +233,27 @@ def run_training(backend_name: str, device: str, precision: str, preset_name: st
         if holds_a_run(target):  # another command started this run while we planned
             raise ConfigError(f"--run-dir/--name: {target} already holds a run; choose another --name")
         start(prep, plan, target, topology, engine_file, visual_weights, hostfile, dry_run)
+
+
+def why_not_creatable(target: Path) -> str:
+    """Why the run directory `target` could not be made or written ("" where it can), found without
+    writing anything: a file in the way (it, or a folder above it), or a nearest existing folder this
+    process may not write into (no permission, a read-only filesystem)."""
+    import os
+
+    path = Path(target).absolute()
+    if path.exists():
+        if not path.is_dir():
+            return f"{path} is a file, not a folder"
+        return "" if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable (permissions or a read-only filesystem)"
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, where a folder of {path} should be"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable (permissions or a read-only filesystem)"
+    return ""
 
 
 def holds_a_run(target: Path) -> bool:

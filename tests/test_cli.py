@@ -271,3 +271,20 @@ def test_the_embedded_set_trains_the_presets_embedded_epochs(small_set: Path, ov
     prep, _, _ = prepare_run("plain", "cpu", "fp32", "iu_xray", {"studies": 20, **overrides}, options,
                              small_set if own_data else None, None, Path("random"), None)
     assert prep.cfg.epochs == epochs
+
+
+@pytest.mark.parametrize("where", ["above", "itself"])
+def test_a_run_directory_that_cannot_be_made_is_one_line_before_the_plan(tmp_path: Path, where: str) -> None:
+    """A file where the run's folder (or one above it) should be: exit 2, one line naming the path and why,
+    before the plan is printed and with nothing written."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    args = (["--run-dir", str(blocker / "runs")] if where == "above" else ["--run-dir", str(tmp_path), "--name", "blocker"])
+    result = runner.invoke(app, ["plain", "--preset", "tiny", "--device", "cpu", "--studies", "20", *args])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 1, result.output
+    assert "cannot make the run directory" in errors[0] and str(blocker) in errors[0] and "is a file" in errors[0]
+    assert "decision" not in result.output  # no plan table
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker"] and blocker.read_text() == "not a folder"
+

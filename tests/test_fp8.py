@@ -47,6 +47,7 @@ def test_torchao_conversion_keeps_the_parameters_and_trains_like_bf16() -> None:
         if fp8:
             names = convert_to_fp8(model, "torchao", emulate=True)  # float8 arithmetic without float8 hardware
             assert all(isinstance(model.get_submodule(n), Float8Linear) for n in names)
+            assert sorted(names) == sorted(eligible_linears(_model()))  # every eligible layer, counted as swapped
             assert {n: id(p) for n, p in model.named_parameters()} == params  # the optimizer sees the same tensors
         backend = PlainBackend("cpu", "bf16")
         model, optimizer = backend.prepare(model, optimizer_factory(CFG))
@@ -59,6 +60,20 @@ def test_torchao_conversion_keeps_the_parameters_and_trains_like_bf16() -> None:
     assert losses[True] == pytest.approx(losses[False], rel=2.0**-4)
     assert losses[True][0] != losses[False][0]  # float8 really computed something different
     assert losses[True][-1] < losses[True][0]
+
+
+def test_a_conversion_that_swapped_nothing_is_an_error_not_a_bf16_run() -> None:
+    """What convert_to_fp8 checks after either implementation: the layers that are no longer nn.Linear; a
+    model left as it was (an API that silently converts nothing) is refused with the way on."""
+    from backends.fp8 import _checked, swapped_linears
+
+    model = _model()
+    names = eligible_linears(model)
+    assert names and swapped_linears(model, names) == []
+    with pytest.raises(BackendError, match=f"swapped none of the {len(names)} eligible Linear layers.*--precision bf16"):
+        _checked(model, names, "a conversion")
+    convert_to_fp8(model, "torchao", emulate=True)
+    assert swapped_linears(model, names) == names
 
 
 def test_requests_fp8_cannot_serve_are_refused() -> None:
