@@ -19,8 +19,9 @@ from launcher.options import make_topology
 from launcher.runlock import RunLock
 from r2gen.errors import BackendError, ConfigError
 
-TORCHAO_UNTIMED = ("fp8 not timed: without Transformer Engine only torchao's float8 is here, 11x slower than bf16 "
-                   "on R2Gen's small matrices (an H200, micro-batch 65: 59 vs 643 samples/s); `r2gen-launch fp8` runs it")
+TORCHAO_UNTIMED = ("fp8 not timed: without Transformer Engine only torchao's float8 is here, measured slower than "
+                   "bf16 on R2Gen's small matrices (2026-12: 2.5-11x, by card and batch: an H200 at micro-batch 65, "
+                   "59 vs 643 samples/s; an H100, 141 vs 396); `r2gen-launch fp8` runs it")
 """Why auto skips the bf16-vs-fp8 timing (24 s of a 3-minute run) when FP8 would be torchao's."""
 
 
