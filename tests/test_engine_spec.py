@@ -166,8 +166,14 @@ def test_launch_commands_come_from_the_spec(tmp_path: Path) -> None:
     from launcher.spawn import WORKER_MODULE, launch_command
 
     topology = Topology(gpus_per_node=2)
-    for name, engine in SPECS.items():
-        command = engine.launch_command(topology, WORKER_MODULE, ["--launch", "x"], tmp_path / "f", None)
-        assert command == launch_command(name, topology, ["--launch", "x"], engine_config=tmp_path / "f")
-        assert WORKER_MODULE in command
+    # Each engine's own launcher module and how it is told the process count (or its config file).
+    expected = {"plain": ("torch.distributed.run", "--nproc_per_node=2"),
+                "fp8": ("torch.distributed.run", "--nproc_per_node=2"),
+                "accelerate": ("accelerate.commands.launch", str(tmp_path / "f")),
+                "deepspeed": ("deepspeed.launcher.runner", "--num_gpus=2")}
+    assert set(expected) == set(SPECS)
+    for name, (module, count) in expected.items():
+        command = launch_command(name, topology, ["--launch", "x"], engine_config=tmp_path / "f")
+        assert command[1:3] == ["-m", module] and count in command, (name, command)
+        assert WORKER_MODULE in command and command[command.index("--launch") + 1] == "x"
     assert spec("fp8").launch is spec("plain").launch  # FP8 is the plain adapter's DDP under torchrun
