@@ -55,23 +55,10 @@ def ce_command(generated: CeGenerated, truth: CeTruth, reports: CeReports = None
     each, then this (docs/resume.md)."""
 
     def run() -> None:
-        import json
-
         from r2gen.atomic import write_json
-        from r2gen.clinical import check_pair, clinical_efficacy, read_labelled
+        from r2gen.clinical import check_pair, clinical_efficacy, read_labelled, read_written
         truth_file, generated_file = read_labelled(truth, "--truth"), read_labelled(generated, "--generated")
-        written = None
-        if reports is not None:
-            try:
-                held = json.loads(reports.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise UsageError(f"--reports: {reports} cannot be read as JSON ({exc})") from None
-            written = held["reports"] if isinstance(held, dict) else held
-            if not isinstance(written, list) or not all(isinstance(r, dict) and {"id", "generated", "ground_truth"}
-                                                        <= r.keys() for r in written):
-                raise UsageError(f"--reports: {reports} is not an evaluation's reports (records of id, generated "
-                                 "and ground_truth)")
-        check_pair(truth_file, generated_file, written)
+        check_pair(truth_file, generated_file, read_written(reports) if reports is not None else None)
         scores = clinical_efficacy(truth_file, generated_file)
         # Beside the evaluation it scores (a run's reports/: its report.html shows it), else beside --generated.
         output = out_file or (reports.with_name(f"ce-{reports.name}") if reports is not None else generated.with_name("ce.json"))

@@ -24,8 +24,6 @@ TORCHAO_UNTIMED = ("fp8 not timed: without Transformer Engine only torchao's flo
                    "59 vs 643 samples/s; an H100, 141 vs 396); `r2gen-launch fp8` runs it")
 """Why auto skips the bf16-vs-fp8 timing (24 s of a 3-minute run) when FP8 would be torchao's."""
 
-
-
 PAPER_PRESETS = ("iu_xray", "mimic_cxr")
 
 
@@ -43,6 +41,7 @@ def visual_weights_reason(given: Path | None, preset: str, embedded: bool) -> st
     if default_visual_weights(preset, embedded) is not None:
         return "the published R2Gen starts from ImageNet: the default for the paper's presets on your own data"
     return "the embedded set and the tiny preset never use the network: cached ImageNet weights, else random"
+
 
 def prepare_run(backend_name: str, device: str, precision: str, preset_name: str, overrides: dict,
                 options, ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],

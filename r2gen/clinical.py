@@ -100,6 +100,22 @@ def check_pair(truth: Labelled, generated: Labelled, written: list[dict] | None 
                                  "written for the labeler (another order, or another evaluation's file?)")
 
 
+def read_written(path: Path) -> list[dict]:
+    """The records (id, generated, ground_truth) an evaluation's JSON holds: a run's reports/<split>_epochNNN.json
+    (a list) or `evaluate`'s output (under "reports"); a UsageError naming --reports for anything else."""
+    import json
+
+    try:
+        held = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--reports: {path} cannot be read as JSON ({exc})") from None
+    records = held.get("reports") if isinstance(held, dict) else held
+    if not isinstance(records, list) or not all(isinstance(r, dict) and {"id", "generated", "ground_truth"} <= r.keys()
+                                                for r in records):
+        raise UsageError(f"--reports: {path} is not an evaluation's reports (records of id, generated and ground_truth)")
+    return records
+
+
 def _column(names: tuple[str, ...], i: int) -> str:
     return repr(names[i]) if i < len(names) else "none"
 

@@ -93,22 +93,25 @@ def _linear(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, dot: int, *, tr
             res: torch.Tensor | None = None, n_split: int | None = None, a_shift: int = 0) -> None:
     """out = a @ w.T (transpose) or a @ w, then the epilogue (see linear_kernel). a, out, pos and res
     are (rows, cols) views with contiguous rows; w is contiguous."""
-    k = _kernels()
     rows, cols = out.shape
     inner = w.shape[1] if transpose else w.shape[0]
     stride_wn, stride_wk = (w.stride(0), 1) if transpose else (1, w.stride(0))
-    dummy = out
-    k.linear_kernel[_grid(rows, cols)](
-        a, w, bias if bias is not None else dummy, res if res is not None else dummy,
-        pos if pos is not None else dummy, out, rows, cols, inner, cols if n_split is None else n_split, a_shift,
-        a.stride(0), stride_wn, stride_wk, (res if res is not None else dummy).stride(0),
-        (pos if pos is not None else dummy).stride(0), out.stride(0),
+    # An absent operand's pointer is never read (its constexpr flag is off): `out` stands in.
+    bias_, res_, pos_ = (t if t is not None else out for t in (bias, res, pos))
+    _kernels().linear_kernel[_grid(rows, cols)](
+        a, w, bias_, res_, pos_, out, rows, cols, inner, cols if n_split is None else n_split, a_shift,
+        a.stride(0), stride_wn, stride_wk, res_.stride(0), pos_.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, RELU=relu, POS=pos is not None, HAS_RES=res is not None, DOT=dot,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
 
 
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def _head_sizes(slots: int, dk: int) -> dict[str, int]:
+    """The attention kernels' padded block sizes: slots, keys ([memory; token]) and head width."""
+    return {"SP": _pow2(slots), "JP": _pow2(slots + 1), "DKP": _pow2(dk)}
 
 
 class _Memory(torch.autograd.Function):
@@ -126,8 +129,7 @@ class _Memory(torch.autograd.Function):
         dot = _dot(token_key.device.type)
         f32 = {"device": token_key.device, "dtype": torch.float32}
         tk, tv, tg = (x.contiguous() for x in (token_key, token_value, token_gates))
-        weights = [w.float().contiguous() for w in (w_o, w_1, w_2)]
-        w_o, w_1, w_2 = weights
+        w_o, w_1, w_2 = (w.float().contiguous() for w in (w_o, w_1, w_2))
         w_first = torch.cat([w_qkv, w_u]).float().contiguous()  # one launch: [M | tanh M] x [W_qkv; U]
         b_first = torch.cat([b_qkv, b_u]).float().contiguous()
         # Per token t: mt[t] = [M_t | tanh M_t] (mt[t+1] is the loop's output), qkvu[t] = [q k v | U tanh M + b],
@@ -141,7 +143,7 @@ class _Memory(torch.autograd.Function):
         probs = torch.empty(tokens, batch, heads, slots, slots + 1, **f32)
         dk = d // heads
         sqrt_dk = float(dk) ** 0.5
-        sizes = {"SP": _pow2(slots), "JP": _pow2(slots + 1), "DKP": _pow2(dk)}
+        sizes = _head_sizes(slots, dk)
         b_o, b_1, b_2 = (b.float().contiguous() for b in (b_o, b_1, b_2))
         for t in range(tokens):
             _linear(mt[t], w_first, qkvu[t], dot, bias=b_first, n_split=3 * d, a_shift=d)
@@ -183,7 +185,7 @@ class _Memory(torch.autograd.Function):
         dm2, direct, dx = (torch.empty(rows, d, **f32) for _ in range(3))
         w_qkv, w_u = w_first[:3 * d], w_first[3 * d:]
         dk = d // heads
-        sizes = {"SP": _pow2(slots), "JP": _pow2(slots + 1), "DKP": _pow2(dk)}
+        sizes = _head_sizes(slots, dk)
         for t in reversed(range(tokens)):
             k.gates_backward_kernel[_grid(rows, d, ELEMENTWISE_BLOCK)](
                 gout[t], carry, mt[t], qkvu[t, :, 3 * d:], tg[:, t], m1[t], z[t], dgates[t], dm2, dz[t], direct,

@@ -53,6 +53,14 @@ def module_scratch(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
             shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """torchvision's cache (TORCH_HOME) in the test's own folder: never the user's."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert Path(torch.hub.get_dir()).is_relative_to(tmp_path)
+    return tmp_path / "torch"
+
+
 @pytest.fixture(autouse=True)
 def restored_environment():
     """Engines set process-wide variables (a one-process DeepSpeed group sets LOCAL_RANK, as a

@@ -86,6 +86,21 @@ def test_two_files_of_other_studies_or_observations_are_refused(tmp_path: Path) 
         check_pair(truth, swapped, written)
 
 
+def test_reports_that_are_not_an_evaluations_are_refused(tmp_path: Path) -> None:
+    from r2gen.clinical import read_written
+
+    records = [{"id": "a", "generated": "g", "ground_truth": "t"}]
+    (tmp_path / "run.json").write_text(json.dumps(records))
+    (tmp_path / "evaluate.json").write_text(json.dumps({"split": "test", "reports": records}))
+    assert read_written(tmp_path / "run.json") == read_written(tmp_path / "evaluate.json") == records
+    (tmp_path / "other.json").write_text(json.dumps({"reports": [{"id": "a"}]}))
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(UsageError, match="--reports: .*other.json is not an evaluation's reports"):
+        read_written(tmp_path / "other.json")
+    with pytest.raises(UsageError, match="--reports: .*broken.json cannot be read as JSON"):
+        read_written(tmp_path / "broken.json")
+
+
 def test_the_labelers_inputs_hold_one_report_per_row_in_order(tmp_path: Path) -> None:
     records = [{"id": "a", "generated": 'the heart is normal, "no" effusion.', "ground_truth": "line one"},
                {"id": "b", "generated": "", "ground_truth": "two, with a comma"}]

@@ -51,10 +51,7 @@ class WeightsHost:
         self.server.server_close()
 
 
-@pytest.fixture(autouse=True)
-def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    return tmp_path / "torch"
+pytestmark = pytest.mark.usefixtures("torch_home")  # torchvision's cache of each test's own (conftest)
 
 
 @pytest.fixture

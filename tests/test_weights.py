@@ -20,12 +20,7 @@ from r2gen.model.visual_extractor import (VisualExtractor, _cached_torchvision_w
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """torchvision's cache in the test's own folder: never the user's."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    assert Path(torch.hub.get_dir()).is_relative_to(tmp_path)
-    return tmp_path / "torch"
+pytestmark = pytest.mark.usefixtures("torch_home")  # torchvision's cache of each test's own (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -33,17 +33,30 @@ def is_dicom(path: Path) -> bool:
         return False
 
 
-def read_dicom(path: Path) -> Image.Image:
-    """The file's first frame as an 8-bit grayscale ("L") image, or RGB for a colour file."""
+def _read(path: Path, pixels: bool = True):
+    """The file's pydicom dataset (without its pixel data where `pixels` is False); DataError naming the file
+    where pydicom is missing or the file is not DICOM."""
     try:
         import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError:
         raise DataError(f"{path}: a DICOM file; reading it needs pydicom (pip install 'r2gen-launch[dicom]')") from None
     try:
-        ds = pydicom.dcmread(path)
+        return pydicom.dcmread(path, stop_before_pixels=not pixels)
     except Exception as err:  # noqa: BLE001 - pydicom raises many types for broken files
         raise DataError(f"{path}: not a readable DICOM file ({type(err).__name__}: {err})") from None
+
+
+def dicom_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the file's header alone, as PIL's Image.size."""
+    ds = _read(path, pixels=False)
+    return int(ds.Columns), int(ds.Rows)
+
+
+def read_dicom(path: Path) -> Image.Image:
+    """The file's first frame as an 8-bit grayscale ("L") image, or RGB for a colour file."""
+    ds = _read(path)
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     if "PixelData" not in ds:
         raise DataError(f"{path}: a DICOM file without pixel data")
     try:

@@ -121,13 +121,13 @@ def preparation_hint(annotation: Annotation, image_size: int, sample: int = 8) -
     training uses (read from the headers of a few train images), else None."""
     from PIL import Image
 
-    from r2gen.data.dicom import is_dicom, read_dicom
+    from r2gen.data.dicom import dicom_size, is_dicom
 
     side = round(image_size * 256 / 224)
     sides = []
     for study in annotation.splits["train"][:sample]:
         if is_dicom(study.images[0]):
-            sides.append(min(read_dicom(study.images[0]).size))
+            sides.append(min(dicom_size(study.images[0])))  # the header only, as for the other formats
             continue
         with Image.open(study.images[0]) as im:  # the header only: no decoding
             sides.append(min(im.size))

@@ -224,14 +224,12 @@ def init_visual_weights(extractor: VisualExtractor, weights: Path | None) -> str
             raise WeightsError(f"--visual-weights: no such file: {path} (or use {' or '.join(VISUAL_WEIGHTS_CHOICES)})")
         extractor.load_resnet_state_dict(read_state_dict(path, f"--visual-weights {path}"), f"--visual-weights {path}")
         return f"{backbone} weights from {path}"
-    cached = _cached_torchvision_weights(backbone)
+    cached, how = _cached_torchvision_weights(backbone), " from the torchvision cache"
     if cached is None and spec == "imagenet":
-        cached = download_imagenet(backbone)
-        extractor.load_resnet_state_dict(read_state_dict(cached, str(cached)), str(cached))
-        return f"{backbone} ImageNet weights, downloaded into the torchvision cache ({cached})"
+        cached, how = download_imagenet(backbone), ", downloaded into the torchvision cache"
     if cached is not None:
         extractor.load_resnet_state_dict(read_state_dict(cached, str(cached)), str(cached))
-        return f"{backbone} ImageNet weights from the torchvision cache ({cached})"
+        return f"{backbone} ImageNet weights{how} ({cached})"
     warnings.warn(
         f"no pretrained {backbone} weights found (no --visual-weights, nothing in the torchvision "
         f"cache {torch.hub.get_dir()}/checkpoints): the visual extractor starts from random initialization",
