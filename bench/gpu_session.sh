@@ -14,6 +14,9 @@
 #             batch 16 and 64: the code in .base (an older commit: git archive REV | tar -x -C .base, carried), this
 #             tree without fused_memory, this tree (same machine, same call)
 #   graphs    the speed-ups' GPU tests (CUDA graphs of the encoder-decoder and of the whole model, 100 steps)
+#   streams   bench/stream_check.py: whole-model graphs vs eager in fp32, per way of running the relational memory
+#   trace     bench/profile_step.py --whole-step-graphs at batch 16 and 64 with its Chrome trace, summarised by
+#             bench/trace_summary.py (traces gzipped under $OUT)
 #   auto      the README's first command (r2gen-launch auto, embedded set), timed; its run's metrics.jsonl under $OUT
 #   study     r2gen-launch study --precisions fp32,fp16,bf16,fp8 on the iu_xray preset
 set -uo pipefail
@@ -51,6 +54,15 @@ for stage in "${stages[@]}"; do
         echo "## this tree, batch $b"; python3 bench/profile_step.py --batch-size "$b" --top 8
         echo "## this tree, whole-step graphs, batch $b"; python3 bench/profile_step.py --batch-size "$b" --top 8 --whole-step-graphs
       done 2>&1 | tee "$OUT/profile_fused.log" | grep -E "^##|kernels per step|^. (visual|encoder|  of|whole)" ;;
+    streams) python3 bench/stream_check.py ${STREAM_VARIANTS:+--variants "$STREAM_VARIANTS"} 2>&1 | tee "$OUT/stream_check.log" | tail -14 ;;
+    trace)
+      for b in ${TRACE_BATCHES:-16 64}; do
+        python3 bench/profile_step.py --batch-size "$b" --top 5 --whole-step-graphs --trace "/tmp/trace_$b.json" ${TRACE_ARGS:-} \
+          > "$OUT/profile_trace_$b.log" 2>&1
+        grep -E "kernels per step|^. (visual|encoder|  of|whole)" "$OUT/profile_trace_$b.log"
+        python3 bench/trace_summary.py "/tmp/trace_$b.json" --top 12 2>&1 | tee "$OUT/trace_summary_$b.log" | head -60
+        gzip -c "/tmp/trace_$b.json" > "$OUT/trace_$b.json.gz"
+      done ;;
     graphs) python3 -m pytest -m gpu -q -rP -p no:cacheprovider tests/test_speedups.py 2>&1 | tee "$OUT/speedups_tests.log" | tail -8 ;;
     auto)
       rm -rf /tmp/auto && mkdir -p /tmp/auto && start=$SECONDS

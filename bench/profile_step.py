@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--whole-step-graphs", action="store_true",
                         help="CUDA graphs of the whole model's step (graph_visual_extractor), not the encoder-decoder's")
     parser.add_argument("--speedups-off", default="", help=f"comma-separated, of {', '.join(STEP_SPEEDUPS)}")
+    parser.add_argument("--trace", default="", help="write the profiled step's Chrome trace (JSON) to this file "
+                        "(kernels per stream: chrome://tracing, Perfetto, or bench/trace_summary.py)")
     parser.add_argument("--new-shapes", default="", help="comma-separated micro-batches: each one's first step "
                         "against its steady step, in this order (the parts and the profiler are skipped)")
     args = parser.parse_args()
@@ -132,6 +134,8 @@ def main() -> None:
         step()
         sync(device)
     events = prof.key_averages()
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
     if on_gpu:
         kernels = sum(e.count for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
         launched = f"{kernels:,} GPU kernels per step"
