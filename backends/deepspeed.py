@@ -13,6 +13,9 @@ the adapter through `configure` before `prepare`. Three things keep it R2Gen's:
   (fp32: nothing is cast).
 - autocast: DeepSpeed disables an outer torch.autocast inside its forward; the JSON's `torch_autocast`
   section keeps it on there, so the forward computes as under the other engines.
+- resume (`load_engine`) reads the engine's files weights-only (r2gen.checkpoint.load_checkpoint, with
+  the few DeepSpeed classes its ZeRO states hold): DeepSpeed's own reader unpickles them in full, so a
+  doctored file would run its code; here it is refused (exit 2) naming the file.
 With offload the optimizer is DeepSpeedCPUAdam, which has no AMSGrad: the one deviation from
 R2Gen's Adam(amsgrad=True), stated by `describe()`; `--offload none` keeps torch's Adam(amsgrad).
 """
@@ -33,6 +36,7 @@ import torch
 from backends.base import Backend
 from backends.plain import check_precision, resolve_device
 from backends.spec import EngineFile, EngineSpec, Topology, get_dotted
+from r2gen.checkpoint import UnreadableCheckpoint, load_checkpoint
 from r2gen.engine import AUTOCAST_DTYPES
 from r2gen.errors import BackendError, ConfigError
 
@@ -165,8 +169,15 @@ class DeepSpeedBackend(Backend):
         model.save_checkpoint(str(folder), tag="engine", client_state={}, save_latest=False)
 
     def load_engine(self, model, folder) -> None:
-        path, _ = model.load_checkpoint(str(folder), tag="engine", load_optimizer_states=True,
-                                        load_lr_scheduler_states=False)
+        own = model.checkpoint_engine
+        model.checkpoint_engine = WeightsOnlyReads(own)  # every file DeepSpeed reads goes through its engine
+        try:
+            path, _ = model.load_checkpoint(str(folder), tag="engine", load_optimizer_states=True,
+                                            load_lr_scheduler_states=False)
+        except UnreadableCheckpoint as exc:
+            raise ConfigError(f"--keep-training: {exc}") from None
+        finally:
+            model.checkpoint_engine = own
         if path is None:
             raise ConfigError(f"--keep-training: {folder} holds no DeepSpeed engine checkpoint")
 
@@ -175,6 +186,31 @@ class DeepSpeedBackend(Backend):
         optimizer = "DeepSpeedCPUAdam on the CPU (no AMSGrad)" if self.offload else "Adam(amsgrad) on the GPU"
         return (f"deepspeed ZeRO-{zero}, {optimizer}, on {self.device} ({self.precision}, "
                 f"{self.world_size} process(es))")
+
+
+def deepspeed_state_classes() -> list[type]:
+    """The classes besides tensors and plain data that DeepSpeed's ZeRO optimizer states pickle (seen in
+    its bf16, fp16 and fp32 files): the loss scaler, the ZeRO stage and the parameters' fragment
+    addresses, all plain records."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class WeightsOnlyReads:
+    """A DeepSpeed checkpoint engine whose `load` reads weights-only (everything else is the engine's):
+    DeepSpeed's TorchCheckpointEngine.load calls torch.load(weights_only=False)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+    def load(self, path: str, map_location=None):
+        return load_checkpoint(Path(path), map_location, allowed=deepspeed_state_classes())
 
 
 # -- the spec --------------------------------------------------------------------------------------------

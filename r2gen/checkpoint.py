@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
@@ -59,11 +60,12 @@ def _state_globals() -> list:
             *(type(np.dtype(kind)) for kind in ("f8", "f4"))]
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: Path, map_location: Any = "cpu", allowed: Sequence[Any] = ()) -> dict[str, Any]:
     """A state written by save_checkpoint, read weights-only: a pickle that would import or call
-    anything else (a foreign or doctored file) is refused before any of its code runs."""
+    anything else (a foreign or doctored file) is refused before any of its code runs. `allowed`: more
+    classes an engine's own states hold (rebuilt from their fields; their constructors never run)."""
     try:
-        with torch.serialization.safe_globals(_state_globals()), warnings.catch_warnings():
+        with torch.serialization.safe_globals([*_state_globals(), *allowed]), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's remarks on a foreign pickle's protocol: the refusal says it
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated, foreign, not a torch file at all, or code in the pickle

@@ -8,6 +8,9 @@ the known mistakes (no value clipping, DeepSpeed's extra division by the accumul
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 import torch
 
@@ -17,7 +20,7 @@ from backends.deepspeed import DeepSpeedOptions, deepspeed_json
 from launcher.probe import synthetic_batch
 from r2gen.build import optimizer_factory
 from r2gen.config import preset
-from r2gen.errors import BackendError
+from r2gen.errors import BackendError, ConfigError
 from r2gen.model.r2gen import R2GenModel
 from r2gen.step import train_step
 
@@ -189,6 +192,16 @@ def test_out_of_memory_stops_instead_of_redoing_on_top_of_partial_gradients() ->
     assert torch.equal(_flat(optimizer), before)  # nothing was applied
 
 
+class _RunsCode:
+    """Unpickled, calls os.mkdir(path): what a doctored checkpoint could do with any function."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
 def test_a_deepspeed_run_continues_from_its_engine_checkpoint(small_set, tmp_path) -> None:
     """Resumable states of a DeepSpeed run are DeepSpeed's own checkpoint (ZeRO partitions) plus the
     loop's state: continuing mid-epoch from one ends with bitwise the same weights and losses."""
@@ -224,6 +237,20 @@ def test_a_deepspeed_run_continues_from_its_engine_checkpoint(small_set, tmp_pat
     a = load_checkpoint(whole / "checkpoints" / "step-00000003" / "loop.pt")["model"]
     b = load_checkpoint(cut / "checkpoints" / "step-00000003" / "loop.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # A doctored engine file (a pickle that calls os.mkdir when unpickled) is refused, naming it, and its
+    # code does not run: DeepSpeed's own reader would have run it.
+    doctored, marker = tmp_path / "doctored", tmp_path / "the-pickle-ran"
+    shutil.copytree(whole, doctored)
+    optim = next((doctored / "checkpoints" / "step-00000002" / "engine").glob("*optim_states.pt"))
+    states = torch.load(optim, weights_only=False)  # our own file, written above
+    states["payload"] = _RunsCode(str(marker))
+    torch.save(states, optim)
+    with pytest.raises(ConfigError, match=re.escape(f"--keep-training: {optim} is not a readable checkpoint (it would load {os.mkdir.__module__}.mkdir")):
+        run(doctored, resume=doctored / "checkpoints" / "step-00000002")
+    assert not marker.exists()
+    torch.load(optim, weights_only=False)  # the doctoring works: full unpickling runs it
+    assert marker.is_dir()
 
     # `evaluate --checkpoint` reads the engine's step folder like any other checkpoint. The run kept
     # its weights in bf16; evaluation upcasts them, so the loss agrees closely rather than bitwise.
