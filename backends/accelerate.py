@@ -3,8 +3,9 @@
 Accumulation stays in the shared loop (one loader batch is one window, split into micro-batches
 whose losses are divided by the window's token count): Accelerate's own `gradient_accumulation_steps`
 divides every micro-batch loss by the number of micro-batches, which is per-call, not per-token,
-normalization. Non-final micro-batches run under `accelerator.no_sync`, so several processes
-all-reduce once per window, as Accelerate's accumulation does. Its SPEC (at the end) writes the
+normalization. Several processes share one model without DistributedDataParallel's wrapper: each
+window's gradients are averaged once in `step`, after every process agreed that its window ran
+(r2gen.step.train_step; Backend.reduce_window). Its SPEC (at the end) writes the
 YAML `accelerate launch --config_file` reads.
 """
 
@@ -48,17 +49,22 @@ class AccelerateBackend(Backend):
 
     def prepare(self, model, make_optimizer):
         model.to(self.device)  # first, as the plain engine does: the optimizer is built for where it steps
-        return self.accelerator.prepare(model, make_optimizer(model))
+        # Not wrapped in DistributedDataParallel (evaluation_mode skips only that; mixed precision applies):
+        # several processes share rank 0's weights here and average each window's gradients in step
+        # (Backend.reduce_window), so no collective runs inside forward or backward.
+        model = self.accelerator.prepare_model(model, evaluation_mode=True)
+        self.share_first_weights(model)
+        return model, self.accelerator.prepare_optimizer(make_optimizer(model))
 
     def autocast(self) -> AbstractContextManager:
         return self.accelerator.autocast() if self.precision != "fp32" else contextlib.nullcontext()
 
-    def backward_and_step(self, loss, model, optimizer, clip_value, step=True) -> bool:
-        sync = contextlib.nullcontext() if step else self.accelerator.no_sync(model)
-        with sync:
-            self.accelerator.backward(loss)
-        if not step:
-            return True
+    def backward(self, loss, model, last) -> None:
+        # Gradients stay in this process: step reduces the window once every process agreed it ran.
+        self.accelerator.backward(loss)
+
+    def step(self, model, optimizer, clip_value) -> bool:
+        self.reduce_window(model)
         self.accelerator.clip_grad_value_(model.parameters(), clip_value)  # unscales fp16 gradients first
         # Not accelerator.optimizer_step_was_skipped: it misses a fused Adam's skip (step_was_taken).
         stepped = step_was_taken(self.accelerator.scaler, optimizer.step)  # steps and updates the scaler

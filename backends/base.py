@@ -1,6 +1,6 @@
 """The one small surface the shared loop uses to drive an engine (r2gen.engine.TrainingEngine).
 
-The loop never asks which backend it runs on: it calls `prepare`, `autocast`, `backward_and_step`,
+The loop never asks which backend it runs on: it calls `prepare`, `autocast`, `backward`, `step`,
 `state_dict`/`load_state_dict`, and reads `device`, `is_main`, `world_size` and the capabilities
 (`can_redo_step`, `saves_engine`, `cuda_graphs`, `flat_parameters`) each adapter sets on its class.
 """
@@ -15,6 +15,38 @@ from pathlib import Path
 import torch
 
 from r2gen.engine import OptimizerFactory
+
+
+REDUCE_BUCKET_BYTES = 64 * 2**20
+"""Tensors reduced or broadcast per call (Backend.reduce_window, share_first_weights): a flat copy this large at a time."""
+
+
+def _buckets(tensors: list[torch.Tensor], limit: int) -> list[list[torch.Tensor]]:
+    """Consecutive tensors of one dtype and device, each group up to `limit` bytes (one larger tensor alone)."""
+    groups: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        if groups and (groups[-1][0].dtype, groups[-1][0].device) == (t.dtype, t.device) \
+                and size + t.nbytes <= limit:
+            groups[-1].append(t)
+            size += t.nbytes
+        else:
+            groups.append([t])
+            size = t.nbytes
+    return groups
+
+
+def _collective(tensors: list[torch.Tensor], how: str) -> None:
+    """Average over processes ("average") or rank 0's values ("broadcast"), in place, one flat bucket at a time."""
+    for bucket in _buckets(tensors, REDUCE_BUCKET_BYTES):
+        flat = torch._utils._flatten_dense_tensors(bucket)
+        if how == "average":
+            torch.distributed.all_reduce(flat)
+            flat.div_(torch.distributed.get_world_size())
+        else:
+            torch.distributed.broadcast(flat, src=0)
+        for tensor, value in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
+            tensor.copy_(value)
 
 
 def step_was_taken(scaler: torch.amp.GradScaler | None, step: Callable[[], object]) -> bool:
@@ -61,12 +93,38 @@ class Backend(ABC):
         """Context for forward passes in this backend's precision."""
 
     @abstractmethod
-    def backward_and_step(self, loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                          clip_value: float, step: bool = True) -> bool:
-        """Backward; if `step` (last micro-batch of an accumulation window), clip and step.
+    def backward(self, loss: torch.Tensor, model: torch.nn.Module, last: bool) -> None:
+        """One micro-batch's backward; `last`: the window's last. Engines that can redo a step keep the
+        gradients in this process (no all-reduce), so a window is dropped by every process together
+        (r2gen.step.train_step agrees first); `step` reduces them."""
+
+    @abstractmethod
+    def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, clip_value: float) -> bool:
+        """After the window's last backward: reduce over processes, clip values, step, zero the gradients.
 
         Returns False when the optimizer step was skipped (fp16 overflow), True otherwise.
         """
+
+    # Several processes train one model without DistributedDataParallel's wrapper: its forward and
+    # backward hold collectives (bucket rebuilds, gradient buckets) that an out-of-memory error on one
+    # process would leave the others waiting in. These two are the only gradient and weight traffic.
+    def share_first_weights(self, model: torch.nn.Module) -> None:
+        """Rank 0's parameters and buffers on every process (at prepare). One process: nothing."""
+        if self.world_size > 1:
+            _collective([p.data for p in model.parameters()] + list(model.buffers()), "broadcast")
+
+    def reduce_window(self, model: torch.nn.Module) -> None:
+        """The window's gradients averaged over processes (as DDP averages them) and rank 0's buffers
+        (BatchNorm's running statistics) on every process, in buckets of REDUCE_BUCKET_BYTES. One
+        process: nothing."""
+        if self.world_size == 1:
+            return
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:  # a parameter this window did not reach: a zero share, as DDP's
+                p.grad = torch.zeros_like(p)
+        _collective([p.grad for p in params], "average")
+        _collective(list(model.buffers()), "broadcast")
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The plain model inside whatever wrapper prepare() returned."""

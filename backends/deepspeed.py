@@ -149,12 +149,13 @@ class DeepSpeedBackend(Backend):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
-    def backward_and_step(self, loss, model, optimizer, clip_value, step=True) -> bool:
-        self.clip_value = clip_value
-        model.set_gradient_accumulation_boundary(step)
+    def backward(self, loss, model, last) -> None:
+        # ZeRO reduces inside backward (its hooks): the window cannot be dropped by one process (can_redo_step).
+        model.set_gradient_accumulation_boundary(last)
         model.backward(loss, scale_wrt_gas=False)  # the loop already divided by the window's tokens
-        if not step:
-            return True
+
+    def step(self, model, optimizer, clip_value) -> bool:
+        self.clip_value = clip_value
         model.step()
         return model.was_step_applied()
 

@@ -53,7 +53,9 @@ def init_distributed(device_type: str) -> tuple[int, int, int]:
 
 
 class PlainBackend(Backend):
-    """Plain PyTorch; under torchrun (WORLD_SIZE > 1) DistributedDataParallel, one process per GPU."""
+    """Plain PyTorch; under torchrun (WORLD_SIZE > 1) one process per GPU, rank 0's weights shared at the
+    start and each window's gradients averaged by `step` (data parallel, as DistributedDataParallel
+    computes it, without its collectives inside forward and backward: Backend.reduce_window)."""
 
     name = "plain"
     cuda_graphs = True  # the step runs the model's own forward here
@@ -70,11 +72,7 @@ class PlainBackend(Backend):
     def prepare(self, model, make_optimizer):
         model.to(self.device)
         optimizer = make_optimizer(model)  # after the move: its state lives beside the parameters
-        if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            model = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                            else None)
+        self.share_first_weights(model)  # several processes: one model (see Backend.reduce_window)
         return model, optimizer
 
     def unwrap(self, model):
@@ -85,23 +83,16 @@ class PlainBackend(Backend):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
-    def backward_and_step(self, loss, model, optimizer, clip_value, step=True) -> bool:
-        if not step and self.world_size > 1:
-            with model.no_sync():  # all-reduce once per accumulation window
-                return self._backward_and_step(loss, model, optimizer, clip_value, step)
-        return self._backward_and_step(loss, model, optimizer, clip_value, step)
+    def backward(self, loss, model, last) -> None:
+        # Gradients stay in this process: step reduces the window once every process agreed it ran.
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
-    def _backward_and_step(self, loss, model, optimizer, clip_value, step) -> bool:
+    def step(self, model, optimizer, clip_value) -> bool:
+        self.reduce_window(model)
         if self.scaler is None:
-            loss.backward()
-            if not step:
-                return True
             torch.nn.utils.clip_grad_value_(model.parameters(), clip_value)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            return True
-        self.scaler.scale(loss).backward()
-        if not step:
             return True
         # Clip the true gradients, not the scaled ones.
         self.scaler.unscale_(optimizer)

@@ -15,8 +15,10 @@
 #             tree without fused_memory, this tree (same machine, same call)
 #   graphs    the speed-ups' GPU tests (CUDA graphs of the encoder-decoder and of the whole model, 100 steps)
 #   streams   bench/stream_check.py: whole-model graphs vs eager in fp32, per way of running the relational memory
-#   trace     bench/profile_step.py --whole-step-graphs at batch 16 and 64 with its Chrome trace, summarised by
+#   trace     bench/profile_step.py (whole-model graphs) at batch 16 and 64 with its Chrome trace, summarised by
 #             bench/trace_summary.py (traces gzipped under $OUT)
+#   confirm   the GPU tests of what changed (speed-ups, engines, fused memory; QUICK_TESTS overrides) with
+#             DeepSpeed's kill-and-resume (bf16) beside them, then `auto` (as the stage below)
 #   auto      the README's first command (r2gen-launch auto, embedded set), timed; its run's metrics.jsonl under $OUT
 #   study     r2gen-launch study --precisions fp32,fp16,bf16,fp8 on the iu_xray preset
 set -uo pipefail
@@ -28,6 +30,12 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="/tmp/site:$PWD/.whl/py:$PWD" PATH="/tmp/site/bin:$PATH"  # ninja (DeepSpeedCPUAdam JIT-builds with it)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 cli() { python3 -c 'from launcher.cli import main; main()' "$@"; }
+auto() {  # the README's first command, timed; its run's metrics.jsonl under $OUT
+  rm -rf /tmp/auto && mkdir -p /tmp/auto && local start=$SECONDS
+  (cd /tmp/auto && python3 -c 'from launcher.cli import main; main()' auto) > "$OUT/auto.log" 2>&1
+  echo "auto: rc $? in $((SECONDS - start)) s wall"; tail -25 "$OUT/auto.log"
+  cp /tmp/auto/runs/*/metrics.jsonl "$OUT/auto_metrics.jsonl" 2>/dev/null
+}
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests generate profile train backends study)
 for stage in "${stages[@]}"; do
@@ -51,24 +59,27 @@ for stage in "${stages[@]}"; do
         [ -d .base ] && (cd .base && echo "## baseline (.base) batch $b" && python3 bench/profile_step.py --batch-size "$b" --top 8)
         [ "$b" = 16 ] && echo "## this tree, fused_memory off, batch $b" && \
           python3 bench/profile_step.py --batch-size "$b" --top 8 --speedups-off fused_memory
-        echo "## this tree, batch $b"; python3 bench/profile_step.py --batch-size "$b" --top 8
-        echo "## this tree, whole-step graphs, batch $b"; python3 bench/profile_step.py --batch-size "$b" --top 8 --whole-step-graphs
+        echo "## this tree, encoder-decoder graphs only, batch $b"
+        python3 bench/profile_step.py --batch-size "$b" --top 8 --encoder-decoder-graphs
+        echo "## this tree (whole-model graphs), batch $b"; python3 bench/profile_step.py --batch-size "$b" --top 8
       done 2>&1 | tee "$OUT/profile_fused.log" | grep -E "^##|kernels per step|^. (visual|encoder|  of|whole)" ;;
     streams) python3 bench/stream_check.py ${STREAM_VARIANTS:+--variants "$STREAM_VARIANTS"} 2>&1 | tee "$OUT/stream_check.log" | tail -14 ;;
     trace)
       for b in ${TRACE_BATCHES:-16 64}; do
-        python3 bench/profile_step.py --batch-size "$b" --top 5 --whole-step-graphs --trace "/tmp/trace_$b.json" ${TRACE_ARGS:-} \
+        python3 bench/profile_step.py --batch-size "$b" --top 5 --trace "/tmp/trace_$b.json" ${TRACE_ARGS:-} \
           > "$OUT/profile_trace_$b.log" 2>&1
         grep -E "kernels per step|^. (visual|encoder|  of|whole)" "$OUT/profile_trace_$b.log"
         python3 bench/trace_summary.py "/tmp/trace_$b.json" --top 12 2>&1 | tee "$OUT/trace_summary_$b.log" | head -60
         gzip -c "/tmp/trace_$b.json" > "$OUT/trace_$b.json.gz"
       done ;;
+    confirm)
+      python3 -m pytest -m gpu -q -rP -p no:cacheprovider "tests/test_resume.py::test_gpu_kill_and_resume[deepspeed-bf16]" \
+        > "$OUT/resume_deepspeed-bf16.log" 2>&1 &
+      python3 -m pytest -m gpu -q -p no:cacheprovider ${QUICK_TESTS:-tests/test_speedups.py tests/test_backends.py tests/test_fused_memory.py} \
+        2>&1 | tee "$OUT/gpu_confirm.log" | tail -12
+      auto; wait; echo "resume deepspeed-bf16: $(tail -1 "$OUT/resume_deepspeed-bf16.log")" ;;
     graphs) python3 -m pytest -m gpu -q -rP -p no:cacheprovider tests/test_speedups.py 2>&1 | tee "$OUT/speedups_tests.log" | tail -8 ;;
-    auto)
-      rm -rf /tmp/auto && mkdir -p /tmp/auto && start=$SECONDS
-      (cd /tmp/auto && python3 -c 'from launcher.cli import main; main()' auto) > "$OUT/auto.log" 2>&1
-      echo "auto: rc $? in $((SECONDS - start)) s wall"; tail -25 "$OUT/auto.log"
-      cp /tmp/auto/runs/*/metrics.jsonl "$OUT/auto_metrics.jsonl" 2>/dev/null ;;
+    auto) auto ;;
     generate)
       python3 bench/generate.py --precision fp32 --batch-sizes 16,64,256 --studies 256 --json "$OUT/generate_fp32.json" \
         2>&1 | tee "$OUT/generate.log" ;;

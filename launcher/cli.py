@@ -88,7 +88,7 @@ def _training_command(backend_name: str, summary: str):
 
 app.command("plain")(_training_command(
     "plain", "Train and evaluate R2Gen with plain PyTorch (default fp32), from a probed plan; --gpus N: "
-             "DistributedDataParallel under torchrun."))
+             "data parallel under torchrun (each window's gradients averaged once)."))
 app.command("accelerate")(_training_command(
     "accelerate", "Train and evaluate R2Gen through Hugging Face Accelerate (mixed precision; default bf16 on a "
                   "GPU, fp32 on a CPU), from a probed plan; --gpus N: accelerate launch with the generated YAML."))

@@ -135,8 +135,8 @@ Speedups = Annotated[bool, _opt(
 
 # -- processes ----------------------------------------------------------------------------------------
 Gpus = Annotated[Optional[int], _opt(
-    "Processes on this machine, one per GPU, started by the engine's launcher (plain/fp8: torchrun with "
-    "DistributedDataParallel; accelerate: accelerate launch; deepspeed: the deepspeed launcher). On a CPU-only "
+    "Processes on this machine, one per GPU, started by the engine's launcher (plain/fp8: torchrun, "
+    "gradients averaged once per window; accelerate: accelerate launch; deepspeed: the deepspeed launcher). On a CPU-only "
     "machine (plain), that many gloo processes.", shown="1; with --keep-training, as many as the run had")]
 AutoGpus = Annotated[Optional[int], _opt("GPUs on this machine, one process each.", shown="all visible")]
 Nodes = Annotated[int, _opt("Machines taking part; run the same command on each with its --node-rank.")]

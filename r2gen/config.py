@@ -68,7 +68,7 @@ class TrainConfig:
     cudnn_benchmark: bool = True       # GPU: cuDNN times its convolution algorithms once per shape and keeps the fastest
     fused_optimizer: bool = True       # GPU or CPU: Adam's update in one fused kernel (DeepSpeed's offload has its own)
     fused_memory: bool = True          # GPU: the relational memory's token loop in fused Triton kernels (r2gen/fused_memory.py)
-    graph_visual_extractor: bool = False  # with cuda_graphs: the whole model's step in the graphs (the memory on a second stream); off until measured on a GPU
+    graph_visual_extractor: bool = True  # with cuda_graphs: the whole model's step in the graphs (the memory on a second stream); else the encoder-decoder's
     cuda_graphs: bool = True           # GPU, one process, plain/accelerate: the encoder-decoder's step replayed as CUDA graphs
     max_vram_gib: float = 0.0          # hard cap on this process's GPU memory; 0 = none
     oom_retries: int = 3               # retries at micro-batch 1 before saving and stopping

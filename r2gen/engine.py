@@ -33,7 +33,8 @@ class TrainingEngine(Protocol):
     rank: int
     can_redo_step: bool
     """After an out-of-memory error, dropping the gradients undoes the failed step's partial work,
-    so the step may be redone in smaller micro-batches."""
+    so the step may be redone in smaller micro-batches: `backward` keeps gradients in this process
+    and `step` reduces them, so every process can drop a window together."""
     saves_engine: bool
     """Model and optimizer state live in the engine's own checkpoint (`save_engine`, every process)."""
     cuda_graphs: bool
@@ -51,8 +52,11 @@ class TrainingEngine(Protocol):
 
     def autocast(self) -> AbstractContextManager: ...
 
-    def backward_and_step(self, loss: torch.Tensor, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                          clip_value: float, step: bool = True) -> bool: ...
+    def backward(self, loss: torch.Tensor, model: torch.nn.Module, last: bool) -> None:
+        """One micro-batch's backward; where can_redo_step, without communication between processes."""
+
+    def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, clip_value: float) -> bool:
+        """Reduce the window over processes, clip values, step; False when an fp16 overflow skipped it."""
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module: ...
 

@@ -81,8 +81,8 @@ def speed_up(model: torch.nn.Module, backend, cfg) -> list[str]:
 
 def graphed_method(cfg) -> str:
     """What the CUDA graphs capture: the whole model (`forward`: the visual extractor too, the relational
-    memory beside it on a second stream) where cfg.graph_visual_extractor asks, else the encoder-decoder
-    from patch features (`forward_features`), the path measured on H100 and H200 GPUs so far."""
+    memory beside it on a second stream; the default) where cfg.graph_visual_extractor asks, else the
+    encoder-decoder from patch features (`forward_features`)."""
     return "forward" if cfg.graph_visual_extractor else "forward_features"
 
 
@@ -160,8 +160,9 @@ def overlapped_forward(model: torch.nn.Module, images: torch.Tensor, targets: to
         memory = model.memory_states(targets)
     att_feats, _ = model.extract(images)
     main.wait_stream(side)
-    if not torch.cuda.is_current_stream_capturing():  # eager (a capture's warm-up): read on main, free safely
-        memory.record_stream(main)
+    # Read on main: its block must not be reused by the side stream before main's reads ran. Eagerly the
+    # allocator then waits for main; inside a capture it keeps the block until the capture ends.
+    memory.record_stream(main)
     return model.forward_features(att_feats, targets, memory)
 
 

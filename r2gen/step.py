@@ -68,8 +68,13 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, backend
     count, so gradients equal one step on the whole batch (R2Gen's per-token mean), also for the
     uneven last window of an epoch. Returns (per-token loss, whether the optimizer stepped).
 
-    A window whose loss is not finite on any process is not stepped: its gradients are dropped
-    and NonFiniteLoss raised (every process agrees, before the last backward all-reduces).
+    Every process agrees on the window before it is reduced and stepped (one all-reduce of two flags):
+    - an out-of-memory error on any process (that process skips the rest of its window) drops the
+      window's gradients on all of them and raises WindowOutOfMemory everywhere, for OomRecovery to
+      redo it smaller on every process; with one process the error is raised as it comes;
+    - a loss that is not finite on any process drops them too and raises NonFiniteLoss.
+    Engines that reduce inside backward (DeepSpeed; not can_redo_step) agree before the last backward,
+    on the loss alone: their out-of-memory errors stop the run (OomRecovery.step).
     """
     # In training mode BatchNorm needs more than one study behind a 1x1 feature map (32 px or less).
     smallest = smallest_micro_batch(batch["images"].shape[-1]) if model.training else 1
@@ -79,21 +84,48 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, backend
     # update is the per-token mean over every process's window.
     tokens = backend.all_reduce_sum(target_tokens(batch["masks"]).to(backend.device)) / backend.world_size
     total = torch.zeros((), device=backend.device)
-    stepped = True
+    agree_here = backend.world_size > 1 and backend.can_redo_step
+    failed = ""
     for i, chunk in enumerate(chunks):
-        images = images_to_device(chunk["images"], backend.device)
-        targets = chunk["targets"].to(backend.device, non_blocking=True)
-        masks = chunk["masks"].to(backend.device, non_blocking=True)
-        with backend.autocast(), cudnn_autotuning(len(chunk["ids"]) == micro):  # a shorter chunk: heuristics
-            logprobs = model(images, targets)
-        loss = masked_nll(logprobs.float(), targets, masks, tokens)
-        total += loss.detach()
         last = i == len(chunks) - 1
-        if last and backend.all_reduce_sum((~torch.isfinite(total)).float()).item() > 0:
-            optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLoss(f"the loss is {total.item()} (not finite) on at least one process")
-        stepped = backend.backward_and_step(loss, model, optimizer, clip_value, step=last)
-    return total.item(), stepped
+        try:
+            images = images_to_device(chunk["images"], backend.device)
+            targets = chunk["targets"].to(backend.device, non_blocking=True)
+            masks = chunk["masks"].to(backend.device, non_blocking=True)
+            with backend.autocast(), cudnn_autotuning(len(chunk["ids"]) == micro):  # a shorter chunk: heuristics
+                logprobs = model(images, targets)
+            loss = masked_nll(logprobs.float(), targets, masks, tokens)
+            total += loss.detach()
+            if last and not backend.can_redo_step:  # the engine reduces in this backward: agree before it
+                _agree(backend, optimizer, total, "")
+            backend.backward(loss, model, last)
+        except torch.OutOfMemoryError as err:
+            if not agree_here:
+                raise
+            failed = str(err).splitlines()[0] if str(err) else "out of memory"
+            break
+    if backend.can_redo_step:
+        _agree(backend, optimizer, total, failed)
+    return total.item(), backend.step(model, optimizer, clip_value)
+
+
+class WindowOutOfMemory(torch.OutOfMemoryError):
+    """Some process ran out of memory in this window; every process dropped it (OomRecovery redoes it)."""
+
+
+def _agree(backend: TrainingEngine, optimizer: torch.optim.Optimizer, total: torch.Tensor, failed: str) -> None:
+    """Whether every process's window ran (no out-of-memory error) with a finite loss: one all-reduce of
+    both flags. Where not, the gradients are dropped on every process and the same error raised on each."""
+    flags = backend.all_reduce_sum(torch.stack([torch.tensor(float(bool(failed)), device=total.device),
+                                                (~torch.isfinite(total)).float()]))
+    out_of_memory, nonfinite = (int(x) for x in flags.tolist())
+    if out_of_memory or nonfinite:
+        optimizer.zero_grad(set_to_none=True)
+    if out_of_memory:
+        raise WindowOutOfMemory(failed or f"out of memory on {out_of_memory} of {backend.world_size} processes "
+                                "(another process): this one dropped the window too")
+    if nonfinite:
+        raise NonFiniteLoss(f"the loss is {total.item()} (not finite) on at least one process")
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
