@@ -35,7 +35,7 @@ from r2gen.atomic import write_json, write_text
 from r2gen.build import Prepared, prepare_model, seed_everything
 from r2gen.checkpoint import LoopCheckpoints, load_checkpoint
 from r2gen.config import TrainConfig
-from r2gen.data.loader import build_loader
+from r2gen.data.loader import build_loader, workers_ended
 from r2gen.data.order import EpochBatchSampler
 from r2gen.engine import TrainingEngine
 from r2gen.errors import RunFailed
@@ -102,7 +102,8 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
     result = RunResult(run_dir=run_dir, epochs_run=loop.epoch - 1, steps=loop.steps, best_epoch=loop.best_epoch)
     oom = OomRecovery(cfg.micro_batch or cfg.window_size, retries=cfg.oom_retries)
     model.train()
-    with progress_bar(console) as progress, StopRequest() as stop, checkpoints.writing():
+    with progress_bar(console) as progress, StopRequest() as stop, checkpoints.writing(), \
+            workers_ended(loaders, on_error_only=True):  # the final evaluation still reads val and test
         task = progress.add_task("train", total=cfg.epochs * steps_per_epoch, completed=loop.steps, info="")
         while loop.epoch <= cfg.epochs:
             epoch, clock = loop.epoch, EpochClock()
@@ -187,7 +188,7 @@ def train(prep: Prepared, run_dir: Path, console: Console | None = None, plan_js
             progress.update(task, total=loop.steps)
 
     # -- the end: throughput and peak memory; on rank 0 the best model on test, the baseline -----------
-    with checkpoints.writing(last=True):  # the last state is written meanwhile
+    with checkpoints.writing(last=True), workers_ended(loaders):  # the last state is written meanwhile
         finish(prep, result, loop, backend.unwrap(model), checkpoints, evaluate_on, log, console)
     return result
 

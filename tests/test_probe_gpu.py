@@ -59,9 +59,13 @@ def test_verify_mode_and_a_budget_too_small() -> None:
 
 
 def test_probe_in_a_subprocess_leaves_this_process_untouched() -> None:
-    before = torch.cuda.memory_reserved()
+    """Run in this process (run_probe), the probe's real steps would raise its peak allocation by gigabytes,
+    even after they freed everything: the peak, not only what stays reserved, tells where they ran."""
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_reserved(), torch.cuda.max_memory_allocated()
     result = probe_in_subprocess(_request(budget_gib=8, max_micro=16))
-    assert result.micro_batch >= 1 and torch.cuda.memory_reserved() == before
+    assert result.micro_batch >= 1 and result.tried
+    assert (torch.cuda.memory_reserved(), torch.cuda.max_memory_allocated()) == before
 
 
 def test_real_out_of_memory_is_recovered_with_a_smaller_micro_batch() -> None:
@@ -104,3 +108,24 @@ def test_deepspeed_probe_survives_out_of_memory_and_auto_measures_fp8() -> None:
         speeds = in_subprocess(measure_speeds, _request(budget_gib=20),
                                (("plain", "bf16", {}), ("fp8", "fp8", {"fp8_impl": "torchao"})), 16)
         assert speeds["bf16"] > 0 and speeds["fp8"] > 0
+
+
+@pytest.mark.slow
+def test_auto_measures_deepspeed_offload_when_too_little_fits(tmp_path) -> None:
+    """auto's engine choice end to end (launcher.run.auto_engine): under a 4 GiB --max-vram and a
+    useful_micro_batch no card reaches, the plain probe's micro-batch is not useful, so auto probes
+    DeepSpeed ZeRO-2 with CPU offload in a subprocess and decides from both measurements."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from launcher.cli import app
+
+    thresholds = tmp_path / "thresholds.yaml"
+    thresholds.write_text("useful_micro_batch: 100000\n")
+    result = CliRunner().invoke(app, ["auto", "--max-vram", "4", "--thresholds", str(thresholds), "--dry-run",
+                                      "--run-dir", str(tmp_path / "runs")], terminal_width=250)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert re.search(r"auto: (deepspeed ZeRO-2 \+ CPU offload: .* offloading them fits \d+|plain: \d+ studies per "
+                     r"micro-batch; ZeRO-2 CPU offload fits no more \(\d+\))", text), text[-2000:]

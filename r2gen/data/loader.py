@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.utils.data import DataLoader
@@ -23,6 +25,29 @@ def _worker_leaves_stop_signals_to_the_loop(_: int) -> None:
     before it could finish the step and save. The loop acts on the signal and ends its workers."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def end_workers(loaders: Iterable[DataLoader]) -> None:
+    """Ends the loaders' persistent worker processes now (the next iteration starts new ones). They
+    ignore SIGTERM (above), so a process exiting while it still held a loader would wait for them
+    forever: multiprocessing terminates and then joins its children at exit."""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)  # where DataLoader keeps a persistent iteration
+        if iterator is not None:
+            iterator._shutdown_workers()
+            loader._iterator = None
+
+
+@contextmanager
+def workers_ended(loaders: dict[str, DataLoader], on_error_only: bool = False) -> Iterator[None]:
+    """end_workers(loaders) when the block ends (on_error_only: when it raises)."""
+    try:
+        yield
+    except BaseException:
+        end_workers(loaders.values())
+        raise
+    if not on_error_only:
+        end_workers(loaders.values())
 
 
 def build_loader(prep: Prepared, split: str, train: bool) -> DataLoader:
