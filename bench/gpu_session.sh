@@ -7,7 +7,8 @@
 #   quick     pytest -m gpu on the fast path alone (speed-ups, generation, fast path); QUICK_TESTS chooses
 #             other tests, QUICK_MARK= (empty) runs their CPU tests too (test_deepspeed then runs on the GPU)
 #   generate  bench/generate.py: reference vs fast beam-3 generation, fp32 and bf16
-#   train     bench/train_throughput.py: the published configuration vs auto's plan
+#   train     bench/train_throughput.py: the published configuration vs auto's plan (TRAIN_ROWS: others, e.g.
+#             plain:bf16:16,plain:bf16:64 for issue 33's rows through the loader)
 #   backends  bench/backends.py: every engine, 200 steps
 #   profile   bench/profile_step.py at batch 256 without and with the step speed-ups, and 512 with
 #   fused     issue 33: the fused relational memory's tests (compiled kernels, bf16), then bench/profile_step.py at

@@ -10,8 +10,8 @@ started Python process, through the shared loop's loader and step:
   the host by R2Gen's transforms (no cache, float batches), 2 workers, not pinned, no compilation;
 - auto: what `r2gen-launch auto` plans on this machine (engine and precision, the probed
   micro-batch under the throughput policy, workers, pinning, the image cache, uint8 batches) with
-  the step's GPU speed-ups (channels_last, cuDNN autotuning, fused Adam, CUDA graphs of the
-  encoder-decoder);
+  the step's GPU speed-ups (channels_last, cuDNN autotuning, fused Adam, the fused relational
+  memory, CUDA graphs of the whole model's forward and backward);
 - auto-eager: the same plan without those speed-ups (what they add);
 - plain:PRECISION:BATCH: the plain backend at that precision and batch with the preset's own
   settings (loader, step speed-ups), what bench/plain_throughput.py measured (its defaults:
