@@ -112,7 +112,7 @@ def test_deepspeed_probe_survives_out_of_memory_and_auto_measures_fp8() -> None:
 
 @pytest.mark.slow
 def test_auto_measures_deepspeed_offload_when_too_little_fits(tmp_path) -> None:
-    """auto's engine choice end to end (launcher.run.auto_engine): under a 4 GiB --max-vram and a
+    """auto's engine choice end to end (launcher.run.auto_engine): under a 6 GiB --max-vram and a
     useful_micro_batch no card reaches, the plain probe's micro-batch is not useful, so auto probes
     DeepSpeed ZeRO-2 with CPU offload in a subprocess and decides from both measurements."""
     import re
@@ -123,7 +123,7 @@ def test_auto_measures_deepspeed_offload_when_too_little_fits(tmp_path) -> None:
 
     thresholds = tmp_path / "thresholds.yaml"
     thresholds.write_text("useful_micro_batch: 100000\n")
-    result = CliRunner().invoke(app, ["auto", "--max-vram", "4", "--thresholds", str(thresholds), "--dry-run",
+    result = CliRunner().invoke(app, ["auto", "--max-vram", "6", "--thresholds", str(thresholds), "--dry-run",
                                       "--run-dir", str(tmp_path / "runs")], terminal_width=250)
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
