@@ -82,3 +82,22 @@ def test_time_to_quality_merges_rows_measured_in_separate_commands(tmp_path: Pat
     assert [r["time_to_target_s"] for r in both["rows"]] == [136.0, 34.0]  # first val at or above it
     assert both["ratio"] == 136.0 / 34.0
     assert "4.0x" in result.stdout
+
+
+def test_time_to_quality_derives_the_published_time_from_its_measured_epochs(tmp_path: Path) -> None:
+    """The derived row: published-fast's epochs to the target times the published row's measured wall time
+    per epoch (the mean gap between its epochs' val records, start-up excluded), beside auto's measured time."""
+    published = _row("published", [(70.0, 0.08), (136.0, 0.30), (193.0, 0.25)]) | {"val_epochs": [1, 2, 3]}
+    fast = _row("published-fast", [(20.0, 0.08), (28.0, 0.31), (36.0, 0.25), (44.0, 0.7), (52.0, 0.92)]) \
+        | {"val_epochs": [1, 2, 3, 4, 5]}
+    auto = _row("auto", [(20.0, 0.1), (27.0, 0.29), (34.0, 0.31), (40.0, 0.9)]) | {"val_epochs": [1, 2, 3, 4]}
+    (tmp_path / "rows.json").write_text(json.dumps({"title": "H100", "rows": [published, fast, auto]}))
+    out = tmp_path / "derived.json"
+    result = _run("time_to_quality.py", "--merge", str(tmp_path / "rows.json"), "--target", "0.9", "--json", str(out),
+                  tmp_path=tmp_path)
+    derived = json.loads(out.read_text())["derived"]
+    assert derived["published_s_per_epoch"] == (193.0 - 70.0) / 2  # measured: two epoch gaps
+    assert derived["epochs_to_target"] == 5 and derived["published_time_to_target_s"] == 5 * 61.5
+    assert derived["auto_time_to_target_s"] == 40.0 and derived["ratio"] == 5 * 61.5 / 40.0
+    assert derived["cross_check_epochs"] == 3 and abs(derived["cross_check_max_f1_gap"] - 0.01) < 1e-12
+    assert "derived" in result.stdout and "7.7x" in result.stdout
