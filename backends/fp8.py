@@ -9,7 +9,7 @@ ResNet's convolutions and the vocabulary-sized logit layer stay bf16):
 - torchao float8 training where it is not: the layers become Float8Linear (dynamic tensorwise
   scaling, the same Parameter objects), with the GEMM's inner dimension padded to 16 because the
   number of tokens in a batch varies.
-Everything else is the plain adapter under bf16 autocast (DDP under torchrun included). The model
+Everything else is the plain adapter under bf16 autocast (data parallel under torchrun included). The model
 code knows nothing of this: conversion is a function applied from outside. Its SPEC is at the end.
 """
 
@@ -117,7 +117,7 @@ def _checked(model: nn.Module, names: list[str], how: str) -> list[str]:
 
 
 class Fp8Backend(PlainBackend):
-    """The plain adapter (bf16 autocast, DDP under torchrun) with FP8 Linear layers."""
+    """The plain adapter (bf16 autocast, data parallel under torchrun) with FP8 Linear layers."""
 
     name = "fp8"
     cuda_graphs = False  # its swapped Linear layers are not captured
@@ -179,5 +179,5 @@ SPEC = EngineSpec(
     options=Fp8Options,
     implementations={"transformer_engine": "Transformer Engine", "torchao": "torchao"},  # auto's order
     min_capability=MIN_CAPABILITY,
-    launch=torchrun_command,  # the plain adapter's DDP under torchrun
+    launch=torchrun_command,  # the plain adapter's data parallel under torchrun
 )

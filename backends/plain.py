@@ -1,5 +1,5 @@
 """Plain PyTorch: fp32, or autocast bf16/fp16 (fp16 with a dynamic GradScaler), on CPU or one GPU;
-several processes under torchrun (DDP). Its SPEC is at the end."""
+several processes under torchrun (data parallel: Backend.reduce_window). Its SPEC is at the end."""
 
 from __future__ import annotations
 

@@ -6,7 +6,12 @@ weights, dropout off, three steps with an Adam step in between (as tests/test_sp
 the largest relative gradient error (per tensor, in norm) among the relational memory's parameters and among all
 others, per step. The rule the test holds them to is 2^-16 = 1.5e-5.
 
-    python bench/stream_check.py [--variants side,side-recorded,one-stream,side-fused]
+Variants: `side` is r2gen.speedups.overlapped_forward (the memory on a second stream, its states
+recorded on the main stream; the 2026-12-07 H100 measurement also ran it without that record, 2.8e-6 /
+7.5e-6, before the record became the code's), `one-stream` the model's own forward, `side-fused` the
+second stream with the fused relational memory.
+
+    python bench/stream_check.py [--variants side,one-stream,side-fused]
 """
 
 from __future__ import annotations
@@ -36,22 +41,7 @@ def _one_stream(model: torch.nn.Module, images: torch.Tensor, targets: torch.Ten
     return type(model).forward(model, images, targets)
 
 
-def _side_recorded(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """overlapped_forward with the states' block recorded on the main stream during capture too."""
-    device = images.device
-    main, side = torch.cuda.current_stream(device), _STREAM[0]
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        memory = model.memory_states(targets)
-    att_feats, _ = model.extract(images)
-    main.wait_stream(side)
-    memory.record_stream(main)
-    return model.forward_features(att_feats, targets, memory)
-
-
-_STREAM: list = []
-VARIANTS = {"side": overlapped_forward, "side-recorded": _side_recorded, "one-stream": _one_stream,
-            "side-fused": overlapped_forward}
+VARIANTS = {"side": overlapped_forward, "one-stream": _one_stream, "side-fused": overlapped_forward}
 
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,7 +98,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated: " + ", ".join(VARIANTS))
     args = parser.parse_args()
-    _STREAM.append(torch.cuda.Stream())
     table = Table(title=f"whole-model graphs vs eager, fp32, {torch.cuda.get_device_name()}: largest relative "
                         "gradient error (memory's parameters / all others)")
     table.add_column("variant")

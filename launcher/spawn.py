@@ -1,6 +1,6 @@
 """Launch commands for the engines' own launchers, and running them.
 
-`launch_command` is pure: the engine's spec builds it (torchrun for plain DDP and FP8, `accelerate
+`launch_command` is pure: the engine's spec builds it (torchrun for plain and FP8, `accelerate
 launch --config_file` for Accelerate, the `deepspeed` launcher with its JSON, each with the
 multi-node options of a Topology) around the one worker module.
 `run_command` is the edge: the children inherit stdout/stderr (their output reaches the user as

@@ -19,11 +19,11 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch

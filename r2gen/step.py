@@ -80,8 +80,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, backend
     smallest = smallest_micro_batch(batch["images"].shape[-1]) if model.training else 1
     micro = micro_batch or len(batch["ids"])
     chunks = split_batch(batch, micro, smallest)
-    # DDP averages gradients over processes: divide by the mean token count per process, so the
-    # update is the per-token mean over every process's window.
+    # The window's gradients are averaged over processes (TrainingEngine.step): divide by the mean token
+    # count per process, so the update is the per-token mean over every process's window.
     tokens = backend.all_reduce_sum(target_tokens(batch["masks"]).to(backend.device)) / backend.world_size
     total = torch.zeros((), device=backend.device)
     agree_here = backend.world_size > 1 and backend.can_redo_step

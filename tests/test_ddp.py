@@ -1,4 +1,4 @@
-"""Several processes on a CPU (gloo): a DDP step equals the single-process step on the whole
+"""Several processes on a CPU (gloo): a data-parallel step equals the single-process step on the whole
 window, with per-token normalization across processes; and `--gpus 2` trains end to end."""
 
 from __future__ import annotations

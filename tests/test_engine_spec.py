@@ -176,4 +176,4 @@ def test_launch_commands_come_from_the_spec(tmp_path: Path) -> None:
         command = launch_command(name, topology, ["--launch", "x"], engine_config=tmp_path / "f")
         assert command[1:3] == ["-m", module] and count in command, (name, command)
         assert WORKER_MODULE in command and command[command.index("--launch") + 1] == "x"
-    assert spec("fp8").launch is spec("plain").launch  # FP8 is the plain adapter's DDP under torchrun
+    assert spec("fp8").launch is spec("plain").launch  # FP8 is the plain adapter's data parallel under torchrun

@@ -1,9 +1,9 @@
-"""Two processes against one with the same global batch: DDP (plain) and DeepSpeed ZeRO-2.
+"""Two processes against one with the same global batch: the plain engine's data parallel and DeepSpeed ZeRO-2.
 
 Each of 2 processes takes its share of one window (uneven report lengths, so the processes hold
 different token counts); one process takes the whole window. The mean of the two processes'
 first-step losses must equal the single process's loss, and the updates must agree, to bounds
-derived from the arithmetic (_compare): DDP in float64, DeepSpeed in fp32. On a CPU the processes
+derived from the arithmetic (_compare): plain in float64, DeepSpeed in fp32. On a CPU the processes
 talk over gloo; with two GPUs (marked gpu) over NCCL, one GPU each.
 """
 
