@@ -21,6 +21,7 @@
 #   confirm   the GPU tests of what changed (speed-ups, engines, fused memory; QUICK_TESTS overrides) with
 #             DeepSpeed's kill-and-resume (bf16) beside them, then `auto` (as the stage below)
 #   auto      the README's first command (r2gen-launch auto, embedded set), timed; its run's metrics.jsonl under $OUT
+#   mutants   bench/mutants.sh gpu: each GPU mutant's named test must fail (logs mutant_*.log)
 #   study     r2gen-launch study --precisions fp32,fp16,bf16,fp8 on the iu_xray preset
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -81,6 +82,7 @@ for stage in "${stages[@]}"; do
       auto; wait; echo "resume deepspeed-bf16: $(tail -1 "$OUT/resume_deepspeed-bf16.log")" ;;
     graphs) python3 -m pytest -m gpu -q -rP -p no:cacheprovider tests/test_speedups.py 2>&1 | tee "$OUT/speedups_tests.log" | tail -8 ;;
     auto) auto ;;
+    mutants) bash bench/mutants.sh gpu 2>&1 | tee "$OUT/mutants.log" ;;
     generate)
       python3 bench/generate.py --precision fp32 --batch-sizes 16,64,256 --studies 256 --json "$OUT/generate_fp32.json" \
         2>&1 | tee "$OUT/generate.log" ;;

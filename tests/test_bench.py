@@ -101,3 +101,17 @@ def test_time_to_quality_derives_the_published_time_from_its_measured_epochs(tmp
     assert derived["auto_time_to_target_s"] == 40.0 and derived["ratio"] == 5 * 61.5 / 40.0
     assert derived["cross_check_epochs"] == 3 and abs(derived["cross_check_max_f1_gap"] - 0.01) < 1e-12
     assert "derived" in result.stdout and "7.7x" in result.stdout
+
+
+def test_every_mutant_still_applies_to_the_tree() -> None:
+    """bench/mutants.sh shows each named test failing on its mistake; a patch that no longer applies
+    would show nothing. Each one applies (checked, not applied) and names a test that exists."""
+    patches = sorted((ROOT / "bench" / "mutants").glob("*.patch"))
+    assert len(patches) >= 8
+    for patch in patches:
+        header = dict(line[2:].split(": ", 1) for line in patch.read_text().splitlines()[:2])
+        assert header["mark"] in ("cpu", "gpu"), patch.name
+        test_file, _, name = header["test"].partition("::")
+        assert (ROOT / test_file).is_file() and f"def {name}(" in (ROOT / test_file).read_text(), patch.name
+        check = subprocess.run(["git", "apply", "--check", str(patch)], cwd=ROOT, capture_output=True, text=True)
+        assert check.returncode == 0, f"{patch.name}: {check.stderr}"
