@@ -21,6 +21,9 @@
 #   confirm   the GPU tests of what changed (speed-ups, engines, fused memory; QUICK_TESTS overrides) with
 #             DeepSpeed's kill-and-resume (bf16) beside them, then `auto` (as the stage below)
 #   auto      the README's first command (r2gen-launch auto, embedded set), timed; its run's metrics.jsonl under $OUT
+#   bn        issue 33's next target, measured before building: bench/batchnorm.py (ResNet-101's BatchNorms per dtype
+#             and layout) at batch 16 and 64; the whole step with and without cuDNN autotuning, and what a new
+#             shape's first step costs with and without it
 #   mutants   bench/mutants.sh gpu: each GPU mutant's named test must fail (logs mutant_*.log)
 #   study     r2gen-launch study --precisions fp32,fp16,bf16,fp8 on the iu_xray preset
 set -uo pipefail
@@ -82,6 +85,12 @@ for stage in "${stages[@]}"; do
       auto; wait; echo "resume deepspeed-bf16: $(tail -1 "$OUT/resume_deepspeed-bf16.log")" ;;
     graphs) python3 -m pytest -m gpu -q -rP -p no:cacheprovider tests/test_speedups.py 2>&1 | tee "$OUT/speedups_tests.log" | tail -8 ;;
     auto) auto ;;
+    bn)
+      { for b in 16 64; do python3 bench/batchnorm.py --batch-size "$b"; done
+        for b in 16 64; do echo "## batch $b, cudnn_benchmark off"
+          python3 bench/profile_step.py --batch-size "$b" --top 3 --speedups-off cudnn_benchmark | grep -E "kernels per step|^. (visual|encoder|  of|whole)"; done
+        echo "## first step against steady: autotuning on, then off"; python3 bench/profile_step.py --new-shapes 65,20
+        python3 bench/profile_step.py --new-shapes 65,20 --speedups-off cudnn_benchmark; } 2>&1 | tee "$OUT/bn.log" ;;
     mutants) bash bench/mutants.sh gpu 2>&1 | tee "$OUT/mutants.log" ;;
     generate)
       python3 bench/generate.py --precision fp32 --batch-sizes 16,64,256 --studies 256 --json "$OUT/generate_fp32.json" \

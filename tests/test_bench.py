@@ -57,7 +57,9 @@ def test_timed_training_leaves_the_warm_up_off_the_clock_and_repeats_epochs() ->
 
 
 @pytest.mark.parametrize("script, args", [("loader.py", ["--studies", "4", "--image-size", "32"]),
-                                          ("profile_step.py", ["--device", "cpu", "--batch-size", "2", "--reps", "1"])])
+                                          ("profile_step.py", ["--device", "cpu", "--batch-size", "2", "--reps", "1"]),
+                                          ("batchnorm.py", ["--device", "cpu", "--batch-size", "2", "--image-size", "32",
+                                                            "--reps", "1"])])
 def test_profiling_scripts_print_their_tables(tmp_path: Path, script: str, args: list[str]) -> None:
     result = _run(script, *args, tmp_path=tmp_path)
     assert "ms" in result.stdout
