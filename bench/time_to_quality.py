@@ -1,7 +1,7 @@
 """Time to a good model: the published R2Gen configuration against `r2gen-launch auto`, on the same data.
 
-    python bench/time_to_quality.py --studies 3000 --budget-s 480 --json time_to_quality.json     # one GPU
-    python bench/time_to_quality.py --device cpu --preset tiny --studies 60 --budget-s 90           # CPU smoke
+    python bench/time_to_quality.py --studies 3000 --budget-s 480 --json time_to_quality.json     # one GPU, 3 seeds
+    python bench/time_to_quality.py --device cpu --studies 40 --epochs 2 --seeds 2                  # CPU smoke
     python bench/time_to_quality.py --rows published --json pub.json   # one row per GPU command, then
     python bench/time_to_quality.py --merge pub.json auto.json          # the table of both
 
@@ -28,6 +28,13 @@ beam search on val and test, its checkpoint; the mean gap between its epochs' va
 labelled as derived, beside auto's measured time to the same target; the val F1 of the epochs both
 ran is compared as a cross-check (the same training, another decoder). Also each row's last test
 findings F1 and BLEU-4 (auto: of its best val epoch's model) and the constant-report baseline.
+
+Seeds (--seeds N, 3 by default): published-fast and auto run once per seed (the preset's seed, +1,
+...), and every figure of the derived table is their mean ± standard deviation (the runs), compared
+by launcher.spread's rule. The published row runs once, on the first seed: it is the clock (wall
+time per epoch), not a quality figure. Timings come from runs alone on the device: auto's runs one
+after another; published-fast's only count epochs, so on a GPU its seeds share the card at once
+(--fast-together).
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from launcher.run_report import read_records  # noqa: E402 - metrics.jsonl, a cut last line left out
+from launcher.spread import Spread, verdict  # noqa: E402
 
 ROWS = ("published", "published-fast", "auto")
 
@@ -58,7 +66,7 @@ PUBLISHED = dict(window_size=16, micro_batch=0, num_workers=2, pin_memory=False,
 
 
 def run_published(preset_name: str, device: str, studies: int, epochs: int | None, run_dir: Path,
-                  fast: bool = False) -> None:
+                  fast: bool = False, seed: int | None = None) -> None:
     """The published configuration's run, in this process (the bench starts it as a child); `fast`: with
     the fast evaluation instead of the published beam search (the published-fast row)."""
     from backends.registry import build_backend
@@ -69,33 +77,37 @@ def run_published(preset_name: str, device: str, studies: int, epochs: int | Non
     from r2gen.train import train
 
     settings = {**PUBLISHED, **({"reference_generation": False} if fast else {})}
-    cfg = preset(preset_name).replace(studies=studies, **settings, **({"epochs": epochs} if epochs else {}))
+    cfg = preset(preset_name).replace(studies=studies, **settings, **({"epochs": epochs} if epochs else {}),
+                                      **({"seed": seed} if seed is not None else {}))
     cfg = cfg.without_speedups()
     annotation = load_annotation(default_dataset(studies=studies))
     prep = prepare(cfg, build_backend("plain", device, "fp32"), annotation, None)
     train(prep, run_dir, Console(stderr=True))
 
 
-def _timed(cmd: list[str], budget_s: float | None, log: Path) -> float:
-    """Run cmd to its end or until budget_s (then SIGTERM, and SIGKILL 30 s later); its start time."""
+def _start(cmd: list[str], log: Path) -> tuple[subprocess.Popen, float]:
+    """Start cmd (this repository on its path, output to log); the process and its start time."""
     began = time.time()
-    with log.open("w") as out:
-        child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                 env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                     p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)})
+    child = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                 p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)})
+    return child, began
+
+
+def _finish(child: subprocess.Popen, deadline: float | None) -> None:
+    """Wait for child until the deadline (time.time()), then SIGTERM, and SIGKILL 30 s later."""
+    try:
+        child.wait(timeout=None if deadline is None else max(0.0, deadline - time.time()))
+    except subprocess.TimeoutExpired:
+        child.send_signal(signal.SIGTERM)
         try:
-            child.wait(timeout=budget_s)
+            child.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            child.send_signal(signal.SIGTERM)
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-    return began
+            child.kill()
+            child.wait()
 
 
-def summarize(name: str, run_dir: Path, began: float) -> dict:
+def summarize(name: str, run_dir: Path, began: float, seed: int | None = None) -> dict:
     records = read_records(run_dir / "metrics.jsonl")
     evaluated = [r for r in records if r.get("val/findings_macro_f1") is not None]
     curve = [(r["time/unix_s"] - began, r["val/findings_macro_f1"]) for r in evaluated]
@@ -103,7 +115,7 @@ def summarize(name: str, run_dir: Path, began: float) -> dict:
     for r in records:
         last.update(r)
     test = "best_test" if "best_test/BLEU_4" in last else "test"
-    return {"row": name, "run_dir": str(run_dir), "curve": curve, "val_epochs": [r["epoch"] for r in evaluated],
+    return {"row": name, "seed": seed, "run_dir": str(run_dir), "curve": curve, "val_epochs": [r["epoch"] for r in evaluated],
             "wall_s": (last.get("time/unix_s", began) - began),
             "epochs": last.get("epoch"), "steps": last.get("step"),
             "best_val_f1": max((f for _, f in curve), default=None),
@@ -118,14 +130,29 @@ def time_to(curve: list[tuple[float, float]], target: float | None) -> float | N
     return next((t for t, f in curve if f >= target), None)
 
 
+def by_row(rows: list[dict]) -> dict[str, list[dict]]:
+    """The rows of each name (one per seed), in the order run."""
+    grouped: dict[str, list[dict]] = {}
+    for row in rows:
+        grouped.setdefault(row["row"], []).append(row)
+    return grouped
+
+
+def mean_if_all(values: list[float | None]) -> float | None:
+    """The mean where every run has a value (a run that never reached the target leaves no mean)."""
+    return sum(values) / len(values) if values and all(v is not None for v in values) else None
+
+
 def compare(rows: list[dict]) -> tuple[float | None, float | None]:
-    """Each row's time to the published row's best val F1 (set in place); the target and the ratio."""
-    by_name = {r["row"]: r for r in rows}
-    target = by_name["published"]["best_val_f1"] if "published" in by_name else None
+    """Each row's time to the published row's best val F1 (set in place); the target and the ratio of the
+    published row's time over auto's mean time (None unless every auto run reached it)."""
+    grouped = by_row(rows)
+    target = grouped["published"][0]["best_val_f1"] if "published" in grouped else None
     for row in rows:
         row["time_to_target_s"] = time_to(row["curve"], target)
-    times = [by_name.get(name, {}).get("time_to_target_s") for name in ("published", "auto")]
-    return target, (times[0] / times[1] if all(times) else None)
+    published = mean_if_all([r["time_to_target_s"] for r in grouped.get("published", [])])
+    auto = mean_if_all([r["time_to_target_s"] for r in grouped.get("auto", [])])
+    return target, (published / auto if published and auto else None)
 
 
 def per_epoch_s(row: dict) -> float | None:
@@ -144,22 +171,39 @@ def epochs_to(row: dict, target: float) -> int | None:
 
 
 def derive(rows: list[dict], target: float) -> dict | None:
-    """The published configuration's derived time to target: published-fast's epochs to it times the
-    published row's measured wall time per epoch; auto's measured time to it; their ratio; the largest
-    val F1 gap over the epochs both published rows evaluated (the same training, another decoder).
-    None without both published rows."""
-    by_name = {r["row"]: r for r in rows}
-    if not {"published", "published-fast"} <= set(by_name):
+    """The published configuration's derived time to target, per seed: that seed's published-fast epochs
+    to it times the published row's measured wall time per epoch; auto's measured time to it, per seed;
+    the ratio of their means; test findings F1 and BLEU-4 of both over seeds, compared by the spread rule;
+    the largest val F1 gap over the epochs the published row and the same seed's published-fast both
+    evaluated (the same training, another decoder). None without both published rows."""
+    grouped = by_row(rows)
+    if not {"published", "published-fast"} <= set(grouped):
         return None
-    published, fast = by_name["published"], by_name["published-fast"]
-    epoch_s, epochs = per_epoch_s(published), epochs_to(fast, target)
-    derived = epochs * epoch_s if epochs is not None and epoch_s is not None else None
-    auto = time_to(by_name["auto"]["curve"], target) if "auto" in by_name else None
+    published, fast, auto = grouped["published"][0], grouped["published-fast"], grouped.get("auto", [])
+    epoch_s = per_epoch_s(published)
+    epochs = [epochs_to(r, target) for r in fast]
+    derived = [e * epoch_s if e is not None and epoch_s is not None else None for e in epochs]
+    auto_times = [time_to(r["curve"], target) for r in auto]
+    twin = next((r for r in fast if r.get("seed") == published.get("seed")), fast[0])
     both = dict(zip(published.get("val_epochs") or [], (f for _, f in published["curve"])))
-    gaps = [abs(both[e] - f) for e, (_, f) in zip(fast.get("val_epochs") or [], fast["curve"]) if e in both]
-    return {"target_val_f1": target, "published_s_per_epoch": epoch_s, "epochs_to_target": epochs,
-            "published_time_to_target_s": derived, "auto_time_to_target_s": auto,
-            "ratio": derived / auto if derived and auto else None,
+    gaps = [abs(both[e] - f) for e, (_, f) in zip(twin.get("val_epochs") or [], twin["curve"]) if e in both]
+    mean_derived, mean_auto = mean_if_all(derived), mean_if_all(auto_times)
+
+    def spread(values):
+        found = Spread.of(values)
+        return found.to_dict() if found else None
+
+    quality = {}
+    for key in ("test_f1", "test_bleu4"):
+        pub_q, auto_q = Spread.of(r[key] for r in fast), Spread.of(r[key] for r in auto)
+        quality[key] = {"published": pub_q.to_dict() if pub_q else None, "auto": auto_q.to_dict() if auto_q else None,
+                        "auto_vs_published": verdict(auto_q, pub_q)}
+    return {"target_val_f1": target, "seeds": [r.get("seed") for r in fast], "auto_seeds": [r.get("seed") for r in auto],
+            "published_s_per_epoch": epoch_s, "epochs_to_target": epochs,
+            "published_time_to_target_s": spread(derived), "auto_time_to_target_s": spread(auto_times),
+            "reached": {"published": sum(d is not None for d in derived), "auto": sum(a is not None for a in auto_times)},
+            "ratio": mean_derived / mean_auto if mean_derived and mean_auto else None,
+            "quality": quality, "baseline_bleu4": next((r["baseline_bleu4"] for r in rows if r.get("baseline_bleu4")), None),
             "cross_check_max_f1_gap": max(gaps) if gaps else None, "cross_check_epochs": len(gaps)}
 
 
@@ -171,11 +215,11 @@ def print_table(rows: list[dict], target: float | None, ratio: float | None, tit
     table = Table(title=f"time to val findings-F1 {fmt(target)} (the published row's best within its budget), {title}",
                   caption=f"constant-report baseline: test BLEU-4 {fmt(baseline)}, findings F1 0; ratio "
                           f"published / auto time to target: {fmt(ratio, 1)}x")
-    for col in ("row", "time to target s", "wall s", "epochs", "steps", "train samples/s", "best val F1",
+    for col in ("row", "seed", "time to target s", "wall s", "epochs", "steps", "train samples/s", "best val F1",
                 "test findings F1", "test BLEU-4"):
         table.add_column(col, justify="left" if col == "row" else "right")
     for r in rows:
-        table.add_row(r["row"], fmt(r["time_to_target_s"], 0), fmt(r["wall_s"], 0), str(r["epochs"]), str(r["steps"]),
+        table.add_row(r["row"], str(r.get("seed", "")), fmt(r["time_to_target_s"], 0), fmt(r["wall_s"], 0), str(r["epochs"]), str(r["steps"]),
                       fmt(r["samples_per_s"], 1), fmt(r["best_val_f1"]), fmt(r["test_f1"]), fmt(r["test_bleu4"]))
     Console(width=None if sys.stdout.isatty() else 160).print(table)  # a log file gets the whole table
 
@@ -184,18 +228,30 @@ def print_derived(derived: dict) -> None:
     def fmt(v, d=0):
         return "n/a" if v is None else f"{v:.{d}f}"
 
-    gap = derived["cross_check_max_f1_gap"]
-    table = Table(title=f"time to val findings-F1 {derived['target_val_f1']:g}: the published schedule's own clock",
-                  caption=f"ratio published (derived) / auto: {fmt(derived['ratio'], 1)}x; cross-check, val F1 of "
-                          f"the {derived['cross_check_epochs']} epoch(s) both published rows ran: largest gap "
-                          f"{fmt(gap, 3)}")
-    for col in ("row", "how", "s per epoch", "epochs to target", "time to target s"):
+    def over_seeds(spread: dict | None, d: int) -> str:
+        return "n/a" if spread is None else Spread(tuple(spread["runs"])).text(d)
+
+    gap, n = derived["cross_check_max_f1_gap"], len(derived["seeds"])
+    quality = derived["quality"]
+    table = Table(title=f"time to val findings-F1 {derived['target_val_f1']:g}: the published schedule's own clock, "
+                        f"mean ± standard deviation (runs) over seeds",
+                  caption=f"ratio of mean times, published (derived) / auto: {fmt(derived['ratio'], 1)}x; reached the "
+                          f"target: published {derived['reached']['published']}/{n}, auto "
+                          f"{derived['reached']['auto']}/{len(derived['auto_seeds'])}; test findings F1 auto vs "
+                          f"published: {quality['test_f1']['auto_vs_published']}, BLEU-4: "
+                          f"{quality['test_bleu4']['auto_vs_published']} (constant report BLEU-4 "
+                          f"{fmt(derived['baseline_bleu4'], 3)}, F1 0); cross-check, val F1 of the "
+                          f"{derived['cross_check_epochs']} epoch(s) both published rows ran: largest gap {fmt(gap, 3)}")
+    for col in ("row", "how", "s per epoch", "epochs to target", "time to target s", "test findings F1",
+                "test BLEU-4"):
         table.add_column(col, justify="left" if col in ("row", "how") else "right")
     table.add_row("published", "derived: published-fast's epochs x published's measured s per epoch",
-                  fmt(derived["published_s_per_epoch"], 1), fmt(derived["epochs_to_target"]),
-                  fmt(derived["published_time_to_target_s"]))
-    table.add_row("auto", "measured from its command's start", "", "", fmt(derived["auto_time_to_target_s"]))
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+                  fmt(derived["published_s_per_epoch"], 1), ", ".join(map(str, derived["epochs_to_target"])),
+                  over_seeds(derived["published_time_to_target_s"], 0), over_seeds(quality["test_f1"]["published"], 3),
+                  over_seeds(quality["test_bleu4"]["published"], 3))
+    table.add_row("auto", "measured from its command's start", "", "", over_seeds(derived["auto_time_to_target_s"], 0),
+                  over_seeds(quality["test_f1"]["auto"], 3), over_seeds(quality["test_bleu4"]["auto"], 3))
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 def main() -> None:
@@ -218,8 +274,15 @@ def main() -> None:
                         help="val findings macro-F1 of the derived comparison (published-fast and auto)")
     parser.add_argument("--run-dir", type=Path, default=Path("/tmp/time_to_quality"), help="where the runs go")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows and ratio here")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="seeds of the published-fast and auto rows: the preset's seed, +1, ... (default 3)")
+    parser.add_argument("--fast-together", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the published-fast seeds at once (they only count epochs; default: on a GPU)")
     parser.add_argument("--row", choices=ROWS[:2], help=argparse.SUPPRESS)  # the child process
+    parser.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error(f"--seeds: at least 1, got {args.seeds}")
     if args.merge:
         loaded = [json.loads(path.read_text()) for path in args.merge]
         rows = [row for data in loaded for row in data["rows"]]
@@ -237,37 +300,49 @@ def main() -> None:
         parser.error(f"--rows: {args.rows!r}; choose from {', '.join(ROWS)}")
     import torch
 
+    from r2gen.config import preset
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     preset_name = args.preset or ("iu_xray" if device == "cuda" else "tiny")
     if args.row:
         fast = args.row == "published-fast"
         run_published(preset_name, device, args.studies, args.fast_epochs if fast else args.epochs,
-                      args.run_dir / args.row, fast=fast)
+                      args.run_dir / f"{args.row}-s{args.seed}", fast=fast, seed=args.seed)
         return
+    first = preset(preset_name).seed
+    seeds = {"published": [first], "published-fast": [first + i for i in range(args.seeds)],
+             "auto": [first + i for i in range(args.seeds)]}
     args.run_dir.mkdir(parents=True, exist_ok=True)
-    for old in names:
-        if (args.run_dir / old).exists():
-            sys.exit(f"--run-dir: {args.run_dir / old} exists; remove it or choose another --run-dir")
+    for name in names:
+        for seed in seeds[name]:
+            if (args.run_dir / f"{name}-s{seed}").exists():
+                sys.exit(f"--run-dir: {args.run_dir / f'{name}-s{seed}'} exists; remove it or choose another --run-dir")
     from r2gen.data.synth import default_dataset
 
-    default_dataset(studies=args.studies)  # generated once, before either row's clock starts
+    default_dataset(studies=args.studies)  # generated once, before any row's clock starts
     epochs = ["--epochs", str(args.epochs)] if args.epochs else []
 
-    def child(row: str) -> list[str]:
-        return [sys.executable, __file__, "--row", row, "--studies", str(args.studies), "--preset", preset_name,
-                "--device", device, "--run-dir", str(args.run_dir), *epochs,
+    def command(row: str, seed: int) -> list[str]:
+        if row == "auto":
+            return [sys.executable, "-c", "from launcher.cli import main; main()", "auto", "--studies",
+                    str(args.studies), "--run-dir", str(args.run_dir), "--name", f"auto-s{seed}", "--seed", str(seed),
+                    *epochs]
+        return [sys.executable, __file__, "--row", row, "--seed", str(seed), "--studies", str(args.studies),
+                "--preset", preset_name, "--device", device, "--run-dir", str(args.run_dir), *epochs,
                 *(["--fast-epochs", str(args.fast_epochs)] if args.fast_epochs else [])]
 
-    commands = {
-        "published": (child("published"), args.budget_s),
-        "published-fast": (child("published-fast"), args.fast_budget_s),
-        "auto": ([sys.executable, "-c", "from launcher.cli import main; main()", "auto", "--studies",
-                  str(args.studies), "--run-dir", str(args.run_dir), "--name", "auto", *epochs], args.auto_budget_s)}
+    budgets = {"published": args.budget_s, "published-fast": args.fast_budget_s, "auto": args.auto_budget_s}
+    together = args.fast_together if args.fast_together is not None else device == "cuda"
     rows = []
     for name in names:
-        cmd, budget = commands[name]
-        began = _timed(cmd, budget, args.run_dir / f"{name}.log")
-        rows.append(summarize(name, args.run_dir / name, began) | {"budget_s": budget})
+        # Timed rows run alone, one seed after another; published-fast's seeds may share the device.
+        batches = [seeds[name]] if name == "published-fast" and together else [[seed] for seed in seeds[name]]
+        for batch in batches:
+            started = [(seed, *_start(command(name, seed), args.run_dir / f"{name}-s{seed}.log")) for seed in batch]
+            for seed, child, began in started:
+                _finish(child, None if budgets[name] is None else began + budgets[name])
+            rows += [summarize(name, args.run_dir / f"{name}-s{seed}", began, seed) | {"budget_s": budgets[name]}
+                     for seed, _, began in started]
     target, ratio = compare(rows)
     derived = derive(rows, args.target)
     title = f"{args.studies} studies, {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}"
@@ -277,7 +352,6 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"title": title, "target_val_f1": target, "ratio": ratio, "derived": derived,
                                          "rows": rows}, indent=1))
-
 
 if __name__ == "__main__":
     main()

@@ -304,3 +304,41 @@ def _bar(frame: _Frame, center: float, width: float, bar: tuple[float | None, st
                   f"height=\"{max(bottom - top, 1.0):.1f}\" fill=\"{color}\"/>"
                   f"<text x=\"{center:.1f}\" y=\"{top - 6:.1f}\" text-anchor=\"middle\" font-weight=\"bold\" "
                   f"fill=\"#1f2328\">{fmt(value, digits)}</text>")
+
+
+def dot_chart(title: str, unit: str, x_label: str, groups: Sequence[tuple[str, str, Sequence[float]]], digits: int,
+              missing: str, y_max: float | None = None) -> str:
+    """Each group's runs as points (one per seed, spread sideways so equal values stay visible), a line
+    from their lowest to their highest and a bar across at their mean, with the mean written above;
+    "n/a" for a group without runs. `y_max`: the axis top (a score's 1), else from the data."""
+    if not groups:
+        return message_svg(title, f"{NA}: nothing to compare")
+    values = [v for _, _, runs in groups for v in runs if math.isfinite(v)]
+    if not values:
+        return message_svg(title, f"{NA}: {missing}")
+    top = y_max if y_max is not None else max(0.0, *values) * 1.08 or 1.0
+    frame = _Frame(70, CHART_W - 24, 40, CHART_H - 56, [0.0, 1.0], ticks(min(0.0, *values), top))
+    slot = (frame.right - frame.left) / len(groups)
+    parts = [frame.y_axis(unit)]
+    for i, (name, color, runs) in enumerate(groups):
+        center = frame.left + slot * (i + 0.5)
+        label = name if len(name) <= 18 else name[:17] + "\u2026"
+        parts.append(f"<text x=\"{center:.1f}\" y=\"{frame.bottom + 19:.1f}\" text-anchor=\"middle\" "
+                     f"fill=\"#1f2328\">{esc(label)}</text>")
+        finite = [v for v in runs if math.isfinite(v)]
+        if not finite:
+            parts.append(f"<text x=\"{center:.1f}\" y=\"{frame.py(0.0) - 8:.1f}\" text-anchor=\"middle\" "
+                         f"fill=\"#57606a\">{NA}</text>")
+            continue
+        low, high, mean = frame.py(min(finite)), frame.py(max(finite)), frame.py(sum(finite) / len(finite))
+        parts.append(f"<line x1=\"{center:.1f}\" y1=\"{low:.1f}\" x2=\"{center:.1f}\" y2=\"{high:.1f}\" "
+                     f"stroke=\"{color}\" stroke-width=\"2\"/>"
+                     f"<line x1=\"{center - 22:.1f}\" y1=\"{mean:.1f}\" x2=\"{center + 22:.1f}\" y2=\"{mean:.1f}\" "
+                     f"stroke=\"#1f2328\" stroke-width=\"2\"/>")
+        offsets = [(k - (len(finite) - 1) / 2) * 9.0 for k in range(len(finite))]
+        parts.extend(f"<circle class=\"seed-point\" cx=\"{center + dx:.1f}\" cy=\"{frame.py(v):.1f}\" r=\"5\" "
+                     f"fill=\"{color}\" fill-opacity=\"0.8\" stroke=\"#fff\"/>" for dx, v in zip(offsets, finite))
+        parts.append(f"<text x=\"{center + 28:.1f}\" y=\"{mean + 4:.1f}\" font-weight=\"bold\" "
+                     f"fill=\"#1f2328\">{fmt(sum(finite) / len(finite), digits)}</text>")
+    parts.append(frame.x_label(x_label))
+    return _svg(title, "".join(parts))

@@ -123,11 +123,14 @@ def study_command(
     log_every: StudyLogEvery = 1,
     run_dir: RunDir = Path("runs"),
     name: StudyName = "study",
+    seeds: StudySeeds = 3,
+    target: StudyTarget = 0.9,
 ) -> None:
-    """One training run per precision, each with its own probed batch; writes <run-dir>/<name>/summary.json
-    and a self-contained report.html (tables, loss curves, throughput and memory charts, five test
-    studies' reports side by side) and recommends a precision. Precisions this machine cannot run are
-    listed as skipped with the reason. Interrupted, the same command continues it."""
+    """Training runs per precision and seed, each with its own probed batch; writes
+    <run-dir>/<name>/summary.json and a self-contained report.html (tables, each seed's scores as points,
+    loss curves, throughput and memory charts, five test studies' reports side by side) and recommends a
+    precision by the seeds' spread. Precisions this machine cannot run are listed as skipped with the
+    reason. Interrupted, the same command continues it."""
     import torch
 
     def run() -> None:
@@ -143,9 +146,16 @@ def study_command(
             ("epochs", epochs), ("studies", studies), ("ann_path", ann_path), ("image_dir", image_dir),
             ("beam_size", beam_size), ("val_every", val_every), ("num_workers", num_workers),
             ("max_steps_per_epoch", max_steps_per_epoch), ("log_every", log_every)) if value is not None]
-        request = StudyRequest(parse_precisions(precisions), backend, run_dir / name, chosen,
-                               preset or ("iu_xray" if chosen == "cuda" else "tiny"),
-                               [str(x) for pair in passed for x in pair])
+        from r2gen.config import preset as preset_config
+
+        if seeds < 1:
+            raise ConfigError(f"--seeds: at least 1, got {seeds}")
+        if not 0.0 <= target <= 1.0:
+            raise ConfigError(f"--target: a findings macro-F1 between 0 and 1, got {target}")
+        preset_name = preset or ("iu_xray" if chosen == "cuda" else "tiny")
+        first = preset_config(preset_name).seed
+        request = StudyRequest(parse_precisions(precisions), backend, run_dir / name, chosen, preset_name,
+                               [str(x) for pair in passed for x in pair], [first + i for i in range(seeds)], target)
         facts = detect()
         verdicts = usable(facts if chosen == "cuda" else replace(facts, gpus=()), installed_modules())
         summary = run_study(request, epochs, verdicts, lambda line: err.print(line, highlight=False))

@@ -172,15 +172,25 @@ def print_clinical(scores: dict, title: str, output) -> None:
 
 
 def print_study(summary: dict, request, backend: str) -> None:
-    table = Table(title=f"precision study: {summary['hardware']}, {request.preset} preset, {backend}")
-    for column in ("precision", "status", "samples/s", "peak GiB", "test loss", "BLEU_4", "CIDEr", "wall s"):
+    from launcher.spread import Spread
+
+    def over_seeds(row: dict, key: str, digits: int) -> str:
+        spread = (row.get("spread") or {}).get(key)
+        return Spread(tuple(spread["runs"])).text(digits) if spread else "n/a"
+
+    table = Table(title=f"precision study: {summary['hardware']}, {request.preset} preset, {backend}, "
+                        f"{len(summary.get('seeds') or [])} seed(s): mean ± standard deviation (runs)")
+    for column in ("precision", "status", "samples/s", "peak GiB", "findings F1", "BLEU_4", "time to target s",
+                   "vs the best", "wall s"):
         table.add_column(column, justify="right")
+    verdicts = summary.get("comparisons") or {}
     for row in summary["precisions"]:
-        metrics = row.get("metrics") or {}
         table.add_row(row["precision"], row["status"] if not row.get("reason") else
                       f"{row['status']}: {row['reason']}", fmt(row.get("samples_per_s")),
-                      fmt(row.get("peak_vram_gib")), fmt(row.get("test_loss")), fmt(metrics.get("BLEU_4")),
-                      fmt(metrics.get("CIDEr")), "n/a" if row.get("wall_s") is None else f"{row['wall_s']:.0f}")
+                      fmt(row.get("peak_vram_gib")), over_seeds(row, "findings_macro_f1", 3),
+                      over_seeds(row, "BLEU_4", 3), over_seeds(row, "time_to_target_s", 0),
+                      verdicts.get(row["precision"], "n/a"),
+                      "n/a" if row.get("wall_s") is None else f"{row['wall_s']:.0f}")
     out.print(table)
     out.print(f"recommended: {summary['recommended'] or 'none'} ({summary['rule']})", highlight=False)
     out.print(f"report: {request.folder / 'report.html'}; summary: {request.folder / 'summary.json'}",

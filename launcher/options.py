@@ -255,6 +255,9 @@ StudyPrecisions = Annotated[str, _opt("Comma-separated precisions to compare: fp
 StudyBackend = Annotated[str, _opt("Engine for fp32/fp16/bf16: plain, accelerate or deepspeed.")]
 StudyLogEvery = Annotated[int, _opt("Optimizer steps between logged records (the loss curves' resolution).")]
 StudyName = Annotated[str, _opt("The study's folder under --run-dir (run again to continue it).")]
+StudySeeds = Annotated[int, _opt("Runs per precision, with seeds the preset's, +1, ...: every figure is reported over "
+                                 "them (mean ± standard deviation, the runs) and quality compared by their spread.")]
+StudyTarget = Annotated[float, _opt("Val findings macro-F1 whose first crossing times each run (time to target).")]
 
 # -- data ---------------------------------------------------------------------------------------------
 SynthOut = Annotated[Path, _opt("Folder to create (must not exist or be empty).", "--out")]

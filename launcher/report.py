@@ -1,7 +1,8 @@
 """A precision study's summary (study/summary.json) as one self-contained HTML page.
 
 `render_report` turns the summary dict into HTML with no external files, no network and no
-JavaScript: the charts (train loss curves, throughput bars, peak memory bars) are drawn by
+JavaScript: the charts (each seed's test quality as a point, train loss curves, throughput bars,
+peak memory bars) are drawn by
 launcher.charts, the drawing path the run report (launcher.run_report) shares. `write_report` writes the page
 atomically (temp file in the same folder, flush + fsync, `os.replace`).
 
@@ -15,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
-from launcher.charts import PALETTE, Series, bar_chart, esc, fmt, img, line_chart, number, page, text, thin
+from launcher.spread import SPREAD_RULE
+from launcher.charts import PALETTE, Series, bar_chart, dot_chart, esc, fmt, img, line_chart, number, page, text, thin
 
 METRICS = (("BLEU_1", "BLEU-1"), ("BLEU_2", "BLEU-2"), ("BLEU_3", "BLEU-3"), ("BLEU_4", "BLEU-4"),
            ("METEOR", "METEOR"), ("ROUGE_L", "ROUGE-L"), ("CIDEr", "CIDEr"))
@@ -32,6 +34,8 @@ CSS = """
 #results tr.recommended td { background: #dafbe1; }
 .status-done { background: #1a7f37; } .status-skipped { background: #6e7781; }
 .status-failed { background: #cf222e; } .status-pending { background: #9a6700; }
+#seeds td, #seeds th { padding: 3px 8px; }
+.verdict-outside { color: #cf222e; font-weight: 600; } .verdict-within, .verdict-best { color: #1a7f37; }
 .reason { display: block; font-size: 12px; color: #57606a; margin-top: 2px; overflow-wrap: anywhere; }
 """
 
@@ -42,7 +46,7 @@ def render_report(summary: dict) -> str:
     done = [p for p in precisions if p.get("status") == "done"]
     title = str(summary.get("title") or "Precision study")
     body = "\n".join((_header(summary, title), _recommendation(summary, done), _results_table(summary, precisions),
-                      _charts(done), _samples(done)))
+                      _over_seeds(summary, done), _charts(done), _samples(done)))
     return page(title, CSS, body)
 
 
@@ -62,7 +66,7 @@ def _precision_name(entry: Mapping[str, Any]) -> str:
 
 def _header(summary: Mapping[str, Any], title: str) -> str:
     fields = (("Created", "created"), ("Hardware", "hardware"), ("Preset", "preset"), ("Backend", "backend"),
-              ("Epochs", "epochs"))
+              ("Epochs", "epochs"), ("Seeds", "seeds"))
     rows = "".join(f"<dt>{label}</dt><dd>{esc(text(summary.get(key)))}</dd>" for label, key in fields)
     return f"<header>\n<h1>{esc(title)}</h1>\n<dl class=\"meta\">{rows}</dl>\n</header>"
 
@@ -96,7 +100,9 @@ def _field(key: str) -> Callable[[Mapping[str, Any]], object]:
 
 # (header, with "\n" where it breaks; value getter; decimals). Scores and losses to 3 decimals, as R2Gen reports them.
 COLUMNS: tuple[Column, ...] = (
+    ("Seeds", lambda entry: len(entry.get("seeds") or []) or None, 0),
     ("Micro-\nbatch", _field("micro_batch"), 0), ("Wall\ntime (s)", _field("wall_s"), 1),
+    ("Time to\nF1 target (s)", _field("time_to_target_s"), 0),
     ("Samples/s", _field("samples_per_s"), 1), ("Peak\nVRAM\n(GiB)", _field("peak_vram_gib"), 2),
     ("GPU\nutil (%)", _field("gpu_util_pct"), 0), ("Train\nloss", _field("train_loss"), 3),
     ("Val\nloss", _field("val_loss"), 3), ("Test\nloss", _field("test_loss"), 3),
@@ -147,6 +153,56 @@ def _baseline_note(precisions: Sequence[Mapping[str, Any]]) -> str:
     return (f"<p class=\"note\" id=\"baseline\">Constant-report baseline on test (always the most frequent "
             f"train report): {esc(', '.join(parts))}. Findings: macro F1 over the 8 abnormal findings and the "
             "share of studies with all 5 right, read from each report with the embedded set's phrase tables.</p>\n")
+
+
+SEED_FIGURES = (("findings_macro_f1", "Test findings F1", 3), ("BLEU_4", "Test BLEU-4", 3),
+                ("samples_per_s", "Train samples/s", 1), ("time_to_target_s", "Time to F1 target (s)", 0),
+                ("peak_vram_gib", "Peak VRAM (GiB)", 2))
+
+
+def _runs(entry: Mapping[str, Any], key: str) -> list[float]:
+    spread = (entry.get("spread") or {}).get(key)
+    return [float(v) for v in spread["runs"]] if isinstance(spread, Mapping) else []
+
+
+def _over_seeds(summary: Mapping[str, Any], done: Sequence[Mapping[str, Any]]) -> str:
+    """Each seed's test quality as a point per precision, and every figure as mean ± standard deviation
+    (the runs) with the quality's verdict against the best precision's spread."""
+    key = str(summary.get("quality_key") or "BLEU_4")
+    label = dict((k, name) for k, name, _ in SEED_FIGURES).get(key, key)
+    groups = [(_precision_name(p), PALETTE[i % len(PALETTE)], _runs(p, key)) for i, p in enumerate(done)]
+    chart = img("chart-seeds", dot_chart(f"{label}, each seed a point", label, "precision", groups, 3,
+                                         "no test scores recorded", y_max=1.0),
+                f"{label} per seed for {', '.join(name for name, _, _ in groups)}")
+    verdicts = summary.get("comparisons") or {}
+    head = "".join(f"<th>{esc(name)}</th>" for _, name, _ in SEED_FIGURES)
+    rows = []
+    for p in done:
+        cells = []
+        for figure, _, digits in SEED_FIGURES:
+            runs = _runs(p, figure)
+            if not runs:
+                cells.append("<td>n/a</td>")
+                continue
+            mean = sum(runs) / len(runs)
+            std = (sum((v - mean) ** 2 for v in runs) / (len(runs) - 1)) ** 0.5 if len(runs) > 1 else None
+            spread = f" ± {fmt(std, digits)}" if std is not None else ""
+            cells.append(f"<td class=\"num\">{fmt(mean, digits)}{spread} "
+                         f"<span class=\"reason\">({', '.join(fmt(v, digits) for v in runs)})</span></td>")
+        verdict = str(verdicts.get(_precision_name(p), "n/a"))
+        css = "best" if verdict == "best" else "outside" if verdict.startswith("outside") else "within"
+        rows.append(f"<tr data-seeds=\"{esc(_precision_name(p))}\"><th>{esc(_precision_name(p))}</th>"
+                    f"{''.join(cells)}<td class=\"verdict-{css}\">{esc(verdict)}</td></tr>")
+    if not rows:
+        return "<section>\n<h2>Over seeds</h2>\n<p class=\"note\">No precision finished.</p>\n</section>"
+    target = summary.get("target_f1")
+    note = (f"<p class=\"note\">Mean ± standard deviation over the seeds (each run in brackets); time to target: "
+            f"from a run's start to its first val findings F1 at or above {fmt(target, 2)}. Quality against the "
+            f"best precision's: {esc(SPREAD_RULE)}.</p>\n")
+    return ("<section>\n<h2>Over seeds</h2>\n<div class=\"charts\">" + chart + "</div>\n"
+            "<div class=\"scroll\"><table id=\"seeds\">\n"
+            f"<thead><tr><th>Precision</th>{head}<th>{esc(label)} vs the best</th></tr></thead>\n<tbody>\n"
+            + "\n".join(rows) + "\n</tbody></table></div>\n" + note + "</section>")
 
 
 def _charts(done: Sequence[Mapping[str, Any]]) -> str:

@@ -87,22 +87,34 @@ def test_time_to_quality_merges_rows_measured_in_separate_commands(tmp_path: Pat
 
 
 def test_time_to_quality_derives_the_published_time_from_its_measured_epochs(tmp_path: Path) -> None:
-    """The derived row: published-fast's epochs to the target times the published row's measured wall time
-    per epoch (the mean gap between its epochs' val records, start-up excluded), beside auto's measured time."""
-    published = _row("published", [(70.0, 0.08), (136.0, 0.30), (193.0, 0.25)]) | {"val_epochs": [1, 2, 3]}
-    fast = _row("published-fast", [(20.0, 0.08), (28.0, 0.31), (36.0, 0.25), (44.0, 0.7), (52.0, 0.92)]) \
-        | {"val_epochs": [1, 2, 3, 4, 5]}
-    auto = _row("auto", [(20.0, 0.1), (27.0, 0.29), (34.0, 0.31), (40.0, 0.9)]) | {"val_epochs": [1, 2, 3, 4]}
-    (tmp_path / "rows.json").write_text(json.dumps({"title": "H100", "rows": [published, fast, auto]}))
+    """The derived row, per seed: that seed's published-fast epochs to the target times the published row's
+    measured wall time per epoch (the mean gap between its epochs' val records, start-up excluded), beside
+    auto's measured time per seed; means, standard deviations and runs; quality compared by the spread."""
+    published = _row("published", [(70.0, 0.08), (136.0, 0.30), (193.0, 0.25)]) | {"val_epochs": [1, 2, 3], "seed": 1}
+    fast = [_row("published-fast", [(20.0, 0.08), (28.0, 0.31), (36.0, 0.25), (44.0, 0.7), (52.0, 0.92)])
+            | {"val_epochs": [1, 2, 3, 4, 5], "seed": 1, "test_f1": 0.90},
+            _row("published-fast", [(20.0, 0.1), (28.0, 0.5), (36.0, 0.95)]) | {"val_epochs": [1, 2, 3], "seed": 2,
+                                                                              "test_f1": 0.92}]
+    auto = [_row("auto", [(20.0, 0.1), (27.0, 0.29), (34.0, 0.31), (40.0, 0.9)]) | {"val_epochs": [1, 2, 3, 4], "seed": 1,
+                                                                                 "test_f1": 0.94},
+            _row("auto", [(22.0, 0.2), (30.0, 0.93)]) | {"val_epochs": [1, 2], "seed": 2, "test_f1": 0.96}]
+    (tmp_path / "rows.json").write_text(json.dumps({"title": "H100", "rows": [published, *fast, *auto]}))
     out = tmp_path / "derived.json"
     result = _run("time_to_quality.py", "--merge", str(tmp_path / "rows.json"), "--target", "0.9", "--json", str(out),
                   tmp_path=tmp_path)
     derived = json.loads(out.read_text())["derived"]
     assert derived["published_s_per_epoch"] == (193.0 - 70.0) / 2  # measured: two epoch gaps
-    assert derived["epochs_to_target"] == 5 and derived["published_time_to_target_s"] == 5 * 61.5
-    assert derived["auto_time_to_target_s"] == 40.0 and derived["ratio"] == 5 * 61.5 / 40.0
+    assert derived["epochs_to_target"] == [5, 3]
+    assert derived["published_time_to_target_s"]["runs"] == [5 * 61.5, 3 * 61.5]
+    assert derived["auto_time_to_target_s"]["runs"] == [40.0, 30.0]
+    assert derived["ratio"] == (4 * 61.5) / 35.0 and derived["reached"] == {"published": 2, "auto": 2}
+    quality = derived["quality"]["test_f1"]
+    assert quality["published"]["mean"] == pytest.approx(0.91, abs=1e-12) and quality["auto"]["runs"] == [0.94, 0.96]
+    # means 0.95 vs 0.91, each s = 0.0141: the difference is 2.83 standard errors of it
+    assert quality["auto_vs_published"] == "outside the spread"
+    # the cross-check compares the published row with the published-fast run of its own seed
     assert derived["cross_check_epochs"] == 3 and abs(derived["cross_check_max_f1_gap"] - 0.01) < 1e-12
-    assert "derived" in result.stdout and "7.7x" in result.stdout
+    assert "derived" in result.stdout and "7.0x" in result.stdout and "± " in result.stdout
 
 
 def test_every_mutant_still_applies_to_the_tree() -> None:

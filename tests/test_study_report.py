@@ -33,7 +33,11 @@ def _done(precision: str, speed: float, vram: float | None, shift: float) -> dic
                     "ROUGE_L": 0.35, "CIDEr": 0.4},
         "findings": {"findings_macro_f1": 0.91 - shift, "findings_exact_match": 0.8},
         "baseline": {"BLEU_4": 0.552, "findings_macro_f1": 0.0, "findings_exact_match": 0.39},
-        "generation_samples_per_s": 120.0,
+        "generation_samples_per_s": 120.0, "seeds": [1, 2, 3], "time_to_target_s": 40.0 + shift * 100,
+        "spread": {"findings_macro_f1": {"runs": [0.90 - shift, 0.91 - shift, 0.92 - shift]},
+                   "BLEU_4": {"runs": [0.14 - shift, 0.15 - shift, 0.16 - shift]},
+                   "samples_per_s": {"runs": [speed - 1, speed, speed + 1]}, "peak_vram_gib": None,
+                   "time_to_target_s": {"runs": [39.0 + shift * 100, 40.0 + shift * 100, 41.0 + shift * 100]}},
         "loss_curve": [[step, 3.2 - 0.1 * step + shift] for step in range(1, 30)],
         "samples": [{"id": i, "ground_truth": t, "generated": f"{precision} report {n}: {t}"}
                     for n, (i, t) in enumerate(zip(IDS, TRUTH))],
@@ -47,7 +51,8 @@ def summary() -> dict[str, Any]:
     return {
         "title": "r2gen-launch precision study", "created": "2026-11-23T19:30:00Z",
         "hardware": "NVIDIA H100 80GB HBM3 (1 GPU), torch 2.11.0+cu130", "preset": "iu_xray", "backend": "plain",
-        "epochs": 3, "rule": RULE, "recommended": "bf16",
+        "epochs": 3, "seeds": [1, 2, 3], "target_f1": 0.9, "rule": RULE, "recommended": "bf16",
+        "quality_key": "findings_macro_f1", "comparisons": {"fp32": "best", "bf16": "within the spread"},
         "precisions": [_done("fp32", 58.7, 3.68, 0.0), bf16,
                        {"precision": "fp8", "status": "skipped", "reason": SKIP_REASON}],
     }
@@ -83,7 +88,7 @@ def test_page_has_header_rows_reason_and_recommendation(summary: dict[str, Any])
     rows = re.findall(r'<tr[^>]*data-precision="([^"]+)"', page)
     assert rows == ["fp32", "bf16", "fp8"]
     fp8_row = re.search(r'<tr[^>]*data-precision="fp8".*?</tr>', page, re.S).group(0)
-    assert "skipped" in fp8_row and fp8_row.count(">n/a<") == 18
+    assert "skipped" in fp8_row and fp8_row.count(">n/a<") == 20
     fp32_row = re.search(r'<tr[^>]*data-precision="fp32".*?</tr>', page, re.S).group(0)
     assert ">58.7<" in fp32_row and ">3.68<" in fp32_row and ">0.150<" in fp32_row and ">n/a<" in fp32_row  # METEOR
     assert 'class="recommended" data-precision="bf16"' in page
@@ -113,8 +118,10 @@ def test_user_text_is_escaped(summary: dict[str, Any]) -> None:
 
 def test_charts_are_valid_svg_data_uris(summary: dict[str, Any]) -> None:
     svgs = _svgs(render_report(summary))
-    assert set(svgs) == {"chart-loss", "chart-throughput", "chart-memory"}
+    assert set(svgs) == {"chart-seeds", "chart-loss", "chart-throughput", "chart-memory"}
     ns = "{http://www.w3.org/2000/svg}"
+    seeds = svgs["chart-seeds"]  # each seed's findings F1 a point, the mean written beside
+    assert len(seeds.findall(f"{ns}circle")) == 2 * 3 and "0.910" in _svg_text(seeds) and "0.900" in _svg_text(seeds)
     loss = svgs["chart-loss"]
     assert len(loss.findall(f"{ns}polyline")) == 2 and "step" in _svg_text(loss) and "loss" in _svg_text(loss)
     assert "fp32" in _svg_text(loss) and "bf16" in _svg_text(loss) and "fp8" not in _svg_text(loss)
