@@ -5,8 +5,10 @@ finished runs; the planning pieces (the spread rule among them) on their own."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -66,9 +68,11 @@ def test_cpu_study_writes_summary_and_a_report_that_renders(tmp_path: Path) -> N
     first = sorted(reports)[0]
     bf16_first = next(r for r in bf16["test_reports"] if r["id"] == first)
     assert_renders(folder / "report.html", [first, reports[first]["ground_truth"], reports[first]["generated"],
-                                            bf16_first["generated"], "Over seeds", "each seed a point"],
-                   tmp_path / "report.png")
-    assert (folder / "report.html").read_text().count('class="seed-point"') == 4  # 2 precisions x 2 seeds
+                                            bf16_first["generated"]],
+                   tmp_path / "report.png", charts=4)
+    seeds_chart = re.search(r'<img\b[^>]*id="chart-seeds"[^>]*>', (folder / "report.html").read_text()).group(0)
+    svg = base64.b64decode(re.search(r'src="data:image/svg\+xml;base64,([^"]+)"', seeds_chart).group(1)).decode()
+    assert svg.count('class="seed-point"') == 4  # 2 precisions x 2 seeds, each a point
     assert "recommended" in result.stdout and str(folder / "report.html") in result.stdout.replace("\n", "")
 
     # Run again: every finished run is kept, nothing retrains.

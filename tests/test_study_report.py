@@ -188,4 +188,4 @@ def test_renders_in_headless_chromium(summary: dict[str, Any], tmp_path: Path) -
     page_file = write_report(summary, tmp_path / "report.html")
     assert_renders(page_file, [TRUTH[0], f"fp32 report 0: {TRUTH[0]}", f"bf16 report 1: {TRUTH[1]}",
                                "<script>alert('x')</script>"],  # shown as text, not run
-                   tmp_path / "report.png")
+                   tmp_path / "report.png", charts=4)
