@@ -246,7 +246,7 @@ def print_derived(derived: dict) -> None:
                 "test BLEU-4"):
         table.add_column(col, justify="left" if col in ("row", "how") else "right")
     table.add_row("published", "derived: published-fast's epochs x published's measured s per epoch",
-                  fmt(derived["published_s_per_epoch"], 1), ", ".join(map(str, derived["epochs_to_target"])),
+                  fmt(derived["published_s_per_epoch"], 1), ", ".join(fmt(e) for e in derived["epochs_to_target"]),
                   over_seeds(derived["published_time_to_target_s"], 0), over_seeds(quality["test_f1"]["published"], 3),
                   over_seeds(quality["test_bleu4"]["published"], 3))
     table.add_row("auto", "measured from its command's start", "", "", over_seeds(derived["auto_time_to_target_s"], 0),

@@ -117,6 +117,30 @@ def test_time_to_quality_derives_the_published_time_from_its_measured_epochs(tmp
     assert "derived" in result.stdout and "7.0x" in result.stdout and "± " in result.stdout
 
 
+@pytest.mark.slow
+def test_time_to_quality_runs_every_row_over_two_seeds_on_a_cpu(tmp_path: Path) -> None:
+    """The CPU smoke run of the bench as a GPU session runs it (tiny preset, 20 studies, 2 seeds): every
+    row really trains; with target 0 each run reaches it at its first val evaluation, so the derived time
+    of each seed is exactly 1 epoch x the published row's measured time per epoch."""
+    out = tmp_path / "ttq.json"
+    result = _run("time_to_quality.py", "--device", "cpu", "--studies", "20", "--epochs", "1", "--fast-epochs", "2",
+                  "--seeds", "2", "--fast-together", "--target", "0", "--run-dir", str(tmp_path / "runs"),
+                  "--json", str(out), tmp_path=tmp_path)
+    data = json.loads(out.read_text())
+    assert [(r["row"], r["seed"]) for r in data["rows"]] == [
+        ("published", 9223), ("published-fast", 9223), ("published-fast", 9224), ("auto", 9223), ("auto", 9224)]
+    assert all(r["curve"] and r["wall_s"] > 0 and r["test_bleu4"] is not None for r in data["rows"])
+    derived = data["derived"]
+    published = data["rows"][0]
+    measured = published["curve"][0][0] / published["val_epochs"][0]  # one epoch: its time from the start
+    assert derived["published_s_per_epoch"] == measured and derived["epochs_to_target"] == [1, 1]
+    assert derived["published_time_to_target_s"]["runs"] == [measured, measured]
+    assert derived["auto_time_to_target_s"]["runs"] == [r["curve"][0][0] for r in data["rows"][3:]]
+    assert derived["ratio"] == measured / (sum(derived["auto_time_to_target_s"]["runs"]) / 2)
+    assert set(derived["quality"]["test_f1"]) == {"published", "auto", "auto_vs_published"}
+    assert "mean ± standard deviation (runs) over seeds" in result.stdout.replace("\n", " ")
+
+
 def test_every_mutant_still_applies_to_the_tree() -> None:
     """bench/mutants.sh shows each named test failing on its mistake; a patch that no longer applies
     would show nothing. Each one applies (checked, not applied) and names a test that exists."""
