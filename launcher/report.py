@@ -117,7 +117,7 @@ def _status_cell(entry: Mapping[str, Any]) -> str:
     status = str(entry.get("status") or "pending")
     css = status if status in ("done", "skipped", "failed", "pending") else "pending"
     cell = f"<span class=\"status status-{css}\">{esc(status)}</span>"
-    reason = entry.get("reason")
+    reason = entry.get("reason") or (entry.get("engine") if status == "done" else None)  # what ran, e.g. FP8's impl
     if reason:
         cell += f"<span class=\"reason\">{esc(reason)}</span>"
     return f"<td class=\"state\">{cell}</td>"

@@ -113,11 +113,13 @@ def collect(run_dir: Path, started: float | None = None, target_f1: float = TARG
     records = read_records(run_dir / "metrics.jsonl")
     utils = [r["gpu/util_pct"] for r in records if r.get("gpu/util_pct") is not None]
     plan = json.loads((run_dir / "plan.json").read_text(encoding="utf-8"))
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     tests = sorted((run_dir / "reports").glob("test_epoch*.json"))
     reached = next((r["time/unix_s"] for r in records if (r.get("val/findings_macro_f1") or 0.0) >= target_f1
                     and r.get("time/unix_s") is not None), None)
     return {
         "run_dir": str(run_dir), "micro_batch": plan["batch"]["micro_batch"],
+        "engine": config.get("backend"),  # what ran: FP8 names its implementation and its converted layers
         "samples_per_s": _last(records, "perf/train_samples_per_s"),
         "peak_vram_gib": _last(records, "memory/peak_allocated_gib"),
         "gpu_util_pct": sum(utils) / len(utils) if utils else None,
@@ -160,7 +162,8 @@ def aggregate(precision: str, runs: list[dict]) -> dict:
     if not done:
         return row
     first = done[0]
-    row |= {key: first.get(key) for key in ("run_dir", "micro_batch", "baseline", "loss_curve", "test_reports")}
+    row |= {key: first.get(key) for key in ("run_dir", "micro_batch", "engine", "baseline", "loss_curve",
+                                            "test_reports")}
     for key in ("samples_per_s", "gpu_util_pct", "train_loss", "val_loss", "test_loss", "generation_samples_per_s"):
         row[key] = _mean([r.get(key) for r in done])
     peaks = [r["peak_vram_gib"] for r in done if r.get("peak_vram_gib") is not None]

@@ -62,6 +62,7 @@ def test_cpu_study_writes_summary_and_a_report_that_renders(tmp_path: Path) -> N
         assert row["baseline"]["findings_macro_f1"] is not None and row["baseline"]["BLEU_4"] is not None
         assert len(row["loss_curve"]) == 1 and len(row["test_reports"]) == 4  # 14 train studies: one batch of 32; 4 test
         assert row["peak_vram_gib"] is None and row["gpu_util_pct"] is None  # a CPU run
+        assert row["engine"].startswith(f"plain on cpu ({row['precision']})")  # what ran, from its config.json
     assert fp8["status"] == "skipped" and "needs a CUDA GPU" in fp8["reason"]
     assert summary["recommended"] in ("fp32", "bf16") and set(summary["comparisons"]) == {"fp32", "bf16"}
     reports = {r["id"]: r for r in fp32["test_reports"]}

@@ -47,6 +47,7 @@ def _done(precision: str, speed: float, vram: float | None, shift: float) -> dic
 @pytest.fixture()
 def summary() -> dict[str, Any]:
     bf16 = _done("bf16", 97.3, 2.1, 0.01)
+    bf16["engine"] = "plain on cuda (bf16)"
     bf16["samples"][2]["generated"] = "<script>alert('x')</script> & the heart"
     return {
         "title": "r2gen-launch precision study", "created": "2026-11-23T19:30:00Z",
@@ -90,6 +91,8 @@ def test_page_has_header_rows_reason_and_recommendation(summary: dict[str, Any])
     fp8_row = re.search(r'<tr[^>]*data-precision="fp8".*?</tr>', page, re.S).group(0)
     assert "skipped" in fp8_row and fp8_row.count(">n/a<") == 20
     fp32_row = re.search(r'<tr[^>]*data-precision="fp32".*?</tr>', page, re.S).group(0)
+    bf16_row = re.search(r'<tr[^>]*data-precision="bf16".*?</tr>', page, re.S).group(0)
+    assert "plain on cuda (bf16)" in bf16_row  # what ran, under its status
     assert ">58.7<" in fp32_row and ">3.68<" in fp32_row and ">0.150<" in fp32_row and ">n/a<" in fp32_row  # METEOR
     assert 'class="recommended" data-precision="bf16"' in page
     assert ">0.910<" in fp32_row and ">0.800<" in fp32_row  # findings macro F1 and exact match
