@@ -44,13 +44,16 @@ def _training_command(backend_name: str, summary: str):
         wandb: Wandb = None, wandb_mode: WandbMode = None, wandb_project: WandbProject = None,
         wandb_name: WandbName = None, tensorboard: Tensorboard = None, keep_training: KeepTraining = False,
         thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"), name: Name = None, dry_run: DryRun = False,
-        speedups: Speedups = True,
+        speedups: Speedups = True, seeds: Seeds = 1,
         **engine,
     ) -> None:
         import torch
 
         def run() -> None:
             from backends.registry import spec
+
+            if seeds != 1:
+                return commands.repeat(seeds, seed, preset, run_dir, name)
 
             options = plan_options(micro_batch, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling,
                                num_workers, "faithful")
@@ -114,7 +117,7 @@ def auto(
     keep_last: KeepLast = None, wandb: Wandb = None, wandb_mode: WandbMode = None,
     wandb_project: WandbProject = None, wandb_name: WandbName = None, tensorboard: Tensorboard = None,
     keep_training: KeepTraining = False, thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"),
-    name: Name = None, dry_run: DryRun = False, speedups: Speedups = True,
+    name: Name = None, dry_run: DryRun = False, speedups: Speedups = True, seeds: Seeds = 1,
 ) -> None:
     """Pick device, engine, precision and a preset that fits, plan, then train and evaluate.
 
@@ -130,6 +133,8 @@ def auto(
     import torch
 
     def run() -> None:
+        if seeds != 1:
+            return commands.repeat(seeds, seed, None, run_dir, name)
         options = plan_options(micro_batch, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling,
                            num_workers, "auto")
         if torch.cuda.is_available():

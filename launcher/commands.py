@@ -3,6 +3,7 @@ registers them (`register`) beside the training commands; like those, they parse
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -162,6 +163,21 @@ def study_command(
         console.print_study(summary, request, backend)
 
     guarded(run)
+
+
+def repeat(seeds: int, seed: int | None, preset: str | None, run_dir: Path, name: str | None) -> None:
+    """A training command's --seeds N: this command line once per seed (launcher.repeat), then the scores."""
+    from launcher.repeat import run_seeds
+    from r2gen.config import preset as preset_config
+
+    if seeds < 1:
+        raise ConfigError(f"--seeds: at least 1, got {seeds}")
+    first = seed if seed is not None else preset_config(preset or "iu_xray").seed  # auto's presets share it
+    code, summary = run_seeds(sys.argv[1:], [first + i for i in range(seeds)], run_dir, name,
+                              lambda line: err.print(line, highlight=False))
+    if code:
+        raise SystemExit(code)
+    console.print_seeds(summary, run_dir)
 
 
 @app.command("env")

@@ -197,6 +197,25 @@ def print_study(summary: dict, request, backend: str) -> None:
               highlight=False)
 
 
+def print_seeds(summary: dict, run_dir) -> None:
+    """A --seeds run's test scores over its seeds, beside the constant-report baseline."""
+    from launcher.spread import Spread
+
+    def over(key: str) -> str:
+        spread = summary["scores"].get(key)
+        return Spread(tuple(spread["runs"])).text(3) if spread else "n/a"
+
+    table = Table(title=f"test scores over {len(summary['seeds'])} seeds ({', '.join(map(str, summary['seeds']))}): "
+                        "mean ± standard deviation (runs)")
+    for column in ("score", "model", "constant-report baseline"):
+        table.add_column(column, justify="left" if column == "score" else "right")
+    for key in dict.fromkeys(k.split("/", 1)[1] for k in summary["scores"]):  # in order, once each
+        if summary["scores"].get(f"test/{key}"):
+            table.add_row(key, over(f"test/{key}"), over(f"baseline_test/{key}"))
+    out.print(table)
+    out.print(f"runs: {', '.join(summary['runs'])}", highlight=False)
+
+
 def print_env(facts, found: dict, engines: dict, weights: dict) -> None:
     """The machine, the versions found, which engines and precisions can run here, and which ImageNet
     weights torchvision's cache holds."""

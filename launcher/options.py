@@ -124,6 +124,9 @@ EvaluateBeam = Annotated[Optional[int], _opt("Beam size for generation; 1 is gre
 LrVe = Annotated[Optional[float], _opt("Visual extractor learning rate.", shown=_per_preset("lr_ve"))]
 LrEd = Annotated[Optional[float], _opt("Encoder-decoder learning rate.", shown=_per_preset("lr_ed"))]
 Seed = Annotated[Optional[int], _opt("Random seed.", shown=_per_preset("seed"))]
+Seeds = Annotated[int, _opt("Train N times, with seeds --seed (else the preset's), +1, ..., one run after another in "
+                            "<name>-s<seed>; then every test score over them (mean ± standard deviation, the runs) "
+                            "in <run-dir>/<name>-seeds.json. Given again, finished seeds are kept.")]
 MaxSteps = Annotated[Optional[int], _opt("Cut each epoch after this many optimizer steps; 0: the whole epoch.",
                                          shown=str(_DEFAULTS.max_steps_per_epoch))]
 LogEvery = Annotated[Optional[int], _opt("Optimizer steps between metrics.jsonl records.",
