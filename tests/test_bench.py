@@ -119,12 +119,12 @@ def test_time_to_quality_derives_the_published_time_from_its_measured_epochs(tmp
 
 @pytest.mark.slow
 def test_time_to_quality_runs_every_row_over_two_seeds_on_a_cpu(tmp_path: Path) -> None:
-    """The CPU smoke run of the bench as a GPU session runs it (tiny preset, 20 studies, 2 seeds): every
+    """The CPU smoke run of the bench as a GPU session runs it (tiny preset, 12 studies, 2 seeds): every
     row really trains; with target 0 each run reaches it at its first val evaluation, so the derived time
     of each seed is exactly 1 epoch x the published row's measured time per epoch."""
     out = tmp_path / "ttq.json"
-    result = _run("time_to_quality.py", "--device", "cpu", "--studies", "20", "--epochs", "1", "--fast-epochs", "2",
-                  "--seeds", "2", "--fast-together", "--target", "0", "--run-dir", str(tmp_path / "runs"),
+    result = _run("time_to_quality.py", "--device", "cpu", "--studies", "12", "--epochs", "1", "--fast-epochs", "1",
+                  "--seeds", "2", "--target", "0", "--run-dir", str(tmp_path / "runs"),
                   "--json", str(out), tmp_path=tmp_path)
     data = json.loads(out.read_text())
     assert [(r["row"], r["seed"]) for r in data["rows"]] == [

@@ -120,6 +120,24 @@ def test_mimic_uses_one_view_and_iu_two(tmp_path: Path) -> None:
         assert batch["masks"].dtype == torch.float32
 
 
+def test_a_seeded_item_seeds_only_the_cpu_generator_and_puts_it_back(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """(index, seed) keys seed the CPU generator for the crop and flip only: torch.manual_seed would also
+    reseed the GPUs' generators (dropout's), which then followed the data's seeds in a loader without
+    workers. Every device's seeding goes through torch.cuda.manual_seed_all, recorded here."""
+    path = _write_set(tmp_path)
+    tokenizer = Tokenizer.from_reports("iu_xray", ["the heart is normal"] * 3, threshold=3)
+    ds = ReportDataset(load_annotation(path).splits["train"], tokenizer, 60, build_transform(32, train=True))
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    first, again = ds[(0, 11)], ds[(0, 11)]
+    assert seeded == [5]  # only this test's own seeding above
+    assert torch.equal(torch.get_rng_state(), before)  # the CPU generator is put back too
+    assert torch.equal(first[1], again[1])  # the same seed, the same crop
+
+
 def test_transforms_match_r2gen_at_224() -> None:
     train = build_transform(224, train=True)
     names = [type(t).__name__ for t in train.transforms]

@@ -44,7 +44,7 @@ def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_two_seeds_through_the_cli_then_kept(tmp_path: Path) -> None:
-    args = ["plain", "--device", "cpu", "--preset", "tiny", "--studies", "20", "--epochs", "1", "--num-workers", "0",
+    args = ["plain", "--device", "cpu", "--preset", "tiny", "--studies", "12", "--epochs", "1", "--num-workers", "0",
             "--seeds", "2", "--seed", "11", "--name", "s", "--run-dir", "runs"]
     first = _cli(tmp_path, *args)
     assert first.returncode == 0, first.stderr[-3000:]

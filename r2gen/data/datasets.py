@@ -314,12 +314,15 @@ class ReportDataset(Dataset):
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[str, torch.Tensor, list[int]]:
         """`key` is an index, or (index, seed) from r2gen.data.order.EpochSampler: the random
-        crop and flip then draw from that seed, whichever process or worker runs them."""
+        crop and flip then draw from that seed, whichever process or worker runs them. Only the CPU
+        generator is seeded (and put back after): torch.manual_seed would also reseed every GPU's
+        generator, and in a loader without workers the model's dropout masks would then follow the
+        last study's seed instead of the run's."""
         index, seed = key if isinstance(key, tuple) else (key, None)
         if seed is None:
             return self._item(index)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             return self._item(index)
 
     def _item(self, index: int) -> tuple[str, torch.Tensor, list[int]]:
