@@ -213,13 +213,7 @@ def synth(
     from r2gen.data.synth import synthesize
 
     try:
-        if studies < 10:
-            raise ConfigError(f"--studies: at least 10 studies are needed, got {studies}")
-        if image_size < 32:
-            raise ConfigError(f"--image-size: must be at least 32 px, got {image_size}")
-        if seed < 0:
-            raise ConfigError(f"--seed: must not be negative, got {seed}")
-        try:
+        try:  # synthesize checks --studies, --image-size and --seed
             path = synthesize(out_dir, studies=studies, seed=seed, image_size=image_size, progress=True)
         except FileExistsError:
             raise ConfigError(f"--out: {out_dir} exists and is not empty") from None

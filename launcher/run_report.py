@@ -356,7 +356,7 @@ def _thumbnail(path: Path) -> str:
 
 def _findings_cells(entry: dict, generated: str) -> tuple[str, str]:
     """The true and the stated findings (the embedded set's labels), the stated ones that disagree marked."""
-    from r2gen.data.synth import Findings
+    from r2gen.data.synth_reports import Findings
     from r2gen.findings import FINDING_NAMES, read_findings
 
     truth = entry.get("findings")

@@ -1,6 +1,6 @@
 """Clinical accuracy of generated reports on the embedded synthetic set: which findings a report states.
 
-The synthetic set (r2gen.data.synth) writes every report from a few discrete findings with its own
+The synthetic set (r2gen.data.synth_reports) writes every report from a few discrete findings with its own
 phrase tables, and stores the findings in annotation.json. Reading a generated report back with the
 same tables is exact: every sentence the set can write maps to the findings it states, so a report
 is labelled without the guesswork of a free-text labeller (CheXpert, CheXbert) on real data.
@@ -22,13 +22,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import fields
 
-from r2gen.data import synth
-from r2gen.data.synth import Findings
+from r2gen.data import synth_reports
+from r2gen.data.synth_reports import Findings
 from r2gen.data.tokenizer import clean_report_iu_xray
 
 FINDING_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Findings))
 ABNORMAL: tuple[tuple[str, str], ...] = tuple(
-    (name, value) for name, table in synth.PRIORS.items() for value in table if value != getattr(Findings(), name))
+    (name, value) for name, table in synth_reports.PRIORS.items() for value in table if value != getattr(Findings(), name))
 """(finding, value) of every abnormal value, the classes of the macro F1."""
 FINDINGS_KEYS: tuple[str, ...] = ("findings_macro_f1", "findings_exact_match",
                                   *(f"findings_acc_{name}" for name in FINDING_NAMES))
@@ -47,19 +47,19 @@ def _sentence_table() -> dict[str, dict[str, str]]:
         for s in sentences:
             table[_clean(s)] = stated
 
-    for value, sentences in synth._HEART.items():
+    for value, sentences in synth_reports._HEART.items():
         add(sentences, heart=value)
-    add(synth._LUNGS_CLEAR, opacity="none")
-    add(synth._NO_OPACITY, opacity="none")
+    add(synth_reports._LUNGS_CLEAR, opacity="none")
+    add(synth_reports._NO_OPACITY, opacity="none")
     for zone in ("upper", "lower"):
-        add([s.format(zone=zone) for s in synth._OPACITY], opacity=zone)
-    add(synth._PLEURA_NORMAL, effusion="none", pneumothorax="absent")
-    add(synth._NO_EFFUSION, effusion="none")
+        add([s.format(zone=zone) for s in synth_reports._OPACITY], opacity=zone)
+    add(synth_reports._PLEURA_NORMAL, effusion="none", pneumothorax="absent")
+    add(synth_reports._NO_EFFUSION, effusion="none")
     for size in ("small", "large"):
-        add([s.format(size=size, Size=size.capitalize()) for s in synth._EFFUSION], effusion=size)
-    add(synth._NO_PNEUMOTHORAX, pneumothorax="absent")
-    add(synth._PNEUMOTHORAX, pneumothorax="present")
-    for device, sentences in synth._DEVICE.items():
+        add([s.format(size=size, Size=size.capitalize()) for s in synth_reports._EFFUSION], effusion=size)
+    add(synth_reports._NO_PNEUMOTHORAX, pneumothorax="absent")
+    add(synth_reports._PNEUMOTHORAX, pneumothorax="present")
+    for device, sentences in synth_reports._DEVICE.items():
         add(sentences, device=device)
     return table
 
@@ -82,7 +82,7 @@ def speaks_synthetic(vocabulary: Iterable[str]) -> bool:
     tables use: trained on the embedded set or a `data synth` one), so that read_findings means something;
     on other data every report would read as normal, which is no finding."""
     words = set(vocabulary) - {".", "<unk>"}
-    return bool(words) and words <= synth.report_vocabulary()
+    return bool(words) and words <= synth_reports.report_vocabulary()
 
 
 def labelled(findings: Sequence[Findings | None]) -> list[Findings] | None:

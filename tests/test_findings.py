@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from r2gen.data.datasets import Study, load_annotation
-from r2gen.data.synth import PRIORS, Findings, synth_findings, write_report
+from r2gen.data.synth_reports import PRIORS, Findings, synth_findings, write_report
 from r2gen.data.tokenizer import Tokenizer
 from r2gen.findings import ABNORMAL, FINDINGS_KEYS, findings_scores, labelled, read_findings
 from r2gen.evaluate import split_findings_scores

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 
 from r2gen.data.dicom import is_dicom, read_dicom
-from r2gen.data.synth import Findings, synth_findings
+from r2gen.data.synth_reports import Findings, synth_findings
 from r2gen.data.tokenizer import Tokenizer
 from r2gen.errors import DataError
 from r2gen.model.r2gen import DATASETS
