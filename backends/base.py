@@ -1,20 +1,17 @@
-"""The one small surface the shared loop uses to drive an engine (r2gen.engine.TrainingEngine).
-
-The loop never asks which backend it runs on: it calls `prepare`, `autocast`, `backward`, `step`,
-`state_dict`/`load_state_dict`, and reads `device`, `is_main`, `world_size` and the capabilities
-(`can_redo_step`, `saves_engine`, `cuda_graphs`, `flat_parameters`) each adapter sets on its class.
+"""What every engine adapter shares: `Backend`, the implementation of r2gen.engine.TrainingEngine (the
+interface, declared there once) with the capabilities' defaults and the several-process collectives.
+Each adapter sets its capabilities on its class and implements `prepare`, `autocast`, `backward`
+and `step`.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
 
-from r2gen.engine import OptimizerFactory
+from r2gen.engine import TrainingEngine
 
 
 REDUCE_BUCKET_BYTES = 64 * 2**20
@@ -62,48 +59,22 @@ def step_was_taken(scaler: torch.amp.GradScaler | None, step: Callable[[], objec
     return scaler.get_scale() >= scale
 
 
-class Backend(ABC):
+class Backend(TrainingEngine):
+    """The capabilities' defaults (an adapter sets its own on its class) and the shared members."""
+
     name: str
     device: torch.device
     precision: str
     world_size: int = 1
     rank: int = 0
     can_redo_step: bool = True
-    """After an out-of-memory error, dropping the gradients (optimizer.zero_grad) undoes the failed
-    step's partial work, so the loop may redo it in smaller micro-batches."""
     cuda_graphs: bool = False
-    """The step calls the model's own forward in this process, so r2gen.speedups may capture its
-    encoder-decoder in CUDA graphs (one process only); an adapter that wraps or swaps modules does not."""
     flat_parameters: bool = False
-    """The engine owns the parameters' storage (views of one flat buffer), so their layout must not
-    change after prepare: no channels_last."""
+    saves_engine: bool = False
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @abstractmethod
-    def prepare(self, model: torch.nn.Module, make_optimizer: OptimizerFactory
-                ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        """Move/convert/wrap the model, build its optimizer; returns the objects the loop must use
-        (the optimizer's param_groups drive the LR scheduler and the logged learning rates)."""
-
-    @abstractmethod
-    def autocast(self) -> AbstractContextManager:
-        """Context for forward passes in this backend's precision."""
-
-    @abstractmethod
-    def backward(self, loss: torch.Tensor, model: torch.nn.Module, last: bool) -> None:
-        """One micro-batch's backward; `last`: the window's last. Engines that can redo a step keep the
-        gradients in this process (no all-reduce), so a window is dropped by every process together
-        (r2gen.step.train_step agrees first); `step` reduces them."""
-
-    @abstractmethod
-    def step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, clip_value: float) -> bool:
-        """After the window's last backward: reduce over processes, clip values, step, zero the gradients.
-
-        Returns False when the optimizer step was skipped (fp16 overflow), True otherwise.
-        """
 
     # Several processes train one model without DistributedDataParallel's wrapper: its forward and
     # backward hold collectives (bucket rebuilds, gradient buckets) that an out-of-memory error on one
@@ -127,19 +98,13 @@ class Backend(ABC):
         _collective(list(model.buffers()), "broadcast")
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The plain model inside whatever wrapper prepare() returned."""
         return model
 
     def state_dict(self) -> dict:
-        """Engine state to checkpoint beside model and optimizer (e.g. the loss scaler)."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-    saves_engine: bool = False
-    """Whether model and optimizer state live in the engine's own checkpoint (every process writes
-    its part with `save_engine`) instead of the loop's state dict."""
 
     def save_engine(self, model: torch.nn.Module, folder: Path) -> None:
         raise NotImplementedError(f"{self.name} keeps its state in the loop's checkpoint")
@@ -149,7 +114,6 @@ class Backend(ABC):
 
     # -- several processes: torch.distributed, joined by the adapter; no-ops for one process ------------
     def all_reduce_sum(self, value: torch.Tensor) -> torch.Tensor:
-        """The sum of `value` over all processes."""
         if self.world_size == 1:
             return value
         total = value.detach().clone().to(self.device)
@@ -157,7 +121,6 @@ class Backend(ABC):
         return total
 
     def broadcast_flag(self, flag: bool) -> bool:
-        """Rank 0's flag on every process (e.g. early stopping, decided where evaluation runs)."""
         if self.world_size == 1:
             return flag
         value = torch.tensor([int(flag)], device=self.device)
@@ -165,7 +128,6 @@ class Backend(ABC):
         return bool(value.item())
 
     def gather(self, value: object) -> list:
-        """`value` from every process in rank order, on every process (picklable objects)."""
         if self.world_size == 1:
             return [value]
         values: list = [None] * self.world_size
