@@ -10,9 +10,15 @@ import typer
 
 from launcher import commands, console
 from launcher.console import err, guarded, print_plan
-from launcher.options import *  # noqa: F403 - every option's Annotated type, defined once
-from launcher.options import (ENGINE_OPTIONS, make_topology, parse_val_every, plan_options, speedup_overrides,
-                              wandb_overrides)
+from launcher.options import (AnnPath, AutoGpus, Backbone, BatchPolicy, BeamSize, CheckpointEvery, Dataset, Device,
+                              DryRun, EarlyStop, EffectiveBatch, ENGINE_OPTIONS, Epochs, Fp8Impl, Gpus, ImageDir,
+                              ImageSize, InitFrom, JsonOut, KeepLast, KeepTraining, LogEvery, LrEd, LrScaling,
+                              LrVe, make_topology, MasterAddr, MasterPort, MaxSteps, MaxVram, MicroBatch, Name,
+                              NodeRank, Nodes, NumWorkers, Offload, parse_val_every, plan_options, Precision,
+                              Preset, Probe, ProbeBackend, ProbePreset, RunDir, SaveEvery, Seed, Seeds,
+                              speedup_overrides, Speedups, Studies, TargetUtil, Tensorboard, TestEvery,
+                              ThresholdsFile, ValEvery, Version, VisualWeights, Wandb, wandb_overrides, WandbMode,
+                              WandbName, WandbProject, Zero)
 from launcher.run import default_precision, prepare_run, run_training, user_engine_file
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

@@ -10,7 +10,14 @@ import typer
 
 from launcher import console
 from launcher.console import err, fail, guarded, out
-from launcher.options import *  # noqa: F403 - every option's Annotated type, defined once
+from launcher.options import (AnnPath, BeamSize, CeGenerated, CeOut, CeReports, CeTruth, Checkpoint, Device,
+                              Epochs, EvaluateBeam, EvaluateOut, EvaluatePrecision, GenerateAnnPath, GenerateForce,
+                              GenerateImageDir, GenerateInput, GenerateOut, ImageDir, JsonOut, MaxSteps,
+                              NumWorkers, PrepareAnnPath, PrepareDataset, PrepareImageSize, PrepareOut,
+                              PrepareWorkers, ReportOut, ReportRun, RunDir, Split, Studies, StudyBackend,
+                              StudyLogEvery, StudyName, StudyPrecisions, StudyPreset, StudySeeds, StudyTarget,
+                              SynthImageSize, SynthOut, SynthSeed, SynthStudies, ValEvery, WeightsBackbone,
+                              WeightsFile, WeightsForce)
 from r2gen.errors import ConfigError, UsageError
 
 app = typer.Typer()  # collects this module's commands; register() adds them to the main app

@@ -301,9 +301,8 @@ def parse_val_every(value: Optional[str]) -> Optional[int]:
     return n
 
 
-
 def plan_options(micro_batch, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling, num_workers,
-             default_policy: str):
+                 default_policy: str):
     from launcher.plan import PlanOptions
 
     return PlanOptions(micro_batch=micro_batch, probe=probe, target_util_pct=target_util, max_vram_gib=max_vram,
@@ -311,10 +310,8 @@ def plan_options(micro_batch, probe, target_util, max_vram, effective_batch, bat
                        lr_scaling=lr_scaling, num_workers=num_workers)
 
 
-
 def engine_option(name: str, default, annotation) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-
 
 
 ENGINE_OPTIONS: dict[str, list[inspect.Parameter]] = {
@@ -325,7 +322,6 @@ ENGINE_OPTIONS: dict[str, list[inspect.Parameter]] = {
 }
 """Each engine's own options, added to its command's signature (and so to its help page); all but
 the launcher's (--hostfile, and the user's own engine file) go to the plan as its engine options."""
-
 
 
 def wandb_overrides(wandb: Optional[bool], mode: Optional[str], project: Optional[str],
@@ -339,9 +335,8 @@ def wandb_overrides(wandb: Optional[bool], mode: Optional[str], project: Optiona
     return dict(wandb=wandb, wandb_mode=mode, wandb_project=project, wandb_name=name)
 
 
-
 def make_topology(gpus: Optional[int], nodes: int, node_rank: int, master_addr: str, master_port: Optional[int],
-              keep_training: bool = False):
+                  keep_training: bool = False):
     """The processes asked for; None where --keep-training should take the continued run's own
     (neither --gpus nor --nodes given)."""
     from backends.spec import Topology
@@ -353,7 +348,6 @@ def make_topology(gpus: Optional[int], nodes: int, node_rank: int, master_addr: 
         master_port = free_port() if nodes == 1 else 29500
     return Topology(gpus_per_node=1 if gpus is None else gpus, nodes=nodes, node_rank=node_rank,
                     master_addr=master_addr, master_port=master_port)
-
 
 
 def speedup_overrides(speedups: bool) -> dict:
