@@ -407,8 +407,8 @@ def launch_processes(prep, cfg, plan, target: Path, visual_weights: Optional[Pat
     """Write launch.json into the run directory and start one worker per process with the engine's launcher."""
     import os
 
+    from launcher.launch_file import Launch
     from launcher.spawn import launch_command, run_command
-    from r2gen.atomic import write_json
 
     launch = target / "launch.json"
     command = launch_command(plan.backend, topology, ["--launch", str(launch)],
@@ -417,15 +417,14 @@ def launch_processes(prep, cfg, plan, target: Path, visual_weights: Optional[Pat
         out.print(f"engine config: {describe_config(engine_file)}\nlaunch: {' '.join(command)}\n"
                   f"run directory {target} (not created)", highlight=False)
         return
-    spec = {"backend": plan.backend, "device": plan.device, "precision": plan.precision, "engine": plan.engine,
-            "engine_config": str(engine_file.path.resolve()) if engine_file else None,
-            "config": cfg.to_dict(), "resume": str(resume) if resume else None,
-            "annotation": str(prep.annotation.path), "image_dir": str(prep.annotation.image_dir),
-            "visual_weights": str(visual_weights) if visual_weights else None, "run_dir": str(target),
-            "init_from": str(prep.init_from) if prep.init_from else None, "weights_source": prep.weights_source,
-            "tokenizer": prep.tokenizer.to_json(), "plan": plan.to_json()}
+    spec = Launch(backend=plan.backend, device=plan.device, precision=plan.precision, engine=plan.engine,
+                  engine_config=str(engine_file.path.resolve()) if engine_file else None, config=cfg.to_dict(),
+                  annotation=str(prep.annotation.path), image_dir=str(prep.annotation.image_dir), run_dir=str(target),
+                  tokenizer=prep.tokenizer.to_json(), plan=plan.to_json(), weights_source=prep.weights_source,
+                  visual_weights=str(visual_weights) if visual_weights else None,
+                  init_from=str(prep.init_from) if prep.init_from else None, resume=str(resume) if resume else None)
     write_engine_config(engine_file)
-    write_json(launch, spec)
+    spec.write(launch)
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     err.print(f"launch: {' '.join(command)}", highlight=False, soft_wrap=True)

@@ -2,9 +2,8 @@
 
     python -m launcher.worker --launch runs/<name>/launch.json
 
-launch.json is written by `r2gen-launch` after it validated the input and made the plan: the
-resolved configuration, backend, device, precision, engine options and config file, data paths,
-vocabulary, the checkpoint a fine-tune starts from, and the plan. Every process
+launch.json (launcher.launch_file.Launch) is written by `r2gen-launch` after it validated the input
+and made the plan. Every process
 builds the model from it (same seed, same weights), joins the process group through
 its backend and enters the one shared loop; rank 0 writes the run directory and prints the scores.
 """
@@ -12,7 +11,6 @@ its backend and enters the one shared loop; rank 0 writes the run directory and 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -26,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from backends.registry import spec
+    from launcher.launch_file import Launch
     from r2gen.config import TrainConfig
     from r2gen.data.datasets import load_annotation
     from r2gen.data.tokenizer import Tokenizer
@@ -33,25 +32,25 @@ def main(argv: list[str] | None = None) -> int:
     from r2gen.build import prepare
     from r2gen.train import train
 
-    launch = json.loads(args.launch.read_text(encoding="utf-8"))
-    engine = spec(launch["backend"])
-    backend = engine.build(launch["device"], launch["precision"], launch["engine"])
+    launch = Launch.read(args.launch)
+    engine = spec(launch.backend)
+    backend = engine.build(launch.device, launch.precision, launch.engine)
     if engine.reads_config:  # the file its launcher passes (deepspeed: --deepspeed_config), else launch.json's
-        path = args.deepspeed_config or Path(launch["engine_config"])
+        path = args.deepspeed_config or Path(launch.engine_config)
         engine.configure(backend, engine.file.parse(path.read_text("utf-8")))  # type: ignore[union-attr]
-    cfg = TrainConfig.from_dict(launch["config"])
+    cfg = TrainConfig.from_dict(launch.config)
     # The launcher checked every image already; each process only parses the annotation.
-    annotation = load_annotation(launch["annotation"], launch["image_dir"], cfg.model.dataset, check_images=False)
+    annotation = load_annotation(launch.annotation, launch.image_dir, cfg.model.dataset, check_images=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the launcher printed them once
-        weights = Path(launch["visual_weights"]) if launch["visual_weights"] else None
-        resume = Path(launch["resume"]) if launch.get("resume") else None
-        init_from = Path(launch["init_from"]) if launch.get("init_from") else None  # a fine-tune's start
-        vocabulary = Tokenizer.from_json(launch["tokenizer"]) if launch.get("tokenizer") else None  # the launcher's
+        weights = Path(launch.visual_weights) if launch.visual_weights else None
+        resume = Path(launch.resume) if launch.resume else None
+        init_from = Path(launch.init_from) if launch.init_from else None  # a fine-tune's start
+        vocabulary = Tokenizer.from_json(launch.tokenizer) if launch.tokenizer else None  # the launcher's
         prep = prepare(cfg, backend, annotation, weights, None if resume else init_from, vocabulary)  # resumed: its own
-        prep.init_from, prep.weights_source = init_from, launch.get("weights_source", prep.weights_source)  # the record
+        prep.init_from, prep.weights_source = init_from, launch.weights_source  # the record
     try:
-        result = train(prep, Path(launch["run_dir"]), plan_json=launch["plan"], resume=resume)
+        result = train(prep, Path(launch.run_dir), plan_json=launch.plan, resume=resume)
     except RunFailed as exc:
         print(f"failed: {exc}", file=sys.stderr)
         return exc.exit_code

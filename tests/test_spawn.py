@@ -105,3 +105,26 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_launch_json_round_trips_through_its_type(tmp_path: Path) -> None:
+    """launch.json is written and read as launcher.launch_file.Launch: what the launcher writes is what
+    every process reads, field for field; a file missing a field, or with one nobody reads, is refused."""
+    import json
+    import re
+
+    from launcher.launch_file import Launch
+    from r2gen.errors import ConfigError
+
+    launch = Launch(backend="plain", device="cpu", precision="fp32", engine={}, engine_config=None,
+                    config={"seed": 1}, annotation="a.json", image_dir="img", run_dir="runs/x", tokenizer="{}",
+                    plan="{}", weights_source="random", resume="runs/x/checkpoints/step-1")
+    path = tmp_path / "launch.json"
+    launch.write(path)
+    assert Launch.read(path) == launch
+    data = json.loads(path.read_text())
+    for broken, needle in (({k: v for k, v in data.items() if k != "plan"}, "lacks plan"),
+                           ({**data, "extra": 1}, "has unknown field(s) extra")):
+        path.write_text(json.dumps(broken))
+        with pytest.raises(ConfigError, match=re.escape(f"--launch: {path} {needle}")):
+            Launch.read(path)
