@@ -24,7 +24,7 @@
 #   bn        issue 33's next target, measured before building: bench/batchnorm.py (ResNet-101's BatchNorms per dtype
 #             and layout) at batch 16 and 64; the whole step with and without cuDNN autotuning, and what a new
 #             shape's first step costs with and without it
-#   mutants   bench/mutants.sh gpu: each GPU mutant's named test must fail (logs mutant_*.log)
+#   mutants   bench/mutants.sh gpu: each GPU mutant's named test must fail (logs mutant_*.log; MUTANTS=NAME... for some)
 #   study     r2gen-launch study --precisions fp32,fp16,bf16,fp8 on the iu_xray preset
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -91,7 +91,7 @@ for stage in "${stages[@]}"; do
           python3 bench/profile_step.py --batch-size "$b" --top 3 --speedups-off cudnn_benchmark | grep -E "kernels per step|^. (visual|encoder|  of|whole)"; done
         echo "## first step against steady: autotuning on, then off"; python3 bench/profile_step.py --new-shapes 65,20
         python3 bench/profile_step.py --new-shapes 65,20 --speedups-off cudnn_benchmark; } 2>&1 | tee "$OUT/bn.log" ;;
-    mutants) bash bench/mutants.sh gpu 2>&1 | tee "$OUT/mutants.log" ;;
+    mutants) bash bench/mutants.sh gpu ${MUTANTS:-} 2>&1 | tee "$OUT/mutants.log" ;;
     generate)
       python3 bench/generate.py --precision fp32 --batch-sizes 16,64,256 --studies 256 --json "$OUT/generate_fp32.json" \
         2>&1 | tee "$OUT/generate.log" ;;
