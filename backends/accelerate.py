@@ -139,7 +139,10 @@ def accelerate_file_choices(user: dict) -> dict:
 
 
 SPEC = EngineSpec(
-    name="accelerate", title="Accelerate",
+    name="accelerate",
+    summary=("Train and evaluate R2Gen through Hugging Face Accelerate (mixed precision; default bf16 on a "
+            "GPU, fp32 on a CPU), from a probed plan; --gpus N: accelerate launch with the generated YAML."),
+    title="Accelerate",
     adapter=lambda device, precision, options: AccelerateBackend(device, precision),
     devices=("cuda", "cpu"), precisions=("fp32", "bf16", "fp16"),
     default_precisions={"cuda": "bf16", "cpu": "fp32"}, gpu_only_precisions=("fp16",),

@@ -327,7 +327,10 @@ def deepspeed_launch_command(topology: Topology, module: str, worker_args: Seque
 
 
 SPEC = EngineSpec(
-    name="deepspeed", title="DeepSpeed",
+    name="deepspeed",
+    summary=("Train and evaluate R2Gen with DeepSpeed ZeRO (stage 2 and CPU optimizer offload by default; "
+            "bf16, or fp16 with dynamic loss scaling), from a probed plan and the generated JSON; GPUs only."),
+    title="DeepSpeed",
     adapter=lambda device, precision, options: DeepSpeedBackend(device, precision),  # options: its JSON
     # ZeRO-2's offload has nothing to offer a CPU (the adapter runs there for tests only).
     devices=("cuda",), precisions=("fp32", "bf16", "fp16"),

@@ -172,7 +172,11 @@ class Fp8Options:
 
 
 SPEC = EngineSpec(
-    name="fp8", title="FP8",
+    name="fp8",
+    summary=("Train and evaluate R2Gen with FP8 Linear layers in the encoder-decoder (Transformer Engine where "
+            "installed, else torchao float8; convolutions bf16), from a probed plan; GPUs of compute capability "
+            "8.9+ only."),
+    title="FP8",
     adapter=lambda device, precision, options: Fp8Backend(device, precision, options["fp8_impl"]),
     devices=("cuda",), precisions=("fp8",),
     default_precisions={"cuda": "fp8", "cpu": "fp8"},  # on a CPU refused with its reason (needs_gpu)

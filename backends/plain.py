@@ -124,7 +124,10 @@ def torchrun_command(topology: Topology, module: str, worker_args: Sequence[str]
 
 
 SPEC = EngineSpec(
-    name="plain", title="plain PyTorch",
+    name="plain",
+    summary=("Train and evaluate R2Gen with plain PyTorch (default fp32), from a probed plan; --gpus N: "
+            "data parallel under torchrun (each window's gradients averaged once)."),
+    title="plain PyTorch",
     adapter=lambda device, precision, options: PlainBackend(device, precision),
     devices=("cuda", "cpu"), precisions=("fp32", "bf16", "fp16"),
     default_precisions={"cuda": "fp32", "cpu": "fp32"},  # fp32, as R2Gen

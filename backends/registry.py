@@ -1,20 +1,34 @@
 """The engines: name -> EngineSpec (backends/spec.py), the one place the CLI, the probe and the worker
-build a backend or ask what an engine needs. A new engine is one file in backends/ and one line here."""
+build a backend or ask what an engine needs. A new engine is one file in backends/ (ending with its
+SPEC) and one name in ENGINES; the CLI's training commands come from here."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
-from backends.accelerate import SPEC as ACCELERATE
 from backends.base import Backend
-from backends.deepspeed import SPEC as DEEPSPEED
-from backends.fp8 import SPEC as FP8
-from backends.plain import SPEC as PLAIN
 from backends.spec import EngineFile, EngineSpec
 from r2gen.errors import BackendError, ConfigError
 
-SPECS: dict[str, EngineSpec] = {s.name: s for s in (PLAIN, ACCELERATE, DEEPSPEED, FP8)}
+ENGINES = (
+    "plain",
+    "accelerate",
+    "deepspeed",
+    "fp8",
+)
+"""backends/<name>.py for each engine, in the order commands and tables list them."""
+
+
+def _load(name: str) -> EngineSpec:
+    found = importlib.import_module(f"backends.{name}").SPEC
+    if found.name != name:
+        raise ImportError(f"backends/{name}.py's SPEC is named {found.name!r}, not {name!r}")
+    return found
+
+
+SPECS: dict[str, EngineSpec] = {name: _load(name) for name in ENGINES}
 BACKENDS = tuple(SPECS)
 
 

@@ -112,6 +112,7 @@ class EngineSpec:
 
     name: str                                # command and plan name: "deepspeed"
     title: str                               # in sentences: "DeepSpeed"
+    summary: str                             # its training command's help line (`r2gen-launch <name> --help`)
     adapter: Callable[[str, str, dict], Backend]  # (device, precision, engine options) -> the validated adapter
     devices: tuple[str, ...]                 # ("cuda", "cpu"), or ("cuda",) for an engine that needs a GPU
     precisions: tuple[str, ...]              # the precisions it trains in (env's table)

@@ -19,6 +19,7 @@ from launcher.options import (AnnPath, AutoGpus, Backbone, BatchPolicy, BeamSize
                               speedup_overrides, Speedups, Studies, TargetUtil, Tensorboard, TestEvery,
                               ThresholdsFile, ValEvery, Version, VisualWeights, Wandb, wandb_overrides, WandbMode,
                               WandbName, WandbProject, Zero)
+from backends.registry import SPECS
 from launcher.run import default_precision, prepare_run, run_training, user_engine_file
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -95,19 +96,8 @@ def _training_command(backend_name: str, summary: str):
     return command
 
 
-app.command("plain")(_training_command(
-    "plain", "Train and evaluate R2Gen with plain PyTorch (default fp32), from a probed plan; --gpus N: "
-             "data parallel under torchrun (each window's gradients averaged once)."))
-app.command("accelerate")(_training_command(
-    "accelerate", "Train and evaluate R2Gen through Hugging Face Accelerate (mixed precision; default bf16 on a "
-                  "GPU, fp32 on a CPU), from a probed plan; --gpus N: accelerate launch with the generated YAML."))
-app.command("deepspeed")(_training_command(
-    "deepspeed", "Train and evaluate R2Gen with DeepSpeed ZeRO (stage 2 and CPU optimizer offload by default; "
-                 "bf16, or fp16 with dynamic loss scaling), from a probed plan and the generated JSON; GPUs only."))
-app.command("fp8")(_training_command(
-    "fp8", "Train and evaluate R2Gen with FP8 Linear layers in the encoder-decoder (Transformer Engine where "
-           "installed, else torchao float8; convolutions bf16), from a probed plan; GPUs of compute capability "
-           "8.9+ only."))
+for _engine in SPECS.values():  # one training command per engine in the registry, its help line from its spec
+    app.command(_engine.name)(_training_command(_engine.name, _engine.summary))
 
 
 @app.command()

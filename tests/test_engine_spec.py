@@ -177,3 +177,37 @@ def test_launch_commands_come_from_the_spec(tmp_path: Path) -> None:
         assert command[1:3] == ["-m", module] and count in command, (name, command)
         assert WORKER_MODULE in command and command[command.index("--launch") + 1] == "x"
     assert spec("fp8").launch is spec("plain").launch  # FP8 is the plain adapter's data parallel under torchrun
+
+
+def test_a_new_engine_is_one_file_and_one_registry_line(tmp_path: Path) -> None:
+    """A toy engine (plain PyTorch under another name) added to a copy of the tree as backends/toy.py and
+    one name in backends/registry.py's ENGINES, nothing else: it gets its training command, its help
+    line and a plan that names it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    tree = tmp_path / "tree"
+    for package in ("backends", "launcher", "r2gen"):
+        shutil.copytree(ROOT / package, tree / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (tree / "backends" / "toy.py").write_text(
+        '"""A toy engine: plain PyTorch under another name."""\n\n'
+        "import dataclasses\n\nfrom backends.plain import SPEC as PLAIN\n\n"
+        'SPEC = dataclasses.replace(PLAIN, name="toy", title="the toy engine",\n'
+        '                           summary="Train R2Gen with the toy engine (plain PyTorch underneath).")\n')
+    registry = tree / "backends" / "registry.py"
+    text = registry.read_text()
+    assert text.count('    "fp8",\n') == 1
+    registry.write_text(text.replace('    "fp8",\n', '    "fp8",\n    "toy",\n'))
+    env = {**os.environ, "PYTHONPATH": str(tree), "R2GEN_LAUNCH_CACHE": str(tmp_path / "cache"), "COLUMNS": "200"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
+                              timeout=300, env=env, cwd=tmp_path)
+
+    assert "toy" in cli("--help").stdout
+    assert "Train R2Gen with the toy engine (plain PyTorch underneath)." in " ".join(cli("toy", "--help").stdout.split())
+    plan = cli("toy", "--device", "cpu", "--preset", "tiny", "--studies", "20", "--dry-run", "--run-dir", "runs")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert "toy: as asked" in " ".join((plan.stdout + plan.stderr).split()), plan.stdout[-2000:]
