@@ -152,5 +152,8 @@ SPEC = EngineSpec(
     launch=accelerate_launch_command,
     file=EngineFile(name="accelerate_config.yaml", flag="--accelerate-config", option="accelerate_config",
                     format="yaml", build=lambda i: accelerate_yaml(i.device, i.precision, i.topology),
-                    planned=ACCELERATE_PLANNED, choices=accelerate_file_choices),
+                    planned=ACCELERATE_PLANNED, choices=accelerate_file_choices,
+                    help="Your own `accelerate config` YAML to start from: mixed_precision, num_processes, use_cpu "
+                         "and the machine fields must agree with the plan (a field that disagrees is refused, "
+                         "naming it). The run keeps the merged file as <run>/accelerate_config.yaml."),
 )

@@ -35,7 +35,7 @@ import torch
 
 from backends.base import Backend
 from backends.plain import check_precision, resolve_device
-from backends.spec import EngineFile, EngineSpec, Topology, get_dotted
+from backends.spec import EngineFile, EngineSpec, LaunchOption, Topology, get_dotted, option
 from r2gen.checkpoint import UnreadableCheckpoint, load_checkpoint
 from r2gen.engine import AUTOCAST_DTYPES
 from r2gen.errors import BackendError, ConfigError
@@ -224,8 +224,10 @@ OFFLOADS = ("cpu", "none")
 class DeepSpeedOptions:
     """`r2gen-launch deepspeed` engine options."""
 
-    zero: int = 2            # ZeRO stage: 1 (optimizer states) or 2 (+ gradients) partitioned
-    offload: str = "cpu"     # optimizer states and step on the CPU (DeepSpeedCPUAdam), or none
+    zero: int = option(2, "ZeRO stage: 1 (optimizer states partitioned over processes) or 2 (and gradients); "
+                          "3 is refused.")
+    offload: str = option("cpu", "cpu: optimizer states and step on the CPU (DeepSpeedCPUAdam, without AMSGrad); "
+                                 "none: on the GPU (Adam with AMSGrad, as R2Gen).")
 
     def __post_init__(self) -> None:
         if self.zero == 3:
@@ -340,6 +342,13 @@ SPEC = EngineSpec(
     file=EngineFile(name="ds_config.json", flag="--ds-config", option="ds_config", format="json",
                     build=lambda i: deepspeed_json(i.precision, i.micro_batch, i.accumulation, i.world_size,
                                                    i.pin_memory, DeepSpeedOptions(**i.options)),
-                    planned=DEEPSPEED_PLANNED, refused=DEEPSPEED_REFUSED, choices=deepspeed_file_choices),
+                    planned=DEEPSPEED_PLANNED, refused=DEEPSPEED_REFUSED, choices=deepspeed_file_choices,
+                    help="Your own DeepSpeed JSON to start from: the plan fills what it leaves out or sets to "
+                         "\"auto\"; a batch size, precision or ZeRO setting that disagrees with the plan is refused, "
+                         "naming the field. The run keeps the merged file as <run>/ds_config.json."),
+    options_note=lambda options: "DeepSpeedCPUAdam has no AMSGrad (R2Gen's Adam has)"
+    if options.get("offload") == "cpu" else "",
+    launch_options=(LaunchOption("hostfile", "deepspeed: a DeepSpeed hostfile ('host slots=N' lines); the launcher "
+                                             "then starts every node over ssh.", "none: this machine only"),),
     on_configure=lambda adapter, config: adapter.configure(config),
 )

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from backends.plain import PlainBackend, torchrun_command
-from backends.spec import EngineSpec
+from backends.spec import EngineSpec, option
 from r2gen.errors import BackendError, ConfigError
 
 FP8_IMPLS = ("auto", "te", "torchao")
@@ -164,7 +164,7 @@ class Fp8Backend(PlainBackend):
 class Fp8Options:
     """`r2gen-launch fp8` engine options."""
 
-    fp8_impl: str = "auto"   # auto: Transformer Engine where installed, else torchao; te; torchao
+    fp8_impl: str = option("auto", "auto: Transformer Engine where installed, else torchao float8; te; torchao.")
 
     def __post_init__(self) -> None:
         if self.fp8_impl not in FP8_IMPLS:

@@ -61,6 +61,21 @@ class ConfigInputs:
     topology: Topology = Topology()   # the processes the launcher starts
 
 
+def option(default: Any, help: str) -> Any:
+    """A field of an engine's typed options with its command-line help (`--<name>` with dashes): the
+    CLI builds the engine's flags from these (launcher.options.engine_parameters)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class LaunchOption:
+    """A flag for the engine's launcher, not for the plan (DeepSpeed's --hostfile): a path or nothing."""
+
+    name: str       # its keyword among the command's options: "hostfile"
+    help: str
+    shown: str      # what the help page says is used without it
+
+
 LaunchBuilder = Callable[[Topology, str, Sequence[str], "Path | None", "Path | None"], list]
 """(topology, worker module, worker arguments, engine config file, hostfile) -> the command line."""
 
@@ -86,6 +101,7 @@ class EngineFile:
     planned: Mapping[str, str]              # fields the plan decides (dotted paths) -> the flag that sets them
     choices: Callable[[dict], dict]         # what a user's file says about the flags left out (precision, options)
     refused: Mapping[str, str] = field(default_factory=dict)  # fields not accepted in a user's file -> why
+    help: str = ""                          # the flag's help (the user's own file to start from)
 
     def text(self, config: dict, run_name: str) -> str:
         """The file as written into the run directory (YAML with a line saying where it came from)."""
@@ -125,6 +141,8 @@ class EngineSpec:
     implementations: Mapping[str, str] = field(default_factory=dict)  # module -> label: one needed, first preferred
     min_capability: tuple[int, int] | None = None  # CUDA compute capability it needs
     file: EngineFile | None = None           # its config file; None: it reads none
+    launch_options: tuple[LaunchOption, ...] = ()  # flags for its launcher (not plan options)
+    options_note: Callable[[Mapping[str, Any]], str] | None = None  # what its options mean for the plan's reasons
     on_configure: Callable[[Backend, dict], None] | None = None  # hands the adapter its config before prepare()
 
     # -- devices and precisions ------------------------------------------------------------------------
@@ -158,6 +176,10 @@ class EngineSpec:
             raise ConfigError(f"{self.name}: no engine option {', '.join(unknown)}"
                               + (f" (it has {', '.join(self.option_defaults)})" if self.option_defaults else ""))
         return {} if self.options is None else asdict(self.options(**given))
+
+    def note(self, options: Mapping[str, Any]) -> str:
+        """What the plan should say about these options (its "engine" reason), "" where nothing."""
+        return self.options_note(options) if self.options_note is not None else ""
 
     def build(self, device: str, precision: str, options: Mapping[str, Any] | None = None) -> Backend:
         """The validated adapter; raises BackendError (exit 2) for what this machine cannot serve."""

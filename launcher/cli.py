@@ -11,14 +11,14 @@ import typer
 from launcher import commands, console
 from launcher.console import err, guarded, print_plan
 from launcher.options import (AnnPath, AutoGpus, Backbone, BatchPolicy, BeamSize, CheckpointEvery, Dataset, Device,
-                              DryRun, EarlyStop, EffectiveBatch, ENGINE_OPTIONS, Epochs, Fp8Impl, Gpus, ImageDir,
+                              DryRun, EarlyStop, EffectiveBatch, engine_options_of, Epochs, Gpus, ImageDir,
                               ImageSize, InitFrom, JsonOut, KeepLast, KeepTraining, LogEvery, LrEd, LrScaling,
                               LrVe, make_topology, MasterAddr, MasterPort, MaxSteps, MaxVram, MicroBatch, Name,
-                              NodeRank, Nodes, NumWorkers, Offload, parse_val_every, plan_options, Precision,
-                              Preset, Probe, ProbeBackend, ProbePreset, RunDir, SaveEvery, Seed, Seeds,
+                              NodeRank, Nodes, NumWorkers, parse_val_every, plan_options, Precision,
+                              Preset, Probe, ProbeBackend, probe_engine_options, ProbePreset, RunDir, SaveEvery, Seed, Seeds,
                               speedup_overrides, Speedups, Studies, TargetUtil, Tensorboard, TestEvery,
                               ThresholdsFile, ValEvery, Version, VisualWeights, Wandb, wandb_overrides, WandbMode,
-                              WandbName, WandbProject, Zero)
+                              WandbName, WandbProject)
 from backends.registry import SPECS
 from launcher.run import default_precision, prepare_run, run_training, user_engine_file
 
@@ -33,7 +33,7 @@ def _main_options(version: Version = False) -> None:
 
 def _training_command(backend_name: str, summary: str):
     """One signature for every engine's training command (its help page is the signature), plus the
-    engine's own options (ENGINE_OPTIONS)."""
+    engine's own options (declared in its spec: launcher.options.engine_parameters)."""
 
     def command(
         preset: Preset = None, device: Device = None, precision: Precision = None,
@@ -91,7 +91,7 @@ def _training_command(backend_name: str, summary: str):
     # eval_str: this module's annotations are strings (PEP 563); typer reads help and defaults from the
     # Annotated objects, so the rebuilt signature must carry those, not their names.
     params = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
-    command.__signature__ = inspect.Signature([*params, *ENGINE_OPTIONS.get(backend_name, [])])  # type: ignore[attr-defined]
+    command.__signature__ = inspect.Signature([*params, *engine_options_of(backend_name)])  # type: ignore[attr-defined]
     command.__doc__ = summary
     return command
 
@@ -158,13 +158,13 @@ def auto(
 def probe_command(
     preset: ProbePreset = "iu_xray", device: Device = None, precision: Precision = None,
     backend: ProbeBackend = "plain",
-    zero: Zero = 2, offload: Offload = "cpu", fp8_impl: Fp8Impl = "auto",
     micro_batch: MicroBatch = None, effective_batch: EffectiveBatch = None, batch_policy: BatchPolicy = None,
     lr_scaling: LrScaling = "sqrt", target_util: TargetUtil = None, max_vram: MaxVram = None,
     image_size: ImageSize = None, dataset: Dataset = None, ann_path: AnnPath = None, image_dir: ImageDir = None,
     studies: Studies = None, backbone: Backbone = None, num_workers: NumWorkers = None,
     thresholds: ThresholdsFile = None,
     json_out: JsonOut = None,
+    **engine,
 ) -> None:
     """Measure GPU memory with real training steps and print the plan a training command would use.
 
@@ -181,10 +181,10 @@ def probe_command(
         chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
         from backends.registry import spec
 
-        given = {"zero": zero, "offload": offload, "fp8_impl": fp8_impl}
-        engine = spec(backend).engine_options({k: v for k, v in given.items() if k in spec(backend).option_defaults})
+        chosen_engine = spec(backend).engine_options(
+            {k: v for k, v in engine.items() if k in spec(backend).option_defaults})
         _, plan, _ = prepare_run(backend, chosen, precision or default_precision(backend, chosen), preset,
-                                 overrides, options, ann_path, image_dir, None, thresholds, engine=engine)
+                                 overrides, options, ann_path, image_dir, None, thresholds, engine=chosen_engine)
         if plan.probe:
             console.print_probe(plan.probe)
         print_plan(plan)
@@ -192,6 +192,17 @@ def probe_command(
             json_out.write_text(plan.to_json(), encoding="utf-8")
 
     guarded(run)
+
+
+def _with_engine_flags(command, after: str, engine_params: list[inspect.Parameter]) -> None:
+    """`command`'s signature with the engines' flags (from their specs) right after the `after` option."""
+    params = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    at = [p.name for p in params].index(after) + 1
+    command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [*params[:at], *[p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in engine_params], *params[at:]])
+
+
+_with_engine_flags(probe_command, "backend", probe_engine_options())
 
 
 def _flow_help(*apps: typer.Typer) -> None:

@@ -147,29 +147,7 @@ NodeRank = Annotated[int, _opt("This machine's rank among --nodes (0 hosts the r
 MasterAddr = Annotated[str, _opt("Address of node 0, reachable from every node.")]
 MasterPort = Annotated[Optional[int], _opt("Rendezvous TCP port on node 0.",
                                            shown="a free port on one machine, 29500 with --nodes > 1")]
-Hostfile = Annotated[Optional[Path], _opt("deepspeed: a DeepSpeed hostfile ('host slots=N' lines); the launcher then "
-                                          "starts every node over ssh.", shown="none: this machine only")]
-
-# -- engines ------------------------------------------------------------------------------------------
-Zero = Annotated[int, _opt("ZeRO stage: 1 (optimizer states partitioned over processes) or 2 (and gradients); "
-                           "3 is refused.", "--zero")]
-Offload = Annotated[str, _opt("cpu: optimizer states and step on the CPU (DeepSpeedCPUAdam, without AMSGrad); "
-                              "none: on the GPU (Adam with AMSGrad, as R2Gen).")]
-TrainZero = Annotated[Optional[int], _opt("ZeRO stage: 1 (optimizer states partitioned over processes) or 2 (and "
-                                          "gradients); 3 is refused.", "--zero", shown="2, or --ds-config's")]
-TrainOffload = Annotated[Optional[str], _opt("cpu: optimizer states and step on the CPU (DeepSpeedCPUAdam, without "
-                                             "AMSGrad); none: on the GPU (Adam with AMSGrad, as R2Gen).",
-                                             shown="cpu, or --ds-config's")]
-Fp8Impl = Annotated[str, _opt("auto: Transformer Engine where installed, else torchao float8; te; torchao.",
-                              "--fp8-impl")]
-DsConfig = Annotated[Optional[Path], _opt(
-    "Your own DeepSpeed JSON to start from: the plan fills what it leaves out or sets to \"auto\"; a batch size, "
-    "precision or ZeRO setting that disagrees with the plan is refused, naming the field. The run keeps the "
-    "merged file as <run>/ds_config.json.", "--ds-config", shown="generated from the plan")]
-AccelerateConfig = Annotated[Optional[Path], _opt(
-    "Your own `accelerate config` YAML to start from: mixed_precision, num_processes, use_cpu and the machine "
-    "fields must agree with the plan (a field that disagrees is refused, naming it). The run keeps the merged "
-    "file as <run>/accelerate_config.yaml.", "--accelerate-config", shown="generated from the plan")]
+# -- engines: each engine declares its own options (typed, with help) in its spec; engine_parameters below
 ProbeBackend = Annotated[str, _opt("Adapter the run will train with: plain, accelerate, deepspeed or fp8.")]
 
 # -- runs, checkpoints, logging -----------------------------------------------------------------------
@@ -310,18 +288,51 @@ def plan_options(micro_batch, probe, target_util, max_vram, effective_batch, bat
                        lr_scaling=lr_scaling, num_workers=num_workers)
 
 
-def engine_option(name: str, default, annotation) -> inspect.Parameter:
+def engine_parameters(engine, training: bool) -> list[inspect.Parameter]:
+    """An engine's own flags, from its spec (backends/<engine>.py): its typed options' fields with their
+    help, then (`training`) its config file's flag and its launcher's flags. Where the engine reads a
+    file, a training command's option stays None unless given (the user's file may set it)."""
+    import dataclasses
+    import typing
+
+    params = []
+    hints = typing.get_type_hints(engine.options) if engine.options is not None else {}
+    for f in dataclasses.fields(engine.options) if engine.options is not None else ():
+        flag, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if training and engine.file is not None:
+            annotation = Annotated[Optional[hints[f.name]], _opt(help_text, flag,
+                                                                 shown=f"{f.default}, or {engine.file.flag}'s")]
+            params.append(_keyword(f.name, None, annotation))
+        else:
+            params.append(_keyword(f.name, f.default, Annotated[hints[f.name], _opt(help_text, flag)]))
+    if training and engine.file is not None:
+        params.append(_keyword(engine.file.option, None, Annotated[Optional[Path], _opt(
+            engine.file.help, engine.file.flag, shown="generated from the plan")]))
+    for launch in engine.launch_options if training else ():
+        params.append(_keyword(launch.name, None, Annotated[Optional[Path], _opt(launch.help, shown=launch.shown)]))
+    return params
+
+
+def _keyword(name: str, default, annotation) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
-ENGINE_OPTIONS: dict[str, list[inspect.Parameter]] = {
-    "deepspeed": [engine_option("zero", None, TrainZero), engine_option("offload", None, TrainOffload),
-                  engine_option("ds_config", None, DsConfig), engine_option("hostfile", None, Hostfile)],
-    "accelerate": [engine_option("accelerate_config", None, AccelerateConfig)],
-    "fp8": [engine_option("fp8_impl", "auto", Fp8Impl)],
-}
-"""Each engine's own options, added to its command's signature (and so to its help page); all but
-the launcher's (--hostfile, and the user's own engine file) go to the plan as its engine options."""
+def engine_options_of(engine_name: str) -> list[inspect.Parameter]:
+    """A training command's engine flags (engine_parameters of the registry's engine)."""
+    from backends.registry import spec
+
+    return engine_parameters(spec(engine_name), training=True)
+
+
+def probe_engine_options() -> list[inspect.Parameter]:
+    """`probe`'s engine flags: every engine's options with their defaults, once each, in registry order."""
+    from backends.registry import SPECS
+
+    seen: dict[str, inspect.Parameter] = {}
+    for engine in SPECS.values():
+        for param in engine_parameters(engine, training=False):
+            seen.setdefault(param.name, param)
+    return list(seen.values())
 
 
 def wandb_overrides(wandb: Optional[bool], mode: Optional[str], project: Optional[str],

@@ -374,8 +374,7 @@ def make_plan(backend: str, device: str, precision: str, cfg: TrainConfig, facts
         reasons["precision"] = (f"{precision}: " + ("measured faster than bf16" if precision == "fp8" else
                                 "bf16 where the GPU supports it, else fp16" if device == "cuda" else "fp32 on a CPU"))
         if engine:
-            reasons["engine"] = "auto" + (": DeepSpeedCPUAdam has no AMSGrad (R2Gen's Adam has)"
-                                          if engine.get("offload") == "cpu" else "")
+            reasons["engine"] = "auto" + _engine_note(backend, engine)
     budget = None
     predicted_peak = None
     if device == "cuda":
@@ -426,8 +425,7 @@ def make_plan(backend: str, device: str, precision: str, cfg: TrainConfig, facts
                                   else "off: no workers"})
     engine = dict(engine or {})
     if engine:
-        reasons.setdefault("engine", "as asked" + (": DeepSpeedCPUAdam has no AMSGrad (R2Gen's Adam has)"
-                                                   if engine.get("offload") == "cpu" else ""))
+        reasons.setdefault("engine", "as asked" + _engine_note(backend, engine))
     return Plan(backend, device, precision, batch, loader, budget, predicted_peak, reasons,
                 max_vram_gib=options.max_vram_gib, probe=probe, engine=engine,
                 disk=replace(disk, keep_last=cfg.keep_last) if disk else None)
@@ -440,3 +438,9 @@ def apply_plan(cfg: TrainConfig, plan: Plan) -> TrainConfig:
                        lr_ed=b.lr_ed, warmup_steps=b.warmup_steps, num_workers=lo.num_workers, pin_memory=lo.pin_memory,
                        prefetch_factor=lo.prefetch_factor or cfg.prefetch_factor, cache_images=lo.cache_images,
                        max_vram_gib=plan.max_vram_gib or 0.0)
+
+
+def _engine_note(backend: str, engine: dict) -> str:
+    """": " and what the engine's spec says about its options (the plan's "engine" reason), else ""."""
+    note = SPECS[backend].note(engine) if backend in SPECS else ""
+    return f": {note}" if note else ""

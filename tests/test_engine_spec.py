@@ -180,9 +180,9 @@ def test_launch_commands_come_from_the_spec(tmp_path: Path) -> None:
 
 
 def test_a_new_engine_is_one_file_and_one_registry_line(tmp_path: Path) -> None:
-    """A toy engine (plain PyTorch under another name) added to a copy of the tree as backends/toy.py and
-    one name in backends/registry.py's ENGINES, nothing else: it gets its training command, its help
-    line and a plan that names it."""
+    """A toy engine (plain PyTorch under another name, with an option of its own) added to a copy of the
+    tree as backends/toy.py and one name in backends/registry.py's ENGINES, nothing else: it gets its
+    training command, its help line and flag, and a plan that names it and says what its option means."""
     import os
     import shutil
     import subprocess
@@ -192,10 +192,14 @@ def test_a_new_engine_is_one_file_and_one_registry_line(tmp_path: Path) -> None:
     for package in ("backends", "launcher", "r2gen"):
         shutil.copytree(ROOT / package, tree / package, ignore=shutil.ignore_patterns("__pycache__"))
     (tree / "backends" / "toy.py").write_text(
-        '"""A toy engine: plain PyTorch under another name."""\n\n'
-        "import dataclasses\n\nfrom backends.plain import SPEC as PLAIN\n\n"
-        'SPEC = dataclasses.replace(PLAIN, name="toy", title="the toy engine",\n'
-        '                           summary="Train R2Gen with the toy engine (plain PyTorch underneath).")\n')
+        '"""A toy engine: plain PyTorch under another name, with one option of its own."""\n\n'
+        "import dataclasses\n\nfrom backends.plain import SPEC as PLAIN, PlainBackend\nfrom backends.spec import option\n\n\n"
+        "@dataclasses.dataclass(frozen=True)\nclass ToyOptions:\n"
+        '    toy_level: int = option(1, "How toy the toy engine is.")\n\n\n'
+        'SPEC = dataclasses.replace(PLAIN, name="toy", title="the toy engine", options=ToyOptions,\n'
+        '                           summary="Train R2Gen with the toy engine (plain PyTorch underneath).",\n'
+        "                           adapter=lambda device, precision, options: PlainBackend(device, precision),\n"
+        '                           options_note=lambda options: f"toy level {options[\'toy_level\']}")\n')
     registry = tree / "backends" / "registry.py"
     text = registry.read_text()
     assert text.count('    "fp8",\n') == 1
@@ -207,7 +211,11 @@ def test_a_new_engine_is_one_file_and_one_registry_line(tmp_path: Path) -> None:
                               timeout=300, env=env, cwd=tmp_path)
 
     assert "toy" in cli("--help").stdout
-    assert "Train R2Gen with the toy engine (plain PyTorch underneath)." in " ".join(cli("toy", "--help").stdout.split())
-    plan = cli("toy", "--device", "cpu", "--preset", "tiny", "--studies", "20", "--dry-run", "--run-dir", "runs")
+    page = " ".join(cli("toy", "--help").stdout.split())
+    assert "Train R2Gen with the toy engine (plain PyTorch underneath)." in page
+    assert "--toy-level" in page and "How toy the toy engine is." in page
+    plan = cli("toy", "--device", "cpu", "--preset", "tiny", "--studies", "20", "--toy-level", "3", "--dry-run",
+               "--run-dir", "runs")
     assert plan.returncode == 0, plan.stderr[-2000:]
-    assert "toy: as asked" in " ".join((plan.stdout + plan.stderr).split()), plan.stdout[-2000:]
+    shown = " ".join((plan.stdout + plan.stderr).split())
+    assert "toy: as asked" in shown and "toy level 3" in shown, shown[-2000:]
