@@ -133,13 +133,12 @@ def auto(
             return commands.repeat(seeds, seed, None, run_dir, name)
         options = plan_options(micro_batch, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling,
                            num_workers, "auto")
-        if torch.cuda.is_available():
-            device, preset = "cuda", "iu_xray"
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-            processes = gpus if gpus is not None else torch.cuda.device_count()
-        else:
-            device, preset, precision = "cpu", "tiny", "fp32"
-            processes = gpus or 1
+        from launcher.plan import auto_start
+
+        cuda = torch.cuda.is_available()
+        start = auto_start(cuda, cuda and torch.cuda.is_bf16_supported(), torch.cuda.device_count() if cuda else 0,
+                           gpus)
+        device, preset, precision, processes = start.device, start.preset, start.precision, start.processes
         err.print(f"auto: {device}, {precision}, {preset} preset, {processes} process(es)", highlight=False)
         overrides = dict(epochs=epochs, studies=studies, val_every=parse_val_every(val_every), seed=seed,
                          save_every=save_every, checkpoint_every_min=checkpoint_every, test_every=test_every,

@@ -49,6 +49,28 @@ class EngineChoice:
     reason: str
 
 
+AUTO_PRECISION_REASON = {"cuda": "bf16 where the GPU supports it, else fp16", "cpu": "fp32 on a CPU"}
+
+
+@dataclass(frozen=True)
+class AutoStart:
+    """auto's starting point, before anything is measured: device, preset, precision and processes."""
+
+    device: str
+    preset: str
+    precision: str
+    processes: int
+
+
+def auto_start(cuda: bool, bf16_supported: bool, visible_gpus: int, gpus: int | None) -> AutoStart:
+    """On a GPU the paper's iu_xray preset in bf16 (fp16 where the GPU has no bfloat16) on `gpus`, else
+    every visible GPU; on a CPU-only machine the tiny preset in fp32 (AUTO_PRECISION_REASON says why)."""
+    if cuda:
+        return AutoStart("cuda", "iu_xray", "bf16" if bf16_supported else "fp16",
+                         gpus if gpus is not None else visible_gpus)
+    return AutoStart("cpu", "tiny", "fp32", gpus or 1)
+
+
 def choose_auto_engine(precision: str, micro: int, thresholds: Thresholds, offload_micro: int | None = None,
                        speeds: dict[str, float | None] | None = None, untimed: str = "") -> EngineChoice:
     """From measurements only: `micro` is the largest micro-batch of the plain engine in `precision`,
@@ -371,8 +393,8 @@ def make_plan(backend: str, device: str, precision: str, cfg: TrainConfig, facts
                "precision": f"{precision}: as asked"}
     if choice is not None:
         reasons["backend"] = f"auto: {choice.reason}"
-        reasons["precision"] = (f"{precision}: " + ("measured faster than bf16" if precision == "fp8" else
-                                "bf16 where the GPU supports it, else fp16" if device == "cuda" else "fp32 on a CPU"))
+        reasons["precision"] = f"{precision}: " + ("measured faster than bf16" if precision == "fp8"
+                                                   else AUTO_PRECISION_REASON[device])
         if engine:
             reasons["engine"] = "auto" + _engine_note(backend, engine)
     budget = None

@@ -278,3 +278,14 @@ def test_make_plan_checks_the_disk_against_keep_last_and_round_trips() -> None:
 def test_auto_says_why_fp8_was_not_timed() -> None:
     choice = choose_auto_engine("bf16", 65, Thresholds(), untimed="fp8 not timed: torchao only")
     assert choice.backend == "plain" and choice.reason.endswith("; fp8 not timed: torchao only")
+
+
+def test_auto_starts_from_the_device_it_finds() -> None:
+    """auto's choices before any measurement, in one place (launcher.plan.auto_start)."""
+    from launcher.plan import AUTO_PRECISION_REASON, AutoStart, auto_start
+
+    assert auto_start(True, True, 4, None) == AutoStart("cuda", "iu_xray", "bf16", 4)  # every visible GPU
+    assert auto_start(True, False, 4, 2) == AutoStart("cuda", "iu_xray", "fp16", 2)  # no bfloat16; --gpus 2
+    assert auto_start(False, False, 0, None) == AutoStart("cpu", "tiny", "fp32", 1)
+    assert auto_start(False, False, 0, 2) == AutoStart("cpu", "tiny", "fp32", 2)  # gloo processes
+    assert set(AUTO_PRECISION_REASON) == {"cuda", "cpu"}
