@@ -55,7 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from launcher.run_report import read_records  # noqa: E402 - metrics.jsonl, a cut last line left out
-from launcher.spread import Spread, verdict  # noqa: E402
+from launcher.spread import Spread, seed_list, shown, stored, verdict  # noqa: E402
+from r2gen.errors import ConfigError  # noqa: E402
 
 ROWS = ("published", "published-fast", "auto")
 
@@ -189,10 +190,6 @@ def derive(rows: list[dict], target: float) -> dict | None:
     gaps = [abs(both[e] - f) for e, (_, f) in zip(twin.get("val_epochs") or [], twin["curve"]) if e in both]
     mean_derived, mean_auto = mean_if_all(derived), mean_if_all(auto_times)
 
-    def spread(values):
-        found = Spread.of(values)
-        return found.to_dict() if found else None
-
     quality = {}
     for key in ("test_f1", "test_bleu4"):
         pub_q, auto_q = Spread.of(r[key] for r in fast), Spread.of(r[key] for r in auto)
@@ -200,7 +197,7 @@ def derive(rows: list[dict], target: float) -> dict | None:
                         "auto_vs_published": verdict(auto_q, pub_q)}
     return {"target_val_f1": target, "seeds": [r.get("seed") for r in fast], "auto_seeds": [r.get("seed") for r in auto],
             "published_s_per_epoch": epoch_s, "epochs_to_target": epochs,
-            "published_time_to_target_s": spread(derived), "auto_time_to_target_s": spread(auto_times),
+            "published_time_to_target_s": stored(derived), "auto_time_to_target_s": stored(auto_times),
             "reached": {"published": sum(d is not None for d in derived), "auto": sum(a is not None for a in auto_times)},
             "ratio": mean_derived / mean_auto if mean_derived and mean_auto else None,
             "quality": quality, "baseline_bleu4": next((r["baseline_bleu4"] for r in rows if r.get("baseline_bleu4")), None),
@@ -228,9 +225,6 @@ def print_derived(derived: dict) -> None:
     def fmt(v, d=0):
         return "n/a" if v is None else f"{v:.{d}f}"
 
-    def over_seeds(spread: dict | None, d: int) -> str:
-        return "n/a" if spread is None else Spread(tuple(spread["runs"])).text(d)
-
     gap, n = derived["cross_check_max_f1_gap"], len(derived["seeds"])
     quality = derived["quality"]
     table = Table(title=f"time to val findings-F1 {derived['target_val_f1']:g}: the published schedule's own clock, "
@@ -247,10 +241,10 @@ def print_derived(derived: dict) -> None:
         table.add_column(col, justify="left" if col in ("row", "how") else "right")
     table.add_row("published", "derived: published-fast's epochs x published's measured s per epoch",
                   fmt(derived["published_s_per_epoch"], 1), ", ".join(fmt(e) for e in derived["epochs_to_target"]),
-                  over_seeds(derived["published_time_to_target_s"], 0), over_seeds(quality["test_f1"]["published"], 3),
-                  over_seeds(quality["test_bleu4"]["published"], 3))
-    table.add_row("auto", "measured from its command's start", "", "", over_seeds(derived["auto_time_to_target_s"], 0),
-                  over_seeds(quality["test_f1"]["auto"], 3), over_seeds(quality["test_bleu4"]["auto"], 3))
+                  shown(derived["published_time_to_target_s"], 0), shown(quality["test_f1"]["published"], 3),
+                  shown(quality["test_bleu4"]["published"], 3))
+    table.add_row("auto", "measured from its command's start", "", "", shown(derived["auto_time_to_target_s"], 0),
+                  shown(quality["test_f1"]["auto"], 3), shown(quality["test_bleu4"]["auto"], 3))
     Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
@@ -281,8 +275,6 @@ def main() -> None:
     parser.add_argument("--row", choices=ROWS[:2], help=argparse.SUPPRESS)  # the child process
     parser.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
-    if args.seeds < 1:
-        parser.error(f"--seeds: at least 1, got {args.seeds}")
     if args.merge:
         loaded = [json.loads(path.read_text()) for path in args.merge]
         rows = [row for data in loaded for row in data["rows"]]
@@ -310,8 +302,11 @@ def main() -> None:
                       args.run_dir / f"{args.row}-s{args.seed}", fast=fast, seed=args.seed)
         return
     first = preset(preset_name).seed
-    seeds = {"published": [first], "published-fast": [first + i for i in range(args.seeds)],
-             "auto": [first + i for i in range(args.seeds)]}
+    try:
+        seeded = seed_list(first, args.seeds)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    seeds = {"published": [first], "published-fast": seeded, "auto": seeded}
     args.run_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
         for seed in seeds[name]:

@@ -154,16 +154,15 @@ def study_command(
             ("epochs", epochs), ("studies", studies), ("ann_path", ann_path), ("image_dir", image_dir),
             ("beam_size", beam_size), ("val_every", val_every), ("num_workers", num_workers),
             ("max_steps_per_epoch", max_steps_per_epoch), ("log_every", log_every)) if value is not None]
+        from launcher.spread import seed_list
         from r2gen.config import preset as preset_config
 
-        if seeds < 1:
-            raise ConfigError(f"--seeds: at least 1, got {seeds}")
         if not 0.0 <= target <= 1.0:
             raise ConfigError(f"--target: a findings macro-F1 between 0 and 1, got {target}")
         preset_name = preset or ("iu_xray" if chosen == "cuda" else "tiny")
-        first = preset_config(preset_name).seed
         request = StudyRequest(parse_precisions(precisions), backend, run_dir / name, chosen, preset_name,
-                               [str(x) for pair in passed for x in pair], [first + i for i in range(seeds)], target)
+                               [str(x) for pair in passed for x in pair],
+                               seed_list(preset_config(preset_name).seed, seeds), target)
         facts = detect()
         verdicts = usable(facts if chosen == "cuda" else replace(facts, gpus=()), installed_modules())
         summary = run_study(request, epochs, verdicts, lambda line: err.print(line, highlight=False))
@@ -175,16 +174,15 @@ def study_command(
 def repeat(seeds: int, seed: int | None, preset: str | None, run_dir: Path, name: str | None) -> None:
     """A training command's --seeds N: this command line once per seed (launcher.repeat), then the scores."""
     from launcher.repeat import run_seeds
+    from launcher.spread import seed_list
     from r2gen.config import preset as preset_config
 
-    if seeds < 1:
-        raise ConfigError(f"--seeds: at least 1, got {seeds}")
     first = seed if seed is not None else preset_config(preset or "iu_xray").seed  # auto's presets share it
-    code, summary = run_seeds(sys.argv[1:], [first + i for i in range(seeds)], run_dir, name,
+    code, summary = run_seeds(sys.argv[1:], seed_list(first, seeds), run_dir, name,
                               lambda line: err.print(line, highlight=False))
     if code:
         raise SystemExit(code)
-    console.print_seeds(summary, run_dir)
+    console.print_seeds(summary)
 
 
 @app.command("env")

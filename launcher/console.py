@@ -172,11 +172,10 @@ def print_clinical(scores: dict, title: str, output) -> None:
 
 
 def print_study(summary: dict, request, backend: str) -> None:
-    from launcher.spread import Spread
+    from launcher.spread import shown
 
     def over_seeds(row: dict, key: str, digits: int) -> str:
-        spread = (row.get("spread") or {}).get(key)
-        return Spread(tuple(spread["runs"])).text(digits) if spread else "n/a"
+        return shown((row.get("spread") or {}).get(key), digits)
 
     table = Table(title=f"precision study: {summary['hardware']}, {request.preset} preset, {backend}, "
                         f"{len(summary.get('seeds') or [])} seed(s): mean ± standard deviation (runs)")
@@ -197,13 +196,12 @@ def print_study(summary: dict, request, backend: str) -> None:
               highlight=False)
 
 
-def print_seeds(summary: dict, run_dir) -> None:
+def print_seeds(summary: dict) -> None:
     """A --seeds run's test scores over its seeds, beside the constant-report baseline."""
-    from launcher.spread import Spread
+    from launcher.spread import shown
 
     def over(key: str) -> str:
-        spread = summary["scores"].get(key)
-        return Spread(tuple(spread["runs"])).text(3) if spread else "n/a"
+        return shown(summary["scores"].get(key))
 
     table = Table(title=f"test scores over {len(summary['seeds'])} seeds ({', '.join(map(str, summary['seeds']))}): "
                         "mean ± standard deviation (runs)")

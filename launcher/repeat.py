@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 from launcher.run_report import read_records
-from launcher.spread import Spread
+from launcher.spread import stored
 from r2gen.errors import ConfigError
 from r2gen.findings import FINDINGS_KEYS
 from r2gen.scores import SCORE_KEYS
@@ -66,8 +66,7 @@ def scores_over_seeds(run_dirs: list[Path]) -> dict[str, dict | None]:
     out = {}
     for key in (*SCORE_KEYS, *FINDINGS_KEYS[:2]):
         for group in ("test", "baseline_test"):
-            spread = Spread.of(last.get(f"{group}/{key}") for last in lasts)
-            out[f"{group}/{key}"] = spread.to_dict() if spread else None
+            out[f"{group}/{key}"] = stored(last.get(f"{group}/{key}") for last in lasts)
     return out
 
 

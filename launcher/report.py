@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
-from launcher.spread import SPREAD_RULE
+from launcher.spread import SPREAD_RULE, Spread
 from launcher.charts import PALETTE, Series, bar_chart, dot_chart, esc, fmt, img, line_chart, number, page, text, thin
 
 METRICS = (("BLEU_1", "BLEU-1"), ("BLEU_2", "BLEU-2"), ("BLEU_3", "BLEU-3"), ("BLEU_4", "BLEU-4"),
@@ -184,10 +184,9 @@ def _over_seeds(summary: Mapping[str, Any], done: Sequence[Mapping[str, Any]]) -
             if not runs:
                 cells.append("<td>n/a</td>")
                 continue
-            mean = sum(runs) / len(runs)
-            std = (sum((v - mean) ** 2 for v in runs) / (len(runs) - 1)) ** 0.5 if len(runs) > 1 else None
-            spread = f" ± {fmt(std, digits)}" if std is not None else ""
-            cells.append(f"<td class=\"num\">{fmt(mean, digits)}{spread} "
+            over = Spread(tuple(runs))
+            spread = f" ± {fmt(over.std, digits)}" if over.std is not None else ""
+            cells.append(f"<td class=\"num\">{fmt(over.mean, digits)}{spread} "
                          f"<span class=\"reason\">({', '.join(fmt(v, digits) for v in runs)})</span></td>")
         verdict = str(verdicts.get(_precision_name(p), "n/a"))
         css = "best" if verdict == "best" else "outside" if verdict.startswith("outside") else "within"

@@ -16,6 +16,8 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from r2gen.errors import ConfigError
+
 SPREAD_RULE = ("within the spread: the means differ by at most twice the standard error of their difference "
                "(sqrt(s_a^2/n_a + s_b^2/n_b), the seeds' sample standard deviations)")
 
@@ -54,6 +56,29 @@ class Spread:
 
     def to_dict(self) -> dict:
         return {"mean": self.mean, "std": self.std, "runs": list(self.runs)}
+
+    @classmethod
+    def from_dict(cls, stored: dict) -> Spread:
+        """The spread a to_dict() (summary.json, a bench's JSON) holds."""
+        return cls(tuple(stored["runs"]))
+
+
+def stored(values: Iterable[float | None]) -> dict | None:
+    """Spread.of(values) as summary.json and the benches keep it (to_dict), None where no run has a value."""
+    found = Spread.of(values)
+    return found.to_dict() if found else None
+
+
+def shown(stored_spread: dict | None, digits: int = 3) -> str:
+    """A stored spread as text (Spread.text), "n/a" where there is none."""
+    return Spread.from_dict(stored_spread).text(digits) if stored_spread else "n/a"
+
+
+def seed_list(first: int, count: int) -> list[int]:
+    """The seeds of `--seeds count`: first, first + 1, ...; ConfigError below one."""
+    if count < 1:
+        raise ConfigError(f"--seeds: at least 1, got {count}")
+    return [first + i for i in range(count)]
 
 
 def within_spread(a: Spread, b: Spread) -> bool | None:

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from launcher.run_report import read_records
-from launcher.spread import SPREAD_RULE, Spread, within_spread
+from launcher.spread import SPREAD_RULE, Spread, stored, verdict, within_spread
 from r2gen.errors import ConfigError, RunFailed
 from r2gen.findings import FINDINGS_KEYS
 from r2gen.scores import SCORE_KEYS
@@ -138,7 +138,7 @@ def collect(run_dir: Path, started: float | None = None, target_f1: float = TARG
 
 def _figure(run: dict, key: str) -> float | None:
     """One of SPREAD_KEYS from a run's collected numbers."""
-    if key in ("findings_macro_f1",):
+    if key == "findings_macro_f1":
         return (run.get("findings") or {}).get(key)
     if key == "BLEU_4":
         return (run.get("metrics") or {}).get(key)
@@ -175,8 +175,7 @@ def aggregate(precision: str, runs: list[dict]) -> dict:
     if any("findings" in r for r in done):
         row["findings"] = {k: _mean([(r.get("findings") or {}).get(k) for r in done]) for k in FINDINGS_KEYS[:2]}
     row["seeds"] = [r.get("seed") for r in done]
-    row["spread"] = {key: (found.to_dict() if (found := Spread.of(_figure(r, key) for r in done)) else None)
-                     for key in SPREAD_KEYS}
+    row["spread"] = {key: stored(_figure(r, key) for r in done) for key in SPREAD_KEYS}
     return row
 
 
@@ -186,28 +185,31 @@ def quality_key(rows: list[dict]) -> str:
     return "findings_macro_f1" if labelled else "BLEU_4"
 
 
+def _quality_spreads(rows: list[dict]) -> dict[str, Spread]:
+    """Each finished precision's test quality over its seeds (quality_key's figure), where it has one."""
+    key = quality_key(rows)
+    return {r["precision"]: Spread.from_dict(r["spread"][key]) for r in rows
+            if r["status"] == "done" and (r.get("spread") or {}).get(key)}
+
+
 def recommend(rows: list[dict]) -> str | None:
     """RULE over the finished rows."""
-    done = [r for r in rows if r["status"] == "done" and r.get("samples_per_s") is not None]
-    key = quality_key(done)
-    scored = [(r, Spread(tuple(r["spread"][key]["runs"]))) for r in done if (r.get("spread") or {}).get(key)]
-    if not scored:
+    speeds = {r["precision"]: r["samples_per_s"] for r in rows
+              if r["status"] == "done" and r.get("samples_per_s") is not None}
+    spreads = {name: spread for name, spread in _quality_spreads(rows).items() if name in speeds}
+    if not spreads:
         return None
-    best_row, best = max(scored, key=lambda pair: pair[1].mean)
-    good = [r for r, spread in scored if r is best_row or within_spread(spread, best)]
-    return max(good, key=lambda r: (round(r["samples_per_s"], 6), -WIDTH_ORDER.index(r["precision"])))["precision"]
+    best = max(spreads, key=lambda name: spreads[name].mean)
+    good = [name for name, spread in spreads.items() if name == best or within_spread(spread, spreads[best])]
+    return max(good, key=lambda name: (round(speeds[name], 6), -WIDTH_ORDER.index(name)))
 
 
 def comparisons(rows: list[dict]) -> dict[str, str]:
-    """Each finished precision's quality against the best's: "best", "within the spread", "outside the
-    spread", or "one seed: no spread" (what the report prints beside the points)."""
-    from launcher.spread import verdict
-
-    done = [r for r in rows if r["status"] == "done" and (r.get("spread") or {}).get(quality_key(rows))]
-    key = quality_key(rows)
-    if not done:
+    """Each finished precision's quality against the best's: "best", or launcher.spread.verdict's
+    ("within the spread", "outside the spread", "one run on a side: no spread measured")."""
+    spreads = _quality_spreads(rows)
+    if not spreads:
         return {}
-    spreads = {r["precision"]: Spread(tuple(r["spread"][key]["runs"])) for r in done}
     best = max(spreads, key=lambda name: spreads[name].mean)
     return {name: "best" if name == best else verdict(spread, spreads[best]) for name, spread in spreads.items()}
 

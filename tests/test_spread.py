@@ -31,3 +31,15 @@ def test_within_the_spread_is_two_standard_errors_of_the_difference() -> None:
     assert verdict(a, None) == "not measured on both sides"
     identical = Spread((0.7, 0.7))  # no seed noise at all: only the same mean agrees
     assert within_spread(identical, Spread((0.7, 0.7))) and not within_spread(identical, Spread((0.71, 0.71)))
+
+
+def test_the_stored_form_round_trips_and_seed_lists_start_at_the_first() -> None:
+    from launcher.spread import seed_list, shown, stored
+    from r2gen.errors import ConfigError
+
+    kept = stored([0.91, None, 0.95])
+    assert kept == Spread((0.91, 0.95)).to_dict() and Spread.from_dict(kept) == Spread((0.91, 0.95))
+    assert stored([None]) is None and shown(None) == "n/a" and shown(kept, 2) == Spread((0.91, 0.95)).text(2)
+    assert seed_list(9223, 3) == [9223, 9224, 9225]
+    with pytest.raises(ConfigError, match="--seeds: at least 1, got 0"):
+        seed_list(9223, 0)
