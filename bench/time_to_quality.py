@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -56,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from launcher.run_report import read_records  # noqa: E402 - metrics.jsonl, a cut last line left out
 from launcher.spread import Spread, seed_list, shown, stored, verdict  # noqa: E402
+from launcher.spawn import repo_env  # noqa: E402
 from r2gen.errors import ConfigError  # noqa: E402
 
 ROWS = ("published", "published-fast", "auto")
@@ -89,9 +89,7 @@ def run_published(preset_name: str, device: str, studies: int, epochs: int | Non
 def _start(cmd: list[str], log: Path) -> tuple[subprocess.Popen, float]:
     """Start cmd (this repository on its path, output to log); the process and its start time."""
     began = time.time()
-    child = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
-                             env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                 p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)})
+    child = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT, env=repo_env())
     return child, began
 
 

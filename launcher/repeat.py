@@ -10,13 +10,13 @@ was interrupted continues with --keep-training.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
 
 from launcher.run_report import read_records
+from launcher.spawn import repo_env
 from launcher.spread import stored
 from r2gen.errors import ConfigError
 from r2gen.findings import FINDINGS_KEYS
@@ -79,8 +79,7 @@ def run_seeds(argv: list[str], seeds: list[int], run_dir: Path, name: str | None
         raise ConfigError(f"--seeds: not with {bad[0]} (one plan per run; give it without --seeds)")
     base, names = seed_names(name, seeds)
     folders = [run_dir / n for n in names]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}
+    env = repo_env()
     for seed, run_name, folder in zip(seeds, names, folders):
         if finished(folder):
             say(f"seeds: {run_name} finished before; kept")

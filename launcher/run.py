@@ -405,10 +405,8 @@ def start_engine(prep, plan, engine_file) -> None:
 def launch_processes(prep, cfg, plan, target: Path, visual_weights: Optional[Path], topology, engine_file,
                      hostfile: Optional[Path], dry_run: bool, resume: Optional[Path] = None) -> None:
     """Write launch.json into the run directory and start one worker per process with the engine's launcher."""
-    import os
-
     from launcher.launch_file import Launch
-    from launcher.spawn import launch_command, run_command
+    from launcher.spawn import launch_command, repo_env, run_command
 
     launch = target / "launch.json"
     command = launch_command(plan.backend, topology, ["--launch", str(launch)],
@@ -425,8 +423,7 @@ def launch_processes(prep, cfg, plan, target: Path, visual_weights: Optional[Pat
                   init_from=str(prep.init_from) if prep.init_from else None, resume=str(resume) if resume else None)
     write_engine_config(engine_file)
     spec.write(launch)
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    env = repo_env()
     err.print(f"launch: {' '.join(command)}", highlight=False, soft_wrap=True)
     sys.stdout.flush()
     sys.stderr.flush()

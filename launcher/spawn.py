@@ -26,6 +26,13 @@ WORKER_MODULE = "launcher.worker"
 """The module every launcher starts once per process: it runs the shared loop from launch.json."""
 
 
+def repo_env() -> dict[str, str]:
+    """This process's environment with this repository first on PYTHONPATH: the environment of every
+    child that runs its code (launchers, a study's runs, --seeds runs, the benches' rows)."""
+    root = str(Path(__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now, for a single host's rendezvous (not torchrun's fixed 29500)."""
     with socket.socket() as s:

@@ -12,7 +12,6 @@ interrupted one continues with --keep-training, the rest start.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -264,6 +263,8 @@ def _pending(seed: int | None) -> dict:
 
 def run_study(request: StudyRequest, epochs: int | None, verdicts: dict[str, dict[str, str]], say) -> dict:
     """Run (or continue) the study; returns the summary as written to summary.json (trimmed)."""
+    from launcher.spawn import repo_env
+
     request.folder.mkdir(parents=True, exist_ok=True)
     previous = {}
     summary_path = request.folder / "summary.json"
@@ -298,8 +299,7 @@ def run_study(request: StudyRequest, epochs: int | None, verdicts: dict[str, dic
             # a continued run's time to the target counts from its first start
             started, began = (runs[j].get("started_unix") if resume else None) or time.time(), time.perf_counter()
             try:
-                code = subprocess.run(command, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                    filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")]))}).returncode
+                code = subprocess.run(command, env=repo_env()).returncode
             except KeyboardInterrupt:
                 code = 130
             wall = float(runs[j].get("wall_s") or 0.0) + time.perf_counter() - began
