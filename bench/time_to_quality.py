@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from launcher.run_report import read_records  # noqa: E402 - metrics.jsonl, a cut last line left out
-from launcher.spread import Spread, seed_list, shown, stored, verdict  # noqa: E402
+from launcher.spread import Spread, seed_list, seed_run_name, shown, stored, verdict  # noqa: E402
 from launcher.spawn import repo_env  # noqa: E402
 from r2gen.errors import ConfigError  # noqa: E402
 
@@ -297,7 +297,7 @@ def main() -> None:
     if args.row:
         fast = args.row == "published-fast"
         run_published(preset_name, device, args.studies, args.fast_epochs if fast else args.epochs,
-                      args.run_dir / f"{args.row}-s{args.seed}", fast=fast, seed=args.seed)
+                      args.run_dir / seed_run_name(args.row, args.seed), fast=fast, seed=args.seed)
         return
     first = preset(preset_name).seed
     try:
@@ -308,8 +308,9 @@ def main() -> None:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
         for seed in seeds[name]:
-            if (args.run_dir / f"{name}-s{seed}").exists():
-                sys.exit(f"--run-dir: {args.run_dir / f'{name}-s{seed}'} exists; remove it or choose another --run-dir")
+            if (args.run_dir / seed_run_name(name, seed)).exists():
+                sys.exit(f"--run-dir: {args.run_dir / seed_run_name(name, seed)} exists; remove it or choose another "
+                         "--run-dir")
     from r2gen.data.synth import default_dataset
 
     default_dataset(studies=args.studies)  # generated once, before any row's clock starts
@@ -318,7 +319,7 @@ def main() -> None:
     def command(row: str, seed: int) -> list[str]:
         if row == "auto":
             return [sys.executable, "-c", "from launcher.cli import main; main()", "auto", "--studies",
-                    str(args.studies), "--run-dir", str(args.run_dir), "--name", f"auto-s{seed}", "--seed", str(seed),
+                    str(args.studies), "--run-dir", str(args.run_dir), "--name", seed_run_name("auto", seed), "--seed", str(seed),
                     *epochs]
         return [sys.executable, __file__, "--row", row, "--seed", str(seed), "--studies", str(args.studies),
                 "--preset", preset_name, "--device", device, "--run-dir", str(args.run_dir), *epochs,
@@ -331,10 +332,10 @@ def main() -> None:
         # Timed rows run alone, one seed after another; published-fast's seeds may share the device.
         batches = [seeds[name]] if name == "published-fast" and together else [[seed] for seed in seeds[name]]
         for batch in batches:
-            started = [(seed, *_start(command(name, seed), args.run_dir / f"{name}-s{seed}.log")) for seed in batch]
+            started = [(seed, *_start(command(name, seed), args.run_dir / f"{seed_run_name(name, seed)}.log")) for seed in batch]
             for seed, child, began in started:
                 _finish(child, None if budgets[name] is None else began + budgets[name])
-            rows += [summarize(name, args.run_dir / f"{name}-s{seed}", began, seed) | {"budget_s": budgets[name]}
+            rows += [summarize(name, args.run_dir / seed_run_name(name, seed), began, seed) | {"budget_s": budgets[name]}
                      for seed, _, began in started]
     target, ratio = compare(rows)
     derived = derive(rows, args.target)

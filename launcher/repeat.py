@@ -17,7 +17,7 @@ from pathlib import Path
 
 from launcher.run_report import read_records
 from launcher.spawn import repo_env
-from launcher.spread import stored
+from launcher.spread import seed_run_name, stored
 from r2gen.errors import ConfigError
 from r2gen.findings import FINDINGS_KEYS
 from r2gen.scores import SCORE_KEYS
@@ -46,7 +46,7 @@ def seed_argv(argv: list[str], seed: int, name: str, resume: bool) -> list[str]:
 def seed_names(name: str | None, seeds: list[int]) -> tuple[str, list[str]]:
     """The base name (--name, else one from the date) and each seed's run name."""
     base = name or f"seeds-{datetime.now():%Y%m%d-%H%M%S}"
-    return base, [f"{base}-s{seed}" for seed in seeds]
+    return base, [seed_run_name(base, seed) for seed in seeds]
 
 
 def finished(run_dir: Path) -> bool:

@@ -74,6 +74,12 @@ def shown(stored_spread: dict | None, digits: int = 3) -> str:
     return Spread.from_dict(stored_spread).text(digits) if stored_spread else "n/a"
 
 
+def seed_run_name(name: str, seed: int | None) -> str:
+    """The run folder of one seed: `<name>-s<seed>` (the study's, --seeds', time_to_quality's); `name`
+    alone where no seed is named."""
+    return name if seed is None else f"{name}-s{seed}"
+
+
 def seed_list(first: int, count: int) -> list[int]:
     """The seeds of `--seeds count`: first, first + 1, ...; ConfigError below one."""
     if count < 1:

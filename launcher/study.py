@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from launcher.run_report import read_records
-from launcher.spread import SPREAD_RULE, Spread, stored, verdict, within_spread
+from launcher.spread import SPREAD_RULE, Spread, seed_run_name, stored, verdict, within_spread
 from r2gen.errors import ConfigError, RunFailed
 from r2gen.findings import FINDINGS_KEYS
 from r2gen.scores import SCORE_KEYS
@@ -80,15 +80,10 @@ def skip_reason(backend: str, precision: str, verdicts: dict[str, dict[str, str]
     return None if verdict.startswith("yes") else f"{label}: {verdict}"
 
 
-def run_name(precision: str, seed: int | None) -> str:
-    """A run's folder under <study>/runs: the precision, and its seed where the study names seeds."""
-    return precision if seed is None else f"{precision}-s{seed}"
-
-
 def run_command(request: StudyRequest, precision: str, seed: int | None, resume: bool) -> list[str]:
     engine = engine_for(request.backend, precision)
     command = [sys.executable, "-m", "launcher.cli", engine, "--run-dir", str(request.folder / "runs"),
-               "--name", run_name(precision, seed)]
+               "--name", seed_run_name(precision, seed)]
     if resume:
         return [*command, "--keep-training"]
     if engine == request.backend:  # the study's backend takes --precision; FP8 is its own engine's only one
@@ -286,7 +281,7 @@ def run_study(request: StudyRequest, epochs: int | None, verdicts: dict[str, dic
             continue
         runs = rows[i]["runs"]
         for j, seed in enumerate(request.seeds):
-            label = run_name(precision, seed)
+            label = seed_run_name(precision, seed)
             if runs[j]["status"] == "done":
                 say(f"study: {label} finished before; kept")
                 continue
