@@ -31,6 +31,16 @@ def _main_options(version: Version = False) -> None:
     """Train R2Gen (radiology report generation) as fast as the hardware allows."""
 
 
+def _with_engine_flags(command, engine_params: list[inspect.Parameter], after: str | None = None) -> None:
+    """`command`'s signature (without its **engine) with the engines' flags (from their specs) right after
+    the `after` option, else at the end. eval_str: this module's annotations are strings (PEP 563); typer
+    reads help and defaults from the Annotated objects, so the rebuilt signature must carry those."""
+    params = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    at = [p.name for p in params].index(after) + 1 if after else len(params)
+    command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [*params[:at], *[p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in engine_params], *params[at:]])
+
+
 def _training_command(backend_name: str, summary: str):
     """One signature for every engine's training command (its help page is the signature), plus the
     engine's own options (declared in its spec: launcher.options.engine_parameters)."""
@@ -88,10 +98,7 @@ def _training_command(backend_name: str, summary: str):
 
         guarded(run)
 
-    # eval_str: this module's annotations are strings (PEP 563); typer reads help and defaults from the
-    # Annotated objects, so the rebuilt signature must carry those, not their names.
-    params = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
-    command.__signature__ = inspect.Signature([*params, *engine_options_of(backend_name)])  # type: ignore[attr-defined]
+    _with_engine_flags(command, engine_options_of(backend_name))
     command.__doc__ = summary
     return command
 
@@ -193,15 +200,7 @@ def probe_command(
     guarded(run)
 
 
-def _with_engine_flags(command, after: str, engine_params: list[inspect.Parameter]) -> None:
-    """`command`'s signature with the engines' flags (from their specs) right after the `after` option."""
-    params = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
-    at = [p.name for p in params].index(after) + 1
-    command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [*params[:at], *[p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in engine_params], *params[at:]])
-
-
-_with_engine_flags(probe_command, "backend", probe_engine_options())
+_with_engine_flags(probe_command, probe_engine_options(), after="backend")
 
 
 def _flow_help(*apps: typer.Typer) -> None:
