@@ -62,9 +62,6 @@ def step_was_taken(scaler: torch.amp.GradScaler | None, step: Callable[[], objec
 class Backend(TrainingEngine):
     """The capabilities' defaults (an adapter sets its own on its class) and the shared members."""
 
-    name: str
-    device: torch.device
-    precision: str
     world_size: int = 1
     rank: int = 0
     can_redo_step: bool = True
