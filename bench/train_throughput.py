@@ -77,8 +77,9 @@ def train_flops_per_sample(model: torch.nn.Module, batch: dict, device: torch.de
 def run_row(which: str, preset_name: str, device: str, steps: int, warmup: int, studies: int,
             ann_path: Path | None) -> dict:
     """One configuration's timed training (in a fresh process)."""
-    from backends.registry import build_backend, spec
+    from backends.registry import build_backend
     from launcher.options import plan_options
+    from launcher.request import DataPaths, RunRequest
     from launcher.run import prepare_run
     from launcher.plan import apply_plan
     from r2gen.build import prepare, prepare_model
@@ -109,13 +110,13 @@ def run_row(which: str, preset_name: str, device: str, steps: int, warmup: int, 
         precision = "fp32" if device == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            prep, plan, _ = prepare_run("auto", device, precision, preset_name, {"studies": studies}, options,
-                                        ann_path, None, None, None)
+            prep, plan, _ = prepare_run(RunRequest(None, device, precision, preset_name, options,  # None: auto
+                                                   {"studies": studies}, data=DataPaths(ann_path), run_dir=None))
         from backends.spec import Topology
         from launcher.engine_config import engine_config_for
 
         engine_file = engine_config_for(plan, Topology(), Path("bench-run"))  # nothing written
-        spec(plan.backend).configure(prep.backend, engine_file.config if engine_file else None)
+        plan.spec.configure(prep.backend, engine_file.config if engine_file else None)
         prep.cfg = cfg = apply_plan(prep.cfg, plan)
         if which == "auto-eager":
             prep.cfg = cfg = cfg.without_speedups()

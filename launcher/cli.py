@@ -11,7 +11,7 @@ import typer
 from launcher import commands, console
 from launcher.console import err, guarded, print_plan
 from launcher.options import (AnnPath, AutoGpus, Backbone, BatchPolicy, BeamSize, CheckpointEvery, Dataset, Device,
-                              DryRun, EarlyStop, EffectiveBatch, engine_options_of, Epochs, Gpus, ImageDir,
+                              DryRun, EarlyStop, EffectiveBatch, engine_parameters, Epochs, Gpus, ImageDir,
                               ImageSize, InitFrom, JsonOut, KeepLast, KeepTraining, LogEvery, LrEd, LrScaling,
                               LrVe, make_topology, MasterAddr, MasterPort, MaxSteps, MaxVram, MicroBatch, Name,
                               NodeRank, Nodes, NumWorkers, parse_val_every, plan_options, Precision,
@@ -20,7 +20,9 @@ from launcher.options import (AnnPath, AutoGpus, Backbone, BatchPolicy, BeamSize
                               ThresholdsFile, ValEvery, Version, VisualWeights, Wandb, wandb_overrides, WandbMode,
                               WandbName, WandbProject)
 from backends.registry import SPECS
-from launcher.run import default_precision, prepare_run, run_training, user_engine_file
+from backends.spec import EngineSpec
+from launcher.request import DataPaths
+from launcher.run import prepare_run, run_training
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train R2Gen (radiology report generation) as fast as the hardware allows.")
@@ -41,7 +43,7 @@ def _with_engine_flags(command, engine_params: list[inspect.Parameter], after: s
         [*params[:at], *[p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD) for p in engine_params], *params[at:]])
 
 
-def _training_command(backend_name: str, summary: str):
+def _training_command(engine: EngineSpec):
     """One signature for every engine's training command (its help page is the signature), plus the
     engine's own options (declared in its spec: launcher.options.engine_parameters)."""
 
@@ -62,12 +64,10 @@ def _training_command(backend_name: str, summary: str):
         wandb_name: WandbName = None, tensorboard: Tensorboard = None, keep_training: KeepTraining = False,
         thresholds: ThresholdsFile = None, run_dir: RunDir = Path("runs"), name: Name = None, dry_run: DryRun = False,
         speedups: Speedups = True, seeds: Seeds = 1,
-        **engine,
+        **engine_flags,
     ) -> None:
-        import torch
-
         def run() -> None:
-            from backends.registry import spec
+            from launcher.request import training_request
 
             if seeds != 1:
                 return commands.repeat(seeds, seed, preset, run_dir, name)
@@ -81,30 +81,21 @@ def _training_command(backend_name: str, summary: str):
                              checkpoint_every_min=checkpoint_every, test_every=test_every,
                              keep_last=keep_last, **wandb_overrides(wandb, wandb_mode, wandb_project, wandb_name),
                              tensorboard=tensorboard, **speedup_overrides(speedups))
-            chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
-            hostfile = engine.pop("hostfile", None)
-            user_file = user_engine_file(engine)
-            file_choices = user_file[2]
-            defaults = spec(backend_name).option_defaults
-            for key in engine.keys() & defaults.keys():  # a flag, else the user's file, else the engine's default
-                if engine[key] is None:
-                    engine[key] = file_choices.get(key, defaults[key])
-            run_training(backend_name, chosen,
-                         precision or file_choices.get("precision") or default_precision(backend_name, chosen),
-                         preset or "iu_xray", overrides, options, ann_path, image_dir, visual_weights, thresholds,
-                         run_dir, name, dry_run, make_topology(gpus, nodes, node_rank, master_addr, master_port,
-                                                           keep_training), engine, hostfile, keep_training, preset,
-                         user_file[:2], init_from=init_from)
+            run_training(training_request(
+                engine, engine_flags, device=device, precision=precision, preset=preset, options=options,
+                overrides=overrides, data=DataPaths(ann_path, image_dir, visual_weights, init_from),
+                topology=make_topology(gpus, nodes, node_rank, master_addr, master_port, keep_training),
+                thresholds=thresholds, run_dir=run_dir, name=name, dry_run=dry_run, keep_training=keep_training))
 
         guarded(run)
 
-    _with_engine_flags(command, engine_options_of(backend_name))
-    command.__doc__ = summary
+    _with_engine_flags(command, engine_parameters(engine, training=True))
+    command.__doc__ = engine.summary
     return command
 
 
 for _engine in SPECS.values():  # one training command per engine in the registry, its help line from its spec
-    app.command(_engine.name)(_training_command(_engine.name, _engine.summary))
+    app.command(_engine.name)(_training_command(_engine))
 
 
 @app.command()
@@ -133,29 +124,21 @@ def auto(
     float8 is not timed: it is slower on R2Gen's small matrices). On a CPU-only machine: the tiny
     preset in fp32, which finishes in minutes. The embedded set: 3000 studies on a GPU, 1500 on a CPU.
     """
-    import torch
-
     def run() -> None:
+        from launcher.auto import auto_request
+
         if seeds != 1:
             return commands.repeat(seeds, seed, None, run_dir, name)
         options = plan_options(micro_batch, probe, target_util, max_vram, effective_batch, batch_policy, lr_scaling,
                            num_workers, "auto")
-        from launcher.plan import auto_start
-
-        cuda = torch.cuda.is_available()
-        start = auto_start(cuda, cuda and torch.cuda.is_bf16_supported(), torch.cuda.device_count() if cuda else 0,
-                           gpus)
-        device, preset, precision, processes = start.device, start.preset, start.precision, start.processes
-        err.print(f"auto: {device}, {precision}, {preset} preset, {processes} process(es)", highlight=False)
         overrides = dict(epochs=epochs, studies=studies, val_every=parse_val_every(val_every), seed=seed,
                          save_every=save_every, checkpoint_every_min=checkpoint_every, test_every=test_every,
                          keep_last=keep_last,
                          **wandb_overrides(wandb, wandb_mode, wandb_project, wandb_name), tensorboard=tensorboard,
                          **speedup_overrides(speedups))
-        run_training("auto", device, precision, preset, overrides, options, ann_path, image_dir, visual_weights,
-                     thresholds, run_dir, name, dry_run,
-                     make_topology(gpus if keep_training else processes, 1, 0, "127.0.0.1", None, keep_training),
-                     keep_training=keep_training, init_from=init_from)
+        run_training(auto_request(options, gpus, keep_training, overrides=overrides,
+                                  data=DataPaths(ann_path, image_dir, visual_weights, init_from),
+                                  thresholds=thresholds, run_dir=run_dir, name=name, dry_run=dry_run))
 
     guarded(run)
 
@@ -170,7 +153,7 @@ def probe_command(
     studies: Studies = None, backbone: Backbone = None, num_workers: NumWorkers = None,
     thresholds: ThresholdsFile = None,
     json_out: JsonOut = None,
-    **engine,
+    **engine_flags,
 ) -> None:
     """Measure GPU memory with real training steps and print the plan a training command would use.
 
@@ -178,19 +161,19 @@ def probe_command(
     length at a few micro-batch sizes; a line fitted through their peaks predicts the largest
     micro-batch under the budget, and a real step confirms it (bisecting down on out-of-memory).
     """
-    import torch
-
     def run() -> None:
+        from backends.registry import spec
+        from launcher.request import RunRequest, chosen_device, default_precision
+
         options = plan_options(micro_batch, True, target_util, max_vram, effective_batch, batch_policy, lr_scaling,
                            num_workers, "throughput")
         overrides = dict(image_size=image_size, dataset=dataset, studies=studies, backbone=backbone)
-        chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        from backends.registry import spec
-
-        chosen_engine = spec(backend).engine_options(
-            {k: v for k, v in engine.items() if k in spec(backend).option_defaults})
-        _, plan, _ = prepare_run(backend, chosen, precision or default_precision(backend, chosen), preset,
-                                 overrides, options, ann_path, image_dir, None, thresholds, engine=chosen_engine)
+        engine = spec(backend)  # --backend: the one engine this command takes by name
+        chosen = chosen_device(device)
+        engine_options = engine.engine_options({k: v for k, v in engine_flags.items() if k in engine.option_defaults})
+        _, plan, _ = prepare_run(RunRequest(engine, chosen, precision or default_precision(engine, chosen), preset,
+                                            options, overrides, engine_options, DataPaths(ann_path, image_dir),
+                                            thresholds=thresholds, run_dir=None))
         if plan.probe:
             console.print_probe(plan.probe)
         print_plan(plan)

@@ -133,13 +133,13 @@ def describe_config(engine) -> str:
     return f"{engine.path} (not written)\n{engine.text}"
 
 
-def print_probe(probe: dict) -> None:
-    """The probe's steps: micro-batch, whether it fit, its peak."""
-    table = Table(title=f"probe: {probe['gpu']}, budget {probe['budget_gib']:.1f} GiB "
-                        f"(context {probe['overhead_gib']:.2f} GiB)", title_justify="left")
+def print_probe(probe) -> None:
+    """The probe's steps (a launcher.memory_model.ProbeResult): micro-batch, whether it fit, its peak."""
+    table = Table(title=f"probe: {probe.gpu}, budget {probe.budget_gib:.1f} GiB "
+                        f"(context {probe.overhead_gib:.2f} GiB)", title_justify="left")
     for column in ("micro-batch", "fits", "peak GiB"):
         table.add_column(column, justify="right")
-    for micro, fits, peak in probe["tried"]:
+    for micro, fits, peak in probe.tried:
         table.add_row(str(micro), "yes" if fits else "no", "-" if peak is None else f"{peak:.2f}")
     err.print(table)
 

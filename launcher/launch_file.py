@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from backends.spec import EngineSpec
 from r2gen.errors import ConfigError
 
 
@@ -32,6 +33,13 @@ class Launch:
     visual_weights: str | None = None
     init_from: str | None = None  # a fine-tune's start
     resume: str | None = None  # the state a continued run starts from
+
+    @property
+    def spec(self) -> EngineSpec:
+        """The run's engine (the registry's, by the name launch.json stores)."""
+        from backends.registry import spec
+
+        return spec(self.backend)
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 
 
@@ -181,3 +182,29 @@ def scale_lr(lr: float, base_batch: int, new_batch: int, rule: str) -> float:
         raise ValueError(f"unknown lr scaling {rule!r}; choose one of {', '.join(LR_SCALING)}")
     ratio = new_batch / base_batch
     return lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What the probe measured (launcher.probe), kept typed in the Plan."""
+
+    gpu: str
+    budget_gib: float
+    overhead_gib: float           # outside torch's allocator; the allocator gets budget - overhead
+    points: tuple[tuple[int, float], ...]
+    fixed_gib: float | None
+    per_sample_gib: float | None
+    predicted: int
+    micro_batch: int              # confirmed by a real step; 0: not even one study fits
+    peak_gib: float | None        # peak reserved at micro_batch, plus overhead
+    tried: tuple[tuple[int, bool, float | None], ...]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ProbeResult":
+        """A probe as plan.json holds it (JSON lists back to the tuples it was measured in)."""
+        return cls(**{**data, "points": tuple(tuple(p) for p in data["points"]),
+                      "tried": tuple(tuple(t) for t in data["tried"])})

@@ -317,13 +317,6 @@ def _keyword(name: str, default, annotation) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
-def engine_options_of(engine_name: str) -> list[inspect.Parameter]:
-    """A training command's engine flags (engine_parameters of the registry's engine)."""
-    from backends.registry import spec
-
-    return engine_parameters(spec(engine_name), training=True)
-
-
 def probe_engine_options() -> list[inspect.Parameter]:
     """`probe`'s engine flags: every engine's options with their defaults, once each, in registry order."""
     from backends.registry import SPECS

@@ -8,96 +8,23 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from backends.registry import SPECS
+from launcher.auto import AUTO_PRECISION_REASON
 from launcher.hardware import Facts
-from launcher.memory_model import LR_SCALING, accumulation_steps, memory_budget_gib, scale_lr
+from launcher.memory_model import LR_SCALING, ProbeResult, accumulation_steps, memory_budget_gib, scale_lr
 from launcher.thresholds import LoaderPlan, Thresholds, decoded_size_gib, plan_loader
 from r2gen.config import TrainConfig
 from r2gen.errors import BackendError, ConfigError
+
+if TYPE_CHECKING:
+    from backends.spec import EngineSpec
+    from launcher.auto import EngineChoice
 
 USER_MICRO_BATCH = "--micro-batch"
 """The micro-batch's reason in a plan when the user fixed it (runs before the rename say --batch-size)."""
 
 BATCH_POLICIES = ("auto", "faithful", "throughput")
-
-
-def check_engine_device(backend: str, device: str, processes: int = 1) -> None:
-    """Refuse what an engine cannot serve on this device: exit 2 before any work (its spec says what it
-    serves; "auto" picks an engine that serves the device later)."""
-    engine = SPECS.get(backend)
-    if engine is None:
-        return
-    if engine.needs_gpu and device != "cuda":
-        on_cpu = " or ".join(s.name for s in SPECS.values() if not s.needs_gpu)
-        raise BackendError(f"{backend}: needs a CUDA GPU, and this run would be on the CPU (no GPU visible, or "
-                           f"--device cpu); on a CPU train with {on_cpu}")
-    if not engine.several_cpu_processes and device != "cuda" and processes > 1:
-        several = " or ".join(s.name for s in SPECS.values() if not s.needs_gpu and s.several_cpu_processes)
-        raise BackendError(f"--gpus {processes}: {engine.one_cpu_process}; use {several} --gpus N for gloo "
-                           "processes on a CPU")
-
-
-@dataclass(frozen=True)
-class EngineChoice:
-    """auto's engine: backend, precision, engine options, and why."""
-
-    backend: str
-    precision: str
-    engine: dict[str, Any]
-    reason: str
-
-
-AUTO_PRECISION_REASON = {"cuda": "bf16 where the GPU supports it, else fp16", "cpu": "fp32 on a CPU"}
-
-
-@dataclass(frozen=True)
-class AutoStart:
-    """auto's starting point, before anything is measured: device, preset, precision and processes."""
-
-    device: str
-    preset: str
-    precision: str
-    processes: int
-
-
-def auto_start(cuda: bool, bf16_supported: bool, visible_gpus: int, gpus: int | None) -> AutoStart:
-    """On a GPU the paper's iu_xray preset in bf16 (fp16 where the GPU has no bfloat16) on `gpus`, else
-    every visible GPU; on a CPU-only machine the tiny preset in fp32 (AUTO_PRECISION_REASON says why)."""
-    if cuda:
-        return AutoStart("cuda", "iu_xray", "bf16" if bf16_supported else "fp16",
-                         gpus if gpus is not None else visible_gpus)
-    return AutoStart("cpu", "tiny", "fp32", gpus or 1)
-
-
-def choose_auto_engine(precision: str, micro: int, thresholds: Thresholds, offload_micro: int | None = None,
-                       speeds: dict[str, float | None] | None = None, untimed: str = "") -> EngineChoice:
-    """From measurements only: `micro` is the largest micro-batch of the plain engine in `precision`,
-    `offload_micro` DeepSpeed ZeRO-2 + CPU offload's (measured when `micro` was not useful), `speeds`
-    samples/s of short runs of `precision` and "fp8" at the same micro-batch (None: not measured or
-    out of memory); `untimed` says why FP8 was not timed, where it could run."""
-    useful = thresholds.useful_micro_batch
-    if micro < useful:
-        if offload_micro is not None and offload_micro > micro:
-            return EngineChoice("deepspeed", precision, {"zero": 2, "offload": "cpu"},
-                                f"deepspeed ZeRO-2 + CPU offload: with optimizer states on the GPU only {micro} "
-                                f"studies fit per micro-batch (useful: {useful}); offloading them fits {offload_micro}")
-        why = f"{micro} studies per micro-batch" + (f"; ZeRO-2 CPU offload fits no more ({offload_micro})"
-                                                   if offload_micro is not None else "")
-        return EngineChoice("plain", precision, {}, f"plain: {why}")
-    base = (speeds or {}).get(precision)
-    fp8 = (speeds or {}).get("fp8")
-    if base and fp8:
-        gain = (fp8 / base - 1) * 100
-        measured = f"measured fp8 {fp8:.0f} vs {precision} {base:.0f} samples/s ({gain:+.0f}%)"
-        if gain >= thresholds.fp8_min_speedup_pct:
-            return EngineChoice("fp8", "fp8", {"fp8_impl": "auto"}, f"fp8: {measured}")
-        return EngineChoice("plain", precision, {}, f"plain: states fit on the GPU; {measured}, under the "
-                                                    f"{thresholds.fp8_min_speedup_pct:g}% needed")
-    return EngineChoice("plain", precision, {}, "plain: model and optimizer states fit on the GPU "
-                        f"({micro} studies per micro-batch)" + ("" if speeds is None else "; fp8 did not run")
-                        + (f"; {untimed}" if untimed else ""))
 
 
 @dataclass(frozen=True)
@@ -295,10 +222,17 @@ class Plan:
     predicted_peak_gib: float | None
     reasons: dict[str, str]           # backend, device, precision, probe
     max_vram_gib: float | None = None
-    probe: dict[str, Any] | None = None   # the probe's measurements (launcher.probe.ProbeResult)
+    probe: ProbeResult | None = None  # the probe's measurements (None: not probed)
     engine: dict[str, Any] = field(default_factory=dict)  # engine options: zero, offload (deepspeed); fp8_impl
     disk: DiskSpace | None = None     # free space for checkpoints when planned (None: not checked)
     visual_weights: str = ""          # where the visual extractor's weights came from ("" for a fine-tune)
+
+    @property
+    def spec(self) -> EngineSpec:
+        """The plan's engine (the registry's, by the name plan.json stores)."""
+        from backends.registry import spec
+
+        return spec(self.backend)
 
     def disk_warning(self) -> str | None:
         """The sentence to print before the run when its checkpoints will not fit the free space."""
@@ -317,9 +251,8 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         data = json.loads(text)
-        if data.get("probe"):
-            data["probe"] = _tuples(data["probe"])
         return cls(**{**data, "batch": BatchPlan(**data["batch"]), "loader": LoaderPlan(**data["loader"]),
+                      "probe": ProbeResult.from_dict(data["probe"]) if data.get("probe") else None,
                       "disk": DiskSpace(**data["disk"]) if data.get("disk") else None})
 
     def rows(self) -> list[tuple[str, str, str]]:
@@ -353,15 +286,6 @@ class Plan:
         return rows
 
 
-def _tuples(value: Any) -> Any:
-    """JSON lists back to the tuples the probe wrote (so a plan read back compares equal)."""
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _tuples(v) for k, v in value.items()}
-    return value
-
-
 def gpu_budget(facts: Facts, options: PlanOptions, thresholds: Thresholds, device_index: int = 0
                ) -> tuple[float, str]:
     """GiB this run may hold on its GPU, and why: target share of the card, --max-vram, minus others."""
@@ -376,19 +300,19 @@ def gpu_budget(facts: Facts, options: PlanOptions, thresholds: Thresholds, devic
     return budget, why
 
 
-def make_plan(backend: str, device: str, precision: str, cfg: TrainConfig, facts: Facts, thresholds: Thresholds,
-              options: PlanOptions, studies: int, probe: dict[str, Any] | None = None,
+def make_plan(backend: EngineSpec, device: str, precision: str, cfg: TrainConfig, facts: Facts, thresholds: Thresholds,
+              options: PlanOptions, studies: int, probe: ProbeResult | None = None,
               world_size: int = 1, engine: dict[str, Any] | None = None, choice: EngineChoice | None = None,
               disk: DiskSpace | None = None, train_studies: int | None = None) -> Plan:
     """Every decision of a run from plain values: hardware facts, thresholds, flags, probe results.
 
     `studies` sizes the image cache (all splits); `train_studies` (the train split) the optimizer steps
-    per epoch, which --batch-policy auto keeps at thresholds.min_steps_per_epoch or more. `probe` is ProbeResult.to_dict() when the probe ran (or verified
-    --micro-batch), None otherwise. `choice` is auto's engine choice (backend, precision and engine agree with it).
+    per epoch, which --batch-policy auto keeps at thresholds.min_steps_per_epoch or more. `probe` is the ProbeResult when the probe ran (or verified
+    --micro-batch), None otherwise. `backend` is the engine's spec; `choice` auto's engine choice (backend, precision and engine agree with it).
     `disk`: the run directory's free space and one checkpoint's size, checked against --keep-last.
     """
     effective = options.effective_for(cfg)
-    reasons = {"backend": f"{backend}: as asked",
+    reasons = {"backend": f"{backend.name}: as asked",
                "device": f"{device}: " + (facts.gpus[0].name if device == "cuda" and facts.gpus else facts.gpu_note),
                "precision": f"{precision}: as asked"}
     if choice is not None:
@@ -404,17 +328,17 @@ def make_plan(backend: str, device: str, precision: str, cfg: TrainConfig, facts
             raise BackendError("--device cuda: no CUDA GPU is visible on this machine")
         budget, reasons["memory"] = gpu_budget(facts, options, thresholds)
     if probe is not None:
-        largest = probe["micro_batch"]
+        largest = probe.micro_batch
         if largest < 1:
             what = f"--micro-batch {options.micro_batch}" if options.micro_batch else "a micro-batch of 1"
             raise BackendError(f"{what} does not fit the memory budget of {budget:.1f} GiB "
                                f"({reasons.get('memory', '')}); use --max-vram/--target-util or a smaller model")
-        predicted_peak = probe.get("peak_gib")
+        predicted_peak = probe.peak_gib
         how = (f"verified --micro-batch {options.micro_batch} with one real step" if options.micro_batch
-               else f"{len(probe['tried'])} real steps in {probe['seconds']:.0f} s; fit "
-                    f"{probe['fixed_gib']:.2f} GiB + {probe['per_sample_gib']:.3f} GiB/study predicted "
-                    f"{probe['predicted']}, confirmed {largest}" if probe.get("per_sample_gib") is not None
-               else f"{len(probe['tried'])} real steps in {probe['seconds']:.0f} s, confirmed {largest}")
+               else f"{len(probe.tried)} real steps in {probe.seconds:.0f} s; fit "
+                    f"{probe.fixed_gib:.2f} GiB + {probe.per_sample_gib:.3f} GiB/study predicted "
+                    f"{probe.predicted}, confirmed {largest}" if probe.per_sample_gib is not None
+               else f"{len(probe.tried)} real steps in {probe.seconds:.0f} s, confirmed {largest}")
         reasons["probe"] = how
     elif device == "cuda":
         largest = options.micro_batch or -(-effective // world_size)
@@ -430,9 +354,9 @@ def make_plan(backend: str, device: str, precision: str, cfg: TrainConfig, facts
     elif probe is None:
         batch = replace(batch, reasons={**batch.reasons, "micro_batch": f"{batch.micro_batch}: one process's share "
                                         f"of the effective batch {effective} ({reasons['probe']})"})
-    if predicted_peak is not None and probe and probe.get("per_sample_gib") is not None \
-            and batch.micro_batch != probe["micro_batch"]:
-        predicted_peak = probe["fixed_gib"] + probe["per_sample_gib"] * batch.micro_batch
+    if predicted_peak is not None and probe and probe.fixed_gib is not None and probe.per_sample_gib is not None \
+            and batch.micro_batch != probe.micro_batch:
+        predicted_peak = probe.fixed_gib + probe.per_sample_gib * batch.micro_batch
 
     from r2gen.model.r2gen import DATASETS
 
@@ -448,7 +372,7 @@ def make_plan(backend: str, device: str, precision: str, cfg: TrainConfig, facts
     engine = dict(engine or {})
     if engine:
         reasons.setdefault("engine", "as asked" + _engine_note(backend, engine))
-    return Plan(backend, device, precision, batch, loader, budget, predicted_peak, reasons,
+    return Plan(backend.name, device, precision, batch, loader, budget, predicted_peak, reasons,
                 max_vram_gib=options.max_vram_gib, probe=probe, engine=engine,
                 disk=replace(disk, keep_last=cfg.keep_last) if disk else None)
 
@@ -462,7 +386,7 @@ def apply_plan(cfg: TrainConfig, plan: Plan) -> TrainConfig:
                        max_vram_gib=plan.max_vram_gib or 0.0)
 
 
-def _engine_note(backend: str, engine: dict) -> str:
+def _engine_note(backend: EngineSpec, engine: dict) -> str:
     """": " and what the engine's spec says about its options (the plan's "engine" reason), else ""."""
-    note = SPECS[backend].note(engine) if backend in SPECS else ""
+    note = backend.note(engine)
     return f": {note}" if note else ""

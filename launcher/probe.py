@@ -12,10 +12,11 @@ from __future__ import annotations
 import gc
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
-from launcher.memory_model import ProbeSearch, StepResult, search_micro_batch
+from backends.spec import EngineSpec
+from launcher.memory_model import ProbeResult, ProbeSearch, StepResult, search_micro_batch
 from r2gen.config import TrainConfig
 from r2gen.model.visual_extractor import smallest_micro_batch
 from r2gen.units import GIB
@@ -38,23 +39,12 @@ class ProbeRequest:
     device_index: int = 0
     engine: dict[str, Any] = field(default_factory=dict)  # the plan's engine options (zero, offload, fp8_impl)
 
+    @property
+    def spec(self) -> EngineSpec:
+        """The engine the probe steps (the registry's, by name: a request crosses into the probe's process)."""
+        from backends.registry import spec
 
-@dataclass(frozen=True)
-class ProbeResult:
-    gpu: str
-    budget_gib: float
-    overhead_gib: float           # outside torch's allocator; the allocator gets budget - overhead
-    points: tuple[tuple[int, float], ...]
-    fixed_gib: float | None
-    per_sample_gib: float | None
-    predicted: int
-    micro_batch: int              # confirmed by a real step; 0: not even one study fits
-    peak_gib: float | None        # peak reserved at micro_batch, plus overhead
-    tried: tuple[tuple[int, bool, float | None], ...]
-    seconds: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        return spec(self.backend)
 
 
 def synthetic_batch(cfg: TrainConfig, vocab_size: int, size: int) -> dict:
@@ -84,7 +74,6 @@ class ProbeSession:
     def __init__(self, request: ProbeRequest):
         import torch
 
-        from backends.registry import spec
         from backends.spec import ConfigInputs
         from r2gen.model.r2gen import R2GenModel
         from r2gen.build import prepare_model
@@ -92,7 +81,7 @@ class ProbeSession:
         self.request = request
         self.device = torch.device("cuda", request.device_index)
         torch.cuda.set_device(self.device)
-        engine = spec(request.backend)
+        engine = request.spec
         self.backend = engine.build("cuda", request.precision, request.engine)
         # The engine's config at micro-batch 1, one process (the probe steps its own batch sizes).
         engine.configure(self.backend, engine.generate_config(

@@ -1,6 +1,7 @@
 """A run: prepare (validate, pick the data, build the model, probe, decide `auto`, plan), start (one
 process trains here; several are launched with the engine's launcher) and continue (--keep-training:
-the run's own plan, re-probed). The commands in launcher/cli.py parse options and call run_training.
+the run's own plan, re-probed). The commands in launcher/cli.py resolve their flags into one RunRequest
+(launcher/request.py) and call run_training with it.
 """
 
 from __future__ import annotations
@@ -8,21 +9,24 @@ from __future__ import annotations
 import dataclasses
 import sys
 import warnings
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from launcher.console import describe_config, err, out, print_plan, print_result, status
 from launcher.options import make_topology
+from launcher.request import RunRequest
 from launcher.runlock import RunLock
 from r2gen.errors import BackendError, ConfigError
 
-TORCHAO_UNTIMED = ("fp8 not timed: without Transformer Engine only torchao's float8 is here, measured slower than "
-                   "bf16 on R2Gen's small matrices (2026-12: 2.5-11x, by card and batch: an H200 at micro-batch 65, "
-                   "59 vs 643 samples/s; an H100, 141 vs 396); `r2gen-launch fp8` runs it")
-"""Why auto skips the bf16-vs-fp8 timing (24 s of a 3-minute run) when FP8 would be torchao's."""
+if TYPE_CHECKING:
+    from backends.spec import Topology
+    from launcher.engine_config import EngineConfig
+    from launcher.plan import Plan
+    from r2gen.build import Prepared
 
 PAPER_PRESETS = ("iu_xray", "mimic_cxr")
 
@@ -43,19 +47,16 @@ def visual_weights_reason(given: Path | None, preset: str, embedded: bool) -> st
     return "the embedded set and the tiny preset never use the network: cached ImageNet weights, else random"
 
 
-def prepare_run(backend_name: str, device: str, precision: str, preset_name: str, overrides: dict,
-                options, ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
-                thresholds_path: Optional[Path], run_dir: Optional[Path] = None, name: Optional[str] = None,
-                world_size: int = 1, gpus_here: int = 1, engine: Optional[dict] = None,
-                init_from: Optional[Path] = None):
-    """Validate everything, probe, plan. Writes nothing. Returns (prepared run, plan, run directory).
-
-    `world_size` counts every process of the run (all nodes), `gpus_here` this machine's. `init_from`:
-    a fine-tune's checkpoint (ours: a file or run directory; or the published R2Gen's)."""
-    from backends.registry import SPECS, build_backend, spec
+def prepare_run(request: RunRequest) -> tuple[Prepared, Plan, Optional[Path]]:
+    """Validate everything, probe, plan. Writes nothing. Returns (prepared run, plan, run directory: None
+    without request.run_dir). Its topology's world size counts every process of the run (all nodes), its
+    GPUs per node this machine's; request.data.init_from is a fine-tune's checkpoint (ours: a file or run
+    directory; or the published R2Gen's)."""
+    from backends.registry import check_engine_device
+    from launcher.auto import EngineChoice, auto_engine, measured_first
     from launcher.evaluate import resolve_checkpoint
     from launcher.hardware import detect
-    from launcher.plan import EngineChoice, check_engine_device, gpu_budget, make_plan
+    from launcher.plan import gpu_budget, make_plan
     from launcher.thresholds import load_thresholds
     from r2gen.config import preset
     from r2gen.data.datasets import load_annotation
@@ -65,42 +66,48 @@ def prepare_run(backend_name: str, device: str, precision: str, preset_name: str
     from r2gen.tensorboard_log import check_tensorboard
     from r2gen.wandb_log import check_wandb
 
-    engine = engine or {}
-    if backend_name in SPECS:  # auto has none: it measures plain first
-        spec(backend_name).engine_options(engine)  # --zero/--offload/--fp8-impl checked before any work
-    thresholds = load_thresholds(thresholds_path)
-    check_engine_device(backend_name, device, world_size)
+    device, precision, data, options = request.device, request.precision, request.data, request.options
+    engine, engine_options = request.engine, dict(request.engine_options)
+    topology = request.topology
+    world_size, gpus_here = request.world_size, topology.gpus_per_node if topology else 1
+    if engine is not None:  # auto has none yet: it measures the plain engine first
+        engine.engine_options(engine_options)  # --zero/--offload/--fp8-impl checked before any work
+    thresholds = load_thresholds(request.thresholds)
+    if engine is not None:
+        check_engine_device(engine, device, world_size)
     if device == "cuda" and gpus_here > 1:
         import torch
 
         if torch.cuda.device_count() < gpus_here:
             raise BackendError(f"--gpus {gpus_here}: only {torch.cuda.device_count()} GPU(s) visible")
-    cfg = preset(preset_name).replace(**{k: v for k, v in overrides.items() if v is not None})
+    overrides = request.overrides
+    cfg = preset(request.preset).replace(**{k: v for k, v in overrides.items() if v is not None})
     if cfg.wandb:
         check_wandb(cfg.wandb_mode)
     if cfg.tensorboard:
         check_tensorboard()
-    auto = backend_name == "auto"
+    auto = engine is None
     if auto:
-        backend_name = "plain"  # what auto measures first; auto_engine may pick another engine
-    backend = build_backend(backend_name, device, precision, engine)
+        engine = measured_first()  # auto_engine may pick another engine
+    backend = engine.build(device, precision, engine_options)
     options.effective_for(cfg)  # --micro-batch against the effective batch, before any work
     target = None
-    if run_dir is not None:
-        target = run_dir / (name or f"{cfg.preset}-{backend_name}-{datetime.now():%Y%m%d-%H%M%S}")
+    if request.run_dir is not None:
+        target = request.run_dir / (request.name or f"{cfg.preset}-{engine.name}-{datetime.now():%Y%m%d-%H%M%S}")
         if why := why_not_creatable(target):
             raise ConfigError(f"--run-dir/--name: cannot make the run directory {target}: {why}")
         if holds_a_run(target):
             raise ConfigError(f"--run-dir/--name: {target} already holds a run; choose another --name")
+    ann_path, visual_weights = data.ann_path, data.visual_weights
     embedded = ann_path is None
     if embedded:
         if overrides.get("epochs") is None and cfg.embedded_epochs:
             cfg = cfg.replace(epochs=cfg.embedded_epochs)
-        if image_dir is not None:
+        if data.image_dir is not None:
             raise ConfigError("--image-dir needs --ann-path (the embedded set has its own images)")
         err.print(f"No --ann-path: using the embedded synthetic set ({cfg.studies} studies).")
         ann_path = default_dataset(studies=cfg.studies)
-    annotation = load_annotation(ann_path, image_dir, cfg.model.dataset, progress=True)
+    annotation = load_annotation(ann_path, data.image_dir, cfg.model.dataset, progress=True)
     prepared_for = prepared_image_size(annotation.path)
     if prepared_for is not None and prepared_for != cfg.image_size:
         err.print(f"[yellow]warning:[/] {annotation.path} was prepared for --image-size {prepared_for}, this run uses "
@@ -109,11 +116,11 @@ def prepare_run(backend_name: str, device: str, precision: str, preset_name: str
     elif prepared_for is None and not embedded and (hint := preparation_hint(annotation, cfg.image_size)):
         err.print(f"[yellow]hint:[/] {hint}", highlight=False)
     weights_reason = visual_weights_reason(visual_weights, cfg.preset, embedded)
-    if visual_weights is None and init_from is None:
+    if visual_weights is None and data.init_from is None:
         visual_weights = default_visual_weights(cfg.preset, embedded)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        start_from = resolve_checkpoint(init_from, "--init-from")[0] if init_from is not None else None
+        start_from = resolve_checkpoint(data.init_from, "--init-from")[0] if data.init_from is not None else None
         prep = prepare(cfg, backend, annotation, visual_weights, start_from)
     cfg = prep.cfg  # a fine-tune's model is its checkpoint's
     for w in caught:
@@ -132,25 +139,26 @@ def prepare_run(backend_name: str, device: str, precision: str, preset_name: str
         from launcher.probe import ProbeRequest, probe_in_subprocess
 
         budget, _ = gpu_budget(facts, options, thresholds)
-        request = ProbeRequest(cfg, len(prep.tokenizer), precision, budget,
-                               options.probe_cap(cfg, n["train"], world_size, thresholds.min_steps_per_epoch),
-                               backend=backend.name,
-                               verify=options.micro_batch or 0, others_gib=facts.gpus[0].used_by_others_gib,
-                               engine=engine)
+        probe_request = ProbeRequest(cfg, len(prep.tokenizer), precision, budget,
+                                     options.probe_cap(cfg, n["train"], world_size, thresholds.min_steps_per_epoch),
+                                     backend=backend.name, verify=options.micro_batch or 0,
+                                     others_gib=facts.gpus[0].used_by_others_gib, engine=engine_options)
         with status("probing GPU memory with real training steps..."):
-            probe = probe_in_subprocess(request).to_dict()
+            probe = probe_in_subprocess(probe_request)
     choice = None
     if auto:
-        choice, probe = auto_engine(request, probe, facts, thresholds) if probe else (EngineChoice(
-            "plain", precision, {}, "plain: on a CPU" if device == "cpu" else "plain: --no-probe, nothing measured"),
+        choice, probe = auto_engine(probe_request, probe, facts, thresholds) if probe else (EngineChoice(
+            engine.name, precision, {}, "plain: on a CPU" if device == "cpu" else "plain: --no-probe, nothing measured"),
             probe)
-        backend_name, precision, engine = choice.backend, choice.precision, choice.engine
-        if backend_name != backend.name:
-            prep.backend = build_backend(backend_name, device, precision, engine)
+        precision, engine_options = choice.precision, choice.engine
+        if choice.backend != engine.name:
+            engine = choice.spec
+            prep.backend = engine.build(device, precision, engine_options)
         err.print(f"auto: {choice.reason}", highlight=False)
-    plan = make_plan(backend_name, device, precision, cfg, facts, thresholds, options, sum(n.values()), probe,
-                     world_size=world_size, engine=engine, choice=choice,
-                     disk=disk_space(run_dir, prep) if run_dir is not None else None, train_studies=n["train"])
+    plan = make_plan(engine, device, precision, cfg, facts, thresholds, options, sum(n.values()), probe,
+                     world_size=world_size, engine=engine_options, choice=choice,
+                     disk=disk_space(request.run_dir, prep) if request.run_dir is not None else None,
+                     train_studies=n["train"])
     if prep.init_from is None:
         plan = dataclasses.replace(plan, visual_weights=prep.weights_source,
                                    reasons={**plan.reasons, "visual_weights": weights_reason})
@@ -166,73 +174,52 @@ def disk_space(run_dir: Path, prep):
     return DiskSpace(str(run_dir), free_bytes(run_dir), each, prep.cfg.keep_last)
 
 
-def auto_engine(request, probe: dict, facts, thresholds):
-    """auto's measurements beyond the plain probe: ZeRO-2 CPU offload when too little fits, a short
-    bf16-vs-fp8 timing where FP8 can run. Returns (EngineChoice, the probe of the chosen engine)."""
-    from dataclasses import replace
+@dataclass
+class Ready:
+    """A planned run about to go on: what it trains, its plan, its directory, its processes and engine file,
+    the visual weights its workers start from (the user's flag), and the checkpoint a continued run resumes."""
 
-    from backends.fp8 import MIN_CAPABILITY, installed
-    from launcher.plan import choose_auto_engine
-    from launcher.probe import in_subprocess, measure_speeds, probe_in_subprocess
-
-    micro = probe["micro_batch"]
-    if micro < 1:
-        return choose_auto_engine(request.precision, micro, thresholds), probe
-    if micro < thresholds.useful_micro_batch:
-        offload = replace(request, backend="deepspeed", engine={"zero": 2, "offload": "cpu"})
-        with status("probing DeepSpeed ZeRO-2 with CPU offload..."):
-            offload_probe = probe_in_subprocess(offload).to_dict()
-        choice = choose_auto_engine(request.precision, micro, thresholds, offload_probe["micro_batch"])
-        return choice, offload_probe if choice.backend == offload.backend else probe
-    speeds, untimed = None, ""
-    if request.precision == "bf16" and facts.gpus[0].capability >= MIN_CAPABILITY:
-        if installed("transformer_engine"):
-            engines = (("plain", "bf16", {}), ("fp8", "fp8", {"fp8_impl": "te"}))
-            with status(f"timing bf16 against fp8 at micro-batch {micro}..."):
-                speeds = in_subprocess(measure_speeds, request, engines, micro)
-        elif installed("torchao"):
-            untimed = TORCHAO_UNTIMED
-    return choose_auto_engine(request.precision, micro, thresholds, speeds=speeds, untimed=untimed), probe
+    prep: Prepared
+    plan: Plan
+    target: Path
+    topology: Topology
+    engine_file: Optional[EngineConfig]
+    visual_weights: Optional[Path] = None
+    resume: Optional[Path] = None
 
 
-def run_training(backend_name: str, device: str, precision: str, preset_name: str, overrides: dict, options,
-                 ann_path: Optional[Path], image_dir: Optional[Path], visual_weights: Optional[Path],
-                 thresholds_path: Optional[Path], run_dir: Path, name: Optional[str], dry_run: bool,
-                 topology=None, engine: Optional[dict] = None, hostfile: Optional[Path] = None,
-                 keep_training: bool = False, preset_given: Optional[str] = None,
-                 user_file: tuple = (None, None), init_from: Optional[Path] = None) -> None:
-    """A new run (or, with keep_training, the continued one). `user_file`: the settings and path of
-    --ds-config / --accelerate-config, merged into the engine config the plan generates. `init_from`:
-    the checkpoint a new run's model starts from (a fine-tune)."""
+def run_training(request: RunRequest) -> None:
+    """A new run (or, with request.keep_training, the continued one). request.user_file: --ds-config /
+    --accelerate-config, merged into the engine config the plan generates; request.data.init_from: the
+    checkpoint a new run's model starts from (a fine-tune)."""
     from backends.spec import Topology
     from launcher.engine_config import engine_config_for
     from launcher.plan import apply_plan
 
-    if keep_training:
-        if init_from is not None:
+    user_file = request.user_file
+    if request.keep_training:
+        if request.data.init_from is not None:
             raise ConfigError("--init-from: a continued run goes on from its own checkpoint (--keep-training); drop "
                               "--init-from, or start a new run from it without --keep-training")
-        if user_file[1] is not None:
+        if user_file is not None:
             raise ConfigError(f"--keep-training: a continued run keeps its own engine config (in its run directory); "
-                              f"drop {user_file[1]}")
-        continue_training(backend_name, overrides, options, run_dir, name, dry_run, topology, hostfile, preset_given,
-                          thresholds_path)
+                              f"drop {user_file.path}")
+        continue_training(request)
         return
-    topology = topology or Topology()
-    prep, plan, target = prepare_run(backend_name, device, precision, preset_name, overrides, options, ann_path,
-                                     image_dir, visual_weights, thresholds_path, run_dir, name,
-                                     world_size=topology.world_size, gpus_here=topology.gpus_per_node,
-                                     engine=engine, init_from=init_from)
+    request = request.with_topology(request.topology or Topology())
+    prep, plan, target = prepare_run(request)
     print_plan(plan)
-    engine_file = engine_config_for(plan, topology, target, *user_file)
+    engine_file = engine_config_for(plan, request.topology, target, *(
+        (dict(user_file.settings), user_file.path) if user_file else ()))
     prep.cfg = apply_plan(prep.cfg, plan)
-    if dry_run:
-        start(prep, plan, target, topology, engine_file, visual_weights, hostfile, dry_run)
+    ready = Ready(prep, plan, target, request.topology, engine_file, request.data.visual_weights)
+    if request.dry_run:
+        start(ready, request)
         return
     with RunLock(target):
         if holds_a_run(target):  # another command started this run while we planned
             raise ConfigError(f"--run-dir/--name: {target} already holds a run; choose another --name")
-        start(prep, plan, target, topology, engine_file, visual_weights, hostfile, dry_run)
+        start(ready, request)
 
 
 def why_not_creatable(target: Path) -> str:
@@ -273,28 +260,22 @@ def write_versions(target: Path) -> None:
                                           **versions()})
 
 
-def continue_training(backend_name: str, overrides: dict, options, run_dir: Path, name: Optional[str],
-                      dry_run: bool, topology, hostfile: Optional[Path], preset_given: Optional[str],
-                      thresholds_path: Optional[Path]) -> None:
+def continue_training(request: RunRequest) -> None:
     """--keep-training: take the run's lock, check the run, rebuild it from its own files, re-plan the
     micro-batch, continue."""
     from launcher.resume import find_run, is_run
 
-    target = find_run(run_dir, name)
-    if dry_run or not is_run(target):  # writes nothing; a folder that is not a run is refused there, unlocked
-        continue_locked(target, backend_name, overrides, options, dry_run, topology, hostfile, preset_given,
-                        thresholds_path)
+    target = find_run(request.run_dir, request.name)
+    if request.dry_run or not is_run(target):  # writes nothing; a folder that is not a run is refused there, unlocked
+        continue_locked(request, target)
         return
     with RunLock(target):  # before reading it: the run's files are ours until we exit
-        continue_locked(target, backend_name, overrides, options, dry_run, topology, hostfile, preset_given,
-                        thresholds_path)
+        continue_locked(request, target)
 
 
-def continue_locked(target: Path, backend_name: str, overrides: dict, options, dry_run: bool, topology,
-                    hostfile: Optional[Path], preset_given: Optional[str], thresholds_path: Optional[Path]) -> None:
+def continue_locked(request: RunRequest, target: Path) -> None:
     from dataclasses import replace
 
-    from backends.registry import build_backend
     from launcher.engine_config import engine_config_for, stored_engine_file
     from launcher.resume import check_request, continued_config, read_run, resume_batch
     from r2gen.data.datasets import load_annotation
@@ -304,8 +285,10 @@ def continue_locked(target: Path, backend_name: str, overrides: dict, options, d
     from r2gen.wandb_log import check_wandb
 
     run = read_run(target)
-    check_request(run, backend_name, preset_given, overrides)
+    overrides = dict(request.overrides)
+    check_request(run, request.engine_name, request.preset_given, overrides)
     plan = run.plan
+    topology = request.topology
     if topology is None:  # neither --gpus nor --nodes: as many processes as the run had, on this machine
         topology = make_topology(plan.batch.world_size, 1, 0, "127.0.0.1", None)
     if topology.world_size != plan.batch.world_size:
@@ -313,7 +296,7 @@ def continue_locked(target: Path, backend_name: str, overrides: dict, options, d
                           "with as many, or leave --gpus/--nodes out (each process's share of the data depends on it)")
     for warning in run.warnings:
         err.print(f"[yellow]warning:[/] skipping {warning}", highlight=False)
-    backend = build_backend(plan.backend, plan.device, plan.precision, plan.engine)
+    backend = plan.spec.build(plan.device, plan.precision, plan.engine)
     annotation = load_annotation(run.annotation, run.image_dir, run.cfg.model.dataset, progress=True)
     own = (run.path / "tokenizer.json").read_text(encoding="utf-8")
     with warnings.catch_warnings():  # a fine-tune's vocabulary is its start checkpoint's: kept, not rebuilt
@@ -325,20 +308,21 @@ def continue_locked(target: Path, backend_name: str, overrides: dict, options, d
     if prep.tokenizer.to_json() != own:
         raise ConfigError(f"--keep-training: {run.annotation} changed since {run.path} started (its vocabulary "
                           "differs); start a new run")
-    if plan.device == "cuda" and options.probe:
+    if plan.device == "cuda" and request.options.probe:
         from launcher.hardware import detect
         from launcher.plan import gpu_budget
         from launcher.probe import ProbeRequest, probe_in_subprocess
         from launcher.thresholds import load_thresholds
 
         facts = detect()
-        budget, _ = gpu_budget(facts, options, load_thresholds(thresholds_path))
+        budget, _ = gpu_budget(facts, request.options, load_thresholds(request.thresholds))
         window = plan.batch.micro_batch * plan.batch.accumulation
-        request = ProbeRequest(run.cfg, len(prep.tokenizer), plan.precision, budget, window, backend=plan.backend,
-                               others_gib=facts.gpus[0].used_by_others_gib, engine=plan.engine)
+        probe_request = ProbeRequest(run.cfg, len(prep.tokenizer), plan.precision, budget, window,
+                                     backend=plan.backend, others_gib=facts.gpus[0].used_by_others_gib,
+                                     engine=plan.engine)
         with status("re-probing GPU memory..."):
-            probe = probe_in_subprocess(request).to_dict()
-        plan = replace(plan, batch=resume_batch(plan.batch, probe["micro_batch"]), probe=probe)
+            probe = probe_in_subprocess(probe_request)
+        plan = replace(plan, batch=resume_batch(plan.batch, probe.micro_batch), probe=probe)
     prep.cfg = continued_config(run, overrides, plan.batch.micro_batch)
     if prep.cfg.wandb:
         check_wandb(prep.cfg.wandb_mode)
@@ -347,29 +331,29 @@ def continue_locked(target: Path, backend_name: str, overrides: dict, options, d
     print_plan(plan)
     err.print(f"continuing {run.path} from {run.checkpoint.name}", highlight=False)
     engine_file = engine_config_for(plan, topology, run.path, stored_engine_file(plan, run.path))
-    start(prep, plan, run.path, topology, engine_file, None, hostfile, dry_run, resume=run.checkpoint)
+    start(Ready(prep, plan, run.path, topology, engine_file, resume=run.checkpoint), request)
 
 
-def start(prep, plan, target: Path, topology, engine_file, visual_weights: Optional[Path], hostfile: Optional[Path],
-          dry_run: bool, resume: Optional[Path] = None) -> None:
-    """The one way a planned run (new, or continued from `resume`) goes on: train in this process, or
-    launch one worker per process with the engine's launcher; with dry_run, say which and write nothing."""
+def start(ready: Ready, request: RunRequest) -> None:
+    """The one way a planned run (new, or continued from ready.resume) goes on: train in this process, or
+    launch one worker per process with the engine's launcher; with request.dry_run, say which and write
+    nothing."""
     from r2gen.train import train
 
-    if not dry_run:  # every check passed: the run goes on
+    target, plan, resume = ready.target, ready.plan, ready.resume
+    if not request.dry_run:  # every check passed: the run goes on
         write_versions(target)
-    if topology.world_size > 1:
-        launch_processes(prep, prep.cfg, plan, target, visual_weights, topology, engine_file, hostfile, dry_run,
-                         resume=resume)
+    if ready.topology.world_size > 1:
+        launch_processes(ready, request)
         return
-    if dry_run:
+    if request.dry_run:
         where = f"continuing {target} (nothing written)" if resume else f"run directory {target} (not created)"
-        out.print(f"engine config: {describe_config(engine_file)}\nlaunch: this process, one {plan.device} device; "
-                  f"{where}", highlight=False)
+        out.print(f"engine config: {describe_config(ready.engine_file)}\nlaunch: this process, one {plan.device} "
+                  f"device; {where}", highlight=False)
         return
-    start_engine(prep, plan, engine_file)
+    start_engine(ready)
     try:
-        result = train(prep, target, err, plan.to_json(), resume=resume)
+        result = train(ready.prep, target, err, plan.to_json(), resume=resume)
     finally:
         write_run_report_quietly(target)
     print_result(result)
@@ -393,34 +377,33 @@ def write_engine_config(engine) -> None:
         err.print(f"engine config: {write_engine_config(engine)}", highlight=False)
 
 
-def start_engine(prep, plan, engine_file) -> None:
+def start_engine(ready: Ready) -> None:
     """One process, new or continued run: write the engine's config and hand it to the engine (DeepSpeed's
     prepare() needs it; the others read nothing)."""
-    from backends.registry import spec
-
-    write_engine_config(engine_file)
-    spec(plan.backend).configure(prep.backend, engine_file.config if engine_file else None)
+    write_engine_config(ready.engine_file)
+    ready.plan.spec.configure(ready.prep.backend, ready.engine_file.config if ready.engine_file else None)
 
 
-def launch_processes(prep, cfg, plan, target: Path, visual_weights: Optional[Path], topology, engine_file,
-                     hostfile: Optional[Path], dry_run: bool, resume: Optional[Path] = None) -> None:
+def launch_processes(ready: Ready, request: RunRequest) -> None:
     """Write launch.json into the run directory and start one worker per process with the engine's launcher."""
     from launcher.launch_file import Launch
     from launcher.spawn import launch_command, repo_env, run_command
 
+    prep, plan, target, engine_file, topology = ready.prep, ready.plan, ready.target, ready.engine_file, ready.topology
     launch = target / "launch.json"
-    command = launch_command(plan.backend, topology, ["--launch", str(launch)],
-                             engine_config=engine_file.path if engine_file else None, hostfile=hostfile)
-    if dry_run:
+    command = launch_command(plan.spec, topology, ["--launch", str(launch)],
+                             engine_config=engine_file.path if engine_file else None, hostfile=request.hostfile)
+    if request.dry_run:
         out.print(f"engine config: {describe_config(engine_file)}\nlaunch: {' '.join(command)}\n"
                   f"run directory {target} (not created)", highlight=False)
         return
     spec = Launch(backend=plan.backend, device=plan.device, precision=plan.precision, engine=plan.engine,
-                  engine_config=str(engine_file.path.resolve()) if engine_file else None, config=cfg.to_dict(),
+                  engine_config=str(engine_file.path.resolve()) if engine_file else None, config=prep.cfg.to_dict(),
                   annotation=str(prep.annotation.path), image_dir=str(prep.annotation.image_dir), run_dir=str(target),
                   tokenizer=prep.tokenizer.to_json(), plan=plan.to_json(), weights_source=prep.weights_source,
-                  visual_weights=str(visual_weights) if visual_weights else None,
-                  init_from=str(prep.init_from) if prep.init_from else None, resume=str(resume) if resume else None)
+                  visual_weights=str(ready.visual_weights) if ready.visual_weights else None,
+                  init_from=str(prep.init_from) if prep.init_from else None,
+                  resume=str(ready.resume) if ready.resume else None)
     write_engine_config(engine_file)
     spec.write(launch)
     env = repo_env()
@@ -435,27 +418,3 @@ def launch_processes(prep, cfg, plan, target: Path, visual_weights: Optional[Pat
         err.print(f"[bold red]failed:[/] the {topology.world_size} training processes exited with code {code}",
                   highlight=False)
         raise typer.Exit(code)
-
-
-def user_engine_file(engine: dict) -> tuple[Optional[dict], Optional[Path], dict]:
-    """--ds-config / --accelerate-config (popped from the engine options): the file's settings, its path,
-    and the choices it makes for the flags left out (precision, --zero, --offload)."""
-    from backends.registry import SPECS
-    from launcher.engine_config import engine_file_choices, read_engine_file
-
-    for file in (s.file for s in SPECS.values() if s.file is not None):
-        path = engine.pop(file.option, None)
-        if path is not None:
-            user = read_engine_file(path, file.flag)
-            return user, path, engine_file_choices(user, file.flag)
-    return None, None, {}
-
-
-def default_precision(backend_name: str, device: str) -> str:
-    """The engine's own default (plain: fp32, as R2Gen; fp8: fp8; the others mixed precision on a GPU:
-    bf16 where supported, else fp16)."""
-    import torch
-
-    from backends.registry import spec
-
-    return spec(backend_name).default_precision(device, device == "cuda" and torch.cuda.is_bf16_supported())

@@ -18,9 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from backends.registry import SPECS
-from backends.spec import Topology
-from r2gen.errors import ConfigError
+from backends.spec import EngineSpec, Topology
 
 WORKER_MODULE = "launcher.worker"
 """The module every launcher starts once per process: it runs the shared loop from launch.json."""
@@ -40,12 +38,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(backend: str, topology: Topology, worker_args: Sequence[str], engine_config: Path | None = None,
-                   hostfile: Path | None = None) -> list[str]:
-    """The command line that starts `topology.world_size` processes of the worker."""
-    if backend not in SPECS:
-        raise ConfigError(f"--backend: no launcher for {backend!r}")
-    return SPECS[backend].launch_command(topology, WORKER_MODULE, worker_args, engine_config, hostfile)
+def launch_command(engine: EngineSpec, topology: Topology, worker_args: Sequence[str],
+                   engine_config: Path | None = None, hostfile: Path | None = None) -> list[str]:
+    """The command line that starts `topology.world_size` processes of the worker with `engine`'s launcher."""
+    return engine.launch_command(topology, WORKER_MODULE, worker_args, engine_config, hostfile)
 
 
 def run_command(command: Sequence[str], env: dict[str, str] | None = None, grace_s: float = 60.0) -> int:

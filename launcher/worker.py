@@ -23,7 +23,6 @@ def main(argv: list[str] | None = None) -> int:
                         "[default: launch.json's engine_config]")
     args = parser.parse_args(argv)
 
-    from backends.registry import spec
     from launcher.launch_file import Launch
     from r2gen.config import TrainConfig
     from r2gen.data.datasets import load_annotation
@@ -33,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from r2gen.train import train
 
     launch = Launch.read(args.launch)
-    engine = spec(launch.backend)
+    engine = launch.spec
     backend = engine.build(launch.device, launch.precision, launch.engine)
     if engine.reads_config:  # the file its launcher passes (deepspeed: --deepspeed_config), else launch.json's
         path = args.deepspeed_config or Path(launch.engine_config)

@@ -269,12 +269,15 @@ def test_the_embedded_set_trains_the_presets_embedded_epochs(small_set: Path, ov
                                                              epochs: int) -> None:
     """iu_xray: 30 epochs on the embedded set (its 3000 studies are learned by then), the paper's 100 on
     the user's own data; --epochs wins either way."""
+    from backends.registry import spec
     from launcher.options import plan_options
+    from launcher.request import DataPaths, RunRequest
     from launcher.run import prepare_run
 
     options = plan_options(None, False, None, None, None, None, "sqrt", 0, "faithful")
-    prep, _, _ = prepare_run("plain", "cpu", "fp32", "iu_xray", {"studies": 20, **overrides}, options,
-                             small_set if own_data else None, None, Path("random"), None)
+    prep, _, _ = prepare_run(RunRequest(spec("plain"), "cpu", "fp32", "iu_xray", options, {"studies": 20, **overrides},
+                                        data=DataPaths(small_set if own_data else None, None, Path("random")),
+                                        run_dir=None))
     assert prep.cfg.epochs == epochs
 
 

@@ -94,6 +94,66 @@ def test_data_and_precision_questions_are_not_reported(source: str) -> None:
     assert engine_name_branches(source) == []
 
 
+# -- an engine is found by its name in the registry, and once --------------------------------------------
+
+NAME_LOOKUPS_ALLOWED = {
+    ("launcher/plan.py", "spec"): "Plan.spec: the engine plan.json names",
+    ("launcher/launch_file.py", "spec"): "Launch.spec: the engine launch.json names",
+    ("launcher/probe.py", "spec"): "ProbeRequest.spec: a request crosses into the probe's process by name",
+    ("launcher/auto.py", "spec"): "EngineChoice.spec: the engine auto's measurements chose",
+    ("launcher/auto.py", "measured_first"): "the engine auto probes first",
+    ("launcher/cli.py", "run"): "probe --backend: the engine the user typed",
+}
+"""Where a name becomes an engine outside backends/registry.py: each typed value that stores a name (a file,
+a process boundary, a pure decision) answers `.spec` itself, and the one flag that names an engine."""
+
+
+def engine_lookups(source: str) -> list[tuple[str, str]]:
+    """(enclosing function, code) for each lookup of an engine by a name that is not a literal in `source`:
+    a call of `spec(...)` or `build_backend(...)`, `SPECS[...]` or `SPECS.get(...)`."""
+    found: list[tuple[str, str]] = []
+
+    def visit(node: ast.AST, function: str) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            function = node.name
+        lookup = False
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("spec", "build_backend"):
+            lookup = not (node.args and isinstance(node.args[0], ast.Constant))
+        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "SPECS":
+            lookup = True
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+              and isinstance(node.func.value, ast.Name) and node.func.value.id == "SPECS"):
+            lookup = True
+        if lookup:
+            found.append((function, ast.unparse(node)))
+        for child in ast.iter_child_nodes(node):
+            visit(child, function)
+
+    visit(ast.parse(source), "<module>")
+    return found
+
+
+def test_no_engine_is_looked_up_by_name_outside_the_registry() -> None:
+    sources = sorted(p for package in ("launcher", "backends", "r2gen") for p in (ROOT / package).rglob("*.py"))
+    found = {(str(path.relative_to(ROOT)), function): code for path in sources if path.name != "registry.py"
+             for function, code in engine_lookups(path.read_text(encoding="utf-8"))}
+    assert set(found) == set(NAME_LOOKUPS_ALLOWED), "pass the EngineSpec on; names become engines only where listed"
+
+
+@pytest.mark.parametrize("source", [
+    "def f(plan):\n    return spec(plan.backend).file\n",
+    "def f(name):\n    return SPECS[name]\n",
+    "def f(name):\n    return SPECS.get(name)\n",
+    "def f(plan):\n    return build_backend(plan.backend, 'cpu', 'fp32')\n",
+])
+def test_a_planted_name_lookup_is_reported(source: str) -> None:
+    assert [function for function, _ in engine_lookups(source)] == ["f"]
+
+
+def test_literal_engines_and_spec_objects_are_not_lookups() -> None:
+    assert engine_lookups("backend = build_backend('plain', 'cpu', 'fp32')\nx = plan.spec.file\n") == []
+
+
 # -- the specs ------------------------------------------------------------------------------------------
 
 def test_the_registry_lists_one_spec_per_engine_file() -> None:
@@ -173,7 +233,7 @@ def test_launch_commands_come_from_the_spec(tmp_path: Path) -> None:
                 "deepspeed": ("deepspeed.launcher.runner", "--num_gpus=2")}
     assert set(expected) == set(SPECS)
     for name, (module, count) in expected.items():
-        command = launch_command(name, topology, ["--launch", "x"], engine_config=tmp_path / "f")
+        command = launch_command(spec(name), topology, ["--launch", "x"], engine_config=tmp_path / "f")
         assert command[1:3] == ["-m", module] and count in command, (name, command)
         assert WORKER_MODULE in command and command[command.index("--launch") + 1] == "x"
     assert spec("fp8").launch is spec("plain").launch  # FP8 is the plain adapter's data parallel under torchrun

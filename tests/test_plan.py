@@ -93,7 +93,10 @@ def test_plan_round_trips_through_json_and_has_a_reason_per_row() -> None:
 
 # -- make_plan: facts, flags and probe results in, every decision out -----------------------------------
 from launcher.hardware import Facts, GpuFacts  # noqa: E402
-from launcher.plan import PlanOptions, apply_plan, check_engine_device, choose_auto_engine, make_plan  # noqa: E402
+from launcher.auto import choose_auto_engine  # noqa: E402
+from launcher.memory_model import ProbeResult  # noqa: E402
+from backends.registry import check_engine_device, spec  # noqa: E402
+from launcher.plan import PlanOptions, apply_plan, make_plan  # noqa: E402
 from r2gen.config import preset  # noqa: E402
 from r2gen.errors import BackendError, ConfigError  # noqa: E402
 
@@ -101,19 +104,19 @@ H100 = GpuFacts(0, "NVIDIA H100 80GB HBM3", (9, 0), 79.2, 78.6, 0.0)
 SERVER = HostFacts(128, 120, 0, 0, 16)
 
 
-def _probe(micro: int, fixed: float = 2.0, per_sample: float = 0.25) -> dict:
-    return {"gpu": "NVIDIA H100 80GB HBM3", "budget_gib": 67.3, "overhead_gib": 0.5,
-            "points": ((4, fixed + 4 * per_sample), (8, fixed + 8 * per_sample)), "fixed_gib": fixed,
-            "per_sample_gib": per_sample, "predicted": micro, "micro_batch": micro,
-            "peak_gib": fixed + per_sample * micro if micro else None,
-            "tried": ((1, True, 2.2), (4, True, 3.0), (8, True, 4.0), (micro, micro > 0, None)), "seconds": 21.0}
+def _probe(micro: int, fixed: float = 2.0, per_sample: float = 0.25) -> ProbeResult:
+    return ProbeResult(gpu="NVIDIA H100 80GB HBM3", budget_gib=67.3, overhead_gib=0.5,
+                       points=((4, fixed + 4 * per_sample), (8, fixed + 8 * per_sample)), fixed_gib=fixed,
+                       per_sample_gib=per_sample, predicted=micro, micro_batch=micro,
+                       peak_gib=fixed + per_sample * micro if micro else None,
+                       tried=((1, True, 2.2), (4, True, 3.0), (8, True, 4.0), (micro, micro > 0, None)), seconds=21.0)
 
 
 def test_throughput_plan_on_an_h100_from_the_probe() -> None:
     cfg = preset("iu_xray")
     facts = Facts((H100,), SERVER, "1 GPU(s) via NVML")
     choice = choose_auto_engine("bf16", 256, Thresholds(), speeds={"bf16": 400.0, "fp8": 390.0})
-    plan = make_plan(choice.backend, "cuda", choice.precision, cfg, facts, Thresholds(),
+    plan = make_plan(choice.spec, "cuda", choice.precision, cfg, facts, Thresholds(),
                      PlanOptions(batch_policy="throughput"), studies=3955, probe=_probe(256), engine=choice.engine,
                      choice=choice)
     assert (plan.batch.micro_batch, plan.batch.accumulation, plan.batch.effective_batch) == (256, 1, 256)
@@ -132,7 +135,7 @@ def test_throughput_plan_on_an_h100_from_the_probe() -> None:
 def test_faithful_plan_on_a_laptop_accumulates() -> None:
     laptop = GpuFacts(0, "RTX 4060 Laptop", (8, 9), 8.0, 7.4, 0.3)
     facts = Facts((laptop,), HostFacts(16, 6, 2, 0, 8), "1 GPU(s) via NVML")
-    plan = make_plan("plain", "cuda", "fp32", preset("iu_xray"), facts, Thresholds(), PlanOptions(),
+    plan = make_plan(spec("plain"), "cuda", "fp32", preset("iu_xray"), facts, Thresholds(), PlanOptions(),
                      studies=3955, probe=_probe(6))
     assert (plan.batch.micro_batch, plan.batch.accumulation, plan.batch.effective_batch) == (6, 3, 18)
     assert plan.memory_budget_gib == pytest.approx(8 * 0.85 - 0.3)
@@ -142,7 +145,7 @@ def test_faithful_plan_on_a_laptop_accumulates() -> None:
 
 def test_max_vram_caps_the_budget_and_says_so() -> None:
     facts = Facts((H100,), SERVER, "")
-    plan = make_plan("plain", "cuda", "bf16", preset("iu_xray"), facts, Thresholds(),
+    plan = make_plan(spec("plain"), "cuda", "bf16", preset("iu_xray"), facts, Thresholds(),
                      PlanOptions(max_vram_gib=8, target_util_pct=90), studies=400, probe=_probe(16))
     assert plan.memory_budget_gib == 8 and plan.reasons["memory"].startswith("--max-vram 8")
     assert apply_plan(preset("iu_xray"), plan).max_vram_gib == 8
@@ -151,15 +154,15 @@ def test_max_vram_caps_the_budget_and_says_so() -> None:
 def test_nothing_fits_and_unverified_batches() -> None:
     facts = Facts((H100,), SERVER, "")
     with pytest.raises(BackendError, match="a micro-batch of 1 does not fit"):
-        make_plan("plain", "cuda", "fp32", preset("iu_xray"), facts, Thresholds(), PlanOptions(), 400, _probe(0))
+        make_plan(spec("plain"), "cuda", "fp32", preset("iu_xray"), facts, Thresholds(), PlanOptions(), 400, _probe(0))
     with pytest.raises(BackendError, match="--micro-batch 64 does not fit"):
-        make_plan("plain", "cuda", "fp32", preset("iu_xray"), facts, Thresholds(),
+        make_plan(spec("plain"), "cuda", "fp32", preset("iu_xray"), facts, Thresholds(),
                   PlanOptions(micro_batch=64, batch_policy="throughput"), 400, _probe(0))
-    plan = make_plan("plain", "cuda", "fp32", preset("iu_xray"), facts, Thresholds(), PlanOptions(probe=False),
+    plan = make_plan(spec("plain"), "cuda", "fp32", preset("iu_xray"), facts, Thresholds(), PlanOptions(probe=False),
                      400, None)
     assert plan.batch.micro_batch == 16 and "--no-probe" in plan.reasons["probe"]
     with pytest.raises(BackendError, match="--device cuda"):
-        make_plan("plain", "cuda", "fp32", preset("iu_xray"), Facts((), SERVER, "CPU only"), Thresholds(),
+        make_plan(spec("plain"), "cuda", "fp32", preset("iu_xray"), Facts((), SERVER, "CPU only"), Thresholds(),
                   PlanOptions(), 400, None)
 
 
@@ -173,7 +176,7 @@ def test_plan_options_are_validated(kwargs: dict, flag: str) -> None:
 
 
 def test_num_workers_flag_overrides_the_host_rule() -> None:
-    plan = make_plan("plain", "cpu", "fp32", preset("tiny"), Facts((), SERVER, "CPU only"), Thresholds(),
+    plan = make_plan(spec("plain"), "cpu", "fp32", preset("tiny"), Facts((), SERVER, "CPU only"), Thresholds(),
                      PlanOptions(num_workers=0), 400, None)
     assert plan.loader.num_workers == 0 and not plan.loader.persistent_workers and plan.loader.prefetch_factor is None
     assert plan.loader.reasons["num_workers"] == "0: --num-workers"
@@ -211,16 +214,16 @@ def test_auto_thresholds_come_from_the_table() -> None:
 @pytest.mark.parametrize("backend", ["deepspeed", "fp8"])
 def test_gpu_engines_are_refused_on_a_cpu(backend: str) -> None:
     with pytest.raises(BackendError, match=f"{backend}: needs a CUDA GPU"):
-        check_engine_device(backend, "cpu")
-    check_engine_device(backend, "cuda")
-    check_engine_device("accelerate", "cpu")
+        check_engine_device(spec(backend), "cpu")
+    check_engine_device(spec(backend), "cuda")
+    check_engine_device(spec("accelerate"), "cpu")
 
 
 def test_several_accelerate_processes_on_a_cpu_are_refused() -> None:
     with pytest.raises(BackendError, match="--gpus 2: accelerate launch runs one process on a CPU"):
-        check_engine_device("accelerate", "cpu", 2)
-    check_engine_device("accelerate", "cuda", 2)
-    check_engine_device("plain", "cpu", 2)
+        check_engine_device(spec("accelerate"), "cpu", 2)
+    check_engine_device(spec("accelerate"), "cuda", 2)
+    check_engine_device(spec("plain"), "cpu", 2)
 
 
 # -- disk: the run directory's free space against the checkpoints the run keeps at once ----------------
@@ -260,17 +263,17 @@ def test_disk_reason_counts_the_checkpoints(free_gib: float, each_gib: float, ke
 def test_make_plan_checks_the_disk_against_keep_last_and_round_trips() -> None:
     facts = Facts((H100,), SERVER, "")
     disk = DiskSpace("runs", int(0.6 * GIB), int(1.2 * GIB))
-    plan = make_plan("plain", "cuda", "bf16", preset("iu_xray").replace(keep_last=2), facts, Thresholds(),
+    plan = make_plan(spec("plain"), "cuda", "bf16", preset("iu_xray").replace(keep_last=2), facts, Thresholds(),
                      PlanOptions(), studies=400, probe=_probe(16), disk=disk)
     assert plan.disk.keep_last == 2  # the run's --keep-last, not the fact's default
     decision, value, reason = plan.rows()[-1]
     assert (decision, value) == ("disk", "too little") and "keeps 2 (--keep-last)" in reason
     assert plan.disk_warning() == f"disk: {reason}"
     assert Plan.from_json(plan.to_json()) == plan
-    roomy = make_plan("plain", "cuda", "bf16", preset("iu_xray"), facts, Thresholds(), PlanOptions(), studies=400,
+    roomy = make_plan(spec("plain"), "cuda", "bf16", preset("iu_xray"), facts, Thresholds(), PlanOptions(), studies=400,
                       probe=_probe(16), disk=DiskSpace("runs", 100 * GIB, GIB))
     assert roomy.rows()[-1][:2] == ("disk", "ok") and roomy.disk_warning() is None
-    unchecked = make_plan("plain", "cuda", "bf16", preset("iu_xray"), facts, Thresholds(), PlanOptions(), studies=400,
+    unchecked = make_plan(spec("plain"), "cuda", "bf16", preset("iu_xray"), facts, Thresholds(), PlanOptions(), studies=400,
                           probe=_probe(16))
     assert unchecked.disk is None and all(row[0] != "disk" for row in unchecked.rows())
 
@@ -281,8 +284,8 @@ def test_auto_says_why_fp8_was_not_timed() -> None:
 
 
 def test_auto_starts_from_the_device_it_finds() -> None:
-    """auto's choices before any measurement, in one place (launcher.plan.auto_start)."""
-    from launcher.plan import AUTO_PRECISION_REASON, AutoStart, auto_start
+    """auto's choices before any measurement, in one place (launcher.auto.auto_start)."""
+    from launcher.auto import AUTO_PRECISION_REASON, AutoStart, auto_start
 
     assert auto_start(True, True, 4, None) == AutoStart("cuda", "iu_xray", "bf16", 4)  # every visible GPU
     assert auto_start(True, False, 4, 2) == AutoStart("cuda", "iu_xray", "fp16", 2)  # no bfloat16; --gpus 2

@@ -112,7 +112,7 @@ def test_deepspeed_probe_survives_out_of_memory_and_auto_measures_fp8() -> None:
 
 @pytest.mark.slow
 def test_auto_measures_deepspeed_offload_when_too_little_fits(tmp_path) -> None:
-    """auto's engine choice end to end (launcher.run.auto_engine): under a 6 GiB --max-vram and a
+    """auto's engine choice end to end (launcher.auto.auto_engine): under a 6 GiB --max-vram and a
     useful_micro_batch no card reaches, the plain probe's micro-batch is not useful, so auto probes
     DeepSpeed ZeRO-2 with CPU offload in a subprocess and decides from both measurements."""
     import re

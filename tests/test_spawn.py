@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from backends.registry import spec
 from backends.spec import Topology
 from backends.accelerate import ACCELERATE_LAUNCH
 from backends.deepspeed import DEEPSPEED
@@ -24,7 +25,7 @@ MULTI = Topology(gpus_per_node=4, nodes=2, node_rank=1, master_addr="10.1.2.3", 
 def test_torchrun_command() -> None:
     from torch.distributed.run import get_args_parser
 
-    command = launch_command("plain", MULTI, ["--run-dir", "runs/x"])
+    command = launch_command(spec("plain"), MULTI, ["--run-dir", "runs/x"])
     assert tuple(command[:3]) == TORCHRUN
     args = get_args_parser().parse_args(command[3:])
     assert (args.nproc_per_node, args.nnodes, args.node_rank) == ("4", "2", 1)
@@ -36,20 +37,20 @@ def test_accelerate_command(tmp_path: Path) -> None:
     from accelerate.commands.launch import launch_command_parser
 
     config = tmp_path / "run.yaml"
-    command = launch_command("accelerate", MULTI, ["--run-dir", "runs/x"], engine_config=config)
+    command = launch_command(spec("accelerate"), MULTI, ["--run-dir", "runs/x"], engine_config=config)
     assert tuple(command[:3]) == ACCELERATE_LAUNCH
     args = launch_command_parser().parse_args(command[3:])
     assert args.config_file == str(config) and args.module
     assert args.training_script == WORKER_MODULE and args.training_script_args == ["--run-dir", "runs/x"]
     with pytest.raises(ConfigError, match="accelerate_configs"):
-        launch_command("accelerate", MULTI, [])
+        launch_command(spec("accelerate"), MULTI, [])
 
 
 def test_deepspeed_command(tmp_path: Path) -> None:
     from deepspeed.launcher.runner import parse_args
 
     config = tmp_path / "run.json"
-    command = launch_command("deepspeed", MULTI, ["--run-dir", "runs/x"], engine_config=config)
+    command = launch_command(spec("deepspeed"), MULTI, ["--run-dir", "runs/x"], engine_config=config)
     assert tuple(command[:3]) == DEEPSPEED
     args = parse_args(command[3:])
     assert (args.num_nodes, args.num_gpus, args.node_rank, args.no_ssh) == (2, 4, 1, True)
@@ -59,10 +60,10 @@ def test_deepspeed_command(tmp_path: Path) -> None:
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=4\nnode-b slots=4\n")
-    args = parse_args(launch_command("deepspeed", MULTI, [], engine_config=config, hostfile=hostfile)[3:])
+    args = parse_args(launch_command(spec("deepspeed"), MULTI, [], engine_config=config, hostfile=hostfile)[3:])
     assert args.hostfile == str(hostfile) and not args.no_ssh
     with pytest.raises(ConfigError, match="--hostfile"):
-        launch_command("deepspeed", MULTI, [], engine_config=config, hostfile=tmp_path / "missing")
+        launch_command(spec("deepspeed"), MULTI, [], engine_config=config, hostfile=tmp_path / "missing")
 
 
 def test_exit_code_and_output_of_the_child_reach_the_caller(capfd: pytest.CaptureFixture[str]) -> None:

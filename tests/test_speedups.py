@@ -248,9 +248,15 @@ def test_gradient_comparison_takes_summation_order_noise_and_catches_a_wrong_gra
 @contextmanager
 def _eager_and_graphed_twins(precision: str, method: str):
     """(cfg, backend, model, optimizer, twin, graphed): the iu_xray model on the GPU without speed-ups and its
-    twin with `method` graphed, the same weights, dropout off, TF32 off (restored after)."""
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    twin with `method` graphed, the same weights, dropout off, TF32 off, and cuDNN's own convolution choice for
+    both (no autotuning, deterministic algorithms): autotuning, left on process-wide by an earlier test's
+    speed-ups, may time an FFT or Winograd algorithm fastest for one twin and not the other, whose fp32 error
+    is another class than the summation order's FP32_GRADIENT_RULE (seen on an H100: 7e-4 on every gradient).
+    All restored after."""
+    kept = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.deterministic)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     try:
         cfg = preset("iu_xray")
         backend = PlainBackend("cuda", precision)
@@ -263,7 +269,8 @@ def _eager_and_graphed_twins(precision: str, method: str):
         _no_dropout(twin)
         yield cfg, backend, model, optimizer, twin, CudaGraphed.install(twin, method)
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+         torch.backends.cudnn.deterministic) = kept
 
 
 @pytest.mark.gpu
