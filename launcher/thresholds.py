@@ -39,6 +39,7 @@ class Thresholds:
     fp8_min_speedup_pct: Annotated[float, Field(ge=0)] = 5.0        # auto: FP8 only when this much faster than bf16
     min_steps_per_epoch: Annotated[int, Field(ge=1)] = 32           # auto: a batch larger than the preset's only while an epoch keeps this many optimizer steps
     max_warmup_steps: Annotated[int, Field(ge=0)] = 200             # learning-rate warm-up after a scaled-up rate: one epoch's steps, at most this many
+    autotune_below_micro_batch: Annotated[int, Field(ge=0)] = 48    # GPU: cuDNN autotuning only below this micro-batch (0: never)
 
     def to_dict(self) -> dict:
         return asdict(self)

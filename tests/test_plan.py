@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from launcher.hardware import HostFacts
@@ -130,6 +132,36 @@ def test_throughput_plan_on_an_h100_from_the_probe() -> None:
     assert Plan.from_json(plan.to_json()) == plan
     cfg2 = apply_plan(cfg, plan)
     assert (cfg2.window_size, cfg2.micro_batch, cfg2.num_workers, cfg2.lr_ed) == (256, 256, 15, plan.batch.lr_ed)
+    assert plan.cudnn_autotune is False and not cfg2.cudnn_benchmark and cfg.cudnn_benchmark  # 256 >= 48
+
+
+@pytest.mark.parametrize("micro, speedups, expected", [(16, True, True), (47, True, True), (48, True, False),
+                                                       (65, True, False), (16, False, False)])
+def test_cudnn_autotuning_is_planned_by_the_micro_batch(micro: int, speedups: bool, expected: bool) -> None:
+    """Tuned below thresholds' autotune_below_micro_batch (48), where it is faster per step; cuDNN's own choice
+    at and above it; never under --no-speedups. The plan says why, and apply_plan hands the loop the choice."""
+    cfg = preset("iu_xray") if speedups else preset("iu_xray").without_speedups()
+    facts = Facts((H100,), SERVER, "1 GPU(s) via NVML")
+    plan = make_plan(spec("plain"), "cuda", "bf16", cfg, facts, Thresholds(), PlanOptions(batch_policy="throughput"),
+                     studies=3955, probe=_probe(micro))
+    assert plan.batch.micro_batch == micro and plan.cudnn_autotune is expected
+    assert apply_plan(cfg, plan).cudnn_benchmark is expected
+    assert ("cudnn autotuning", "on" if expected else "off", plan.reasons["autotune"]) in plan.rows()
+    assert plan.reasons["autotune"].startswith("on: " if expected else "off: ")
+    assert Plan.from_json(plan.to_json()) == plan
+    never = make_plan(spec("plain"), "cuda", "bf16", cfg, facts, Thresholds(autotune_below_micro_batch=0),
+                      PlanOptions(batch_policy="throughput"), studies=3955, probe=_probe(micro))
+    assert never.cudnn_autotune is False
+
+
+def test_a_cpu_plan_and_an_older_plan_leave_autotuning_to_the_configuration() -> None:
+    plan = make_plan(spec("plain"), "cpu", "fp32", preset("tiny"), Facts((), SERVER, "CPU only"), Thresholds(),
+                     PlanOptions(), studies=40)
+    assert plan.cudnn_autotune is None and "autotune" not in plan.reasons
+    older = json.loads(plan.to_json())
+    del older["cudnn_autotune"]  # plan.json of a run made before the field
+    assert Plan.from_json(json.dumps(older)).cudnn_autotune is None
+    assert apply_plan(preset("tiny"), plan).cudnn_benchmark == preset("tiny").cudnn_benchmark
 
 
 def test_faithful_plan_on_a_laptop_accumulates() -> None:
