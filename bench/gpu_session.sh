@@ -21,6 +21,7 @@
 #   confirm   the GPU tests of what changed (speed-ups, engines, fused memory; QUICK_TESTS overrides) with
 #             DeepSpeed's kill-and-resume (bf16) beside them, then `auto` (as the stage below)
 #   auto      the README's first command (r2gen-launch auto, embedded set), timed; its run's metrics.jsonl under $OUT
+#   auto-ab   issue 33: auto with cuDNN autotuning forced on (thresholds), then as planned; same machine, one at a time
 #   bn        issue 33's next target, measured before building: bench/batchnorm.py (ResNet-101's BatchNorms per dtype
 #             and layout) at batch 16 and 64; the whole step with and without cuDNN autotuning, and what a new
 #             shape's first step costs with and without it
@@ -35,11 +36,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH="/tmp/site:$PWD/.whl/py:$PWD" PATH="/tmp/site/bin:$PATH"  # ninja (DeepSpeedCPUAdam JIT-builds with it)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 cli() { python3 -c 'from launcher.cli import main; main()' "$@"; }
-auto() {  # the README's first command, timed; its run's metrics.jsonl under $OUT
+auto() {  # the README's first command, timed (arguments: auto's flags; AUTO_TAG names the logs); metrics.jsonl under $OUT
+  local tag=${AUTO_TAG:-auto}
   rm -rf /tmp/auto && mkdir -p /tmp/auto && local start=$SECONDS
-  (cd /tmp/auto && python3 -c 'from launcher.cli import main; main()' auto) > "$OUT/auto.log" 2>&1
-  echo "auto: rc $? in $((SECONDS - start)) s wall"; tail -25 "$OUT/auto.log"
-  cp /tmp/auto/runs/*/metrics.jsonl "$OUT/auto_metrics.jsonl" 2>/dev/null
+  date +%s.%N > "$OUT/${tag}_start.txt"  # the command's start, for the time to a val score from metrics.jsonl
+  (cd /tmp/auto && python3 -c 'from launcher.cli import main; main()' auto "$@") > "$OUT/$tag.log" 2>&1
+  echo "$tag: rc $? in $((SECONDS - start)) s wall"; tail -25 "$OUT/$tag.log"
+  cp /tmp/auto/runs/*/metrics.jsonl "$OUT/${tag}_metrics.jsonl" 2>/dev/null
 }
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests generate profile train backends study)
@@ -85,6 +88,10 @@ for stage in "${stages[@]}"; do
       auto; wait; echo "resume deepspeed-bf16: $(tail -1 "$OUT/resume_deepspeed-bf16.log")" ;;
     graphs) python3 -m pytest -m gpu -q -rP -p no:cacheprovider tests/test_speedups.py 2>&1 | tee "$OUT/speedups_tests.log" | tail -8 ;;
     auto) auto ;;
+    auto-ab)  # the same machine, one after the other: auto with cuDNN autotuning at every micro-batch (as before the
+              # plan decided it), then as planned (off at auto's micro-batch on the embedded set)
+      printf 'autotune_below_micro_batch: 100000\n' > /tmp/always_tune.yaml
+      AUTO_TAG=auto_tuned auto --thresholds /tmp/always_tune.yaml; AUTO_TAG=auto_planned auto ;;
     bn)
       { for b in 16 64; do python3 bench/batchnorm.py --batch-size "$b"; done
         for b in 16 64; do echo "## batch $b, cudnn_benchmark off"
