@@ -13,13 +13,18 @@ import gc
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from backends.spec import EngineSpec
 from launcher.memory_model import ProbeResult, ProbeSearch, StepResult, search_micro_batch
 from r2gen.config import TrainConfig
 from r2gen.model.visual_extractor import smallest_micro_batch
 from r2gen.units import GIB
+
+if TYPE_CHECKING:
+    from launcher.hardware import Facts
+    from launcher.plan import PlanOptions
+    from launcher.thresholds import Thresholds
 
 CONTEXT_GIB_MIN, CONTEXT_GIB_MAX = 0.25, 2.0
 """Bounds on the measured GPU memory outside torch's allocator (CUDA context, cuBLAS/cuDNN handles):
@@ -38,6 +43,18 @@ class ProbeRequest:
     others_gib: float = 0.0       # memory other processes held when the plan was made
     device_index: int = 0
     engine: dict[str, Any] = field(default_factory=dict)  # the plan's engine options (zero, offload, fp8_impl)
+
+    @classmethod
+    def for_run(cls, facts: Facts, options: PlanOptions, thresholds: Thresholds, cfg: TrainConfig, vocab_size: int,
+                precision: str, max_micro: int, **fields: Any) -> ProbeRequest:
+        """The request for a run on this machine's first GPU (a new run's, a continued run's): its memory budget
+        (launcher.plan.gpu_budget: target share or --max-vram, minus what other processes hold) and those others'
+        share; `fields` the rest (backend, engine, verify)."""
+        from launcher.plan import gpu_budget
+
+        budget, _ = gpu_budget(facts, options, thresholds)
+        return cls(cfg, vocab_size, precision, budget, max_micro, others_gib=facts.gpus[0].used_by_others_gib,
+                   **fields)
 
     @property
     def spec(self) -> EngineSpec:

@@ -56,7 +56,7 @@ def prepare_run(request: RunRequest) -> tuple[Prepared, Plan, Optional[Path]]:
     from launcher.auto import EngineChoice, auto_engine, measured_first
     from launcher.evaluate import resolve_checkpoint
     from launcher.hardware import detect
-    from launcher.plan import gpu_budget, make_plan
+    from launcher.plan import make_plan
     from launcher.thresholds import load_thresholds
     from r2gen.config import preset
     from r2gen.data.datasets import load_annotation
@@ -138,11 +138,10 @@ def prepare_run(request: RunRequest) -> tuple[Prepared, Plan, Optional[Path]]:
     if backend.device.type == "cuda" and options.probe:
         from launcher.probe import ProbeRequest, probe_in_subprocess
 
-        budget, _ = gpu_budget(facts, options, thresholds)
-        probe_request = ProbeRequest(cfg, len(prep.tokenizer), precision, budget,
-                                     options.probe_cap(cfg, n["train"], world_size, thresholds.min_steps_per_epoch),
-                                     backend=backend.name, verify=options.micro_batch or 0,
-                                     others_gib=facts.gpus[0].used_by_others_gib, engine=engine_options)
+        probe_request = ProbeRequest.for_run(
+            facts, options, thresholds, cfg, len(prep.tokenizer), precision,
+            options.probe_cap(cfg, n["train"], world_size, thresholds.min_steps_per_epoch), backend=backend.name,
+            verify=options.micro_batch or 0, engine=engine_options)
         with status("probing GPU memory with real training steps..."):
             probe = probe_in_subprocess(probe_request)
     choice = None
@@ -310,16 +309,13 @@ def continue_locked(request: RunRequest, target: Path) -> None:
                           "differs); start a new run")
     if plan.device == "cuda" and request.options.probe:
         from launcher.hardware import detect
-        from launcher.plan import gpu_budget
         from launcher.probe import ProbeRequest, probe_in_subprocess
         from launcher.thresholds import load_thresholds
 
-        facts = detect()
-        budget, _ = gpu_budget(facts, request.options, load_thresholds(request.thresholds))
-        window = plan.batch.micro_batch * plan.batch.accumulation
-        probe_request = ProbeRequest(run.cfg, len(prep.tokenizer), plan.precision, budget, window,
-                                     backend=plan.backend, others_gib=facts.gpus[0].used_by_others_gib,
-                                     engine=plan.engine)
+        window = plan.batch.micro_batch * plan.batch.accumulation  # the stored window: never probe beyond it
+        probe_request = ProbeRequest.for_run(detect(), request.options, load_thresholds(request.thresholds), run.cfg,
+                                             len(prep.tokenizer), plan.precision, window, backend=plan.backend,
+                                             engine=plan.engine)
         with status("re-probing GPU memory..."):
             probe = probe_in_subprocess(probe_request)
         plan = replace(plan, batch=resume_batch(plan.batch, probe.micro_batch), probe=probe)
