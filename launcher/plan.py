@@ -390,13 +390,20 @@ AUTOTUNE_MEASURED = ("on one H100, bf16: steady step 84.5 ms tuned vs 84.6 ms un
 """What the autotuning rule rests on (docs/measurements.md, 2026-12-07)."""
 
 
+def autotunes(micro_batch: int, below: int) -> bool:
+    """Whether a step at `micro_batch` studies runs with cuDNN autotuning (thresholds' autotune_below_micro_batch):
+    the one rule of the plan (training) and the memory probe (its candidate steps, which must see the
+    workspaces training will)."""
+    return micro_batch < below
+
+
 def plan_autotune(micro_batch: int, asked: bool, below: int) -> tuple[bool, str]:
     """cuDNN autotuning (timing every convolution algorithm once per input shape) and why: it pays at small
     micro-batches, where cuDNN's own choice is slower per step; at `below` studies or more its choice steps
     as fast, and tuning costs seconds for each new shape (the first window, a shorter last one, evaluation)."""
     if not asked:
         return False, "off: --no-speedups"
-    if micro_batch < below:
+    if autotunes(micro_batch, below):
         return True, (f"on: micro-batch {micro_batch} < {below} (thresholds' autotune_below_micro_batch), where "
                       f"a tuned step is faster ({AUTOTUNE_MEASURED})")
     return False, (f"off: at micro-batch {micro_batch} >= {below} cuDNN's own algorithms step as fast and tuning "

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from backends.spec import EngineSpec
 from launcher.memory_model import ProbeResult, ProbeSearch, StepResult, search_micro_batch
+from launcher.thresholds import Thresholds
 from r2gen.config import TrainConfig
 from r2gen.model.visual_extractor import smallest_micro_batch
 from r2gen.units import GIB
@@ -24,7 +25,6 @@ from r2gen.units import GIB
 if TYPE_CHECKING:
     from launcher.hardware import Facts
     from launcher.plan import PlanOptions
-    from launcher.thresholds import Thresholds
 
 CONTEXT_GIB_MIN, CONTEXT_GIB_MAX = 0.25, 2.0
 """Bounds on the measured GPU memory outside torch's allocator (CUDA context, cuBLAS/cuDNN handles):
@@ -43,6 +43,7 @@ class ProbeRequest:
     others_gib: float = 0.0       # memory other processes held when the plan was made
     device_index: int = 0
     engine: dict[str, Any] = field(default_factory=dict)  # the plan's engine options (zero, offload, fp8_impl)
+    autotune_below: int = field(default_factory=lambda: Thresholds().autotune_below_micro_batch)  # steps tune as training's
 
     @classmethod
     def for_run(cls, facts: Facts, options: PlanOptions, thresholds: Thresholds, cfg: TrainConfig, vocab_size: int,
@@ -54,7 +55,7 @@ class ProbeRequest:
 
         budget, _ = gpu_budget(facts, options, thresholds)
         return cls(cfg, vocab_size, precision, budget, max_micro, others_gib=facts.gpus[0].used_by_others_gib,
-                   **fields)
+                   autotune_below=thresholds.autotune_below_micro_batch, **fields)
 
     @property
     def spec(self) -> EngineSpec:
@@ -141,6 +142,15 @@ class ProbeSession:
             return self.step(micro)
 
     def step(self, micro: int) -> StepResult:
+        """One real training step at `micro`, with cuDNN autotuning where training at that micro-batch has it
+        (launcher.plan.autotunes): the workspaces training will hold, and ~10 s less per step where it has not."""
+        from launcher.plan import autotunes
+        from r2gen.speedups import cudnn_autotuning
+
+        with cudnn_autotuning(autotunes(micro, self.request.autotune_below)):
+            return self._step(micro)
+
+    def _step(self, micro: int) -> StepResult:
         import torch
 
         from r2gen.speedups import release_graphs

@@ -324,3 +324,21 @@ def test_auto_starts_from_the_device_it_finds() -> None:
     assert auto_start(False, False, 0, None) == AutoStart("cpu", "tiny", "fp32", 1)
     assert auto_start(False, False, 0, 2) == AutoStart("cpu", "tiny", "fp32", 2)  # gloo processes
     assert set(AUTO_PRECISION_REASON) == {"cuda", "cpu"}
+
+
+def test_a_runs_probe_request_carries_its_budget_and_autotuning_rule() -> None:
+    """ProbeRequest.for_run, the one way a new or continued run asks for the probe: the budget gpu_budget gives
+    (85% of the card less what other processes hold), their share, and the autotuning threshold its candidate
+    steps follow (the plan's rule, launcher.plan.autotunes)."""
+    from launcher.plan import autotunes, gpu_budget
+    from launcher.probe import ProbeRequest
+
+    busy = GpuFacts(0, "NVIDIA H100 80GB HBM3", (9, 0), 79.2, 70.0, 6.0)
+    facts, thresholds = Facts((busy,), SERVER, ""), Thresholds(autotune_below_micro_batch=20)
+    request = ProbeRequest.for_run(facts, PlanOptions(), thresholds, preset("iu_xray"), 700, "bf16", 65,
+                                   backend="deepspeed", engine={"zero": 2})
+    assert request.budget_gib == gpu_budget(facts, PlanOptions(), thresholds)[0] == pytest.approx(79.2 * 0.85 - 6.0)
+    assert (request.others_gib, request.max_micro, request.autotune_below) == (6.0, 65, 20)
+    assert (request.backend, request.engine, request.spec) == ("deepspeed", {"zero": 2}, spec("deepspeed"))
+    assert [autotunes(b, 20) for b in (19, 20, 65)] == [True, False, False]
+    assert ProbeRequest(preset("iu_xray"), 700, "bf16", 60.0, 65).autotune_below == Thresholds().autotune_below_micro_batch
