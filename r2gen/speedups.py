@@ -68,8 +68,8 @@ def speed_up(model: torch.nn.Module, backend, cfg) -> list[str]:
     applied = planned_speedups(cfg, backend, device.type, backend.world_size)
     if "channels_last" in applied:
         model.visual_extractor.to(memory_format=torch.channels_last)
-    if "cudnn_benchmark" in applied:
-        torch.backends.cudnn.benchmark = True  # process-wide; the crop gives every batch one image shape
+    if device.type == "cuda":  # process-wide, and set either way: the run's choice (its plan's), whatever ran before
+        torch.backends.cudnn.benchmark = "cudnn_benchmark" in applied  # the crop gives every batch one image shape
     if "fused_memory" in applied and (why := install_fused_memory(model)):
         applied.remove("fused_memory")
         warnings.warn(f"the fused relational memory is off for this run ({why}); it runs as PyTorch operations",

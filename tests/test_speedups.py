@@ -382,6 +382,21 @@ def test_every_speed_up_tracks_the_plain_path_for_100_steps_on_a_gpu(small_set: 
     assert means["fast"][-1] < means["fast"][0] and means["plain"][-1] < means["plain"][0]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("tuned", [True, False])
+def test_a_runs_autotuning_choice_holds_whatever_ran_before(tuned: bool) -> None:
+    """cudnn.benchmark is process-wide: a model prepared for a run sets it to its configuration's (its plan's)
+    choice, also where an earlier run in the process left the other one."""
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = not tuned
+        cfg = preset("tiny").replace(cudnn_benchmark=tuned)
+        prepare_model(PlainBackend("cuda", "fp32"), R2GenModel(cfg.model, VOCAB), cfg)
+        assert torch.backends.cudnn.benchmark is tuned
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def test_cudnn_autotuning_turns_off_inside_and_restores_the_setting() -> None:
     before = torch.backends.cudnn.benchmark
     try:
