@@ -162,18 +162,14 @@ def probe_command(
     micro-batch under the budget, and a real step confirms it (bisecting down on out-of-memory).
     """
     def run() -> None:
-        from backends.registry import spec
-        from launcher.request import RunRequest, chosen_device, default_precision
+        from launcher.request import probe_request
 
         options = plan_options(micro_batch, True, target_util, max_vram, effective_batch, batch_policy, lr_scaling,
                            num_workers, "throughput")
         overrides = dict(image_size=image_size, dataset=dataset, studies=studies, backbone=backbone)
-        engine = spec(backend)  # --backend: the one engine this command takes by name
-        chosen = chosen_device(device)
-        engine_options = engine.engine_options({k: v for k, v in engine_flags.items() if k in engine.option_defaults})
-        _, plan, _ = prepare_run(RunRequest(engine, chosen, precision or default_precision(engine, chosen), preset,
-                                            options, overrides, engine_options, DataPaths(ann_path, image_dir),
-                                            thresholds=thresholds, run_dir=None))
+        _, plan, _ = prepare_run(probe_request(backend, engine_flags, device=device, precision=precision,
+                                               preset=preset, options=options, overrides=overrides,
+                                               data=DataPaths(ann_path, image_dir), thresholds=thresholds))
         if plan.probe:
             console.print_probe(plan.probe)
         print_plan(plan)

@@ -121,3 +121,16 @@ def training_request(engine: EngineSpec, flags: dict[str, Any], *, device: Optio
     precision = precision or file_choices.get("precision") or default_precision(engine, device)
     return RunRequest(engine, device, precision, preset or "iu_xray", engine_options=engine_options,
                       hostfile=hostfile, user_file=user_file, preset_given=preset, **asked)
+
+
+def probe_request(backend: str, flags: dict[str, Any], *, device: Optional[str], precision: Optional[str],
+                  preset: str, **asked: Any) -> RunRequest:
+    """`probe`'s request: the engine --backend names (the one flag that names an engine), its options among
+    `flags` (every engine's, with their defaults), its default precision, no run directory."""
+    from backends.registry import spec
+
+    engine = spec(backend)
+    engine_options = engine.engine_options({k: v for k, v in flags.items() if k in engine.option_defaults})
+    device = chosen_device(device)
+    return RunRequest(engine, device, precision or default_precision(engine, device), preset,
+                      engine_options=engine_options, run_dir=None, **asked)

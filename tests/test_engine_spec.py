@@ -102,7 +102,7 @@ NAME_LOOKUPS_ALLOWED = {
     ("launcher/probe.py", "spec"): "ProbeRequest.spec: a request crosses into the probe's process by name",
     ("launcher/auto.py", "spec"): "EngineChoice.spec: the engine auto's measurements chose",
     ("launcher/auto.py", "measured_first"): "the engine auto probes first",
-    ("launcher/cli.py", "run"): "probe --backend: the engine the user typed",
+    ("launcher/request.py", "probe_request"): "probe --backend: the engine the user typed",
 }
 """Where a name becomes an engine outside backends/registry.py: each typed value that stores a name (a file,
 a process boundary, a pure decision) answers `.spec` itself, and the one flag that names an engine."""

@@ -55,3 +55,18 @@ def test_a_request_is_frozen_with_its_mappings() -> None:
     assert auto.engine_name == "auto" and auto.world_size == 1
     with pytest.raises(TypeError):
         auto.overrides["epochs"] = 3  # type: ignore[index]
+
+
+def test_probes_request_takes_its_engines_options_from_every_engines_flags() -> None:
+    """`probe` has every engine's flags (with defaults); --backend picks the engine and its own options count."""
+    from launcher.request import probe_request
+    from r2gen.errors import BackendError
+
+    flags = {"zero": 1, "offload": "none", "fp8_impl": "auto"}
+    request = probe_request("deepspeed", flags, device="cpu", precision=None, preset="tiny", options=PlanOptions())
+    assert request.engine is spec("deepspeed") and dict(request.engine_options) == {"zero": 1, "offload": "none"}
+    assert (request.precision, request.preset, request.run_dir) == ("fp32", "tiny", None)
+    assert dict(probe_request("plain", flags, device="cpu", precision="fp32", preset="tiny",
+                              options=PlanOptions()).engine_options) == {}
+    with pytest.raises(BackendError, match="--backend: unknown 'megatron'"):
+        probe_request("megatron", flags, device="cpu", precision=None, preset="tiny", options=PlanOptions())
