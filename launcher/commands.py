@@ -139,15 +139,13 @@ def study_command(
     loss curves, throughput and memory charts, five test studies' reports side by side) and recommends a
     precision by the seeds' spread. Precisions this machine cannot run are listed as skipped with the
     reason. Interrupted, the same command continues it."""
-    import torch
-
     def run() -> None:
         from launcher.environment import installed_modules, usable
-        from launcher.hardware import detect
+        from launcher.hardware import default_device, detect
         from launcher.study import StudyRequest, parse_precisions, run_study
         from dataclasses import replace
 
-        chosen = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        chosen = default_device(device)
         if chosen not in ("cpu", "cuda"):
             raise ConfigError(f"--device: unknown {chosen!r}; choose cpu or cuda")
         passed = [(f"--{flag.replace('_', '-')}", value) for flag, value in (

@@ -109,11 +109,10 @@ def check_beam_size(beam_size: int | None) -> None:
 def inference_backend(device: str | None, precision: str | None):
     """The plain engine to generate with: the GPU where there is one, bf16 there and fp32 on a CPU,
     unless --device / --precision say otherwise."""
-    import torch
-
     from backends.registry import build_backend
+    from launcher.hardware import default_device
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device(device)
     return build_backend("plain", device, precision or ("bf16" if device == "cuda" else "fp32"))
 
 

@@ -43,6 +43,13 @@ class Facts:
         return asdict(self)
 
 
+def default_device(device: str | None) -> str:
+    """--device, else a GPU where one is visible, else the CPU: every command's one rule."""
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _host() -> HostFacts:
     import psutil
 

@@ -413,9 +413,8 @@ def plan_autotune(micro_batch: int, asked: bool, below: int) -> tuple[bool, str]
 def apply_plan(cfg: TrainConfig, plan: Plan) -> TrainConfig:
     """The loop's configuration with the plan's batch, learning rates, loader settings and cuDNN autotuning."""
     b, lo = plan.batch, plan.loader
-    if plan.cudnn_autotune is not None:
-        cfg = cfg.replace(cudnn_benchmark=cfg.cudnn_benchmark and plan.cudnn_autotune)
-    return cfg.replace(window_size=b.micro_batch * b.accumulation, micro_batch=b.micro_batch, lr_ve=b.lr_ve,
+    autotune = cfg.cudnn_benchmark and (plan.cudnn_autotune is not False)  # None: a plan from before it was planned
+    return cfg.replace(cudnn_benchmark=autotune, window_size=b.micro_batch * b.accumulation, micro_batch=b.micro_batch, lr_ve=b.lr_ve,
                        lr_ed=b.lr_ed, warmup_steps=b.warmup_steps, num_workers=lo.num_workers, pin_memory=lo.pin_memory,
                        prefetch_factor=lo.prefetch_factor or cfg.prefetch_factor, cache_images=lo.cache_images,
                        max_vram_gib=plan.max_vram_gib or 0.0)

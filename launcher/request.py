@@ -6,7 +6,7 @@ launcher/auto.py); launcher/run.py's prepare, continue, start and launch read it
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping, Optional
@@ -73,9 +73,6 @@ class RunRequest:
     def world_size(self) -> int:
         return (self.topology or Topology()).world_size
 
-    def with_topology(self, topology: Topology) -> "RunRequest":
-        return replace(self, topology=topology)
-
 
 def default_precision(engine: EngineSpec, device: str) -> str:
     """The engine's own default (plain: fp32, as R2Gen; fp8: fp8; the others mixed precision on a GPU:
@@ -83,13 +80,6 @@ def default_precision(engine: EngineSpec, device: str) -> str:
     import torch
 
     return engine.default_precision(device, device == "cuda" and torch.cuda.is_bf16_supported())
-
-
-def chosen_device(device: Optional[str]) -> str:
-    """--device, else a GPU where one is visible, else the CPU."""
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def user_engine_file(flags: dict[str, Any]) -> tuple[Optional[UserEngineFile], dict[str, Any]]:
@@ -111,13 +101,15 @@ def training_request(engine: EngineSpec, flags: dict[str, Any], *, device: Optio
     """An engine command's request: `flags` are its engine flags as parsed (its options, its config file's
     flag, --hostfile; None where not given), each taken from the flag, else the user's engine file, else the
     engine's default; precision likewise; `asked` the request's other fields as given."""
+    from launcher.hardware import default_device
+
     flags = dict(flags)
     hostfile = flags.pop("hostfile", None)
     user_file, file_choices = user_engine_file(flags)
     defaults = engine.option_defaults
     engine_options = {key: file_choices.get(key, defaults[key]) if flags[key] is None else flags[key]
                       for key in flags.keys() & defaults.keys()}
-    device = chosen_device(device)
+    device = default_device(device)
     precision = precision or file_choices.get("precision") or default_precision(engine, device)
     return RunRequest(engine, device, precision, preset or "iu_xray", engine_options=engine_options,
                       hostfile=hostfile, user_file=user_file, preset_given=preset, **asked)
@@ -128,9 +120,10 @@ def probe_request(backend: str, flags: dict[str, Any], *, device: Optional[str],
     """`probe`'s request: the engine --backend names (the one flag that names an engine), its options among
     `flags` (every engine's, with their defaults), its default precision, no run directory."""
     from backends.registry import spec
+    from launcher.hardware import default_device
 
     engine = spec(backend)
     engine_options = engine.engine_options({k: v for k, v in flags.items() if k in engine.option_defaults})
-    device = chosen_device(device)
+    device = default_device(device)
     return RunRequest(engine, device, precision or default_precision(engine, device), preset,
                       engine_options=engine_options, run_dir=None, **asked)

@@ -205,7 +205,7 @@ def run_training(request: RunRequest) -> None:
                               f"drop {user_file.path}")
         continue_training(request)
         return
-    request = request.with_topology(request.topology or Topology())
+    request = dataclasses.replace(request, topology=request.topology or Topology())
     prep, plan, target = prepare_run(request)
     print_plan(plan)
     engine_file = engine_config_for(plan, request.topology, target, *(

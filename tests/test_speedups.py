@@ -249,9 +249,9 @@ def test_gradient_comparison_takes_summation_order_noise_and_catches_a_wrong_gra
 def _eager_and_graphed_twins(precision: str, method: str):
     """(cfg, backend, model, optimizer, twin, graphed): the iu_xray model on the GPU without speed-ups and its
     twin with `method` graphed, the same weights, dropout off, TF32 off, and cuDNN's own convolution choice for
-    both (no autotuning, deterministic algorithms): autotuning, left on process-wide by an earlier test's
-    speed-ups, may time an FFT or Winograd algorithm fastest for one twin and not the other, whose fp32 error
-    is another class than the summation order's FP32_GRADIENT_RULE (seen on an H100: 7e-4 on every gradient).
+    both (no autotuning, deterministic algorithms): autotuned, one twin may get an FFT or Winograd algorithm
+    and the other not, whose fp32 error is another class than the summation order's FP32_GRADIENT_RULE (seen
+    on an H100 while earlier tests' speed-ups left autotuning on process-wide: 7e-4 on every gradient).
     All restored after."""
     kept = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
             torch.backends.cudnn.deterministic)
