@@ -79,6 +79,7 @@ def run_row(which: str, preset_name: str, device: str, steps: int, warmup: int, 
     """One configuration's timed training (in a fresh process)."""
     from backends.registry import build_backend
     from launcher.options import plan_options
+    from launcher.auto import auto_start
     from launcher.request import DataPaths, RunRequest
     from launcher.run import prepare_run
     from launcher.plan import apply_plan
@@ -107,7 +108,8 @@ def run_row(which: str, preset_name: str, device: str, steps: int, warmup: int, 
             prep = prepare(cfg, backend, annotation, None)
     else:
         options = plan_options(None, True, None, None, None, None, "sqrt", None, "throughput")
-        precision = "fp32" if device == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        cuda = device == "cuda"
+        precision = auto_start(cuda, cuda and torch.cuda.is_bf16_supported(), 0, None).precision  # auto's own rule
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             prep, plan, _ = prepare_run(RunRequest(None, device, precision, preset_name, options,  # None: auto
